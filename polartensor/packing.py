@@ -1,0 +1,54 @@
+"""Bit packing of per-level angle codes into one little-endian bit stream per head vector.
+
+Record layout (what the kernels read): level 1's codes first, then level 2's, ...; code ``j``
+of level ``l`` occupies bits ``offset_l + j * bits_l`` .. ``+ bits_l - 1``, bit ``k`` of the
+stream being bit ``k % 8`` of byte ``k // 8``. A code may straddle two bytes; a reader takes
+the 16-bit window starting at its byte. Unused tail bits are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PolarQuantConfig
+
+__all__ = ["pack_codes", "unpack_codes"]
+
+
+def pack_codes(codes: list[torch.Tensor], config: PolarQuantConfig, head_dim: int) -> torch.Tensor:
+    """Pack ``codes[l]`` (shape [..., head_dim >> (l+1)], ints < 2**bits[l]) into uint8 records."""
+    nbytes = config.record_bytes(head_dim)
+    lead = codes[0].shape[:-1]
+    streams = []
+    for c, b in zip(codes, config.bits):
+        if b == 0:
+            continue
+        shifts = torch.arange(b, device=c.device, dtype=torch.int32)
+        bits = (c.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+        streams.append(bits.reshape(*lead, -1).to(torch.uint8))
+    stream = torch.cat(streams, dim=-1) if streams else codes[0].new_zeros(*lead, 0)
+    pad = nbytes * 8 - stream.shape[-1]
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(*lead, pad)], dim=-1)
+    weights = (1 << torch.arange(8, device=stream.device, dtype=torch.int32))
+    packed = (stream.reshape(*lead, nbytes, 8).to(torch.int32) * weights).sum(-1)
+    return packed.to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, config: PolarQuantConfig, head_dim: int) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_codes`: int64 codes per level, shape [..., head_dim >> l]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    lead = packed.shape[:-1]
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)
+    out = []
+    for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
+                         config.level_bit_offsets(head_dim)):
+        if b == 0:
+            out.append(torch.zeros(*lead, n, dtype=torch.int64, device=packed.device))
+            continue
+        bits = stream[..., off: off + n * b].reshape(*lead, n, b)
+        w = 1 << torch.arange(b, device=packed.device, dtype=torch.int32)
+        out.append((bits * w).sum(-1).to(torch.int64))
+    return out
