@@ -133,9 +133,18 @@ def _wheel_stem(name: str, version: str) -> str:
 
 def _pip_command(name: str, version: str, dest: Path) -> list[str]:
     return [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--progress-bar", "off",
-        "-d", str(dest), f"{name}=={version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        f"{name}=={version}",
     ]
 
 
@@ -330,4 +339,3 @@ def text_split(name: Literal["calibration", "heldout"]) -> str:
     if name == "heldout":
         return "\n\n".join(essays[half:])
     raise ValueError(f"unknown split {name!r}; expected 'calibration' or 'heldout'")
-

@@ -20,3 +20,22 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     return polar_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def encode_into(
+    x: torch.Tensor,
+    config,
+    centroids: torch.Tensor,
+    codes_out: torch.Tensor,
+    radii_out: torch.Tensor,
+    check_finite: bool = True,
+) -> None:
+    """Quantize ``x`` [..., T, D] and write codes/radii into the given (view) buffers.
+
+    Only the new tokens are touched: old tokens in the surrounding storage are not copied.
+    """
+    from ..polar_quant_tensor import quantize
+
+    q = quantize(x, config, centroids=centroids, check_finite=check_finite)
+    codes_out.copy_(q.codes)
+    radii_out.copy_(q.radii)

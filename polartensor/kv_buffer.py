@@ -1,0 +1,150 @@
+"""A growable (or static) quantized K or V buffer: append tokens without copying old ones.
+
+Storage is preallocated with capacity along the sequence dim; an append encodes only the new
+tokens and writes them at the current length. When capacity runs out it grows geometrically,
+so each token is copied O(1) times amortized. ``static=True`` never reallocates (what
+torch.compile and CUDA graphs want) and raises when full. ``view()`` is a PolarQuantTensor of
+the filled part that shares the storage (no copy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import PolarQuantConfig, as_config
+from .kernels import dispatch
+from .polar_quant_tensor import PolarQuantTensor, codebook_for, fit_codebook
+
+__all__ = ["PolarKVBuffer"]
+
+
+class PolarKVBuffer:
+    def __init__(
+        self,
+        config: PolarQuantConfig | str | None = None,
+        capacity: int = 0,
+        static: bool = False,
+        growth: float = 2.0,
+        centroids: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if growth <= 1.0:
+            raise ValueError(f"growth must be > 1, got {growth}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if static and capacity <= 0:
+            raise ValueError("a static buffer needs capacity > 0 (the maximum sequence length)")
+        self.config = as_config(config)
+        self.capacity = capacity
+        self.static = static
+        self.growth = growth
+        self.centroids = centroids
+        self.dtype = dtype
+        self.length = 0
+        self.codes: torch.Tensor | None = None
+        self.radii: torch.Tensor | None = None
+        self._lead: tuple[int, ...] | None = None
+        self._head_dim: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        return self.codes is not None
+
+    def _allocate(self, lead: tuple[int, ...], head_dim: int, capacity: int, device) -> None:
+        cfg = self.config
+        self.codes = torch.zeros(*lead, capacity, cfg.record_bytes(head_dim), dtype=torch.uint8,
+                                 device=device)
+        self.radii = torch.zeros(*lead, capacity, cfg.num_blocks(head_dim),
+                                 dtype=cfg.torch_radius_dtype, device=device)
+        self.capacity = capacity
+
+    def _grow(self, needed: int) -> None:
+        if self.static:
+            raise RuntimeError(
+                f"static PolarKVBuffer is full: capacity {self.capacity}, need {needed}; "
+                "create it with a larger capacity (the maximum sequence length)"
+            )
+        new_cap = max(needed, math.ceil(self.capacity * self.growth), 16)
+        old_codes, old_radii = self.codes, self.radii
+        self._allocate(self._lead, self._head_dim, new_cap, old_codes.device)
+        n = self.length
+        self.codes[..., :n, :].copy_(old_codes[..., :n, :])
+        self.radii[..., :n, :].copy_(old_radii[..., :n, :])
+
+    # -- append / read -------------------------------------------------------------------------
+    def append(self, x: torch.Tensor, check_finite: bool = True) -> PolarQuantTensor:
+        """Quantize ``x`` [..., T, head_dim] and append it; return the view of all tokens."""
+        if x.dim() < 2:
+            raise ValueError(f"append expects [..., seq, head_dim], got shape {tuple(x.shape)}")
+        lead, t, d = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
+        if not self.initialized:
+            self.config.check_head_dim(d)
+            if self.centroids is None:
+                if self.config.codebook == "online":
+                    self.centroids = fit_codebook(x, self.config)
+                else:
+                    self.centroids = codebook_for(self.config, device=x.device)
+            self.centroids = self.centroids.to(x.device)
+            self._lead, self._head_dim = lead, d
+            self.dtype = self.dtype or x.dtype
+            self._allocate(lead, d, max(self.capacity, t), x.device)
+        elif lead != self._lead or d != self._head_dim:
+            raise ValueError(
+                f"append shape {tuple(x.shape)} does not match the buffer's "
+                f"[{', '.join(map(str, self._lead))}, seq, {self._head_dim}]"
+            )
+        elif x.device != self.codes.device:
+            raise ValueError(f"append on {x.device} but the buffer lives on {self.codes.device}")
+        end = self.length + t
+        if end > self.capacity:
+            self._grow(end)
+        dispatch.encode_into(
+            x, self.config, self.centroids,
+            self.codes[..., self.length:end, :], self.radii[..., self.length:end, :],
+            check_finite=check_finite,
+        )
+        self.length = end
+        return self.view()
+
+    def view(self, length: int | None = None) -> PolarQuantTensor:
+        if not self.initialized:
+            raise RuntimeError("the buffer is empty: append() tokens first")
+        n = self.length if length is None else length
+        codes, radii = self.codes[..., :n, :], self.radii[..., :n, :]
+        shape = torch.Size((*codes.shape[:-1], self._head_dim))
+        return PolarQuantTensor(codes, radii, self.centroids, self.config, shape, self.dtype)
+
+    # -- cache management ----------------------------------------------------------------------
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (negative: drop that many from the end)."""
+        n = self.length + length if length < 0 else length
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop a buffer of {self.length} tokens to {length}")
+        self.length = n
+
+    def reorder(self, index: torch.Tensor, dim: int = 0) -> None:
+        """Reorder along a leading dim in place (beam search)."""
+        if not self.initialized:
+            return
+        index = index.to(self.codes.device)
+        self.codes = self.codes.index_select(dim, index)
+        self.radii = self.radii.index_select(dim, index)
+        self._lead = tuple(self.codes.shape[:-2])
+
+    def reset(self) -> None:
+        """Forget all tokens but keep the allocation (and the codebook) for reuse."""
+        self.length = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of codes and radii for the tokens held (plus the codebook table)."""
+        return self.view().memory_bytes() if self.initialized else 0
+
+    def allocated_bytes(self) -> int:
+        """Bytes allocated, spare capacity included."""
+        if not self.initialized:
+            return 0
+        return (self.codes.numel() + self.radii.numel() * self.radii.element_size()
+                + self.centroids.numel() * 4)

@@ -1,0 +1,39 @@
+"""Shared test settings: hypothesis profiles and device selection.
+
+Tests run unchanged on the CPU (Triton kernels under TRITON_INTERPRET=1, small shapes) and on
+a CUDA GPU (large shapes). ``DEVICE`` is "cuda" when a GPU is visible, else "cpu".
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("POLARTENSOR_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+    print_blob=True,
+)
+settings.register_profile(
+    "gpu",
+    max_examples=int(os.environ.get("POLARTENSOR_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+    print_blob=True,
+)
+settings.load_profile("gpu" if torch.cuda.is_available() else "ci")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
