@@ -10,6 +10,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter. It must be set before triton is
+# imported, which happens when polartensor.kernels loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
