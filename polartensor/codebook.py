@@ -84,7 +84,7 @@ def _lloyd_on_grid(
     return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _offline_centroids_cached(level: int, bits: int) -> torch.Tensor:
     k = 1 << bits
     if level == 1:
@@ -213,7 +213,7 @@ def fit_online_codebook(
     return _table(config, per_level)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def level_cosine_gain(level: int, bits: int) -> float:
     """E[cos(psi - Q(psi))] for the offline codebook under the analytic density."""
     grid = _grid(level)

@@ -50,13 +50,14 @@ class PolarQuantConfig(AOBaseConfig):
 
     ``levels`` polar levels over blocks of ``2**levels`` coordinates; ``bits[l-1]`` bits per
     angle at level ``l`` (level 1 angles live on [0, 2pi), deeper ones on [0, pi/2]); one
-    radius per block stored in ``radius_dtype``. ``bits`` may be a single int (all levels).
+    radius per block stored in ``radius_dtype``. ``bits`` may be a single int (all levels);
+    by default 4 bits at level 1 and 2 at deeper levels, as in the paper.
     Level-1 angles need at least 1 bit; deeper levels may use 0 bits (the angle is then
     reconstructed as its mean, pi/4).
     """
 
     levels: int = 4
-    bits: tuple[int, ...] | int = (4, 2, 2, 2)
+    bits: tuple[int, ...] | int | None = None
     radius_dtype: str | torch.dtype = "float16"
     codebook: str = "offline"
     rotation: str = "orthogonal"
@@ -68,12 +69,16 @@ class PolarQuantConfig(AOBaseConfig):
         if self.levels < 1 or self.levels > 12:
             raise ValueError(f"levels must be between 1 and 12 (log2(head_dim)), got {self.levels}")
         bits = self.bits
+        if bits is None:  # the paper's allocation, extended to any depth
+            bits = (4,) + (2,) * (self.levels - 1)
         if isinstance(bits, int) and not isinstance(bits, bool):
             bits = (bits,) * self.levels
         try:
             bits = tuple(int(b) for b in bits)  # type: ignore[union-attr]
         except TypeError as exc:
-            raise ValueError(f"bits must be an int or a sequence of ints, got {self.bits!r}") from exc
+            raise ValueError(
+                f"bits must be an int or a sequence of ints, got {self.bits!r}"
+            ) from exc
         if len(bits) != self.levels:
             raise ValueError(
                 f"bits has {len(bits)} entries but levels={self.levels}: give one bit width per "

@@ -36,7 +36,9 @@ class PolarKVBuffer:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if static and capacity <= 0:
             raise ValueError("a static buffer needs capacity > 0 (the maximum sequence length)")
-        self.config = as_config(config)
+        # A preset name resolves its levels for the head dim at the first append.
+        self._config_spec = config
+        self.config = as_config(config) if not isinstance(config, str) else None
         self.capacity = capacity
         self.static = static
         self.growth = growth
@@ -81,6 +83,8 @@ class PolarKVBuffer:
             raise ValueError(f"append expects [..., seq, head_dim], got shape {tuple(x.shape)}")
         lead, t, d = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
         if not self.initialized:
+            if self.config is None:
+                self.config = as_config(self._config_spec, d)
             self.config.check_head_dim(d)
             if self.centroids is None:
                 if self.config.codebook == "online":

@@ -15,7 +15,9 @@ from .config import PolarQuantConfig
 __all__ = ["pack_codes", "unpack_codes"]
 
 
-def pack_codes(codes: list[torch.Tensor], config: PolarQuantConfig, head_dim: int) -> torch.Tensor:
+def pack_codes(
+    codes: list[torch.Tensor], config: PolarQuantConfig, head_dim: int
+) -> torch.Tensor:
     """Pack ``codes[l]`` (shape [..., head_dim >> (l+1)], ints < 2**bits[l]) into uint8 records."""
     nbytes = config.record_bytes(head_dim)
     lead = codes[0].shape[:-1]
@@ -25,7 +27,7 @@ def pack_codes(codes: list[torch.Tensor], config: PolarQuantConfig, head_dim: in
             continue
         shifts = torch.arange(b, device=c.device, dtype=torch.int32)
         bits = (c.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-        streams.append(bits.reshape(*lead, -1).to(torch.uint8))
+        streams.append(bits.reshape(*lead, c.shape[-1] * b).to(torch.uint8))
     stream = torch.cat(streams, dim=-1) if streams else codes[0].new_zeros(*lead, 0)
     pad = nbytes * 8 - stream.shape[-1]
     if pad:
@@ -35,13 +37,16 @@ def pack_codes(codes: list[torch.Tensor], config: PolarQuantConfig, head_dim: in
     return packed.to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, config: PolarQuantConfig, head_dim: int) -> list[torch.Tensor]:
+def unpack_codes(
+    packed: torch.Tensor, config: PolarQuantConfig, head_dim: int
+) -> list[torch.Tensor]:
     """Inverse of :func:`pack_codes`: int64 codes per level, shape [..., head_dim >> l]."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
     lead = packed.shape[:-1]
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(
+        *lead, packed.shape[-1] * 8)
     out = []
     for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
                          config.level_bit_offsets(head_dim)):

@@ -67,10 +67,15 @@ class PolarQuantTensor(TorchAOBaseTensor):
         check_finite: bool = True,
     ) -> PolarQuantTensor:
         """Quantize a high-precision tensor whose last dim is the head dim."""
-        config = as_config(config)
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            config = as_config(config, x.shape[-1])  # presets resolve levels for head_dim
+        else:
+            config = as_config(config)
         _check_input(x, config, check_finite)
         d = x.shape[-1]
-        y = rotate(x, config.rotation, config.seed)
+        # Encode in float64: codes then depend on x alone, not on how a matmul was blocked,
+        # so quantize(cat(a, b)) == cat(quantize(a), quantize(b)) exactly.
+        y = rotate(x.to(torch.float64), config.rotation, config.seed)
         if centroids is None:
             centroids = codebook_for(config, y_rotated=y)
         centroids = _check_centroids(centroids, config, x.device)

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polartensor.config import PolarQuantConfig
+from polartensor.kv_buffer import PolarKVBuffer
+from polartensor.polar_quant_tensor import quantize
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=8), st.integers(0, 10**6),
+       st.sampled_from(["paper", "polar-3"]))
+def test_chunked_append_equals_whole_quantize(chunks, seed, preset):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, sum(chunks), 64, generator=g)
+    buf = PolarKVBuffer(preset)
+    pos = 0
+    for c in chunks:
+        view = buf.append(x[:, :, pos:pos + c])
+        pos += c
+        assert view.shape == (2, 3, pos, 64)
+    whole = quantize(x, PolarQuantConfig.preset(preset, 64) if preset != "paper" else preset)
+    assert torch.equal(buf.view().codes, whole.codes)
+    assert torch.equal(buf.view().radii, whole.radii)
+
+
+def test_growth_is_geometric_and_old_tokens_not_rewritten():
+    buf = PolarKVBuffer("paper")
+    x = torch.randn(1, 1, 1000, 64)
+    reallocs, last_ptr = 0, None
+    first_token_codes = None
+    for t in range(1000):
+        buf.append(x[:, :, t:t + 1])
+        ptr = buf.codes.data_ptr()
+        if ptr != last_ptr:
+            reallocs += 1
+            last_ptr = ptr
+        if t == 0:
+            first_token_codes = buf.codes[..., 0, :].clone()
+    assert reallocs <= 8  # 16 -> 32 -> ... -> 1024: amortized O(1) copies per token
+    assert buf.capacity >= 1000 and buf.length == 1000
+    assert torch.equal(buf.codes[..., 0, :], first_token_codes)
+
+
+def test_static_buffer_never_reallocates_and_raises_when_full():
+    buf = PolarKVBuffer("paper", capacity=8, static=True)
+    buf.append(torch.randn(1, 2, 5, 64))
+    ptr = buf.codes.data_ptr()
+    buf.append(torch.randn(1, 2, 3, 64))
+    assert buf.codes.data_ptr() == ptr
+    with pytest.raises(RuntimeError, match="static PolarKVBuffer is full"):
+        buf.append(torch.randn(1, 2, 1, 64))
+
+
+def test_crop_reorder_reset():
+    x = torch.randn(3, 2, 10, 64)
+    buf = PolarKVBuffer("paper")
+    buf.append(x)
+    full = buf.view().dequantize()
+    buf.crop(6)
+    assert buf.view().shape[-2] == 6 and torch.equal(buf.view().dequantize(), full[:, :, :6])
+    buf.crop(-2)
+    assert buf.length == 4
+    with pytest.raises(ValueError, match="cannot crop"):
+        buf.crop(7)
+    idx = torch.tensor([2, 2, 0])
+    buf.reorder(idx)
+    assert torch.equal(buf.view().dequantize(), full[idx, :, :4])
+    buf.reset()
+    assert buf.length == 0
+    buf.append(x[:, :, :1])
+    assert buf.view().shape == (3, 2, 1, 64)
+
+
+def test_append_validation():
+    buf = PolarKVBuffer("paper")
+    buf.append(torch.randn(1, 2, 3, 64))
+    with pytest.raises(ValueError, match="does not match"):
+        buf.append(torch.randn(1, 3, 1, 64))
+    with pytest.raises(ValueError, match="static buffer needs capacity"):
+        PolarKVBuffer("paper", static=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        PolarKVBuffer("paper").view()
+
+
+def test_online_codebook_fitted_once_and_reused():
+    cfg = PolarQuantConfig(levels=4, bits=(3, 2, 2, 2), codebook="online")
+    buf = PolarKVBuffer(cfg)
+    x = torch.randn(1, 2, 40, 64) * torch.linspace(0.1, 2, 64) + 0.5
+    buf.append(x[:, :, :30])
+    table = buf.centroids.clone()
+    buf.append(x[:, :, 30:])
+    assert torch.equal(buf.centroids, table)
+    assert buf.memory_bytes() > 0 and buf.allocated_bytes() >= buf.memory_bytes()
