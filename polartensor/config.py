@@ -189,7 +189,9 @@ def _max_levels(head_dim: int) -> int:
 # is the stored bits per coordinate at head_dim 128, radii and byte padding included. Full-depth
 # recursion (levels=7: one fp16 radius per 128 coordinates) spends few bits on radii, and deep
 # angles, concentrated near pi/4, need few bits. For a head_dim that 2**levels does not divide
-# (e.g. 64), get_preset(name, head_dim) drops the deepest levels: one radius per 2**levels.
+# (e.g. 64), get_preset(name, head_dim) drops the deepest levels of these full-depth presets:
+# one radius per 2**levels. Fixed-depth presets ("paper") are never changed: a head_dim they do
+# not fit is an error.
 PRESETS: dict[str, dict] = {
     "paper": dict(levels=4, bits=(4, 2, 2, 2), radius_dtype="float16"),
     "polar-2.5": dict(levels=7, bits=(3, 2, 2, 1, 1, 1, 2), radius_dtype="float16"),
@@ -200,12 +202,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+FIXED_DEPTH_PRESETS = frozenset({"paper"})
+
+
 def get_preset(name: str, head_dim: int | None = None, **overrides) -> PolarQuantConfig:
     """A named preset; with ``head_dim``, levels are capped at what head_dim allows."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     params = {**PRESETS[name], **overrides}
-    if head_dim is not None:
+    adaptive = name not in FIXED_DEPTH_PRESETS and "levels" not in overrides
+    if head_dim is not None and adaptive:
         cap = _max_levels(head_dim)
         if params["levels"] > cap:
             params["levels"] = cap
