@@ -1,12 +1,118 @@
-"""Routes attention on PolarQuantTensors to a Triton kernel or the PyTorch reference."""
+"""Routes attention and encode on PolarQuantTensors to the Triton kernels or the reference.
+
+Triton runs when the tensors are on CUDA, or on CPU tensors when TRITON_INTERPRET=1 (how CI
+runs the kernels). Everything else, and any combination the kernels do not take (float64
+queries, head dims that are not powers of two in 16..256, one of K/V not quantized, masks that
+do not broadcast), goes to the pure-PyTorch reference, which stays the CPU path. Argument
+validation always runs first (``attention.validate_sdpa_args``), so bad calls get the same
+clear errors on every path.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
-from ..attention import polar_sdpa
+from ..attention import polar_sdpa, validate_sdpa_args
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "encode_into", "use_triton", "force_reference"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORCE_REFERENCE = [False]
+
+
+class force_reference:
+    """Context manager: route everything to the reference (for tests and baselines)."""
+
+    def __enter__(self):
+        self._old = _FORCE_REFERENCE[0]
+        _FORCE_REFERENCE[0] = True
+
+    def __exit__(self, *exc):
+        _FORCE_REFERENCE[0] = self._old
+
+
+def use_triton(device: torch.device) -> bool:
+    if _FORCE_REFERENCE[0] or os.environ.get("POLARTENSOR_REFERENCE", "0") == "1":
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels_available() -> bool:
+    try:
+        from . import ops  # noqa: F401  (registers the torch.library ops)
+    except ImportError:  # pragma: no cover - triton is installed with torch on CUDA
+        return False
+    return True
+
+
+# -- small cached tables (skipped under torch.compile, where they are traced instead) ----------
+_TABLES: dict = {}
+
+
+def _cached(kind: str, t: torch.Tensor, extra, fn):
+    if torch.compiler.is_compiling():
+        return fn()
+    key = (kind, t.data_ptr(), t._version, t.device, tuple(t.shape), extra)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        hit = _TABLES[key] = fn()
+    return hit
+
+
+def _trig(centroids: torch.Tensor) -> torch.Tensor:
+    from .common import trig_table
+
+    return _cached("trig", centroids, None, lambda: trig_table(centroids))
+
+
+def _mids(centroids: torch.Tensor, config) -> torch.Tensor:
+    from .common import boundary_table
+
+    return _cached("mids", centroids, config.bits, lambda: boundary_table(centroids, config))
+
+
+_ROT: dict = {}
+
+
+def _rotation(config, d: int, device: torch.device) -> torch.Tensor | None:
+    if config.rotation == "none":
+        return None
+    key = (d, config.rotation, config.seed, device)
+    r = _ROT.get(key)
+    if r is None:
+        from ..rotation import rotation_matrix
+
+        r = _ROT[key] = rotation_matrix(d, config.rotation, config.seed, device,
+                                        torch.float32).contiguous()
+    return r
+
+
+# -- attention -------------------------------------------------------------------------------
+def _kernel_mask(attn_mask, batch_shape, hq, tq, n):
+    """attn_mask broadcast to [B, Hq, Tq, N] (a view where possible), or None if it can't."""
+    if attn_mask is None:
+        return None, True
+    if not (attn_mask.dtype == torch.bool or attn_mask.dtype in _KERNEL_DTYPES):
+        return None, False
+    try:
+        m = attn_mask.expand(*batch_shape, hq, tq, n)
+    except RuntimeError:
+        return None, False
+    return m.reshape(-1, hq, tq, n), True
+
+
+def _flat_storage(t: torch.Tensor, hk: int, n: int) -> torch.Tensor:
+    t = t.reshape(-1, hk, n, t.shape[-1])
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
 
 
 def scaled_dot_product_attention(
@@ -19,9 +125,44 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    return polar_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    from ..polar_quant_tensor import PolarQuantTensor
+    from .common import supported_head_dim
+
+    validate_sdpa_args(query, key, value, attn_mask, dropout_p, enable_gqa)
+    ok = (
+        use_triton(query.device)
+        and isinstance(key, PolarQuantTensor) and isinstance(value, PolarQuantTensor)
+        and query.dtype in _KERNEL_DTYPES
+        and supported_head_dim(query.shape[-1])
+        and key.config.levels <= 8 and value.config.levels <= 8
+        and key.shape[-2] > 0
+        and _kernels_available()
+    )
+    if ok:
+        hq, tq, d = query.shape[-3:]
+        hk, n = key.shape[-3], key.shape[-2]
+        batch_shape = query.shape[:-3]
+        mask, ok = _kernel_mask(attn_mask, batch_shape, hq, tq, n)
+    if not ok:
+        return polar_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    q = query.reshape(-1, hq, tq, d)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kc, vc = key.config, value.config
+    out = torch.ops.polartensor.attention(
+        q,
+        _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
+        _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
+        _trig(value.centroids),
+        _rotation(kc, d, q.device), _rotation(vc, d, q.device),
+        None, None, mask, bool(is_causal), scale, list(kc.bits), list(vc.bits),
+    )
+    return out.reshape(query.shape)
 
 
+# -- encode ----------------------------------------------------------------------------------
 def encode_into(
     x: torch.Tensor,
     config,
@@ -34,8 +175,32 @@ def encode_into(
 
     Only the new tokens are touched: old tokens in the surrounding storage are not copied.
     """
-    from ..polar_quant_tensor import quantize
+    from ..polar_quant_tensor import _check_input, quantize
+    from .common import supported_head_dim
 
-    q = quantize(x, config, centroids=centroids, check_finite=check_finite)
-    codes_out.copy_(q.codes)
-    radii_out.copy_(q.radii)
+    ok = (
+        use_triton(x.device)
+        and isinstance(x, torch.Tensor) and x.dtype in _KERNEL_DTYPES
+        and x.dim() >= 2 and supported_head_dim(x.shape[-1]) and config.levels <= 8
+        and codes_out.device == x.device and radii_out.device == x.device
+        and _kernels_available()
+    )
+    if not ok:
+        q = quantize(x, config, centroids=centroids, check_finite=check_finite)
+        codes_out.copy_(q.codes)
+        radii_out.copy_(q.radii)
+        return
+    _check_input(x, config, check_finite)
+    d = x.shape[-1]
+    centroids = centroids.to(x.device)
+    torch.ops.polartensor.encode_into(
+        x, _rotation(config, d, x.device), _mids(centroids, config), codes_out, radii_out,
+        list(config.bits),
+    )
+    if (check_finite and config.radius_dtype != "float32" and radii_out.numel()
+            and not torch.compiler.is_compiling()):
+        if not bool(torch.isfinite(radii_out).all()):
+            raise ValueError(
+                f"a block radius overflows radius_dtype={config.radius_dtype}; use "
+                "radius_dtype='float32' (or 'bfloat16') or rescale the input"
+            )

@@ -1,0 +1,254 @@
+"""Shared pieces of the Triton kernels: per-level layout constants, atan2, tile encode/decode.
+
+A token record is one little-endian bit stream (see ``polartensor.packing``): level 1's codes
+first, code ``j`` of level ``l`` at bit ``offset_l + j * bits_l``. With a power-of-two head_dim,
+every level with at least 8 angles (``n_l = D >> l``) fills a whole number of bytes, so its
+section starts and ends on a byte boundary. Such a "head" level is read and written as words of
+``G = 8 / gcd(8, b)`` codes (``G * b`` bits, a whole number of bytes). The levels with fewer
+than 8 angles form the "tail": at most 56 bits, handled as one int64 per record.
+
+Per-level constants travel as one small int each (``LV0`` .. ``LV7``, see :func:`level_words`):
+bits (4 bits), log2 G (2 bits), log2 of the padded word bytes (2 bits), and the level's byte
+offset (head levels) or bit offset inside the tail (tail levels), 10 bits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_LEVELS = 8
+_TWO_PI = 2.0 * math.pi
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supported_head_dim(d: int) -> bool:
+    return 16 <= d <= 256 and d & (d - 1) == 0
+
+
+def level_words(config, d: int) -> dict:
+    """Kernel constants for ``config`` at head_dim ``d`` (a power of two)."""
+    offs = config.level_bit_offsets(d)
+    nlev = config.levels
+    words = [0] * MAX_LEVELS
+    tail_bit = config.code_bits(d)
+    for lvl in range(nlev):
+        n = d >> (lvl + 1)
+        if n < 8:
+            tail_bit = min(tail_bit, offs[lvl])
+    assert tail_bit % 8 == 0
+    for lvl in range(nlev):
+        b = config.bits[lvl]
+        n = d >> (lvl + 1)
+        g = 8 // math.gcd(8, b) if b else 1
+        wb = max(1, g * b // 8)
+        wbp = 1 << (wb - 1).bit_length()
+        if n >= 8:
+            assert offs[lvl] % 8 == 0
+            pos = offs[lvl] // 8
+        else:
+            pos = offs[lvl] - tail_bit
+        assert pos < 1024 and b < 16
+        words[lvl] = b | (int(math.log2(g)) << 4) | (int(math.log2(wbp)) << 6) | (pos << 8)
+    rec = config.record_bytes(d)
+    return dict(
+        L=nlev, NB=d >> nlev, R=rec, TAIL_BYTE=tail_bit // 8, TAIL_NB=rec - tail_bit // 8,
+        **{f"LV{i}": w for i, w in enumerate(words)},
+    )
+
+
+def trig_table(centroids: torch.Tensor) -> torch.Tensor:
+    """[2, levels, K] float32: cos and sin of every centroid (the decode tables)."""
+    c = centroids.to(torch.float32)
+    return torch.stack([torch.cos(c), torch.sin(c)]).contiguous()
+
+
+def boundary_table(centroids: torch.Tensor, config) -> torch.Tensor:
+    """[levels, K + 1] float32 cell boundaries per level, computed exactly as
+    ``codebook.nearest_code`` does: the midpoints, then (level 1) the wrap-around boundary
+    and that boundary minus 2 pi in the last two slots."""
+    c32 = centroids.to(torch.float32)
+    k = c32.shape[1]
+    rows = []
+    for lvl, b in enumerate(config.bits, start=1):
+        row = c32.new_zeros(k + 1)
+        kk = 1 << b
+        c = c32[lvl - 1, :kk]
+        if kk > 1:
+            row[: kk - 1] = (c[:-1] + c[1:]) / 2
+            if lvl == 1:
+                wrap = (c[-1] + c[0] + _TWO_PI) / 2
+                row[k - 1] = wrap
+                row[k] = wrap - _TWO_PI
+        rows.append(row)
+    return torch.stack(rows).contiguous()
+
+
+def boundary_table_fn(centroids: torch.Tensor, bits) -> torch.Tensor:
+    """Same as :func:`boundary_table` from a bits tuple (usable inside custom ops)."""
+    class _C:
+        pass
+
+    cfg = _C()
+    cfg.bits = tuple(bits)
+    return boundary_table(centroids, cfg)
+
+
+# -- device helpers -------------------------------------------------------------------------------
+
+@triton.jit
+def _atan2(y, x):
+    """atan2 in (-pi, pi] from tl ops only (the interpreter has no libdevice): octant
+    reduction then the Cephes atanf polynomial (~1e-7 rad)."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    mx = tl.maximum(ax, ay)
+    mn = tl.minimum(ax, ay)
+    t = mn / tl.where(mx == 0.0, 1.0, mx)
+    big = t > 0.41421356237309503
+    z = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z2 = z * z
+    p = (((8.05374449538e-2 * z2 - 1.38776856032e-1) * z2 + 1.99777106478e-1) * z2
+         - 3.33329491539e-1) * z2 * z + z
+    a = tl.where(big, p + 0.7853981633974483, p)
+    a = tl.where(ay > ax, 1.5707963267948966 - a, a)
+    a = tl.where(x < 0.0, 3.141592653589793 - a, a)
+    return tl.where(y < 0.0, -a, a)
+
+
+@triton.jit
+def _load_tail(codes_ptr, rec_off, valid, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr):
+    tail = tl.zeros(rec_off.shape, dtype=tl.int64)
+    for k in tl.static_range(TAIL_NB):
+        byte = tl.load(codes_ptr + rec_off + TAIL_BYTE + k, mask=valid, other=0)
+        tail = tail | (byte.to(tl.int64) << (8 * k))
+    return tail
+
+
+@triton.jit
+def _level_codes(codes_ptr, rec_off, valid, tail, BN: tl.constexpr, n: tl.constexpr,
+                 LV: tl.constexpr):
+    """Integer codes [BN, n] of one level, read from records at ``rec_off`` (uint8 offsets)."""
+    b: tl.constexpr = LV & 15
+    logg: tl.constexpr = (LV >> 4) & 3
+    logwbp: tl.constexpr = (LV >> 6) & 3
+    pos: tl.constexpr = LV >> 8
+    if b == 0:
+        c = tl.zeros((BN, n), dtype=tl.int32)
+    elif n >= 8:
+        G: tl.constexpr = 1 << logg
+        WB: tl.constexpr = (b << logg) >> 3
+        WBP: tl.constexpr = 1 << logwbp
+        NW: tl.constexpr = n // G
+        kk = tl.arange(0, WBP)
+        ww = tl.arange(0, NW)
+        ptrs = (codes_ptr + rec_off[:, None, None] + pos + ww[None, :, None] * WB
+                + kk[None, None, :])
+        m = valid[:, None, None] & (kk < WB)[None, None, :]
+        byts = tl.load(ptrs, mask=m, other=0)
+        if WB > 3:
+            word = tl.sum(byts.to(tl.int64) << (8 * kk.to(tl.int64))[None, None, :], axis=2)
+            sh = (b * tl.arange(0, G)).to(tl.int64)
+        else:
+            word = tl.sum(byts.to(tl.int32) << (8 * kk)[None, None, :], axis=2)
+            sh = b * tl.arange(0, G)
+        c3 = (word[:, :, None] >> sh[None, None, :]) & ((1 << b) - 1)
+        c = tl.reshape(c3, (BN, n)).to(tl.int32)
+    else:
+        sh = (pos + b * tl.arange(0, n)).to(tl.int64)
+        c = ((tail[:, None] >> sh[None, :]) & ((1 << b) - 1)).to(tl.int32)
+    return c
+
+
+@triton.jit
+def _decode_level(codes_ptr, rec_off, valid, tail, r, cos_ptr, sin_ptr, BN: tl.constexpr,
+                  n: tl.constexpr, LV: tl.constexpr):
+    c = _level_codes(codes_ptr, rec_off, valid, tail, BN, n, LV)
+    cs = tl.load(cos_ptr + c)
+    sn = tl.load(sin_ptr + c)
+    return tl.reshape(tl.join(r * cs, r * sn), (BN, 2 * n))
+
+
+@triton.jit
+def decode_tile(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
+                BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
+                NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
+                LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
+                LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
+    """Decoded rotated vectors [BN, D] (fp32) of the records at ``rec_off``; rows that are not
+    ``valid`` come out as zeros. ``trig_ptr``: [2, L, KT] cos/sin tables. Top-down: radius,
+    then each level splits every node into (r cos, r sin) -- table look-ups, no trig."""
+    r = tl.load(radii_ptr + rad_off[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None],
+                other=0.0).to(tl.float32)
+    tail = _load_tail(codes_ptr, rec_off, valid, TAIL_BYTE, TAIL_NB)
+    sin_ptr = trig_ptr + L * KT
+    if L >= 8:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 7 * KT,
+                          sin_ptr + 7 * KT, BN, D >> 8, LV7)
+    if L >= 7:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 6 * KT,
+                          sin_ptr + 6 * KT, BN, D >> 7, LV6)
+    if L >= 6:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 5 * KT,
+                          sin_ptr + 5 * KT, BN, D >> 6, LV5)
+    if L >= 5:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 4 * KT,
+                          sin_ptr + 4 * KT, BN, D >> 5, LV4)
+    if L >= 4:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 3 * KT,
+                          sin_ptr + 3 * KT, BN, D >> 4, LV3)
+    if L >= 3:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 2 * KT,
+                          sin_ptr + 2 * KT, BN, D >> 3, LV2)
+    if L >= 2:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 1 * KT,
+                          sin_ptr + 1 * KT, BN, D >> 2, LV1)
+    r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr, sin_ptr, BN, D >> 1, LV0)
+    return r
+
+
+@triton.jit
+def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
+                  n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr):
+    """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
+    tail word) and the new radii [BN, n]."""
+    b: tl.constexpr = LV & 15
+    logg: tl.constexpr = (LV >> 4) & 3
+    pos: tl.constexpr = LV >> 8
+    a, y = tl.split(tl.reshape(r, (BN, n, 2)))
+    rr = tl.sqrt(a * a + y * y)
+    if b > 0:
+        psi = _atan2(y, a)
+        if LEVEL1:
+            psi = tl.where(psi < 0.0, psi + 6.283185307179586, psi)
+            psi = tl.where(psi >= 6.283185307179586, 0.0, psi)
+        code = tl.zeros((BN, n), dtype=tl.int32)
+        for k in tl.static_range((1 << b) - 1):
+            code += (tl.load(mids_ptr + k) < psi).to(tl.int32)
+        if LEVEL1:
+            wrap = tl.load(mids_ptr + KT - 1)
+            wrap_lo = tl.load(mids_ptr + KT)
+            code = tl.where(psi >= wrap, 0, code)
+            code = tl.where(psi < wrap_lo, (1 << b) - 1, code)
+        if n >= 8:
+            G: tl.constexpr = 1 << logg
+            WB: tl.constexpr = (b << logg) >> 3
+            NW: tl.constexpr = n // G
+            c3 = tl.reshape(code, (BN, NW, G)).to(tl.int64)
+            sh = (b * tl.arange(0, G)).to(tl.int64)
+            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            ww = tl.arange(0, NW)
+            base = codes_ptr + rec_off[:, None] + pos + ww[None, :] * WB
+            for k in tl.static_range(WB):
+                tl.store(base + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=valid[:, None])
+        else:
+            sh = (pos + b * tl.arange(0, n)).to(tl.int64)
+            tail = tail | tl.sum(code.to(tl.int64) << sh[None, :], axis=1)
+    return rr, tail

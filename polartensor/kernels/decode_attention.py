@@ -1,0 +1,343 @@
+"""Attention over the quantized cache: one kernel for decode (split-K, flash-decoding) and
+chunked prefill (query tiles, one split), plus the split combine.
+
+Each program serves one (batch, KV head): every query head of the GQA group and a tile of query
+positions form the rows of one [M, D] block, so each K/V record is decoded once per program.
+The query is rotated in the kernel (q S^T), scored against the rotated keys decoded from codes
+with cos/sin tables (no trig), values are accumulated in the rotated domain with an online
+softmax, and the output is un-rotated once (o S) when it is final. An optional full-precision
+tail (already rotated, [B, Hk, NT, D]) follows the quantized tokens.
+
+Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import decode_tile, interpreting, level_words
+
+__all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, acc,
+                   mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq, scale_log2,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
+    keep = keep_kv[None, :] & row_valid[:, None]
+    if CAUSAL:
+        keep = keep & (pos[None, :] <= (t_idx + (total - Tq))[:, None])
+    if MASK_KIND != 0:
+        mptr = (mask_ptr + b * sm_b + h[:, None] * sm_h + t_idx.to(tl.int64)[:, None] * sm_t
+                + pos.to(tl.int64)[None, :] * sm_n)
+        mv = tl.load(mptr, mask=keep, other=0)
+        if MASK_KIND == 1:
+            keep = keep & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _unrotate_store(o, rotv_ptr, out_ptr, out_row_off, row_valid, M: tl.constexpr,
+                    D: tl.constexpr, JC: tl.constexpr, UNROT: tl.constexpr, PREC: tl.constexpr):
+    """out = o @ S_v (rows of o are rotated-domain outputs), stored in out's dtype."""
+    kk = tl.arange(0, D)
+    if UNROT:
+        for j0 in tl.static_range(0, D, JC):
+            jj = j0 + tl.arange(0, JC)
+            sv = tl.load(rotv_ptr + kk[:, None] * D + jj[None, :])
+            oj = tl.dot(o, sv, input_precision=PREC)
+            tl.store(out_ptr + out_row_off[:, None] + jj[None, :],
+                     oj.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(out_ptr + out_row_off[:, None] + kk[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def polar_decode_attn_fwd_kernel(
+    q_ptr, sq_b, sq_h, sq_t,
+    rotk_ptr, rotv_ptr,
+    kc_ptr, skc_b, skc_h, skc_n, kr_ptr, skr_b, skr_h, skr_n, ktab_ptr,
+    vc_ptr, svc_b, svc_h, svc_n, vr_ptr, svr_b, svr_h, svr_n, vtab_ptr,
+    kt_ptr, skt_b, skt_h, skt_n, vt_ptr, svt_b, svt_h, svt_n,
+    mask_ptr, sm_b, sm_h, sm_t, sm_n,
+    out_ptr, so_b, so_h, so_t,
+    pacc_ptr, pml_ptr,
+    Hk, Tq, N, NT, kv_per_split, n_splits, n_ttiles, scale_log2,
+    GROUP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, KCH: tl.constexpr,
+    K_KT: tl.constexpr, K_L: tl.constexpr, K_NB: tl.constexpr, K_TB: tl.constexpr,
+    K_TNB: tl.constexpr, K_LV0: tl.constexpr, K_LV1: tl.constexpr, K_LV2: tl.constexpr,
+    K_LV3: tl.constexpr, K_LV4: tl.constexpr, K_LV5: tl.constexpr, K_LV6: tl.constexpr,
+    K_LV7: tl.constexpr,
+    V_KT: tl.constexpr, V_L: tl.constexpr, V_NB: tl.constexpr, V_TB: tl.constexpr,
+    V_TNB: tl.constexpr, V_LV0: tl.constexpr, V_LV1: tl.constexpr, V_LV2: tl.constexpr,
+    V_LV3: tl.constexpr, V_LV4: tl.constexpr, V_LV5: tl.constexpr, V_LV6: tl.constexpr,
+    V_LV7: tl.constexpr,
+    HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    SINGLE: tl.constexpr, ROTQ: tl.constexpr, UNROT: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr, RPREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
+    t0 = pid_t * BLOCK_T
+
+    rows = tl.arange(0, M)
+    g = rows // BLOCK_T
+    t_idx = t0 + rows % BLOCK_T
+    row_valid = (g < GROUP) & (t_idx < Tq)
+    h = hk * GROUP + g.to(tl.int64)
+    q_row = b * sq_b + h * sq_h + t_idx.to(tl.int64) * sq_t
+    dd = tl.arange(0, D)
+
+    # Rotate the query rows: q_rot = q @ S_k^T (S_k^T[k, j] = S_k[j, k]).
+    if ROTQ:
+        q = tl.zeros((M, D), dtype=tl.float32)
+        for k0 in tl.static_range(0, D, KCH):
+            kk = k0 + tl.arange(0, KCH)
+            qc = tl.load(q_ptr + q_row[:, None] + kk[None, :], mask=row_valid[:, None],
+                         other=0.0).to(tl.float32)
+            st = tl.load(rotk_ptr + dd[None, :] * D + kk[:, None])
+            q += tl.dot(qc, st, input_precision=RPREC)
+    else:
+        q = tl.load(q_ptr + q_row[:, None] + dd[None, :], mask=row_valid[:, None],
+                    other=0.0).to(tl.float32)
+    q = q.to(DT)
+
+    total = N + NT
+    start = split * kv_per_split
+    end = tl.minimum(start + kv_per_split, total)
+    if CAUSAL:
+        # Bottom-right aligned: row t sees keys j <= t + total - Tq.
+        end = tl.minimum(end, tl.minimum(t0 + BLOCK_T, Tq) + total - Tq)
+
+    m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((M,), dtype=tl.float32)
+    acc = tl.zeros((M, D), dtype=tl.float32)
+
+    qend = tl.minimum(end, N)
+    for n0 in range(start, qend, BN):
+        pos = n0 + tl.arange(0, BN)
+        kv_ok = pos < qend
+        pos64 = pos.to(tl.int64)
+        kt = decode_tile(kc_ptr, kr_ptr, ktab_ptr, b * skc_b + hk * skc_h + pos64 * skc_n,
+                         b * skr_b + hk * skr_h + pos64 * skr_n, kv_ok, BN, D, K_KT, K_L,
+                         K_NB, K_TB, K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
+                         K_LV6, K_LV7)
+        vt = decode_tile(vc_ptr, vr_ptr, vtab_ptr, b * svc_b + hk * svc_h + pos64 * svc_n,
+                         b * svr_b + hk * svr_h + pos64 * svr_n, kv_ok, BN, D, V_KT, V_L,
+                         V_NB, V_TB, V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
+                         V_LV6, V_LV7)
+        m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
+                                       l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
+                                       scale_log2, MASK_KIND, CAUSAL, DT, PREC)
+    if HAS_TAIL:
+        for n0 in range(tl.maximum(start, N), end, BN):
+            pos = n0 + tl.arange(0, BN)
+            kv_ok = pos < end
+            tp = (pos - N).to(tl.int64)
+            kt = tl.load(kt_ptr + (b * skt_b + hk * skt_h + tp * skt_n)[:, None] + dd[None, :],
+                         mask=kv_ok[:, None], other=0.0).to(tl.float32)
+            vt = tl.load(vt_ptr + (b * svt_b + hk * svt_h + tp * svt_n)[:, None] + dd[None, :],
+                         mask=kv_ok[:, None], other=0.0).to(tl.float32)
+            m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h,
+                                           m_i, l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n,
+                                           total, Tq, scale_log2, MASK_KIND, CAUSAL, DT, PREC)
+
+    if SINGLE:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_row = b * so_b + h.to(tl.int64) * so_h + t_idx.to(tl.int64) * so_t
+        _unrotate_store(o, rotv_ptr, out_ptr, out_row, row_valid, M, D, KCH, UNROT, RPREC)
+    else:
+        slot = (pid_bh.to(tl.int64) * n_ttiles + pid_t) * n_splits + split
+        tl.store(pacc_ptr + slot * (M * D) + rows[:, None] * D + dd[None, :], acc)
+        tl.store(pml_ptr + slot * (2 * M) + rows, m_i)
+        tl.store(pml_ptr + slot * (2 * M) + M + rows, l_i)
+
+
+@triton.jit
+def polar_attn_combine_kernel(
+    pacc_ptr, pml_ptr, rotv_ptr, out_ptr, so_b, so_h, so_t,
+    Hk, Tq, n_splits, n_ttiles,
+    GROUP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    JC: tl.constexpr, UNROT: tl.constexpr, RPREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
+    rows = tl.arange(0, M)
+    g = rows // BLOCK_T
+    t_idx = pid_t * BLOCK_T + rows % BLOCK_T
+    row_valid = (g < GROUP) & (t_idx < Tq)
+    h = hk * GROUP + g
+    dd = tl.arange(0, D)
+    m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((M,), dtype=tl.float32)
+    acc = tl.zeros((M, D), dtype=tl.float32)
+    base = (pid_bh.to(tl.int64) * n_ttiles + pid_t) * n_splits
+    for s in range(n_splits):
+        slot = base + s
+        ms = tl.load(pml_ptr + slot * (2 * M) + rows)
+        ls = tl.load(pml_ptr + slot * (2 * M) + M + rows)
+        a_s = tl.load(pacc_ptr + slot * (M * D) + rows[:, None] * D + dd[None, :])
+        m_new = tl.maximum(m_i, ms)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        c_old = tl.exp2(m_i - m_use)
+        c_new = tl.exp2(ms - m_use)
+        l_i = l_i * c_old + ls * c_new
+        acc = acc * c_old[:, None] + a_s * c_new[:, None]
+        m_i = m_new
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_row = b * so_b + h.to(tl.int64) * so_h + t_idx.to(tl.int64) * so_t
+    _unrotate_store(o, rotv_ptr, out_ptr, out_row, row_valid, M, D, JC, UNROT, RPREC)
+
+
+_TL_DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
+    out = {f"{prefix}_KT": kt, f"{prefix}_L": w["L"], f"{prefix}_NB": w["NB"],
+           f"{prefix}_TB": w["TAIL_BYTE"], f"{prefix}_TNB": w["TAIL_NB"]}
+    for i in range(8):
+        out[f"{prefix}_LV{i}"] = w[f"LV{i}"]
+    return out
+
+
+def launch_attention(
+    q: torch.Tensor,            # [B, Hq, Tq, D]
+    k_codes: torch.Tensor, k_radii: torch.Tensor, k_trig: torch.Tensor, k_cfg,
+    v_codes: torch.Tensor, v_radii: torch.Tensor, v_trig: torch.Tensor, v_cfg,
+    rot_k: torch.Tensor | None, rot_v: torch.Tensor | None,
+    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,   # expanded to [B, Hq, Tq, N + NT] (strides may be 0)
+    is_causal: bool = False, scale: float = 1.0,
+    mode: str = "auto", num_splits: int | None = None, block_n: int | None = None,
+    block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
+    already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
+    bsz, hq, tq, d = q.shape
+    hk, n = k_codes.shape[1], k_codes.shape[2]
+    group = hq // hk
+    nt = 0 if k_tail is None else k_tail.shape[2]
+    total = n + nt
+    interp = interpreting()
+    dev = q.device
+    if out is None:
+        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
+    if mode == "auto":
+        mode = "decode" if tq <= 16 else "prefill"
+    gp = _next_pow2(group)
+    if interp:
+        dt, prec, rprec = tl.float32, "ieee", "ieee"
+    else:
+        dt = _TL_DT[q.dtype]
+        prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        rprec = "tf32x3"
+    max_rows = 64 if d >= 256 else 128
+    if mode == "decode":
+        bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
+        bn = block_n or (16 if interp else (32 if d >= 256 else 64))
+        warps = num_warps or 4
+    else:
+        bt = block_t or min(_next_pow2(tq), max(1, (32 if interp else max_rows) // gp))
+        bn = block_n or (16 if interp else (32 if d >= 256 else 64))
+        warps = num_warps or (4 if d <= 64 else 8)
+    m_rows = max(16, gp * bt)
+    n_ttiles = triton.cdiv(tq, bt)
+    if mode == "decode":
+        if num_splits is None:
+            progs = bsz * hk * n_ttiles
+            want = triton.cdiv(2 * _sm_count(dev), max(progs, 1))
+            min_chunk = bn * (2 if interp else 4)
+            num_splits = max(1, min(want, triton.cdiv(max(total, 1), min_chunk)))
+        kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn
+        num_splits = max(1, triton.cdiv(max(total, 1), kv_per_split))
+    else:
+        num_splits = 1
+        kv_per_split = max(total, 1)
+    single = num_splits == 1
+    if single:
+        pacc = pml = out
+    else:
+        slots = bsz * hk * n_ttiles * num_splits
+        pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
+        pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
+    has_tail = nt > 0
+    kt = k_tail if has_tail else q
+    vt = v_tail if has_tail else q
+    if mask is None:
+        mask_kind, mask_t, ms = 0, q, (0, 0, 0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_t, ms = mask, mask.stride()
+    kch = min(d, 64)
+    kw = dict(
+        GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,
+        **_cfg_args("K", level_words(k_cfg, d), k_trig.shape[-1]),
+        **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
+        HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), SINGLE=single,
+        ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
+        num_warps=warps,
+    )
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    grid = (bsz * hk, n_ttiles, num_splits)
+    polar_decode_attn_fwd_kernel[grid](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        rot_k if rot_k is not None else q, rot_v if rot_v is not None else q,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+        v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
+        kt, kt.stride(0), kt.stride(1), kt.stride(2),
+        vt, vt.stride(0), vt.stride(1), vt.stride(2),
+        mask_t, ms[0], ms[1], ms[2], ms[3],
+        out, out.stride(0), out.stride(1), out.stride(2),
+        pacc, pml,
+        hk, tq, n, nt, kv_per_split, num_splits, n_ttiles, scale * _LOG2E,
+        **kw,
+    )
+    if not single:
+        polar_attn_combine_kernel[(bsz * hk, n_ttiles)](
+            pacc, pml, rot_v if rot_v is not None else q, out,
+            out.stride(0), out.stride(1), out.stride(2),
+            hk, tq, num_splits, n_ttiles,
+            GROUP=group, BLOCK_T=bt, M=m_rows, D=d, JC=kch, UNROT=rot_v is not None,
+            RPREC=rprec, num_warps=4,
+        )
+    return out

@@ -1,0 +1,143 @@
+"""Fused encode / append: rotation, polar transform, angle quantization and bit packing in one
+kernel, writing new tokens straight into the cache storage at an offset (no copy of old tokens).
+
+Reference: ``polartensor.polar_quant_tensor.quantize`` (see ``kernels/naive.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _encode_level, interpreting, level_words
+
+__all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
+
+
+@triton.jit
+def polar_encode_fwd_kernel(
+    x_ptr, sx_l, sx_t,
+    rot_ptr, mids_ptr,
+    codes_ptr, sc_l, sc_t,
+    radii_ptr, sr_l, sr_t,
+    n_rows, T,
+    BN: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr, KT: tl.constexpr,
+    L: tl.constexpr, NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
+    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
+    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
+    ROTATE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BN + tl.arange(0, BN)
+    valid = rows < n_rows
+    lead = rows // T
+    t = rows % T
+    x_off = lead * sx_l + t * sx_t
+    dd = tl.arange(0, D)
+    if ROTATE:
+        # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
+        y = tl.zeros((BN, D), dtype=tl.float32)
+        for k0 in tl.static_range(0, D, KCH):
+            kk = k0 + tl.arange(0, KCH)
+            xc = tl.load(x_ptr + x_off[:, None] + kk[None, :], mask=valid[:, None],
+                         other=0.0).to(tl.float32)
+            st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+            y += tl.dot(xc, st, input_precision=PREC)
+    else:
+        y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
+    rec_off = lead * sc_l + t * sc_t
+    r = y
+    tail = tl.zeros((BN,), dtype=tl.int64)
+    r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
+                            True, KT)
+    if L >= 2:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
+                                D >> 2, LV1, False, KT)
+    if L >= 3:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
+                                BN, D >> 3, LV2, False, KT)
+    if L >= 4:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
+                                BN, D >> 4, LV3, False, KT)
+    if L >= 5:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
+                                BN, D >> 5, LV4, False, KT)
+    if L >= 6:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
+                                BN, D >> 6, LV5, False, KT)
+    if L >= 7:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
+                                BN, D >> 7, LV6, False, KT)
+    if L >= 8:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
+                                BN, D >> 8, LV7, False, KT)
+    for k in tl.static_range(TAIL_NB):
+        tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
+                 mask=valid)
+    nb = tl.arange(0, NB)
+    rad_off = lead * sr_l + t * sr_t
+    tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
+             r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+def encode_supported(x: torch.Tensor, config) -> bool:
+    from .common import supported_head_dim
+
+    d = x.shape[-1]
+    return (supported_head_dim(d) and config.levels <= 8 and x.dim() >= 2
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _flat3(t: torch.Tensor, rows_t: int) -> torch.Tensor | None:
+    """View [..., T, C] as [lead, T, C] without a copy, or None if impossible."""
+    try:
+        return t.view(-1, rows_t, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def encode_into_triton(
+    x: torch.Tensor, rot: torch.Tensor | None, mids: torch.Tensor, codes_out: torch.Tensor,
+    radii_out: torch.Tensor, config, block_rows: int | None = None,
+) -> bool:
+    """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (already rotated / 'none').
+    Returns False (nothing written) when the output views cannot be addressed as
+    [lead, T, C] with unit last stride; the caller then falls back to the reference."""
+    d = x.shape[-1]
+    t = x.shape[-2]
+    x3 = x.reshape(-1, t, d)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    c3 = _flat3(codes_out, t)
+    r3 = _flat3(radii_out, t)
+    if c3 is None or r3 is None or c3.stride(-1) != 1 or r3.stride(-1) != 1:
+        return False
+    n_rows = x3.shape[0] * t
+    if n_rows == 0:
+        return True
+    w = level_words(config, d)
+    interp = interpreting()
+    if block_rows is None:
+        block_rows = 16 if interp else (32 if d <= 128 else 16)
+    kch = min(d, 64)
+    if rot is None:
+        rot_arg, rotate = x3, False
+    else:
+        rot_arg, rotate = rot.contiguous(), True
+    prec = "ieee" if interp else ("tf32x3" if x.dtype == torch.float32 else "tf32x3")
+    grid = (triton.cdiv(n_rows, block_rows),)
+    polar_encode_fwd_kernel[grid](
+        x3, x3.stride(0), x3.stride(1),
+        rot_arg, mids,
+        c3, c3.stride(0), c3.stride(1),
+        r3, r3.stride(0), r3.stride(1),
+        n_rows, t,
+        BN=block_rows, D=d, KCH=kch, KT=mids.shape[1] - 1,
+        L=w["L"], NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
+        LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
+        LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
+        ROTATE=rotate, PREC=prec, num_warps=4,
+    )
+    return True
