@@ -78,22 +78,6 @@ def _mids(centroids: torch.Tensor, config) -> torch.Tensor:
     return _cached("mids", centroids, config.bits, lambda: boundary_table(centroids, config))
 
 
-_ROT: dict = {}
-
-
-def _rotation(config, d: int, device: torch.device) -> torch.Tensor | None:
-    if config.rotation == "none":
-        return None
-    key = (d, config.rotation, config.seed, device)
-    r = _ROT.get(key)
-    if r is None:
-        from ..rotation import rotation_matrix
-
-        r = _ROT[key] = rotation_matrix(d, config.rotation, config.seed, device,
-                                        torch.float32).contiguous()
-    return r
-
-
 # -- attention -------------------------------------------------------------------------------
 def _kernel_mask(attn_mask, batch_shape, hq, tq, n):
     """attn_mask broadcast to [B, Hq, Tq, N] (a view where possible), or None if it can't."""
@@ -156,8 +140,8 @@ def scaled_dot_product_attention(
         _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
         _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
         _trig(value.centroids),
-        _rotation(kc, d, q.device), _rotation(vc, d, q.device),
-        None, None, mask, bool(is_causal), scale, list(kc.bits), list(vc.bits),
+        None, None, None, None, mask, bool(is_causal), scale, list(kc.bits), list(vc.bits),
+        kc.rotation, kc.seed, vc.rotation, vc.seed,
     )
     return out.reshape(query.shape)
 
@@ -191,11 +175,10 @@ def encode_into(
         radii_out.copy_(q.radii)
         return
     _check_input(x, config, check_finite)
-    d = x.shape[-1]
     centroids = centroids.to(x.device)
     torch.ops.polartensor.encode_into(
-        x, _rotation(config, d, x.device), _mids(centroids, config), codes_out, radii_out,
-        list(config.bits),
+        x, None, _mids(centroids, config), codes_out, radii_out, list(config.bits),
+        config.rotation, config.seed,
     )
     if (check_finite and config.radius_dtype != "float32" and radii_out.numel()
             and not torch.compiler.is_compiling()):

@@ -1,0 +1,182 @@
+"""Decode / chunked-prefill attention kernels == reference polar_sdpa.
+
+CPU: the Triton interpreter with small shapes; GPU: the same tests with large shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from polartensor import PolarQuantConfig, polar_sdpa, quantize
+from polartensor.config import PRESETS, get_preset
+from polartensor.kernels import dispatch
+from polartensor.kernels.common import trig_table
+from polartensor.kernels.decode_attention import launch_attention
+from polartensor.rotation import rotate, rotation_matrix
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+HEAD_DIMS = [64, 128, 256] if ON_GPU else [16, 32, 64]
+EXAMPLES = 40 if ON_GPU else 20
+MAX_N = 3000 if ON_GPU else 90
+MAX_B = 4 if ON_GPU else 2
+MAX_HK = 4 if ON_GPU else 2
+
+ODD = [PolarQuantConfig(levels=3, bits=(1, 0, 7), radius_dtype="float32"),
+       PolarQuantConfig(levels=2, bits=(8, 5), rotation="hadamard", seed=5),
+       PolarQuantConfig(levels=4, bits=(4, 2, 2, 2), rotation="none")]
+
+
+def configs_for(d: int) -> list[PolarQuantConfig]:
+    return [get_preset(n, head_dim=d) for n in sorted(PRESETS)] + [
+        c for c in ODD if d % c.block_size == 0]
+
+
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (1.5e-2, 1.5e-2),
+       torch.bfloat16: (4e-2, 4e-2)}
+
+
+def _close(out, ref, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def no_reference(monkeypatch):
+    """Fail if dispatch falls back to the reference attention."""
+    def boom(*a, **k):
+        raise AssertionError("dispatch fell back to the reference")
+
+    monkeypatch.setattr(dispatch, "polar_sdpa", boom)
+
+
+@settings(max_examples=EXAMPLES, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    data=st.data(),
+    d=st.sampled_from(HEAD_DIMS),
+    b=st.integers(1, MAX_B),
+    hk=st.integers(1, MAX_HK),
+    group=st.sampled_from([1, 2, 3, 4, 8]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    causal=st.booleans(),
+    mask_kind=st.sampled_from(["none", "bool", "float", "pad"]),
+)
+def test_attention_kernel_matches_reference(data, d, b, hk, group, dtype, causal, mask_kind,
+                                            no_reference):
+    kcfg = data.draw(st.sampled_from(configs_for(d)), label="k_config")
+    vcfg = data.draw(st.sampled_from([kcfg] + configs_for(d)), label="v_config")
+    prefill = data.draw(st.booleans(), label="prefill")
+    tq = data.draw(st.integers(17, 300 if ON_GPU else 40) if prefill else st.integers(1, 16),
+                   label="q_len")
+    n = data.draw(st.integers(1, MAX_N), label="kv_len")
+    g = torch.Generator().manual_seed(n * 7 + tq)
+    hq = hk * group
+    q = torch.randn(b, hq, tq, d, generator=g).to(dtype).to(DEVICE)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), kcfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), vcfg)
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(b, 1, tq, n, generator=g) > 0.3).to(DEVICE)
+    elif mask_kind == "float":
+        mask = (torch.randn(hq, 1, n, generator=g) * 2).to(dtype).to(DEVICE)
+    elif mask_kind == "pad":  # left padding per batch row, broadcast over heads and queries
+        keep = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        for i in range(b):
+            keep[i, ..., : int(torch.randint(0, n + 1, (1,), generator=g))] = False
+        mask = keep.to(DEVICE)
+    scale = data.draw(st.sampled_from([None, 0.3]), label="scale")
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=group > 1)
+    ref = polar_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                     enable_gqa=group > 1)
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_full_precision_tail(splits):
+    d = HEAD_DIMS[-1]
+    cfg = PolarQuantConfig.paper()
+    b, hk, group, tq, n, nt = 2, 2, 3, 4, 37 if not ON_GPU else 1500, 9
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    kt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    vt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+    out = launch_attention(
+        q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
+        rotate(kt, cfg.rotation, cfg.seed), rotate(vt, cfg.rotation, cfg.seed),
+        None, True, 1 / math.sqrt(d), mode="decode", num_splits=splits)
+    kk = torch.cat([k.dequantize(), kt], dim=-2)
+    vv = torch.cat([v.dequantize(), vt], dim=-2)
+    ref = polar_sdpa(q, kk, vv, is_causal=True, enable_gqa=True)
+    _close(out, ref, torch.float32)
+
+
+def test_fully_masked_rows_give_zeros(no_reference):
+    d = HEAD_DIMS[0]
+    q = torch.randn(1, 2, 3, d, device=DEVICE)
+    k = quantize(torch.randn(1, 2, 20, d, device=DEVICE), "paper")
+    mask = torch.ones(1, 1, 3, 20, dtype=torch.bool, device=DEVICE)
+    mask[..., 1, :] = False
+    out = F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    _close(out, polar_sdpa(q, k, k, attn_mask=mask), torch.float32)
+
+
+def test_unsupported_combinations_fall_back():
+    d = 48  # not a power of two
+    q = torch.randn(1, 2, 2, d, device=DEVICE)
+    k = quantize(torch.randn(1, 2, 9, d, device=DEVICE), "paper")
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, k), polar_sdpa(q, k, k))
+    d = HEAD_DIMS[0]
+    q = torch.randn(1, 2, 2, d, device=DEVICE)
+    k = quantize(torch.randn(1, 2, 9, d, device=DEVICE), "paper")
+    v = torch.randn(1, 2, 9, d, device=DEVICE)  # plain values
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), polar_sdpa(q, k, v))
+    q64 = q.double()
+    torch.testing.assert_close(F.scaled_dot_product_attention(q64, k, k), polar_sdpa(q64, k, k))
+
+
+def test_validation_errors_match_reference():
+    d = HEAD_DIMS[0]
+    q = torch.randn(1, 4, 2, d, device=DEVICE)
+    k = quantize(torch.randn(1, 2, 9, d, device=DEVICE), "paper")
+    with pytest.raises(ValueError, match="enable_gqa"):
+        F.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        F.scaled_dot_product_attention(q, k, k, dropout_p=0.1, enable_gqa=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        F.scaled_dot_product_attention(q[..., :8], k, k, enable_gqa=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: > 2**31-element cache")
+def test_int64_offsets():
+    # A batch stride so large that b * stride exceeds 2**31 elements.
+    d, cfg = 128, PolarQuantConfig.paper()
+    cap = (1 << 31) // (3 * cfg.record_bytes(d)) + 1000
+    codes = torch.zeros(3, 1, cap, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(3, 1, cap, cfg.num_blocks(d), dtype=torch.float16, device=DEVICE)
+    assert codes.stride(0) * 2 > 2**31
+    x = torch.randn(3, 1, 50, d, device=DEVICE)
+    ref = quantize(x, cfg)
+    dispatch.encode_into(x, cfg, ref.centroids, codes[:, :, :50], radii[:, :, :50])
+    from polartensor.polar_quant_tensor import PolarQuantTensor
+
+    kv = PolarQuantTensor(codes[:, :, :50], radii[:, :, :50], ref.centroids, cfg, x.shape,
+                          x.dtype)
+    assert (kv.codes == ref.codes).float().mean() > 0.999
+    q = torch.randn(3, 4, 1, d, device=DEVICE)
+    out = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    _close(out, polar_sdpa(q, ref, ref, enable_gqa=True), torch.float32)

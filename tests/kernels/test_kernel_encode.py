@@ -1,0 +1,179 @@
+"""Fused encode kernel == reference quantize (CPU: Triton interpreter, small shapes; GPU: large).
+
+Codes may differ from the reference only on exact ties at cell boundaries (the kernel's atan2
+is a polynomial, its rotation a different summation order): we require >= 99.9% agreement per
+level and a reconstruction error no worse than the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polartensor import PolarQuantConfig, quantize
+from polartensor.config import PRESETS, get_preset
+from polartensor.kernels import dispatch
+from polartensor.kernels.common import _atan2, boundary_table
+from polartensor.kernels.encode import encode_into_triton
+from polartensor.kv_buffer import PolarKVBuffer
+from polartensor.packing import unpack_codes
+from polartensor.polar import decode_rotated
+from polartensor.rotation import rotate, rotation_matrix
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+HEAD_DIMS = [64, 128, 256] if ON_GPU else [16, 32, 64]
+EXAMPLES = 40 if ON_GPU else 25
+
+ODD_CONFIGS = [
+    PolarQuantConfig(levels=2, bits=(8, 6), radius_dtype="float32"),
+    PolarQuantConfig(levels=3, bits=(1, 0, 7)),
+    PolarQuantConfig(levels=4, bits=(5, 3, 3, 2), radius_dtype="bfloat16", rotation="hadamard"),
+    PolarQuantConfig(levels=4, bits=(4, 2, 2, 2), rotation="none", seed=3),
+]
+
+
+def configs_for(d: int) -> list[PolarQuantConfig]:
+    out = [get_preset(name, head_dim=d) for name in sorted(PRESETS)]
+    out += [c for c in ODD_CONFIGS if d % c.block_size == 0]
+    return out
+
+
+@triton.jit
+def _atan2_kernel(y_ptr, x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    y = tl.load(y_ptr + i, mask=m, other=1.0)
+    x = tl.load(x_ptr + i, mask=m, other=1.0)
+    tl.store(o_ptr + i, _atan2(y, x), mask=m)
+
+
+def test_polynomial_atan2_accuracy():
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 14
+    ang = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi - math.pi
+    rad = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 3)
+    y = (rad * torch.sin(ang)).float()
+    x = (rad * torch.cos(ang)).float()
+    # exact axes and diagonals
+    y[:8] = torch.tensor([0.0, 1.0, 0.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    x[:8] = torch.tensor([1.0, 0.0, -1.0, 0.0, 1.0, 1.0, -1.0, -1.0])
+    y, x = y.to(DEVICE), x.to(DEVICE)
+    out = torch.empty_like(x)
+    _atan2_kernel[(triton.cdiv(n, 4096),)](y, x, out, n, BLOCK=4096)
+    ref = torch.atan2(y.double(), x.double())
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-6, err
+
+
+def _check_encode(x, cfg, codes, radii, lo, hi):
+    d = x.shape[-1]
+    ref = quantize(x, cfg)
+    got = unpack_codes(codes[..., lo:hi, :], cfg, d)
+    want = ref.unpack()
+    for lvl, (a, b) in enumerate(zip(got, want), start=1):
+        agree = (a == b).double().mean().item()
+        assert agree >= 0.999, f"level {lvl}: codes agree on {agree:.5f}"
+    r_got = radii[..., lo:hi, :].double()
+    rtol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[cfg.radius_dtype]
+    torch.testing.assert_close(r_got, ref.radii.double(), rtol=rtol, atol=1e-6)
+    # Reconstruction error no worse than the reference's.
+    y = rotate(x.double().float(), cfg.rotation, cfg.seed)
+    y_got = decode_rotated(got, radii[..., lo:hi, :], cfg, ref.centroids)
+    y_ref = ref.dequantize_rotated()
+    e_got = (y_got - y).pow(2).sum().item()
+    e_ref = (y_ref - y).pow(2).sum().item()
+    assert e_got <= e_ref * 1.001 + 1e-6 * y.pow(2).sum().item()
+
+
+@settings(max_examples=EXAMPLES)
+@given(
+    data=st.data(),
+    d=st.sampled_from(HEAD_DIMS),
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    t=st.integers(1, 70 if ON_GPU else 19),
+    offset=st.integers(0, 9),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_encode_kernel_matches_reference(data, d, lead, t, offset, dtype):
+    cfg = data.draw(st.sampled_from(configs_for(d)))
+    g = torch.Generator().manual_seed(d * 1000 + t)
+    x = (torch.randn(*lead, t, d, generator=g) * 3).to(dtype).to(DEVICE)
+    cap = offset + t + 3
+    # Poisoned storage: bytes outside [offset, offset + t) must stay untouched.
+    codes = torch.randint(0, 256, (*lead, cap, cfg.record_bytes(d)), generator=g,
+                          dtype=torch.uint8).to(DEVICE)
+    radii = torch.randn(*lead, cap, cfg.num_blocks(d), generator=g).to(
+        cfg.torch_radius_dtype).to(DEVICE)
+    codes0, radii0 = codes.clone(), radii.clone()
+    rot = None if cfg.rotation == "none" else rotation_matrix(
+        d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    ref_cent = quantize(x[..., :1, :], cfg).centroids
+    mids = boundary_table(ref_cent, cfg)
+    assert encode_into_triton(x, rot, mids, codes[..., offset:offset + t, :],
+                              radii[..., offset:offset + t, :], cfg)
+    untouched = torch.ones(cap, dtype=torch.bool)
+    untouched[offset:offset + t] = False
+    assert torch.equal(codes[..., untouched.to(DEVICE), :], codes0[..., untouched.to(DEVICE), :])
+    assert torch.equal(radii[..., untouched.to(DEVICE), :].float(),
+                       radii0[..., untouched.to(DEVICE), :].float())
+    _check_encode(x, cfg, codes, radii, offset, offset + t)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_buffer_append_uses_kernel_and_matches(static, monkeypatch):
+    import polartensor.polar_quant_tensor as pqt
+
+    d = HEAD_DIMS[-1]
+    cfg = PolarQuantConfig.paper()
+    buf = PolarKVBuffer(cfg, capacity=40 if static else 4, static=static)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, t, d, generator=g).to(DEVICE) for t in (5, 1, 7)]
+    calls = []
+    orig = pqt.PolarQuantTensor.from_hp.__func__
+
+    def spy(cls, *a, **k):
+        calls.append(1)
+        return orig(cls, *a, **k)
+
+    monkeypatch.setattr(pqt.PolarQuantTensor, "from_hp", classmethod(spy))
+    for x in xs:
+        view = buf.append(x)
+    assert not calls, "append went through the reference quantize, not the kernel"
+    monkeypatch.undo()
+    full = torch.cat(xs, dim=-2)
+    assert view.shape == full.shape
+    _check_encode(full, cfg, buf.codes, buf.radii, 0, full.shape[-2])
+
+
+def test_encode_non_finite_raises_on_kernel_path():
+    d = HEAD_DIMS[0]
+    buf = PolarKVBuffer("paper")
+    x = torch.randn(1, 1, 3, d, device=DEVICE)
+    x[0, 0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        buf.append(x)
+    big = torch.full((1, 1, 2, d), 1e5, device=DEVICE)
+    with pytest.raises(ValueError, match="overflows"):
+        PolarKVBuffer("paper").append(big)
+    # check_finite=False: the big vector is stored (radius saturates to inf), no error
+    PolarKVBuffer("paper").append(big, check_finite=False)
+
+
+def test_encode_unsupported_falls_back():
+    # head_dim 48 is not a power of two: the reference encodes it.
+    cfg = PolarQuantConfig(levels=4, bits=(4, 2, 2, 2))
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    codes = torch.zeros(2, 5, cfg.record_bytes(48), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(2, 5, 3, dtype=torch.float16, device=DEVICE)
+    cent = quantize(x, cfg).centroids
+    dispatch.encode_into(x, cfg, cent, codes, radii)
+    ref = quantize(x, cfg)
+    assert torch.equal(codes, ref.codes)
+    assert torch.equal(radii, ref.radii)
