@@ -25,6 +25,7 @@
     codebook=offline          offline (analytic) or online (fitted per layer at prefill)
     quantize_context=True     chunked-prefill scoring of loglikelihood requests
     score_chunk=0             continuation chunk size for that scoring (0: one chunk)
+    threads=                  intra-op CPU threads (default: all cores, 1 if the machine is busy)
 
 Command line (lm-eval's ``lm_eval`` command does not import third-party modules, so run ours;
 it registers the model and hands every flag to lm-eval's own CLI)::
@@ -105,7 +106,10 @@ class PolarQuantLM(HFLM):
                  key_preset: str | None = None, value_preset: str | None = None,
                  levels: int | None = None, bits=None, residual_window: int = 0,
                  codebook: str = "offline", quantize_context: bool = True,
-                 score_chunk: int = 0, **kwargs) -> None:
+                 score_chunk: int = 0, threads: int | None = None, **kwargs) -> None:
+        from ..eval.common import set_threads
+
+        set_threads(None if threads is None else int(threads))
         if isinstance(pretrained, str) and pretrained == "smollm2":
             from ..assets import load_smollm2
 
