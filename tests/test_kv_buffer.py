@@ -1,11 +1,21 @@
+"""Buffer logic (offsets, growth, crop, reorder) on the reference encoder, where codes are
+exactly reproducible; tests/kernels checks that the fused encoder writes the same records."""
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from polartensor.config import PolarQuantConfig
+from polartensor.kernels.dispatch import force_reference
 from polartensor.kv_buffer import PolarKVBuffer
 from polartensor.polar_quant_tensor import quantize
+
+
+@pytest.fixture(autouse=True)
+def _reference_encoder():
+    with force_reference():
+        yield
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=8), st.integers(0, 10**6),
