@@ -70,11 +70,12 @@ def trig_table(centroids: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.cos(c), torch.sin(c)]).contiguous()
 
 
-def boundary_table(centroids: torch.Tensor, config) -> torch.Tensor:
-    """[levels, K + 1] float32 cell boundaries per level, computed exactly as
-    ``codebook.nearest_code`` does: the midpoints, then (level 1) the wrap-around boundary
-    and that boundary minus 2 pi in the last two slots."""
-    c32 = centroids.to(torch.float32)
+def boundary_table(centroids: torch.Tensor, config,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[levels, K + 1] cell boundaries per level in ``dtype`` (the angle dtype), computed
+    exactly as ``codebook.nearest_code`` does: the midpoints, then (level 1) the wrap-around
+    boundary and that boundary minus 2 pi in the last two slots."""
+    c32 = centroids.to(dtype)
     k = c32.shape[1]
     rows = []
     for lvl, b in enumerate(config.bits, start=1):
@@ -89,16 +90,6 @@ def boundary_table(centroids: torch.Tensor, config) -> torch.Tensor:
                 row[k] = wrap - _TWO_PI
         rows.append(row)
     return torch.stack(rows).contiguous()
-
-
-def boundary_table_fn(centroids: torch.Tensor, bits) -> torch.Tensor:
-    """Same as :func:`boundary_table` from a bits tuple (usable inside custom ops)."""
-    class _C:
-        pass
-
-    cfg = _C()
-    cfg.bits = tuple(bits)
-    return boundary_table(centroids, cfg)
 
 
 # -- device helpers -------------------------------------------------------------------------------
@@ -120,6 +111,31 @@ def _atan2(y, x):
     a = tl.where(big, p + 0.7853981633974483, p)
     a = tl.where(ay > ax, 1.5707963267948966 - a, a)
     a = tl.where(x < 0.0, 3.141592653589793 - a, a)
+    return tl.where(y < 0.0, -a, a)
+
+
+@triton.jit
+def _atan2_f64(y, x):
+    """Double-precision atan2 from tl ops: octant reduction, then the Cephes atan rational
+    approximation (|t| <= 0.66 direct, else via (t - 1) / (t + 1) around pi/4), ~1e-16."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    mx = tl.maximum(ax, ay)
+    mn = tl.minimum(ax, ay)
+    t = mn / tl.where(mx == 0.0, 1.0, mx)
+    big = t > 0.66
+    z = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z2 = z * z
+    p = ((((-8.750608600031904122785e-1 * z2 - 1.615753718733365076637e1) * z2
+           - 7.500855792314704667340e1) * z2 - 1.228866684490136173410e2) * z2
+         - 6.485021904942025371773e1)
+    q = (((((z2 + 2.485846490142306297962e1) * z2 + 1.650270098316988542046e2) * z2
+           + 4.328810604912902668951e2) * z2 + 4.853903996359136964868e2) * z2
+         + 1.945506571482613964425e2)
+    w = z * (z2 * p / q) + z
+    a = tl.where(big, 0.7853981633974483096 + (w + 3.061616997868382943065e-17), w)
+    a = tl.where(ay > ax, (1.5707963267948966192 - a) + 6.123233995736765886130e-17, a)
+    a = tl.where(x < 0.0, (3.1415926535897932385 - a) + 1.2246467991473531772e-16, a)
     return tl.where(y < 0.0, -a, a)
 
 
@@ -216,22 +232,34 @@ def decode_tile(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 
 @triton.jit
 def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
-                  n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr):
+                  n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr,
+                  F64: tl.constexpr, VEC_SEARCH: tl.constexpr):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
-    tail word) and the new radii [BN, n]."""
+    tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
+    (the reference's precision, bit-exact up to atan2 ties), float32 otherwise."""
     b: tl.constexpr = LV & 15
     logg: tl.constexpr = (LV >> 4) & 3
     pos: tl.constexpr = LV >> 8
     a, y = tl.split(tl.reshape(r, (BN, n, 2)))
     rr = tl.sqrt(a * a + y * y)
     if b > 0:
-        psi = _atan2(y, a)
+        if F64:
+            psi = _atan2_f64(y, a)
+        else:
+            psi = _atan2(y, a)
         if LEVEL1:
             psi = tl.where(psi < 0.0, psi + 6.283185307179586, psi)
             psi = tl.where(psi >= 6.283185307179586, 0.0, psi)
-        code = tl.zeros((BN, n), dtype=tl.int32)
-        for k in tl.static_range((1 << b) - 1):
-            code += (tl.load(mids_ptr + k) < psi).to(tl.int32)
+        if VEC_SEARCH:
+            # One [BN, n, K] comparison: few ops, which is what the interpreter pays for.
+            kk = tl.arange(0, 1 << b)
+            mids = tl.load(mids_ptr + kk, mask=kk < (1 << b) - 1, other=float("inf"))
+            code = tl.sum((mids[None, None, :] < psi[:, :, None]).to(tl.int32), axis=2)
+        else:
+            # Count the boundaries below psi (searchsorted, left side).
+            code = tl.zeros((BN, n), dtype=tl.int32)
+            for k in tl.static_range((1 << b) - 1):
+                code += (tl.load(mids_ptr + k) < psi).to(tl.int32)
         if LEVEL1:
             wrap = tl.load(mids_ptr + KT - 1)
             wrap_lo = tl.load(mids_ptr + KT)

@@ -75,7 +75,8 @@ def _trig(centroids: torch.Tensor) -> torch.Tensor:
 def _mids(centroids: torch.Tensor, config) -> torch.Tensor:
     from .common import boundary_table
 
-    return _cached("mids", centroids, config.bits, lambda: boundary_table(centroids, config))
+    return _cached("mids", centroids, config.bits, lambda: boundary_table(centroids, config,
+                                                                     torch.float64))
 
 
 # -- attention -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def polar_encode_fwd_kernel(
     L: tl.constexpr, NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
-    ROTATE: tl.constexpr, PREC: tl.constexpr,
+    ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BN + tl.arange(0, BN)
@@ -45,41 +45,42 @@ def polar_encode_fwd_kernel(
             st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
             y += tl.dot(xc, st, input_precision=PREC)
     else:
-        y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)
+        y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+        y = y.to(tl.float64) if F64 else y.to(tl.float32)
     rec_off = lead * sc_l + t * sc_t
     r = y
     tail = tl.zeros((BN,), dtype=tl.int64)
     r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
-                            True, KT)
+                            True, KT, F64, VEC)
     if L >= 2:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
-                                D >> 2, LV1, False, KT)
+                                D >> 2, LV1, False, KT, F64, VEC)
     if L >= 3:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
-                                BN, D >> 3, LV2, False, KT)
+                                BN, D >> 3, LV2, False, KT, F64, VEC)
     if L >= 4:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
-                                BN, D >> 4, LV3, False, KT)
+                                BN, D >> 4, LV3, False, KT, F64, VEC)
     if L >= 5:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
-                                BN, D >> 5, LV4, False, KT)
+                                BN, D >> 5, LV4, False, KT, F64, VEC)
     if L >= 6:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
-                                BN, D >> 6, LV5, False, KT)
+                                BN, D >> 6, LV5, False, KT, F64, VEC)
     if L >= 7:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
-                                BN, D >> 7, LV6, False, KT)
+                                BN, D >> 7, LV6, False, KT, F64, VEC)
     if L >= 8:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
-                                BN, D >> 8, LV7, False, KT)
+                                BN, D >> 8, LV7, False, KT, F64, VEC)
     for k in tl.static_range(TAIL_NB):
         tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
                  mask=valid)
     nb = tl.arange(0, NB)
     rad_off = lead * sr_l + t * sr_t
+    # float64 radii round through float32, as torch's double -> half/bfloat16 cast does.
     tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
-             r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
+             r.to(tl.float32).to(radii_ptr.dtype.element_ty), mask=valid[:, None])
 
 
 def encode_supported(x: torch.Tensor, config) -> bool:
@@ -87,7 +88,7 @@ def encode_supported(x: torch.Tensor, config) -> bool:
 
     d = x.shape[-1]
     return (supported_head_dim(d) and config.levels <= 8 and x.dim() >= 2
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def _flat3(t: torch.Tensor, rows_t: int) -> torch.Tensor | None:
@@ -101,10 +102,29 @@ def _flat3(t: torch.Tensor, rows_t: int) -> torch.Tensor | None:
 def encode_into_triton(
     x: torch.Tensor, rot: torch.Tensor | None, mids: torch.Tensor, codes_out: torch.Tensor,
     radii_out: torch.Tensor, config, block_rows: int | None = None,
+    pre_rotate: bool | None = None, exact: bool | None = None,
 ) -> bool:
-    """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (already rotated / 'none').
+    """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (``x`` already rotated, or
+    rotation 'none'). ``mids``: :func:`common.boundary_table` (cast to the
+    working precision here).
+
+    ``exact`` (default: under the interpreter): the reference's float64 pipeline (x rotated
+    by a float64 torch matmul before the kernel, angles and norms in float64), so codes and
+    radii equal the reference bit for bit up to exact atan2 ties. Otherwise (the GPU fast
+    path) float32, the rotation fused in the kernel as a tl.dot unless ``pre_rotate``.
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
+    interp = interpreting()
+    exact = interp if exact is None else exact
+    if exact:
+        x = x.to(torch.float64)
+        if rot is not None:
+            x = x @ rot.to(torch.float64).T
+            rot = None
+    elif pre_rotate and rot is not None:
+        x = x.to(torch.float32) @ rot.T
+        rot = None
+    mids = mids.to(torch.float64 if exact else torch.float32)
     d = x.shape[-1]
     t = x.shape[-2]
     x3 = x.reshape(-1, t, d)
@@ -118,15 +138,16 @@ def encode_into_triton(
     if n_rows == 0:
         return True
     w = level_words(config, d)
-    interp = interpreting()
     if block_rows is None:
-        block_rows = 16 if interp else (32 if d <= 128 else 16)
+        # The interpreter pays per op, not per element: one wide program is fastest there.
+        block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
+                      else (32 if d <= 128 else 16))
     kch = min(d, 64)
     if rot is None:
         rot_arg, rotate = x3, False
     else:
         rot_arg, rotate = rot.contiguous(), True
-    prec = "ieee" if interp else ("tf32x3" if x.dtype == torch.float32 else "tf32x3")
+    prec = "ieee" if interp else "tf32x3"
     grid = (triton.cdiv(n_rows, block_rows),)
     polar_encode_fwd_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
@@ -138,6 +159,6 @@ def encode_into_triton(
         L=w["L"], NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
-        ROTATE=rotate, PREC=prec, num_warps=4,
+        ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact), num_warps=4,
     )
     return True

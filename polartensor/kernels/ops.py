@@ -57,10 +57,17 @@ def encode_into(
 ) -> None:
     """``rot`` None: the matrix of (``rotation``, ``seed``) is looked up at run time (so a
     compiled graph holds no constant tensor); rotation '' or 'none' with rot None: no rotation."""
+    from .common import interpreting
     from .encode import encode_into_triton
 
-    if rot is None and rotation:
-        rot = cached_rotation(rotation, seed, x.shape[-1], x.device)
+    if rot is None and rotation and rotation != "none":
+        if interpreting():
+            # The exact (float64) path: rotate exactly as the reference does.
+            from ..rotation import rotate
+
+            x = rotate(x.to(torch.float64), rotation, seed)
+        else:
+            rot = cached_rotation(rotation, seed, x.shape[-1], x.device)
     cfg = config_from_bits(tuple(bits))
     if not encode_into_triton(x, rot, mids, codes_out, radii_out, cfg):
         # Output views that cannot be addressed directly: encode into temporaries, copy in.
@@ -109,7 +116,7 @@ def _(q, k_codes, k_radii, k_trig, v_codes, v_radii, v_trig, rot_k, rot_v, k_tai
 
 def tables_for(centroids: torch.Tensor, config: PolarQuantConfig):
     """(cell boundaries for encode, cos/sin tables for decode) of a codebook."""
-    return boundary_table(centroids, config), trig_table(centroids)
+    return boundary_table(centroids, config, torch.float64), trig_table(centroids)
 
 
 def decode_step(

@@ -180,3 +180,38 @@ def test_int64_offsets():
     q = torch.randn(3, 4, 1, d, device=DEVICE)
     out = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
     _close(out, polar_sdpa(q, ref, ref, enable_gqa=True), torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["paper", "polar-3"])
+def test_chunked_prefill_with_new_tokens_and_padding(preset):
+    from polartensor.kernels.prefill_attention import prefill_attention
+
+    d = HEAD_DIMS[-1]
+    b, hk, group = 2, 2, 2
+    n, t = (2000, 300) if ON_GPU else (29, 21)
+    g = torch.Generator().manual_seed(5)
+    cfg = get_preset(preset, head_dim=d)
+    q = torch.randn(b, hk * group, t, d, generator=g).to(DEVICE)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    kn = torch.randn(b, hk, t, d, generator=g).to(DEVICE)
+    vn = torch.randn(b, hk, t, d, generator=g).to(DEVICE)
+    pad = torch.ones(b, 1, 1, n + t, dtype=torch.bool)
+    pad[1, ..., :7] = False  # left padding of the second sequence
+    pad = pad.to(DEVICE)
+    out = prefill_attention(q, k, v, kn, vn, attn_mask=pad, is_causal=True)
+    kk = torch.cat([k.dequantize(), kn], dim=-2)
+    vv = torch.cat([v.dequantize(), vn], dim=-2)
+    ref = polar_sdpa(q, kk, vv, attn_mask=pad, is_causal=True, enable_gqa=True)
+    _close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_dequant_kernel_matches_reference(preset):
+    from polartensor.kernels.dequant import dequantize_rotated_triton
+
+    d = HEAD_DIMS[-1]
+    cfg = get_preset(preset, head_dim=d)
+    x = quantize(torch.randn(3, 2, 37, d).to(DEVICE), cfg)
+    got = dequantize_rotated_triton(x.codes, x.radii, trig_table(x.centroids), cfg, d)
+    torch.testing.assert_close(got, x.dequantize_rotated(), rtol=1e-5, atol=1e-6)

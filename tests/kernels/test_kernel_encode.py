@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from polartensor import PolarQuantConfig, quantize
 from polartensor.config import PRESETS, get_preset
-from polartensor.kernels import dispatch
+from polartensor.kernels import dispatch, ops  # noqa: F401  (ops registers the op)
 from polartensor.kernels.common import _atan2, boundary_table
 from polartensor.kernels.encode import encode_into_triton
 from polartensor.kv_buffer import PolarKVBuffer
@@ -72,9 +72,13 @@ def test_polynomial_atan2_accuracy():
     assert err < 1e-6, err
 
 
-def _check_encode(x, cfg, codes, radii, lo, hi):
+def _check_encode(x, cfg, codes, radii, lo, hi, exact=False):
     d = x.shape[-1]
     ref = quantize(x, cfg)
+    if exact:
+        # The interpreter's float64 path reproduces the reference bit for bit.
+        assert torch.equal(codes[..., lo:hi, :], ref.codes)
+        assert torch.equal(radii[..., lo:hi, :], ref.radii)
     got = unpack_codes(codes[..., lo:hi, :], cfg, d)
     want = ref.unpack()
     for lvl, (a, b) in enumerate(zip(got, want), start=1):
@@ -100,8 +104,11 @@ def _check_encode(x, cfg, codes, radii, lo, hi):
     t=st.integers(1, 70 if ON_GPU else 19),
     offset=st.integers(0, 9),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    fused=st.booleans(),
 )
-def test_encode_kernel_matches_reference(data, d, lead, t, offset, dtype):
+def test_encode_kernel_matches_reference(data, d, lead, t, offset, dtype, fused):
+    """fused: the GPU form (float32, rotation as a tl.dot in the kernel), also checked under
+    the interpreter; else the op as dispatch calls it (float64 and bit-exact on CPU)."""
     cfg = data.draw(st.sampled_from(configs_for(d)))
     g = torch.Generator().manual_seed(d * 1000 + t)
     x = (torch.randn(*lead, t, d, generator=g) * 3).to(dtype).to(DEVICE)
@@ -115,15 +122,20 @@ def test_encode_kernel_matches_reference(data, d, lead, t, offset, dtype):
     rot = None if cfg.rotation == "none" else rotation_matrix(
         d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     ref_cent = quantize(x[..., :1, :], cfg).centroids
-    mids = boundary_table(ref_cent, cfg)
-    assert encode_into_triton(x, rot, mids, codes[..., offset:offset + t, :],
-                              radii[..., offset:offset + t, :], cfg)
+    mids = boundary_table(ref_cent, cfg, torch.float64)
+    if fused:
+        assert encode_into_triton(x, rot, mids, codes[..., offset:offset + t, :],
+                                  radii[..., offset:offset + t, :], cfg, exact=False)
+    else:
+        torch.ops.polartensor.encode_into(
+            x, None, mids, codes[..., offset:offset + t, :], radii[..., offset:offset + t, :],
+            list(cfg.bits), cfg.rotation, cfg.seed)
     untouched = torch.ones(cap, dtype=torch.bool)
     untouched[offset:offset + t] = False
     assert torch.equal(codes[..., untouched.to(DEVICE), :], codes0[..., untouched.to(DEVICE), :])
     assert torch.equal(radii[..., untouched.to(DEVICE), :].float(),
                        radii0[..., untouched.to(DEVICE), :].float())
-    _check_encode(x, cfg, codes, radii, offset, offset + t)
+    _check_encode(x, cfg, codes, radii, offset, offset + t, exact=not fused and not ON_GPU)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -149,7 +161,7 @@ def test_buffer_append_uses_kernel_and_matches(static, monkeypatch):
     monkeypatch.undo()
     full = torch.cat(xs, dim=-2)
     assert view.shape == full.shape
-    _check_encode(full, cfg, buf.codes, buf.radii, 0, full.shape[-2])
+    _check_encode(full, cfg, buf.codes, buf.radii, 0, full.shape[-2], exact=not ON_GPU)
 
 
 def test_encode_non_finite_raises_on_kernel_path():
