@@ -194,11 +194,14 @@ def _max_levels(head_dim: int) -> int:
 # not fit is an error.
 PRESETS: dict[str, dict] = {
     "paper": dict(levels=4, bits=(4, 2, 2, 2), radius_dtype="float16"),
+    "polar-2": dict(levels=7, bits=(3, 1, 1, 0, 0, 0, 0), radius_dtype="float16"),
     "polar-2.5": dict(levels=7, bits=(3, 2, 2, 1, 1, 1, 2), radius_dtype="float16"),
     "polar-3": dict(levels=7, bits=(4, 2, 2, 1, 1, 1, 2), radius_dtype="float16"),
-    "polar-3.25": dict(levels=7, bits=(4, 2, 2, 3, 3, 3, 3), radius_dtype="float16"),
+    "polar-3.25": dict(levels=7, bits=(4, 2, 3, 2, 2, 3, 2), radius_dtype="float16"),
     "polar-3.5": dict(levels=7, bits=(4, 3, 3, 2, 2, 3, 2), radius_dtype="float16"),
     "polar-4": dict(levels=7, bits=(5, 3, 3, 2, 2, 3, 2), radius_dtype="float16"),
+    "polar-4.5": dict(levels=7, bits=(5, 4, 4, 3, 3, 4, 4), radius_dtype="float16"),
+    "polar-5": dict(levels=7, bits=(6, 4, 4, 3, 3, 4, 4), radius_dtype="float16"),
 }
 
 
