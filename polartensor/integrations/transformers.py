@@ -893,6 +893,18 @@ class PolarQuantCache(Cache):
             self.layers.append(self._make_layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    @classmethod
+    def from_cache(cls, cache: Cache, config=None, **kwargs) -> PolarQuantCache:
+        """A PolarQuantCache holding ``cache``'s K/V (e.g. a DynamicCache after a full-precision
+        prefill), quantized as a prefill would: the same as prefilling with this cache."""
+        new = cls(config, **kwargs)
+        for i, layer in enumerate(cache.layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if keys is None or keys.dim() != 4 or keys.shape[-2] == 0:
+                raise ValueError(f"layer {i} of the source cache holds no K/V to quantize")
+            new.update(keys, values, i)
+        return new
+
     # -- memory accounting -------------------------------------------------------------------
     def memory_usage(self) -> list[dict]:
         """Per layer: tokens, key/value/residual/total bytes held, and the dense bytes a
