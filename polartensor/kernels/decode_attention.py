@@ -314,8 +314,9 @@ def launch_attention(
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
         num_warps=warps,
     )
-    if num_stages is not None:
-        kw["num_stages"] = num_stages
+    # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
+    # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).
+    kw["num_stages"] = 1 if num_stages is None else num_stages
     grid = (bsz * hk, n_ttiles, num_splits)
     polar_decode_attn_fwd_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),

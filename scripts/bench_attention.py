@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+# ruff: noqa: B023  (benchmark closures run inside the loop iteration that makes them)
+"""Benchmark (not a test): PolarQuant decode / prefill attention and encode on one GPU.
+
+One process, side by side in the same run:
+- decode attention (q_len 1): our split-K kernel over the quantized cache vs PyTorch SDPA on a
+  bf16 cache (cuDNN and flash backends) vs "dequantize then SDPA" (our dequant kernel writes a
+  bf16 rotated cache, then cuDNN SDPA), for batch 1/8/32, contexts 4K/32K/128K, Llama-3.1-8B
+  heads (32 q / 8 kv, d 128) and SmolLM2 heads (9 / 3, d 64), every preset;
+- encode throughput (bytes in + out per second) against the measured device copy bandwidth;
+- chunked prefill (2K new tokens on a 32K quantized cache) vs bf16 SDPA.
+
+Every contender is timed as CUDA-graph replays (triton.testing.do_bench_cudagraph, median), so
+launch overhead is excluded for all alike. GQA for the bf16 baselines folds the query group
+into the query length (q_len 1 per head, so this is exact), reading each KV head once.
+A failing configuration records its error and the run goes on.
+
+    python scripts/bench_attention.py --out results/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODELS = [("llama3.1-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64)]
+BATCHES = [1, 8, 32]
+CONTEXTS = [4096, 32768, 131072]
+TARGET = ("llama3.1-8b", 8, 32768, "paper")
+
+
+def bench(fn, rep_ms=30):
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth():
+    n = 1 << 30  # 1 GiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), rep_ms=50)
+    return 2 * n / (ms * 1e-3)
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
+def fold_gqa(q, hk):
+    """[B, Hq, 1, D] -> [B, Hk, group, D]: decode GQA as q_len=group per KV head (exact)."""
+    b, hq, t, d = q.shape
+    return q.reshape(b, hk, (hq // hk) * t, d)
+
+
+class Row(dict):
+    pass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases")
+    ap.add_argument("--presets", default="all")
+    ap.add_argument("--quick", action="store_true", help="target config only (smoke run)")
+    args = ap.parse_args()
+    t_start = time.time()
+
+    import triton
+
+    from polartensor.config import PRESETS, get_preset
+    from polartensor.kernels.decode_attention import launch_attention
+    from polartensor.kernels.dequant import dequantize_rotated_triton
+    from polartensor.kernels.encode import encode_into_triton
+    from polartensor.kernels.ops import cached_rotation, tables_for
+    from polartensor.polar_quant_tensor import codebook_for
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    env = dict(
+        command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    print(env, flush=True)
+    result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
+                  errors=[])
+    presets = sorted(PRESETS) if args.presets == "all" else args.presets.split(",")
+    if "paper" in presets:
+        presets = ["paper"] + [p for p in presets if p != "paper"]
+
+    def over_budget():
+        return time.time() - t_start > args.budget_s
+
+    def record_error(where, exc):
+        msg = f"{where}: {type(exc).__name__}: {str(exc)[:300]}"
+        print("ERROR", msg, flush=True)
+        result["errors"].append(msg)
+
+    try:
+        result["copy_bw"] = copy_bandwidth()
+    except Exception as exc:  # noqa: BLE001
+        record_error("copy", exc)
+    copy_bw = result["copy_bw"] or 4.2e12
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+
+    # -- quantized caches ------------------------------------------------------------------
+    def quantize_cache(x, cfg):
+        d = x.shape[-1]
+        cent = codebook_for(cfg, device=dev)
+        mids, trig = tables_for(cent, cfg)
+        codes = torch.empty(*x.shape[:-1], cfg.record_bytes(d), dtype=torch.uint8, device=dev)
+        radii = torch.empty(*x.shape[:-1], cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=dev)
+        rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg)
+        return codes, radii, trig, rot
+
+    def ours_fn(q, kq, vq, cfg, scale, **kw):
+        codes_k, radii_k, trig, rot = kq
+        codes_v, radii_v, _, _ = vq
+        return lambda: launch_attention(q, codes_k, radii_k, trig, cfg, codes_v, radii_v, trig,
+                                        cfg, rot, rot, None, None, None, False, scale, **kw)
+
+    # -- decode: launch-parameter sweep at the target shape, per head_dim --------------------
+    best_kw = {}
+    for model, hq, hk, d in MODELS:
+        b, n = 8, 32768
+        try:
+            g = torch.Generator(device=dev).manual_seed(0)
+            k = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+            v = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+            q = torch.randn(b, hq, 1, d, device=dev, generator=g, dtype=torch.bfloat16)
+            cfg = get_preset("paper", head_dim=d)
+            kq, vq = quantize_cache(k, cfg), quantize_cache(v, cfg)
+            qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
+            best = None
+            for bn in (32, 64, 128):
+                for warps in (4, 8):
+                    for split_mul in (1, 2, 4):
+                        if d >= 256 and bn > 64:
+                            continue
+                        progs = b * hk
+                        splits = max(1, math.ceil(split_mul * 2 * props.multi_processor_count
+                                                  / progs))
+                        kw = dict(block_n=bn, num_warps=warps, num_splits=splits)
+                        try:
+                            ms = bench(ours_fn(q, kq, vq, cfg, d ** -0.5, **kw))
+                        except Exception as exc:  # noqa: BLE001
+                            record_error(f"sweep {model} {kw}", exc)
+                            continue
+                        row = dict(model=model, d=d, **kw, ms=ms,
+                                   tbps=qbytes / (ms * 1e-3) / 1e12)
+                        result["sweep"].append(row)
+                        print("sweep", row, flush=True)
+                        if best is None or ms < best[0]:
+                            best = (ms, kw)
+            if best:
+                best_kw[d] = {kk: vv for kk, vv in best[1].items() if kk != "num_splits"}
+                best_kw[d]["split_mul"] = None
+                # keep the split multiplier relative to the program count
+                best_kw[d]["_split_mul"] = next(
+                    m for m in (1, 2, 4)
+                    if max(1, math.ceil(m * 2 * props.multi_processor_count / (b * hk)))
+                    == best[1]["num_splits"])
+            del k, v, q, kq, vq
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"sweep {model}", exc)
+        torch.cuda.empty_cache()
+    print("best launch parameters", best_kw, flush=True)
+
+    def launch_kw(d, b, hk):
+        kw = dict(best_kw.get(d, {}))
+        mul = kw.pop("_split_mul", None)
+        kw.pop("split_mul", None)
+        if mul is not None:
+            kw["num_splits"] = max(1, math.ceil(mul * 2 * props.multi_processor_count
+                                                / (b * hk)))
+        return kw
+
+    # -- decode table -------------------------------------------------------------------------
+    cases = []
+    for model, hq, hk, d in MODELS:
+        for n in CONTEXTS:
+            for b in BATCHES:
+                cases.append((model, hq, hk, d, b, n))
+    # the target first, so it is always measured
+    cases.sort(key=lambda c: (c[0], c[4], c[5]) != (TARGET[0], TARGET[1], TARGET[2]))
+    if args.quick:
+        cases = cases[:1]
+    for model, hq, hk, d, b, n in cases:
+        if over_budget():
+            result["errors"].append(f"decode {model} b={b} n={n}: skipped (time budget)")
+            continue
+        scale = d ** -0.5
+        try:
+            g = torch.Generator(device=dev).manual_seed(1)
+            k = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+            v = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+            q = torch.randn(b, hq, 1, d, device=dev, generator=g, dtype=torch.bfloat16)
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"decode alloc {model} b={b} n={n}", exc)
+            continue
+        bf16_bytes = 2 * k.numel() * k.element_size()
+        base = dict(model=model, hq=hq, hk=hk, d=d, batch=b, context=n)
+        qf = fold_gqa(q, hk)
+        for bk in ("cudnn", "flash"):
+            try:
+                def f(bk=bk, qf=qf, k=k, v=v):
+                    with sdpa_backend(bk):
+                        return F.scaled_dot_product_attention(qf, k, v, scale=scale)
+                ms = bench(f)
+                row = dict(base, method=f"sdpa_bf16_{bk}", preset=None, ms=ms,
+                           bytes=bf16_bytes, tbps=bf16_bytes / (ms * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"decode {bk} {base}", exc)
+                row = dict(base, method=f"sdpa_bf16_{bk}", preset=None, error=str(exc)[:200])
+            result["decode"].append(row)
+            print(row, flush=True)
+        for preset in presets:
+            cfg = get_preset(preset, head_dim=d)
+            try:
+                kq, vq = quantize_cache(k, cfg), quantize_cache(v, cfg)
+                qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
+                ms = bench(ours_fn(q, kq, vq, cfg, scale, **launch_kw(d, b, hk)))
+                row = dict(base, method="polar_triton", preset=preset, ms=ms, bytes=qbytes,
+                           tbps=qbytes / (ms * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"decode ours {preset} {base}", exc)
+                row = dict(base, method="polar_triton", preset=preset, error=str(exc)[:200])
+                kq = vq = None
+            result["decode"].append(row)
+            print(row, flush=True)
+            if kq is None:
+                continue
+            try:
+                rot = kq[3]
+
+                def deq_sdpa(kq=kq, vq=vq, cfg=cfg, rot=rot, qf=qf):
+                    kd = dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)
+                    vd = dequantize_rotated_triton(vq[0], vq[1], vq[2], cfg, d, torch.bfloat16)
+                    qr = (qf.float() @ rot.T).to(torch.bfloat16)
+                    with sdpa_backend("cudnn"):
+                        o = F.scaled_dot_product_attention(qr, kd, vd, scale=scale)
+                    return (o.float() @ rot).to(torch.bfloat16)
+
+                ms = bench(deq_sdpa)
+                row = dict(base, method="dequant_then_sdpa", preset=preset, ms=ms,
+                           bytes=qbytes, tbps=qbytes / (ms * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"decode dequant {preset} {base}", exc)
+                row = dict(base, method="dequant_then_sdpa", preset=preset,
+                           error=str(exc)[:200])
+            result["decode"].append(row)
+            print(row, flush=True)
+            del kq, vq
+        del k, v, q, qf
+        torch.cuda.empty_cache()
+
+    # -- encode throughput --------------------------------------------------------------------
+    for model, _hq, hk, d in MODELS:
+        if over_budget():
+            result["errors"].append(f"encode {model}: skipped (time budget)")
+            continue
+        b, n = 8, 32768
+        try:
+            x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"encode alloc {model}", exc)
+            continue
+        for preset in presets:
+            cfg = get_preset(preset, head_dim=d)
+            cent = codebook_for(cfg, device=dev)
+            mids, _ = tables_for(cent, cfg)
+            codes = torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev)
+            radii = torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                                device=dev)
+            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
+            io = (x.numel() * x.element_size() + codes.numel()
+                  + radii.numel() * radii.element_size())
+            variants = [("fused", dict(pre_rotate=False))]
+            if preset == "paper":
+                variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
+                             ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
+                             ("torch_matmul_then_kernel", dict(pre_rotate=True))]
+            for name, kw in variants:
+                try:
+                    ms = bench(lambda kw=kw, x=x: encode_into_triton(
+                        x, rot, mids, codes, radii, cfg, exact=False, **kw))
+                    row = dict(model=model, d=d, preset=preset, variant=name,
+                               vectors=x.numel() // d, ms=ms, bytes=io, gbps=io / (ms * 1e-3) / 1e9,
+                               pct_copy=100 * io / (ms * 1e-3) / copy_bw)
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"encode {model} {preset} {name}", exc)
+                    row = dict(model=model, d=d, preset=preset, variant=name,
+                               error=str(exc)[:200])
+                result["encode"].append(row)
+                print(row, flush=True)
+        del x
+        torch.cuda.empty_cache()
+
+    # -- chunked prefill ------------------------------------------------------------------------
+    for model, hq, hk, d in MODELS:
+        if over_budget():
+            result["errors"].append(f"prefill {model}: skipped (time budget)")
+            continue
+        b, n, t = 1, 32768, 2048
+        scale = d ** -0.5
+        try:
+            g = torch.Generator(device=dev).manual_seed(2)
+            k = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            v = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            q = torch.randn(b, hq, t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            base = dict(model=model, hq=hq, hk=hk, d=d, batch=b, context=n, chunk=t)
+            kx = k.repeat_interleave(hq // hk, dim=1)
+            vx = v.repeat_interleave(hq // hk, dim=1)
+            flops = 4 * b * hq * t * (n + t) * d
+            for bk in ("cudnn", "flash"):
+                try:
+                    def f(bk=bk, q=q, kx=kx, vx=vx):
+                        with sdpa_backend(bk):
+                            return F.scaled_dot_product_attention(q, kx, vx, scale=scale)
+                    ms = bench(f)
+                    row = dict(base, method=f"sdpa_bf16_{bk}", causal=False, ms=ms,
+                               tflops=flops / (ms * 1e-3) / 1e12)
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"prefill {bk} {model}", exc)
+                    row = dict(base, method=f"sdpa_bf16_{bk}", error=str(exc)[:200])
+                result["prefill"].append(row)
+                print(row, flush=True)
+            del kx, vx
+            cfg = get_preset("paper", head_dim=d)
+            kq, vq = quantize_cache(k[:, :, :n], cfg), quantize_cache(v[:, :, :n], cfg)
+            rot = kq[3]
+            kt = (k[:, :, n:].float() @ rot.T)
+            vt = (v[:, :, n:].float() @ rot.T)
+            for causal in (False, True):
+                try:
+                    fn = (lambda causal=causal, q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
+                        q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
+                        None, causal, scale, mode="prefill"))
+                    ms = bench(fn)
+                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
+                               ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / (2 if causal else 1))
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"prefill ours {model} causal={causal}", exc)
+                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
+                               error=str(exc)[:200])
+                result["prefill"].append(row)
+                print(row, flush=True)
+            del k, v, q, kq, vq, kt, vt
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"prefill {model}", exc)
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+
+    result["elapsed_s"] = time.time() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    md = render_markdown(result)
+    with open(os.path.join(args.out, "bench_attention.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def render_markdown(res) -> str:
+    env = res["env"]
+    out = ["# PolarQuant attention benchmark", "",
+           f"- command: `{env['command']}`",
+           f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
+           f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
+           f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
+           f"- device copy bandwidth (read + write): "
+           f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",
+           "- times: median of CUDA-graph replays (triton.testing.do_bench_cudagraph); "
+           "every ratio is against a baseline measured in this run",
+           "- TB/s: cache bytes read (bf16 K+V for SDPA; codes + radii of K+V for ours and "
+           "for dequantize-then-SDPA) over the time", ""]
+    dec = res["decode"]
+    out += ["## Decode attention (q_len 1)", "",
+            "| model | batch | context | preset | ours ms | ours TB/s | cuDNN bf16 ms | "
+            "flash bf16 ms | dequant+SDPA ms | × vs cuDNN | × vs flash | × vs dequant |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keyed = {}
+    for r in dec:
+        keyed[(r["model"], r["batch"], r["context"], r["method"], r.get("preset"))] = r
+    shapes = sorted({(r["model"], r["batch"], r["context"]) for r in dec},
+                    key=lambda s: (s[0], s[2], s[1]))
+    presets = []
+    for r in dec:
+        if r.get("preset") and r["preset"] not in presets:
+            presets.append(r["preset"])
+    for m, b, n in shapes:
+        cu = keyed.get((m, b, n, "sdpa_bf16_cudnn", None), {}).get("ms")
+        fl = keyed.get((m, b, n, "sdpa_bf16_flash", None), {}).get("ms")
+        for p in presets:
+            o = keyed.get((m, b, n, "polar_triton", p), {})
+            dq = keyed.get((m, b, n, "dequant_then_sdpa", p), {}).get("ms")
+            om = o.get("ms")
+            out.append(
+                f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} "
+                f"| {_fmt(o.get('tbps'), '.2f')}"
+                f" | {_fmt(cu, '.4f')} | {_fmt(fl, '.4f')} | {_fmt(dq, '.4f')}"
+                f" | {_fmt(cu / om if cu and om else None, '.2f')}"
+                f" | {_fmt(fl / om if fl and om else None, '.2f')}"
+                f" | {_fmt(dq / om if dq and om else None, '.2f')} |")
+    out += ["", "bf16 SDPA achieved TB/s:", ""]
+    for m, b, n in shapes:
+        for bk in ("cudnn", "flash"):
+            r = keyed.get((m, b, n, f"sdpa_bf16_{bk}", None), {})
+            if r.get("tbps"):
+                out.append(f"- {m} b={b} {n // 1024}K {bk}: {r['ms']:.4f} ms, "
+                           f"{r['tbps']:.2f} TB/s")
+    if res["sweep"]:
+        out += ["", "## Decode launch-parameter sweep (batch 8, 32K, paper preset)", "",
+                "| model | block_n | warps | splits | ms | TB/s |", "|---|---|---|---|---|---|"]
+        for r in res["sweep"]:
+            out.append(f"| {r['model']} | {r['block_n']} | {r['num_warps']} | "
+                       f"{r['num_splits']} | {r['ms']:.4f} | {r['tbps']:.2f} |")
+    if res["encode"]:
+        out += ["", "## Encode / append (bf16 input, batch 8 x 32K tokens x KV heads)", "",
+                "| model | preset | variant | ms | GB/s (in + out) | % of copy bandwidth |",
+                "|---|---|---|---|---|---|"]
+        for r in res["encode"]:
+            out.append(f"| {r['model']} | {r['preset']} | {r['variant']} | "
+                       f"{_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('gbps'), '.0f')} | "
+                       f"{_fmt(r.get('pct_copy'), '.1f')} |")
+    if res["prefill"]:
+        out += ["", "## Chunked prefill (2K new tokens on a 32K cache, batch 1)", "",
+                "| model | method | causal | ms | TFLOP/s (visible) |", "|---|---|---|---|---|"]
+        for r in res["prefill"]:
+            out.append(f"| {r['model']} | {r['method']} | {r.get('causal', False)} | "
+                       f"{_fmt(r.get('ms'), '.3f')} | {_fmt(r.get('tflops'), '.1f')} |")
+    if res["errors"]:
+        out += ["", "## Errors / skipped", ""] + [f"- {e}" for e in res["errors"]]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
