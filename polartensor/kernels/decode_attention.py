@@ -68,7 +68,10 @@ def _unrotate_store(o, rotv_ptr, out_ptr, out_row_off, row_valid, M: tl.constexp
                  o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+# Sizes and counts are not specialised on (== 1, % 16), so one compiled kernel serves every
+# sequence length, batch and split count of a configuration.
+@triton.jit(do_not_specialize=["sm_b", "sm_h", "sm_t", "sm_n", "Hk", "Tq", "N", "NT",
+                               "kv_per_split", "n_splits", "n_ttiles"])
 def polar_decode_attn_fwd_kernel(
     q_ptr, sq_b, sq_h, sq_t,
     rotk_ptr, rotv_ptr,
@@ -173,7 +176,7 @@ def polar_decode_attn_fwd_kernel(
         tl.store(pml_ptr + slot * (2 * M) + M + rows, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hk", "Tq", "n_splits", "n_ttiles"])
 def polar_attn_combine_kernel(
     pacc_ptr, pml_ptr, rotv_ptr, out_ptr, so_b, so_h, so_t,
     Hk, Tq, n_splits, n_ttiles,

@@ -15,7 +15,7 @@ from .common import decode_tile, interpreting, level_words
 __all__ = ["polar_dequant_kernel", "dequantize_rotated_triton"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def polar_dequant_kernel(
     codes_ptr, radii_ptr, trig_ptr, out_ptr, n_rows,
     BN: tl.constexpr, D: tl.constexpr, R: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,

@@ -15,7 +15,7 @@ from .common import _encode_level, interpreting, level_words
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
 def polar_encode_fwd_kernel(
     x_ptr, sx_l, sx_t,
     rot_ptr, mids_ptr,
