@@ -355,7 +355,7 @@ def model_section(args, presets: list[str]) -> dict:
     )
 
     # -- 3. attention-level effect -------------------------------------------------------------
-    variants = ["k", "v", "kv", "k_centred", "k_centred_sink"]
+    variants = ["k", "v", "kv", "k_sink", "k_centred", "k_centred_sink"]
     acc: dict = {
         name: {cb: {v: [] for v in variants} for cb in ("offline", "online")} for name in presets
     }
@@ -396,10 +396,15 @@ def model_section(args, presets: list[str]) -> dict:
                         for k, a, m in zip(sc.keys, qdq_layers(kcen1, cfg, False, samples), mu1)
                     ]
                     pc[name] = (kq, vq, kcsq)
+                    ksq = [
+                        torch.cat([k[:, :, :1], a[:, :, 1:]], dim=-2) for k, a in zip(sc.keys, kq)
+                    ]
+                    res["k_sink"].append(sc.score(keys=ksq))
                     res["k_centred"].append(sc.score(keys=kcq))
                     res["k_centred_sink"].append(sc.score(keys=kcsq))
                     msg = (
-                        f" | centred K {res['k_centred'][-1]['kl']:.4f}, "
+                        f" | K token 0 exact {res['k_sink'][-1]['kl']:.4f}, centred K "
+                        f"{res['k_centred'][-1]['kl']:.4f}, "
                         f"+ token 0 exact {res['k_centred_sink'][-1]['kl']:.4f}"
                     )
                 log(
@@ -635,9 +640,10 @@ def render(res: dict) -> str:
             f"Context {m['ctx']} tokens cached (quantized), next {m['chunk']} tokens scored. "
             f"Mean next-token KL(full || quantized) and perplexity (full-precision cache: ppl "
             f"{m['ppl_full']:.3f}). Centred: keys minus their per-(layer, head) mean over the "
-            "context, quantized, mean added back (offline codebooks). Centred, token 0 exact: "
-            "the same with the first context token (the attention sink) kept in full precision "
-            "and left out of the mean (+0.012 b/coord for a 1024-token context).",
+            "context, quantized, mean added back (offline codebooks). Token 0 exact: the first "
+            "context token's key (the attention sink) kept in full precision (+0.012 b/coord "
+            "for a 1024-token context). Centred, token 0 exact: both, token 0 left out of the "
+            "mean.",
             "",
         ]
         rows = []
@@ -650,7 +656,7 @@ def render(res: dict) -> str:
                     [name, r["bpc"], cb]
                     + [
                         f"{a[v]['kl']:.4f} / {a[v]['ppl']:.3f}" if a[v] else "-"
-                        for v in ("k", "v", "kv", "k_centred", "k_centred_sink")
+                        for v in ("k", "v", "kv", "k_sink", "k_centred", "k_centred_sink")
                     ]
                 )
         out.append(
@@ -662,6 +668,7 @@ def render(res: dict) -> str:
                     "K only KL / ppl",
                     "V only",
                     "K+V",
+                    "K only, token 0 exact",
                     "centred K only",
                     "centred K, token 0 exact",
                 ],
