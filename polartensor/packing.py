@@ -8,6 +8,8 @@ the 16-bit window starting at its byte. Unused tail bits are zero.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import PolarQuantConfig
@@ -37,23 +39,34 @@ def pack_codes(
     return packed.to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=128)
+def _unpack_plan(config: PolarQuantConfig, head_dim: int, device: torch.device):
+    """Per level: (byte index, shift, mask) of every code, for 16-bit window reads."""
+    plan = []
+    for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
+                         config.level_bit_offsets(head_dim)):
+        pos = off + torch.arange(n, dtype=torch.int64) * b
+        plan.append((n, b, (pos >> 3).to(device), (pos & 7).to(torch.int32).to(device)))
+    return plan
+
+
 def unpack_codes(
     packed: torch.Tensor, config: PolarQuantConfig, head_dim: int
 ) -> list[torch.Tensor]:
-    """Inverse of :func:`pack_codes`: int64 codes per level, shape [..., head_dim >> l]."""
+    """Inverse of :func:`pack_codes`: int64 codes per level, shape [..., head_dim >> l].
+
+    Reads each code from the 16-bit little-endian window at its first byte, as the kernels do.
+    """
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
     lead = packed.shape[:-1]
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(
-        *lead, packed.shape[-1] * 8)
+    # One zero byte of padding so the window of a code in the last byte stays in bounds.
+    wide = torch.cat([packed, packed.new_zeros(*lead, 1)], dim=-1).to(torch.int32)
     out = []
-    for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
-                         config.level_bit_offsets(head_dim)):
+    for n, b, byte, shift in _unpack_plan(config, head_dim, packed.device):
         if b == 0:
             out.append(torch.zeros(*lead, n, dtype=torch.int64, device=packed.device))
             continue
-        bits = stream[..., off: off + n * b].reshape(*lead, n, b)
-        w = 1 << torch.arange(b, device=packed.device, dtype=torch.int32)
-        out.append((bits * w).sum(-1).to(torch.int64))
+        window = wide.index_select(-1, byte) | (wide.index_select(-1, byte + 1) << 8)
+        out.append(((window >> shift) & ((1 << b) - 1)).to(torch.int64))
     return out

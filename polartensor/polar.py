@@ -59,10 +59,11 @@ def decode_factors(
     Coordinate i gets prod_l T_l[code_l(i >> l), bit (l-1) of i] with T_l[c] = (cos c, sin c):
     no trig on the data, only table look-ups, exactly what the kernels compute.
     """
+    cents = centroids.to(device=codes[0].device, dtype=dtype)
+    table = torch.stack([torch.cos(cents), torch.sin(cents)], dim=-1)  # [levels, K, 2]
     factor = None
     for lvl in range(config.levels, 0, -1):
-        th = centroids[lvl - 1].to(device=codes[0].device, dtype=dtype)[codes[lvl - 1]]
-        pair = torch.stack([torch.cos(th), torch.sin(th)], dim=-1)  # [..., n_l, 2]
+        pair = table[lvl - 1][codes[lvl - 1]]  # [..., n_l, 2]
         if factor is not None:
             pair = pair * factor.unsqueeze(-1)
         factor = pair.flatten(-2)
