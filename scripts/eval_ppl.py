@@ -31,6 +31,7 @@ from polartensor.eval.common import (
     plot_frontier,
     write_results,
 )
+from polartensor.eval.methods import describe_cache
 from polartensor.eval.scoring import cache_from_kv, forward, kl_and_nll, prefill
 
 
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
                 meth.prepare(model)
                 cache = cache_from_kv(meth, model, kv)
                 bits = cache_bits(cache)["bits_per_element"]
+                st_conf = describe_cache(cache)
                 logits = forward(model, chunk, cache).logits.float()
             except Exception as exc:  # a baseline that cannot run here: report it, go on
                 errors[meth.name] = f"{type(exc).__name__}: {exc}"
@@ -103,6 +105,7 @@ def main(argv=None) -> dict:
             st["nll"].extend(r["nll"].flatten().tolist())
             st["top1"].append(float(r["top1_agree"].mean()))
             st["bits"].append(bits)
+            st["config"] = st_conf
             st["seconds"] += time.perf_counter() - t0
             bar.update(1)
     bar.close()
@@ -119,6 +122,7 @@ def main(argv=None) -> dict:
             "ppl": math.exp(sum(st["nll"]) / len(st["nll"])),
             "top1_agree": sum(st["top1"]) / len(st["top1"]),
             "kl_per_window": st["kl"], "seconds": st["seconds"], "details": meth.details,
+            "config": st.get("config", {}),
         })
     out = Path(args.out)
     full_ppl = rows[0]["ppl"] if rows else float("nan")

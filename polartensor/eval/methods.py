@@ -35,6 +35,7 @@ __all__ = [
     "Method",
     "available_methods",
     "cache_bits",
+    "describe_cache",
     "make_method",
     "polar_method_names",
     "set_attention",
@@ -222,6 +223,19 @@ def _layer_bits(layer, fp_bits: int) -> tuple[int, int]:
     k, v = layer.keys, layer.values
     n = (k.numel() if k is not None else 0) + (v.numel() if v is not None else 0)
     return n * fp_bits, n
+
+
+def describe_cache(cache: Cache) -> dict:
+    """The resolved quantizer settings of a cache (for results files)."""
+    kv = getattr(cache, "kv_config", None)
+    if kv is not None:
+        def cfg(c):
+            return {"levels": c.levels, "bits": list(c.bits), "radius_dtype": c.radius_dtype,
+                    "codebook": c.codebook, "rotation": c.rotation}
+
+        return {"key": cfg(kv.key_config), "value": cfg(kv.value_config),
+                "residual_length": kv.residual_length}
+    return {}
 
 
 def cache_bits(cache: Cache, fp_bits: int = FP_BITS) -> dict:

@@ -1,0 +1,122 @@
+"""Cache methods side by side: KIVI reimplementation, registry, bit accounting, protocol."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from polartensor.eval import available_methods, cache_bits, make_method  # noqa: E402
+from polartensor.eval.common import tiny_llama  # noqa: E402
+from polartensor.eval.kivi import KIVICache, KIVILayer, quantize_groups  # noqa: E402
+from polartensor.eval.scoring import cache_from_kv, forward, kl_and_nll, prefill  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=128, max_positions=1024)
+
+
+def test_quantize_groups_levels_and_error():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 16)
+    for bits in (2, 4):
+        y = quantize_groups(x, bits, dim=1)
+        # each (row, channel) slice over dim 1 takes at most 2**bits distinct values
+        for i in range(4):
+            for c in range(16):
+                assert torch.unique(y[i, :, c]).numel() <= 2 ** bits
+        err = (y - x).abs().max()
+        step = (x.amax(1) - x.amin(1)).max() / (2 ** bits - 1)
+        assert err <= step / 2 + 1e-2
+
+
+def test_kivi_layer_window_and_groups():
+    layer = KIVILayer(nbits=2, group_size=32, residual_length=128)
+    k = torch.randn(1, 2, 300, 64)
+    out_k, _ = layer.update(k, k.clone())
+    assert torch.equal(out_k, k)  # prefill attends in full precision
+    # floor((300 - 128) / 32) * 32 = 160 tokens quantized, 140 in full precision
+    assert layer.quantized_length == 160 and layer.keys.shape[-2] == 140
+    assert layer.get_seq_length() == 300
+    assert torch.equal(layer.keys, k[..., 160:, :])
+    step = torch.randn(1, 2, 1, 64)
+    kk, vv = layer.update(step, step)
+    assert kk.shape[-2] == 301 and torch.equal(kk[..., -1:, :], step)
+    bits, elements = layer.memory_bits()
+    assert elements == 2 * 2 * 301 * 64
+    # 160 quantized tokens at 2 bits + fp16 scale/zero, 141 tokens at 16 bits
+    want = (2 * 160 * 64 * 2 + 2 * 5 * 64 * 32) + (2 * 160 * 64 * 2 + 2 * 160 * 2 * 32) \
+        + 141 * 2 * 64 * 16 * 2
+    assert bits == want
+
+
+@pytest.mark.parametrize("name", ["full", "kivi-2", "kivi-4", "polar:paper", "polar:polar-3",
+                                  "polar:paper/polar-4+r32", "quanto-2", "hqq-4"])
+def test_fill_from_prefill_equals_real_prefill(model, name):
+    """Writing full-precision prefill K/V into a cache == prefilling through that cache."""
+    if name.startswith("quanto"):
+        pytest.importorskip("optimum.quanto")
+    if name.startswith("hqq"):
+        pytest.importorskip("hqq")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (1, 330))
+    ctx, chunk = ids[:, :300], ids[:, 300:]
+    meth = make_method(name)
+    meth.prepare(model)
+    _, kv = prefill(model, ctx)
+    a = forward(model, chunk, cache_from_kv(meth, model, kv)).logits
+    c = meth.new_cache(model)
+    forward(model, ctx, c)
+    b = forward(model, chunk, c).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bits_accounting(model):
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (1, 512))
+    _, kv = prefill(model, ids)
+    got = {}
+    for name in ["full", "kivi-2", "polar:paper", "polar:polar-4"]:
+        meth = make_method(name)
+        meth.prepare(model)
+        got[name] = cache_bits(cache_from_kv(meth, model, kv))["bits_per_element"]
+    assert got["full"] == 16
+    # paper preset: 3.875 bits at head_dim 64 + the codebook table (< 0.05 bit here)
+    assert 3.875 <= got["polar:paper"] < 3.93
+    # KIVI-2: 2 + 1 (key scale/zero per 32 tokens) on the quantized part, value 2 + 1 bit;
+    # floor((512-128)/32)*32 = 384 quantized tokens, 128 full precision
+    assert got["kivi-2"] == pytest.approx((384 * 3 + 128 * 16) / 512)
+    assert got["polar:polar-4"] > got["polar:paper"]
+
+
+def test_registry_names_and_errors():
+    names = available_methods()
+    assert names[0] == "full" and "polar:default" in names and "kivi-2" in names
+    m = make_method("polar:polar-4/polar-3+online+r64")
+    assert m.family == "polarquant" and m.details["residual_length"] == 64
+    assert m.details["online_codebooks"] and m.details["key"] == "polar-4"
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("int3")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_method("polar:paper+fast")
+
+
+def test_kl_and_nll():
+    a = torch.randn(1, 5, 11)
+    r = kl_and_nll(a, a, torch.zeros(1, 5, dtype=torch.long))
+    assert torch.allclose(r["kl"], torch.zeros(1, 5, dtype=torch.float64), atol=1e-12)
+    assert r["top1_agree"].mean() == 1
+    b = a + torch.randn_like(a)
+    assert (kl_and_nll(a, b)["kl"] > 0).all()
+
+
+def test_kivi_cache_generates(model):
+    ids = torch.randint(0, 128, (1, 40))
+    model.set_attn_implementation("sdpa")
+    from polartensor.eval.scoring import CACHE_KWARG
+
+    out = model.generate(ids, max_new_tokens=5, do_sample=False,
+                         **{CACHE_KWARG: KIVICache(nbits=4, residual_length=8)})
+    assert out.shape == (1, 45)
