@@ -185,7 +185,7 @@ def answers_with_shared_prefill(model, tok, enc, kv_config=None, max_new_tokens:
     dyn = DynamicCache()
     with torch.no_grad():
         logits = model(**enc, use_cache=True, **generate_kwargs(dyn)).logits
-    pq = PolarQuantCache.from_cache(dyn, kv_config)
+    pq = PolarQuantCache.from_cache(dyn, kv_config, attention="polar")
     first = logits[:, -1:].argmax(-1)
     texts = []
     for cache in (dyn, pq):

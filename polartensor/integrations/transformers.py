@@ -614,8 +614,10 @@ class PolarQuantLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        out_k, out_v = key_states, value_states
+        key_states, value_states = key_states.detach(), value_states.detach()  # inference cache
         if self.static:
-            return self._update_static(key_states, value_states)
+            return self._update_static(key_states, value_states, out_k, out_v)
         t = key_states.shape[-2]
         if self._seq_len_int() == 0:  # prefill: full-precision attention, then quantize
             keep = min(t, self.residual_length)
@@ -625,8 +627,8 @@ class PolarQuantLayer(CacheLayerMixin):
                 self._vbuf.append(value_states[..., :nq, :])
             if keep:
                 self._tail.append(key_states[..., nq:, :], value_states[..., nq:, :])
-            _note_prefill(self, key_states)
-            return key_states, value_states
+            _note_prefill(self, out_k)
+            return out_k, out_v
         if self.residual_length == 0 and self.quantize_generated:
             self._kbuf.append(key_states, check_finite=False)
             self._vbuf.append(value_states, check_finite=False)
@@ -669,7 +671,7 @@ class PolarQuantLayer(CacheLayerMixin):
     def _use_polar(self) -> bool:
         return bool(self.polar_attention)
 
-    def _update_static(self, key_states, value_states):
+    def _update_static(self, key_states, value_states, out_k, out_v):
         t = key_states.shape[-2]
         if not self._filled:
             self._kbuf.append(key_states)
@@ -681,8 +683,8 @@ class PolarQuantLayer(CacheLayerMixin):
                     torch._dynamo.mark_static_address(buf.codes)
                     torch._dynamo.mark_static_address(buf.radii)
                 torch._dynamo.mark_static_address(self.cumulative_length)
-            _note_prefill(self, key_states)
-            return key_states, value_states
+            _note_prefill(self, out_k)
+            return out_k, out_v
         pos = torch.arange(t, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(t)
         for buf, x in ((self._kbuf, key_states), (self._vbuf, value_states)):
@@ -896,7 +898,11 @@ class PolarQuantCache(Cache):
     @classmethod
     def from_cache(cls, cache: Cache, config=None, **kwargs) -> PolarQuantCache:
         """A PolarQuantCache holding ``cache``'s K/V (e.g. a DynamicCache after a full-precision
-        prefill), quantized as a prefill would: the same as prefilling with this cache."""
+        prefill), quantized as a prefill would: the same as prefilling with this cache.
+
+        No attention ran on it yet, so with ``attention="auto"`` decode hands attention
+        dequantized K/V; pass ``attention="polar"`` when the model uses the "polar" attention.
+        """
         new = cls(config, **kwargs)
         for i, layer in enumerate(cache.layers):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)

@@ -144,7 +144,7 @@ def test_cache_semantics_match_dynamic_cache(ops, residual, chunk, generated, se
     layers, b, h, d = 2, 3, 2, 32
     pc = PolarQuantCache(residual_length=residual, flush_chunk=chunk,
                          quantize_generated=generated, key_config="paper",
-                         value_config=LOSSLESS)
+                         value_config=LOSSLESS, attention="polar")
     dc = DynamicCache()
     g = torch.Generator().manual_seed(seed)
     for op, arg in [("append", 4), *ops]:
