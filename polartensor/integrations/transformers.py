@@ -662,7 +662,8 @@ class PolarQuantLayer(CacheLayerMixin):
         return MixedKV(kq, kt), MixedKV(vq, vt)
 
     def _dequantized(self, q, tail):
-        _warn_dequantize()
+        if self.polar_attention is None:  # "auto" and no "polar" attention seen
+            _warn_dequantize()
         if q is None:
             return tail
         dq = q.dequantize(self.dtype)
@@ -698,7 +699,8 @@ class PolarQuantLayer(CacheLayerMixin):
             buf.radii.index_copy_(dim, pos, radii)
         kq, vq = self._kbuf.view(self.max_cache_len), self._vbuf.view(self.max_cache_len)
         if not self._use_polar():
-            _warn_dequantize()
+            if self.polar_attention is None:
+                _warn_dequantize()
             return kq.dequantize(self.dtype), vq.dequantize(self.dtype)
         return kq, vq
 

@@ -320,6 +320,7 @@ def test_attention_refuses_unsupported_features():
 
 # -- tiny models -----------------------------------------------------------------------------------
 MODELS = [
+    ("llama", 16, 4, 2),
     ("llama", 32, 4, 4),    # MHA
     ("llama", 64, 4, 2),    # GQA
     ("llama", 128, 4, 1),   # MQA
@@ -351,6 +352,25 @@ def test_tiny_models_generate_like_reference(family, head_dim, heads, kv_heads):
     mixed_ref = _gen(model, ids, mask, PolarQuantCache(attention="dequantize",
                                                        residual_length=3, flush_chunk=2))
     assert torch.equal(mixed, mixed_ref)
+
+
+def test_generate_with_past_key_values_keyword_and_static_cache():
+    """The spelling users know, ``generate(..., past_key_values=PolarQuantCache())`` (renamed
+    ``cache=`` in transformers 5.2x, still accepted), and a static-capacity cache."""
+    import warnings
+
+    model = _tiny("llama", 64, 4, 2)
+    model.set_attn_implementation("polar")
+    ids, mask = _batch()
+    cache = PolarQuantCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                             max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert cache.get_seq_length() == ids.shape[1] + 4
+    static = PolarQuantCache(max_cache_len=64, model_config=model.config)
+    assert torch.equal(_gen(model, ids, mask, static, max_new_tokens=5), out)
+    assert int(static.get_seq_length()) == ids.shape[1] + 4
 
 
 def test_padded_rows_match_unpadded_runs():
