@@ -260,12 +260,15 @@ def main(argv: list[str] | None = None) -> int:
 
     full, pq = results["full cache"], results["PolarQuant"]
     ratio = pq["dense_bytes"] / pq["kv_bytes"]  # same tokens in a DynamicCache / held
+    el_bits = torch.finfo(dtype).bits
     rows = [
         ("answer", *(ANSWER_PREFIX + r["text"] for r in (full, pq))),
         ("needle found", *("yes" if answer in r["text"] else "no" for r in (full, pq))),
         ("same tokens", "", "yes" if full["ids"] == pq["ids"] else "no"),
         ("KV cache bytes", _fmt_bytes(full["kv_bytes"]), _fmt_bytes(pq["kv_bytes"])),
         (f"compression vs {str(dtype).removeprefix('torch.')}", "1.00x", f"{ratio:.2f}x"),
+        *([("compression vs 16-bit", "", f"{ratio * 16 / el_bits:.2f}x")]
+          if el_bits != 16 else []),
         ("prefill + 1st token", f"{full['prefill_s']:.2f} s", f"{pq['prefill_s']:.2f} s"),
         ("decode tokens/s", f"{full['decode_tps']:.1f}", f"{pq['decode_tps']:.1f}"),
     ]
