@@ -52,7 +52,8 @@ def copy_bandwidth():
     n = 1 << 30  # 1 GiB each way
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
     b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a), rep_ms=50)
+    bench(lambda: b.copy_(a), rep_ms=200)  # clocks up from idle first
+    ms = bench(lambda: b.copy_(a), rep_ms=100)
     return 2 * n / (ms * 1e-3)
 
 
@@ -73,7 +74,8 @@ class Row(dict):
     pass
 
 
-SWEEP = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (block_n, num_warps) at d = 128
+# (block_n, num_warps, num_stages) at d = 128
+SWEEP = [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 8, 1), (64, 4, 2), (32, 4, 2)]
 
 
 def _tiny_cache(cfg, b, hk, n, d, dev):
@@ -134,8 +136,9 @@ def warm_tasks(presets):
                   ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 16}),
                   ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 64})]
         if d == 128:
-            tasks += [("decode", hq, hk, d, "paper", {"block_n": bn, "num_warps": w})
-                      for bn, w in SWEEP]
+            tasks += [("decode", hq, hk, d, "paper",
+                       {"block_n": bn, "num_warps": w, "num_stages": st})
+                      for bn, w, st in SWEEP]
     return tasks
 
 
@@ -235,10 +238,10 @@ def main():
             cfg = get_preset("paper", head_dim=d)
             kq, vq = quantize_cache(k, cfg), quantize_cache(v, cfg)
             qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
-            for bn, warps in SWEEP:
+            for bn, warps, stages in SWEEP:
                 for mul in (1, 2, 4, 8):
                     splits = max(1, math.ceil(mul * props.multi_processor_count / (b * hk)))
-                    kw = dict(block_n=bn, num_warps=warps, num_splits=splits)
+                    kw = dict(block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
                     try:
                         ms = bench(ours_fn(q, kq, vq, cfg, d ** -0.5, **kw))
                     except Exception as exc:  # noqa: BLE001
@@ -259,6 +262,97 @@ def main():
             del k, v, q, kq, vq
         except Exception as exc:  # noqa: BLE001
             record_error(f"sweep {model}", exc)
+        torch.cuda.empty_cache()
+
+    # -- encode throughput --------------------------------------------------------------------
+    for model, _hq, hk, d in MODELS:
+        b, n = 8, 32768
+        try:
+            x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"encode alloc {model}", exc)
+            continue
+        for preset in presets:
+            cfg = get_preset(preset, head_dim=d)
+            cent = codebook_for(cfg, device=dev)
+            mids, _ = tables_for(cent, cfg)
+            codes = torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev)
+            radii = torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                                device=dev)
+            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
+            io = (x.numel() * x.element_size() + codes.numel()
+                  + radii.numel() * radii.element_size())
+            variants = [("fused", dict(pre_rotate=False))]
+            if preset == "paper":
+                variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
+                             ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
+                             ("torch_matmul_then_kernel", dict(pre_rotate=True))]
+            for name, kw in variants:
+                try:
+                    ms = bench(lambda kw=kw, x=x: encode_into_triton(
+                        x, rot, mids, codes, radii, cfg, exact=False, **kw))
+                    row = dict(model=model, d=d, preset=preset, variant=name,
+                               vectors=x.numel() // d, ms=ms, bytes=io, gbps=io / (ms * 1e-3) / 1e9,
+                               pct_copy=100 * io / (ms * 1e-3) / copy_bw)
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"encode {model} {preset} {name}", exc)
+                    row = dict(model=model, d=d, preset=preset, variant=name,
+                               error=str(exc)[:200])
+                result["encode"].append(row)
+                print(row, flush=True)
+        del x
+        torch.cuda.empty_cache()
+
+    # -- chunked prefill ------------------------------------------------------------------------
+    for model, hq, hk, d in MODELS:
+        b, n, t = 1, 32768, 2048
+        scale = d ** -0.5
+        try:
+            g = torch.Generator(device=dev).manual_seed(2)
+            k = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            v = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            q = torch.randn(b, hq, t, d, device=dev, generator=g, dtype=torch.bfloat16)
+            base = dict(model=model, hq=hq, hk=hk, d=d, batch=b, context=n, chunk=t)
+            kx = k.repeat_interleave(hq // hk, dim=1)
+            vx = v.repeat_interleave(hq // hk, dim=1)
+            flops = 4 * b * hq * t * (n + t) * d
+            for bk in ("cudnn", "flash"):
+                try:
+                    def f(bk=bk, q=q, kx=kx, vx=vx):
+                        with sdpa_backend(bk):
+                            return F.scaled_dot_product_attention(q, kx, vx, scale=scale)
+                    ms = bench(f)
+                    row = dict(base, method=f"sdpa_bf16_{bk}", causal=False, ms=ms,
+                               tflops=flops / (ms * 1e-3) / 1e12)
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"prefill {bk} {model}", exc)
+                    row = dict(base, method=f"sdpa_bf16_{bk}", error=str(exc)[:200])
+                result["prefill"].append(row)
+                print(row, flush=True)
+            del kx, vx
+            cfg = get_preset("paper", head_dim=d)
+            kq, vq = quantize_cache(k[:, :, :n], cfg), quantize_cache(v[:, :, :n], cfg)
+            rot = kq[3]
+            kt = (k[:, :, n:].float() @ rot.T)
+            vt = (v[:, :, n:].float() @ rot.T)
+            for causal in (False, True):
+                try:
+                    fn = (lambda causal=causal, q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
+                        q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
+                        None, causal, scale, mode="prefill"))
+                    ms = bench(fn)
+                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
+                               ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / (2 if causal else 1))
+                except Exception as exc:  # noqa: BLE001
+                    record_error(f"prefill ours {model} causal={causal}", exc)
+                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
+                               error=str(exc)[:200])
+                result["prefill"].append(row)
+                print(row, flush=True)
+            del k, v, q, kq, vq, kt, vt
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"prefill {model}", exc)
+            traceback.print_exc()
         torch.cuda.empty_cache()
 
     # -- decode table -------------------------------------------------------------------------
@@ -340,103 +434,6 @@ def main():
         del k, v, q, qf
         torch.cuda.empty_cache()
 
-    # -- encode throughput --------------------------------------------------------------------
-    for model, _hq, hk, d in MODELS:
-        if over_budget():
-            result["errors"].append(f"encode {model}: skipped (time budget)")
-            continue
-        b, n = 8, 32768
-        try:
-            x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
-        except Exception as exc:  # noqa: BLE001
-            record_error(f"encode alloc {model}", exc)
-            continue
-        for preset in presets:
-            cfg = get_preset(preset, head_dim=d)
-            cent = codebook_for(cfg, device=dev)
-            mids, _ = tables_for(cent, cfg)
-            codes = torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev)
-            radii = torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                                device=dev)
-            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-            io = (x.numel() * x.element_size() + codes.numel()
-                  + radii.numel() * radii.element_size())
-            variants = [("fused", dict(pre_rotate=False))]
-            if preset == "paper":
-                variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
-                             ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
-                             ("torch_matmul_then_kernel", dict(pre_rotate=True))]
-            for name, kw in variants:
-                try:
-                    ms = bench(lambda kw=kw, x=x: encode_into_triton(
-                        x, rot, mids, codes, radii, cfg, exact=False, **kw))
-                    row = dict(model=model, d=d, preset=preset, variant=name,
-                               vectors=x.numel() // d, ms=ms, bytes=io, gbps=io / (ms * 1e-3) / 1e9,
-                               pct_copy=100 * io / (ms * 1e-3) / copy_bw)
-                except Exception as exc:  # noqa: BLE001
-                    record_error(f"encode {model} {preset} {name}", exc)
-                    row = dict(model=model, d=d, preset=preset, variant=name,
-                               error=str(exc)[:200])
-                result["encode"].append(row)
-                print(row, flush=True)
-        del x
-        torch.cuda.empty_cache()
-
-    # -- chunked prefill ------------------------------------------------------------------------
-    for model, hq, hk, d in MODELS:
-        if over_budget():
-            result["errors"].append(f"prefill {model}: skipped (time budget)")
-            continue
-        b, n, t = 1, 32768, 2048
-        scale = d ** -0.5
-        try:
-            g = torch.Generator(device=dev).manual_seed(2)
-            k = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
-            v = torch.randn(b, hk, n + t, d, device=dev, generator=g, dtype=torch.bfloat16)
-            q = torch.randn(b, hq, t, d, device=dev, generator=g, dtype=torch.bfloat16)
-            base = dict(model=model, hq=hq, hk=hk, d=d, batch=b, context=n, chunk=t)
-            kx = k.repeat_interleave(hq // hk, dim=1)
-            vx = v.repeat_interleave(hq // hk, dim=1)
-            flops = 4 * b * hq * t * (n + t) * d
-            for bk in ("cudnn", "flash"):
-                try:
-                    def f(bk=bk, q=q, kx=kx, vx=vx):
-                        with sdpa_backend(bk):
-                            return F.scaled_dot_product_attention(q, kx, vx, scale=scale)
-                    ms = bench(f)
-                    row = dict(base, method=f"sdpa_bf16_{bk}", causal=False, ms=ms,
-                               tflops=flops / (ms * 1e-3) / 1e12)
-                except Exception as exc:  # noqa: BLE001
-                    record_error(f"prefill {bk} {model}", exc)
-                    row = dict(base, method=f"sdpa_bf16_{bk}", error=str(exc)[:200])
-                result["prefill"].append(row)
-                print(row, flush=True)
-            del kx, vx
-            cfg = get_preset("paper", head_dim=d)
-            kq, vq = quantize_cache(k[:, :, :n], cfg), quantize_cache(v[:, :, :n], cfg)
-            rot = kq[3]
-            kt = (k[:, :, n:].float() @ rot.T)
-            vt = (v[:, :, n:].float() @ rot.T)
-            for causal in (False, True):
-                try:
-                    fn = (lambda causal=causal, q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
-                        q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
-                        None, causal, scale, mode="prefill"))
-                    ms = bench(fn)
-                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
-                               ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / (2 if causal else 1))
-                except Exception as exc:  # noqa: BLE001
-                    record_error(f"prefill ours {model} causal={causal}", exc)
-                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
-                               error=str(exc)[:200])
-                result["prefill"].append(row)
-                print(row, flush=True)
-            del k, v, q, kq, vq, kt, vt
-        except Exception as exc:  # noqa: BLE001
-            record_error(f"prefill {model}", exc)
-            traceback.print_exc()
-        torch.cuda.empty_cache()
-
     result["elapsed_s"] = time.time() - t_start
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_attention.json"), "w") as fh:
@@ -504,10 +501,12 @@ def render_markdown(res) -> str:
                 f"d 128, paper): {res['dequant_only_ms']:.4f} ms."]
     if res["sweep"]:
         out += ["", "## Decode launch-parameter sweep (batch 8, 32K, paper preset)", "",
-                "| model | block_n | warps | splits | ms | TB/s |", "|---|---|---|---|---|---|"]
+                "| model | block_n | warps | stages | splits | ms | TB/s |",
+                "|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             out.append(f"| {r['model']} | {r['block_n']} | {r['num_warps']} | "
-                       f"{r['num_splits']} | {r['ms']:.4f} | {r['tbps']:.2f} |")
+                       f"{r.get('num_stages', 1)} | {r['num_splits']} | {r['ms']:.4f} | "
+                       f"{r['tbps']:.2f} |")
     if res["encode"]:
         out += ["", "## Encode / append (bf16 input, batch 8 x 32K tokens x KV heads)", "",
                 "| model | preset | variant | ms | GB/s (in + out) | % of copy bandwidth |",

