@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny (tests)")
     p.add_argument("--text", default="heldout", help="heldout (default), pydoc or essays")
     p.add_argument("--methods", default="all",
-                   help="comma-separated method names, or 'all' (every baseline and preset)")
+                   help="comma-separated method names; 'all' is every baseline and preset")
     p.add_argument("--context", type=int, default=1024, help="quantized context tokens")
     p.add_argument("--score", type=int, default=256, help="scored tokens per window")
     p.add_argument("--windows", type=int, default=6, help="windows spread over the text")
@@ -53,8 +53,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    names = available_methods() if args.methods == "all" else \
-        [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = []
+    for m in (m.strip() for m in args.methods.split(",")):
+        for n in (available_methods() if m == "all" else [m] if m else []):
+            if n not in names:
+                names.append(n)
     if "full" not in names:
         names = ["full", *names]
     else:

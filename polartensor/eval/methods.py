@@ -8,8 +8,14 @@ Method names (``make_method(name)``):
 - ``kivi-2``, ``kivi-4``: our KIVI-style reimplementation (:mod:`polartensor.eval.kivi`);
 - ``polar:<preset>`` (same preset for keys and values), ``polar:<key>/<value>`` and
   ``polar:default`` (the recommended key/value pairing of the transformers integration),
-  with optional suffixes ``+online`` (online codebooks) and ``+r<N>`` (N most recent tokens in
-  full precision), e.g. ``polar:paper``, ``polar:polar-4/polar-3+r128``.
+  with optional suffixes ``+online`` (online codebooks), ``+r<N>`` (N most recent prompt tokens
+  in full precision) and ``+qgen`` (see below), e.g. ``polar:paper``, ``polar:polar-4/polar-3``.
+
+PolarQuant runs in the paper's mode by default (``quantize_generated=False``): the prompt /
+context is quantized, tokens appended after it (a scored chunk, a question, generated tokens)
+stay in full precision, so a scored chunk attends to a quantized context and to itself in full
+precision, as with the other caches here. ``+qgen`` quantizes appended tokens before they are
+attended to as well (the integration's default; a harsher setting).
 
 Bits per element: every cache is measured after it holds the context, as the bits its format
 stores divided by the logical K+V elements: integer codes at their bit width, and every
@@ -100,14 +106,16 @@ def _polar_method(name: str) -> Method:
 
     spec = m.group("spec")
     opts = [o for o in m.group("opts").split("+") if o]
-    residual, online = 0, False
+    residual, online, qgen = 0, False, False
     for o in opts:
         if o == "online":
             online = True
+        elif o == "qgen":
+            qgen = True
         elif re.fullmatch(r"r\d+", o):
             residual = int(o[1:])
         else:
-            raise ValueError(f"unknown option +{o} in {name!r} (known: +online, +r<N>)")
+            raise ValueError(f"unknown option +{o} in {name!r} (known: +online, +r<N>, +qgen)")
     if spec == "default":
         key, value = polar_tf.DEFAULT_KEY_PRESET, polar_tf.DEFAULT_VALUE_PRESET
     elif "/" in spec:
@@ -128,6 +136,7 @@ def _polar_method(name: str) -> Method:
         return polar_tf.PolarQuantCache(
             key_config=resolve(key, hd), value_config=resolve(value, hd),
             residual_length=residual, online_codebooks=online, attention="polar",
+            quantize_generated=qgen,
         )
 
     def _name(p):
@@ -141,9 +150,11 @@ def _polar_method(name: str) -> Method:
         label += " online"
     if residual:
         label += f" +{residual} fp"
+    if qgen:
+        label += " (appended tokens quantized)"
     return Method(name, "polarquant", label, "polar", factory,
                   {"key": _name(key), "value": _name(value), "residual_length": residual,
-                   "online_codebooks": online})
+                   "online_codebooks": online, "quantize_generated": qgen})
 
 
 def make_method(name: str) -> Method:
@@ -234,7 +245,8 @@ def describe_cache(cache: Cache) -> dict:
                     "codebook": c.codebook, "rotation": c.rotation}
 
         return {"key": cfg(kv.key_config), "value": cfg(kv.value_config),
-                "residual_length": kv.residual_length}
+                "residual_length": kv.residual_length,
+                "quantize_generated": kv.quantize_generated}
     return {}
 
 

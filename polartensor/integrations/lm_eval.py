@@ -23,6 +23,8 @@
     levels=4,bits=4-2-2-2     an explicit config for K and V (bits dash-separated, or one int)
     residual_window=0         most recent tokens kept in full precision
     codebook=offline          offline (analytic) or online (fitted per layer at prefill)
+    quantize_generated=False  False: the paper's mode (the prompt is quantized, tokens appended
+                              after it stay full precision); True: those are quantized too
     quantize_context=True     chunked-prefill scoring of loglikelihood requests
     score_chunk=0             continuation chunk size for that scoring (0: one chunk)
     threads=                  intra-op CPU threads (default: all cores, 1 if the machine is busy)
@@ -63,14 +65,15 @@ def _parse_bits(bits) -> tuple[int, ...] | int:
 def build_method(method: str | None = None, preset: str = "default",
                  key_preset: str | None = None, value_preset: str | None = None,
                  levels: int | None = None, bits=None, residual_window: int = 0,
-                 codebook: str = "offline") -> Method:
+                 codebook: str = "offline", quantize_generated: bool = False) -> Method:
     """The cache method the model args describe (see the module docstring)."""
     if method:
         return make_method(str(method))
     if codebook not in ("offline", "online"):
         raise ValueError(f"codebook must be offline or online, got {codebook!r}")
+    qgen = _as_bool(quantize_generated)
     suffix = ("+online" if codebook == "online" else "") + \
-        (f"+r{int(residual_window)}" if residual_window else "")
+        (f"+r{int(residual_window)}" if residual_window else "") + ("+qgen" if qgen else "")
     if levels is None and bits is None:
         spec = f"{key_preset or preset}/{value_preset or preset}" \
             if (key_preset or value_preset) else preset
@@ -86,7 +89,7 @@ def build_method(method: str | None = None, preset: str = "default",
 
     def factory(model):
         return polar_tf.PolarQuantCache(key_config=cfg, value_config=cfg, residual_length=rw,
-                                        attention="polar")
+                                        attention="polar", quantize_generated=qgen)
 
     name = f"polar:levels={cfg.levels},bits={'-'.join(map(str, cfg.bits))}{suffix}"
     return Method(name, "polarquant", f"PolarQuant levels={cfg.levels} bits={cfg.bits}",
@@ -105,7 +108,8 @@ class PolarQuantLM(HFLM):
     def __init__(self, pretrained="smollm2", method: str | None = None, preset: str = "default",
                  key_preset: str | None = None, value_preset: str | None = None,
                  levels: int | None = None, bits=None, residual_window: int = 0,
-                 codebook: str = "offline", quantize_context: bool = True,
+                 codebook: str = "offline", quantize_generated: bool = False,
+                 quantize_context: bool = True,
                  score_chunk: int = 0, threads: int | None = None, **kwargs) -> None:
         from ..eval.common import set_threads
 
@@ -122,7 +126,7 @@ class PolarQuantLM(HFLM):
         kwargs.setdefault("device", "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
         self.method = build_method(method, preset, key_preset, value_preset, levels, bits,
-                                   int(residual_window), codebook)
+                                   int(residual_window), codebook, quantize_generated)
         self.method.prepare(self.model)
         self.quantize_context = _as_bool(quantize_context)
         self.score_chunk = int(score_chunk)
