@@ -198,7 +198,7 @@ def test_paper_mode_keeps_generated_tokens_full_precision():
 
 
 def test_residual_window_flushes_in_chunks():
-    pc = PolarQuantCache(residual_length=4, flush_chunk=3)
+    pc = PolarQuantCache(residual_length=4, flush_chunk=3, attention="polar")
     pc.update(torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32), 0)
     layer = pc.layers[0]
     assert (layer._kbuf.length, layer._tail.length) == (6, 4)
