@@ -172,6 +172,25 @@ def test_cache_semantics_match_dynamic_cache(ops, residual, chunk, generated, se
         _check_against_dynamic(pc, dc, layers)
 
 
+@pytest.mark.parametrize("residual", [0, 2])
+def test_batch_repeat_and_select_match_dynamic_cache(residual):
+    pc = PolarQuantCache(residual_length=residual, attention="polar", value_config=LOSSLESS)
+    dc = DynamicCache()
+    g = torch.Generator().manual_seed(0)
+    for t in (5, 1):
+        k, v = torch.randn(2, 2, t, 32, generator=g), torch.randn(2, 2, t, 32, generator=g)
+        pc.update(k, v, 0)
+        dc.update(k, v, 0)
+    pc.batch_repeat_interleave(3)
+    dc.batch_repeat_interleave(3)
+    _check_against_dynamic(pc, dc, 1)
+    idx = torch.tensor([5, 0, 2])
+    pc.batch_select_indices(idx)
+    dc.batch_select_indices(idx)
+    _check_against_dynamic(pc, dc, 1)
+    assert pc.layers[0].batch_size == 3
+
+
 def test_prefill_returns_full_precision_and_decode_returns_quantized():
     pc = PolarQuantCache(attention="polar")
     k, v = torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64)
