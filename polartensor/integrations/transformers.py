@@ -80,15 +80,24 @@ __all__ = [
 
 ATTENTION_NAME = "polar"
 
-# The recommended default, in ONE place: change these when the distortion sweep recommends a
-# better key/value pairing. Each is a preset name of polartensor.config.PRESETS or a config.
-DEFAULT_KEY_PRESET: str | PolarQuantConfig = "paper"
-DEFAULT_VALUE_PRESET: str | PolarQuantConfig = "paper"
+# The recommended default, in ONE place. Each is a preset name of polartensor.config.PRESETS
+# (resolved for the model's head_dim) or a PolarQuantConfig. From the distortion sweep
+# (results/distortion/distortion.md, SmolLM2, offline codebooks): keys polar-4 / values polar-3
+# is the best pair at a 3.5-bit budget (3.625 b/coord average at head_dim 64, next-token
+# KL 0.012 vs the full cache; the paper preset on both costs 3.875 b/coord).
+DEFAULT_KEY_PRESET: str | PolarQuantConfig = "polar-4"
+DEFAULT_VALUE_PRESET: str | PolarQuantConfig = "polar-3"
 
 # Named key/value pairings: name -> (key preset or config, value preset or config).
-# "default" resolves DEFAULT_KEY_PRESET / DEFAULT_VALUE_PRESET at use time.
+# "default" resolves DEFAULT_KEY_PRESET / DEFAULT_VALUE_PRESET at use time; every single
+# preset name also names the pairing that uses it for both keys and values.
 KV_PRESETS: dict[str, tuple[str | PolarQuantConfig, str | PolarQuantConfig]] = {
-    name: (name, name) for name in PRESETS  # same preset for keys and values
+    **{name: (name, name) for name in PRESETS},
+    # Best (key, value) pair per average bit budget in the distortion sweep.
+    "kv-2.5": ("polar-3", "polar-2"),
+    "kv-3": ("polar-3.5", "polar-2.5"),
+    "kv-3.5": ("polar-4", "polar-3"),
+    "kv-4": ("polar-4.5", "polar-3.5"),
 }
 
 _MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

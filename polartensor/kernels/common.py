@@ -8,9 +8,8 @@ section starts and ends on a byte boundary. Such a "head" level is read and writ
 than 8 angles form the "tail": at most 56 bits, handled as one int64 per record.
 
 Per-level constants travel as one small int each (``LV0`` .. ``LV7``, see :func:`level_words`):
-bits (4 bits), log2 G (2 bits), log2 of the padded word bytes (2 bits), the level's byte
-offset (head levels) or bit offset inside the tail (tail levels) (12 bits), and the level's
-absolute bit offset in the record (12 bits, used by the per-coordinate decode).
+bits (4 bits), log2 G (2 bits), log2 of the padded word bytes (2 bits), and the level's byte
+offset (head levels) or bit offset inside the tail (tail levels), 10 bits.
 """
 
 from __future__ import annotations
@@ -57,9 +56,7 @@ def level_words(config, d: int) -> dict:
         else:
             pos = offs[lvl] - tail_bit
         assert pos < 1024 and b < 16
-        assert offs[lvl] < 4096
-        words[lvl] = (b | (int(math.log2(g)) << 4) | (int(math.log2(wbp)) << 6) | (pos << 8)
-                      | (offs[lvl] << 20))
+        words[lvl] = b | (int(math.log2(g)) << 4) | (int(math.log2(wbp)) << 6) | (pos << 8)
     rec = config.record_bytes(d)
     return dict(
         L=nlev, NB=d >> nlev, R=rec, TAIL_BYTE=tail_bit // 8, TAIL_NB=rec - tail_bit // 8,
@@ -68,9 +65,9 @@ def level_words(config, d: int) -> dict:
 
 
 def trig_table(centroids: torch.Tensor) -> torch.Tensor:
-    """[levels, K, 2] float32: (cos, sin) of every centroid (the decode tables)."""
+    """[2, levels, K] float32: cos and sin of every centroid (the decode tables)."""
     c = centroids.to(torch.float32)
-    return torch.stack([torch.cos(c), torch.sin(c)], dim=-1).contiguous()
+    return torch.stack([torch.cos(c), torch.sin(c)]).contiguous()
 
 
 def boundary_table(centroids: torch.Tensor, config,
@@ -143,58 +140,94 @@ def _atan2_f64(y, x):
 
 
 @triton.jit
-def _flat_level(f, codes_ptr, rec_off, valid, tab_ptr, ii, LVL: tl.constexpr, LV: tl.constexpr,
-                R: tl.constexpr):
-    """Multiply every coordinate i by its level-``LVL`` factor T[code(i >> LVL)][bit LVL-1
-    of i], in the flat [BN, D] layout (no reshapes: the tile stays in one register layout)."""
+def _load_tail(codes_ptr, rec_off, valid, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr):
+    tail = tl.zeros(rec_off.shape, dtype=tl.int64)
+    for k in tl.static_range(TAIL_NB):
+        byte = tl.load(codes_ptr + rec_off + TAIL_BYTE + k, mask=valid, other=0)
+        tail = tail | (byte.to(tl.int64) << (8 * k))
+    return tail
+
+
+@triton.jit
+def _level_codes(codes_ptr, rec_off, valid, tail, BN: tl.constexpr, n: tl.constexpr,
+                 LV: tl.constexpr):
+    """Integer codes [BN, n] of one level, read from records at ``rec_off`` (uint8 offsets)."""
     b: tl.constexpr = LV & 15
-    off: tl.constexpr = (LV >> 20) & 4095
-    par = (ii >> (LVL - 1)) & 1
+    logg: tl.constexpr = (LV >> 4) & 3
+    logwbp: tl.constexpr = (LV >> 6) & 3
+    pos: tl.constexpr = LV >> 8
     if b == 0:
-        t = tl.load(tab_ptr + par)[None, :]
+        c = tl.zeros((BN, n), dtype=tl.int32)
+    elif n >= 8:
+        G: tl.constexpr = 1 << logg
+        WB: tl.constexpr = (b << logg) >> 3
+        WBP: tl.constexpr = 1 << logwbp
+        NW: tl.constexpr = n // G
+        kk = tl.arange(0, WBP)
+        ww = tl.arange(0, NW)
+        ptrs = (codes_ptr + rec_off[:, None, None] + pos + ww[None, :, None] * WB
+                + kk[None, None, :])
+        m = valid[:, None, None] & (kk < WB)[None, None, :]
+        byts = tl.load(ptrs, mask=m, other=0)
+        if WB > 3:
+            word = tl.sum(byts.to(tl.int64) << (8 * kk.to(tl.int64))[None, None, :], axis=2)
+            sh = (b * tl.arange(0, G)).to(tl.int64)
+        else:
+            word = tl.sum(byts.to(tl.int32) << (8 * kk)[None, None, :], axis=2)
+            sh = b * tl.arange(0, G)
+        c3 = (word[:, :, None] >> sh[None, None, :]) & ((1 << b) - 1)
+        c = tl.reshape(c3, (BN, n)).to(tl.int32)
     else:
-        bitpos = off + (ii >> LVL) * b
-        byte = bitpos >> 3
-        ptr = codes_ptr + rec_off[:, None] + byte[None, :]
-        w = tl.load(ptr, mask=valid[:, None], other=0).to(tl.int32)
-        STRADDLE: tl.constexpr = (8 % b) + (off % b) != 0
-        if STRADDLE:  # a code may cross into the next byte
-            w2 = tl.load(ptr + 1, mask=valid[:, None] & ((byte + 1) < R)[None, :], other=0)
-            w = w | (w2.to(tl.int32) << 8)
-        c = (w >> (bitpos & 7)[None, :]) & ((1 << b) - 1)
-        t = tl.load(tab_ptr + c * 2 + par[None, :])
-    return f * t
+        sh = (pos + b * tl.arange(0, n)).to(tl.int64)
+        c = ((tail[:, None] >> sh[None, :]) & ((1 << b) - 1)).to(tl.int32)
+    return c
+
+
+@triton.jit
+def _decode_level(codes_ptr, rec_off, valid, tail, r, cos_ptr, sin_ptr, BN: tl.constexpr,
+                  n: tl.constexpr, LV: tl.constexpr):
+    c = _level_codes(codes_ptr, rec_off, valid, tail, BN, n, LV)
+    cs = tl.load(cos_ptr + c)
+    sn = tl.load(sin_ptr + c)
+    return tl.reshape(tl.join(r * cs, r * sn), (BN, 2 * n))
 
 
 @triton.jit
 def decode_tile(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                 BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
-                NB: tl.constexpr, R: tl.constexpr,
+                NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
                 LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
                 LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
     """Decoded rotated vectors [BN, D] (fp32) of the records at ``rec_off``; rows that are not
-    ``valid`` come out as zeros. ``trig_ptr``: [L, KT, 2] (cos, sin) tables. Coordinate i is
-    radius[i >> L] * prod_l T_l[code_l(i >> l)][bit l-1 of i]: table look-ups, no trig, and
-    every step elementwise on the [BN, D] tile."""
-    ii = tl.arange(0, D)
-    f = tl.load(radii_ptr + rad_off[:, None] + (ii >> L)[None, :], mask=valid[:, None],
+    ``valid`` come out as zeros. ``trig_ptr``: [2, L, KT] cos/sin tables. Top-down: radius,
+    then each level splits every node into (r cos, r sin) -- table look-ups, no trig."""
+    r = tl.load(radii_ptr + rad_off[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)
-    f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr, ii, 1, LV0, R)
-    if L >= 2:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 2 * KT, ii, 2, LV1, R)
-    if L >= 3:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 4 * KT, ii, 3, LV2, R)
-    if L >= 4:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 6 * KT, ii, 4, LV3, R)
-    if L >= 5:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 8 * KT, ii, 5, LV4, R)
-    if L >= 6:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 10 * KT, ii, 6, LV5, R)
-    if L >= 7:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 12 * KT, ii, 7, LV6, R)
+    tail = _load_tail(codes_ptr, rec_off, valid, TAIL_BYTE, TAIL_NB)
+    sin_ptr = trig_ptr + L * KT
     if L >= 8:
-        f = _flat_level(f, codes_ptr, rec_off, valid, trig_ptr + 14 * KT, ii, 8, LV7, R)
-    return f
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 7 * KT,
+                          sin_ptr + 7 * KT, BN, D >> 8, LV7)
+    if L >= 7:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 6 * KT,
+                          sin_ptr + 6 * KT, BN, D >> 7, LV6)
+    if L >= 6:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 5 * KT,
+                          sin_ptr + 5 * KT, BN, D >> 6, LV5)
+    if L >= 5:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 4 * KT,
+                          sin_ptr + 4 * KT, BN, D >> 5, LV4)
+    if L >= 4:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 3 * KT,
+                          sin_ptr + 3 * KT, BN, D >> 4, LV3)
+    if L >= 3:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 2 * KT,
+                          sin_ptr + 2 * KT, BN, D >> 3, LV2)
+    if L >= 2:
+        r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr + 1 * KT,
+                          sin_ptr + 1 * KT, BN, D >> 2, LV1)
+    r = _decode_level(codes_ptr, rec_off, valid, tail, r, trig_ptr, sin_ptr, BN, D >> 1, LV0)
+    return r
 
 
 @triton.jit
@@ -206,7 +239,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise."""
     b: tl.constexpr = LV & 15
     logg: tl.constexpr = (LV >> 4) & 3
-    pos: tl.constexpr = (LV >> 8) & 4095
+    pos: tl.constexpr = LV >> 8
     a, y = tl.split(tl.reshape(r, (BN, n, 2)))
     rr = tl.sqrt(a * a + y * y)
     if b > 0:

@@ -84,12 +84,12 @@ def polar_decode_attn_fwd_kernel(
     Hk, Tq, N, NT, kv_per_split, n_splits, n_ttiles, scale_log2,
     GROUP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BN: tl.constexpr,
     D: tl.constexpr, KCH: tl.constexpr,
-    K_KT: tl.constexpr, K_L: tl.constexpr, K_NB: tl.constexpr, K_R: tl.constexpr,
-    K_LV0: tl.constexpr, K_LV1: tl.constexpr, K_LV2: tl.constexpr,
+    K_KT: tl.constexpr, K_L: tl.constexpr, K_NB: tl.constexpr, K_TB: tl.constexpr,
+    K_TNB: tl.constexpr, K_LV0: tl.constexpr, K_LV1: tl.constexpr, K_LV2: tl.constexpr,
     K_LV3: tl.constexpr, K_LV4: tl.constexpr, K_LV5: tl.constexpr, K_LV6: tl.constexpr,
     K_LV7: tl.constexpr,
-    V_KT: tl.constexpr, V_L: tl.constexpr, V_NB: tl.constexpr, V_R: tl.constexpr,
-    V_LV0: tl.constexpr, V_LV1: tl.constexpr, V_LV2: tl.constexpr,
+    V_KT: tl.constexpr, V_L: tl.constexpr, V_NB: tl.constexpr, V_TB: tl.constexpr,
+    V_TNB: tl.constexpr, V_LV0: tl.constexpr, V_LV1: tl.constexpr, V_LV2: tl.constexpr,
     V_LV3: tl.constexpr, V_LV4: tl.constexpr, V_LV5: tl.constexpr, V_LV6: tl.constexpr,
     V_LV7: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
@@ -143,11 +143,11 @@ def polar_decode_attn_fwd_kernel(
         pos64 = pos.to(tl.int64)
         kt = decode_tile(kc_ptr, kr_ptr, ktab_ptr, b * skc_b + hk * skc_h + pos64 * skc_n,
                          b * skr_b + hk * skr_h + pos64 * skr_n, kv_ok, BN, D, K_KT, K_L,
-                         K_NB, K_R, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
+                         K_NB, K_TB, K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
                          K_LV6, K_LV7)
         vt = decode_tile(vc_ptr, vr_ptr, vtab_ptr, b * svc_b + hk * svc_h + pos64 * svc_n,
                          b * svr_b + hk * svr_h + pos64 * svr_n, kv_ok, BN, D, V_KT, V_L,
-                         V_NB, V_R, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
+                         V_NB, V_TB, V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
                          V_LV6, V_LV7)
         m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
                                        l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
@@ -233,7 +233,7 @@ def _next_pow2(n: int) -> int:
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
     out = {f"{prefix}_KT": kt, f"{prefix}_L": w["L"], f"{prefix}_NB": w["NB"],
-           f"{prefix}_R": w["R"]}
+           f"{prefix}_TB": w["TAIL_BYTE"], f"{prefix}_TNB": w["TAIL_NB"]}
     for i in range(8):
         out[f"{prefix}_LV{i}"] = w[f"LV{i}"]
     return out
@@ -311,8 +311,8 @@ def launch_attention(
     kch = min(d, 64)
     kw = dict(
         GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,
-        **_cfg_args("K", level_words(k_cfg, d), k_trig.shape[1]),
-        **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[1]),
+        **_cfg_args("K", level_words(k_cfg, d), k_trig.shape[-1]),
+        **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), SINGLE=single,
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
         num_warps=warps,

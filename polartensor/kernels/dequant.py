@@ -19,14 +19,14 @@ __all__ = ["polar_dequant_kernel", "dequantize_rotated_triton"]
 def polar_dequant_kernel(
     codes_ptr, radii_ptr, trig_ptr, out_ptr, n_rows,
     BN: tl.constexpr, D: tl.constexpr, R: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
-    NB: tl.constexpr,
+    NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     valid = rows < n_rows
     y = decode_tile(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D, KT, L,
-                    NB, R, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
+                    NB, TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
     dd = tl.arange(0, D)
     tl.store(out_ptr + rows[:, None] * D + dd[None, :], y.to(out_ptr.dtype.element_ty),
              mask=valid[:, None])
@@ -46,7 +46,8 @@ def dequantize_rotated_triton(codes: torch.Tensor, radii: torch.Tensor, trig: to
     bn = 16 if interpreting() else 64
     polar_dequant_kernel[(triton.cdiv(n_rows, bn),)](
         codes, radii, trig, out, n_rows,
-        BN=bn, D=head_dim, R=w["R"], KT=trig.shape[1], L=w["L"], NB=w["NB"],
+        BN=bn, D=head_dim, R=w["R"], KT=trig.shape[-1], L=w["L"], NB=w["NB"],
+        TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"], num_warps=4,
     )

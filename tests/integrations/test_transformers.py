@@ -230,7 +230,7 @@ def test_residual_window_flushes_in_chunks():
 
 
 def test_skip_layers_and_memory_accounting():
-    pc = PolarQuantCache(skip_layers=[1])
+    pc = PolarQuantCache("paper", skip_layers=[1])
     b, h, n, d = 2, 3, 20, 64
     for i in range(3):
         pc.update(torch.randn(b, h, n, d), torch.randn(b, h, n, d), i)
