@@ -272,6 +272,8 @@ def launch_attention(
         prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
         rprec = "tf32x3"
     max_rows = 64 if d >= 256 else 128
+    if mode == "prefill" and d >= 256:
+        max_rows = 32  # [M, 256] q/acc tiles: keep shared memory under the 227 KB limit
     if mode == "decode":
         bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
         bn = block_n or (16 if interp else (32 if d >= 256 else 64))
@@ -285,7 +287,10 @@ def launch_attention(
     if mode == "decode":
         if num_splits is None:
             progs = bsz * hk * n_ttiles
-            want = triton.cdiv(2 * _sm_count(dev), max(progs, 1))
+            # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
+            # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
+            # and more, shorter splits keep every SM busy.
+            want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
             min_chunk = bn * (2 if interp else 4)
             num_splits = max(1, min(want, triton.cdiv(max(total, 1), min_chunk)))
         kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn

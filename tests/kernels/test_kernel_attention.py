@@ -174,7 +174,7 @@ def test_validation_errors_match_reference():
 def test_int64_offsets():
     # A batch stride so large that b * stride exceeds 2**31 elements.
     d, cfg = 128, PolarQuantConfig.paper()
-    cap = (1 << 31) // (3 * cfg.record_bytes(d)) + 1000
+    cap = (1 << 31) // (2 * cfg.record_bytes(d)) + 1000
     codes = torch.zeros(3, 1, cap, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
     radii = torch.zeros(3, 1, cap, cfg.num_blocks(d), dtype=torch.float16, device=DEVICE)
     assert codes.stride(0) * 2 > 2**31
