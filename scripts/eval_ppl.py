@@ -48,11 +48,22 @@ def parse_args(argv=None):
                    help="intra-op threads (default: all cores, 1 if the machine is busy)")
     p.add_argument("--out", default="results/eval/ppl", help="output folder")
     p.add_argument("--stem", default="ppl", help="output file stem")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the frontier PNG from an existing <out>/<stem>.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        import json
+
+        data = json.loads((Path(args.out) / f"{args.stem}.json").read_text())
+        a = data["args"]
+        plot_frontier(data["rows"], Path(args.out) / f"{args.stem}_frontier.png",
+                      f"KV-cache quality frontier, {a['model']}, {a['context']}-token quantized "
+                      f"context, {data['scored_tokens']} scored tokens", metrics=("kl", "ppl"))
+        return data
     names = []
     for m in (m.strip() for m in args.methods.split(",")):
         for n in (available_methods() if m == "all" else [m] if m else []):

@@ -172,16 +172,16 @@ def plot_frontier(rows: list[dict], path: Path, title: str, metrics=("kl", "ppl"
     for ax, metric in zip(axes, metrics):
         for r in rows:
             y = r.get(metric)
-            if y is None or y != y or (metric == "kl" and r["family"] == "full"):
+            if y is None or y != y or r["family"] == "full":
                 continue
             c = FAMILY_COLORS.get(r["family"], "gray")
             ax.scatter(r["bits_per_element"], y, color=c, s=40, zorder=3)
             ax.annotate(r["name"], (r["bits_per_element"], y), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         full = next((r for r in rows if r["family"] == "full"), None)
-        if metric == "kl":
+        if metric in ("kl", "ppl"):
             ax.set_yscale("log")
-        elif full is not None and full.get(metric) is not None:
+        if metric != "kl" and full is not None and full.get(metric) is not None:
             ax.axhline(full[metric], color="black", lw=0.8, ls="--",
                        label=f"full precision ({full[metric]:.3g})")
             ax.legend(fontsize=8, loc="upper right")
