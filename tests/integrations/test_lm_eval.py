@@ -58,6 +58,16 @@ metadata:
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """The scripts set torch's thread count; give the rest of the suite its own back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")

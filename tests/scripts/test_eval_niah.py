@@ -11,6 +11,16 @@ import pytest
 pytest.importorskip("matplotlib")
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts set torch's thread count; give the rest of the suite its own back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def load_script(name: str):
     """Import scripts/<name>.py as a module (the folder is not a package)."""
     path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
@@ -24,7 +34,7 @@ def test_eval_niah_tiny(tmp_path):
     mod = load_script("eval_niah")
     out = tmp_path / "niah"
     payload = mod.main(["--model", "tiny", "--text", "pydoc", "--methods",
-                        "full,polar:paper,kivi-2", "--contexts", "192,320", "--depths",
+                        "full,polar:paper,kivi-2", "--contexts", "384,512", "--depths",
                         "0,50,100", "--max-new-tokens", "3", "--threads", "1",
                         "--out", str(out)])
     assert not payload["errors"]

@@ -11,6 +11,16 @@ import pytest
 pytest.importorskip("matplotlib")
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts set torch's thread count; give the rest of the suite its own back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def load_script(name: str):
     """Import scripts/<name>.py as a module (the folder is not a package)."""
     path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
