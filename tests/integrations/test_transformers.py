@@ -525,15 +525,17 @@ def test_static_cache_decode_step_compiles_kernel_path():
 
 # -- bad input -------------------------------------------------------------------------------------
 def test_unsupported_head_dim_is_a_clear_error():
+    """A fixed-depth config (paper: blocks of 16) cannot serve head_dim 24: a clear error at
+    enable time and at the first update. Frontier presets adapt their depth to head_dim."""
     model = _tiny("llama", 24, 4, 2)
     ids, mask = _batch()
     with pytest.raises(ValueError, match="head_dim 24"):
-        quantize_(model, PolarQuantKVConfig())
+        quantize_(model, PolarQuantKVConfig("paper", "paper"))
     model.set_attn_implementation("polar")
     with pytest.raises(ValueError, match="head_dim 24"):
-        _gen(model, ids, mask, PolarQuantCache())
-    ok = PolarQuantConfig(levels=3, bits=(4, 2, 2))
-    quantize_(model, PolarQuantKVConfig(key_config=ok, value_config=ok))
+        _gen(model, ids, mask, PolarQuantCache("paper"))
+    quantize_(model, PolarQuantKVConfig())  # the default presets resolve to 3 levels here
+    assert _gen(model, ids, mask).shape[1] == ids.shape[1] + 6
 
 
 def test_unsupported_dtype_is_a_clear_error():
