@@ -9,7 +9,8 @@ greedily against it. So retrieval goes through the quantized cache, not a full-p
 prefill. Score per cell: the fraction of the needle's keywords in the answer. Needles cycle
 over the cells (several needles, one prefill per cell); --needles-per-cell N runs N each.
 
-    python scripts/eval_niah.py                      # SmolLM2, default grid and methods
+    python scripts/eval_niah.py                      # SmolLM2: 1K-8K x 0/50/100%, 3 methods
+    python scripts/eval_niah.py --depths 0,25,50,75,100 --methods full,polar:default,kivi-2,quanto-2
     python scripts/eval_niah.py --contexts 1024,2048 --depths 0,50,100 --methods full,kivi-2
 """
 
@@ -28,7 +29,7 @@ from polartensor.eval.methods import cache_bits
 from polartensor.eval.needle import NEEDLES, build_prompt, greedy_continue, score_answer
 from polartensor.eval.scoring import cache_from_kv, prefill
 
-DEFAULT_METHODS = "full,polar:default,polar:polar-4,kivi-2,quanto-2"
+DEFAULT_METHODS = "full,polar:default,kivi-2"
 
 
 def parse_args(argv=None):
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny (tests)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method names")
     p.add_argument("--contexts", default="1024,2048,4096,8192", help="prompt lengths (tokens)")
-    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent")
+    p.add_argument("--depths", default="0,50,100",
+                   help="needle depths in percent (e.g. 0,25,50,75,100 for a finer grid)")
     p.add_argument("--needles-per-cell", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--text", default="essays", help="haystack text: essays (default) or pydoc")

@@ -8,7 +8,7 @@ is prefilled once in full precision, its K/V are written into each method's cach
 next-token KL to the full cache, perplexity, top-1 agreement, and the bits per K/V element the
 cache holds (codes + scales/zeros/radii + full-precision window, floats counted at 16 bits).
 
-    python scripts/eval_ppl.py                       # SmolLM2, all methods, ~10 min on 2 cores
+    python scripts/eval_ppl.py                       # SmolLM2, all methods, 4 windows
     python scripts/eval_ppl.py --methods full,kivi-2,polar:paper --windows 2
 """
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="comma-separated method names; 'all' is every baseline and preset")
     p.add_argument("--context", type=int, default=1024, help="quantized context tokens")
     p.add_argument("--score", type=int, default=256, help="scored tokens per window")
-    p.add_argument("--windows", type=int, default=6, help="windows spread over the text")
+    p.add_argument("--windows", type=int, default=4, help="windows spread over the text")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: all cores, 1 if the machine is busy)")
     p.add_argument("--out", default="results/eval/ppl", help="output folder")
