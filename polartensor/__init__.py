@@ -19,7 +19,6 @@ def _quiet_torchao_import() -> None:
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")
             import torchao  # noqa: F401
-            import torchao.quantization  # noqa: F401  (the integrations use its handler registry)
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
