@@ -129,3 +129,24 @@ def test_kivi_cache_generates(model):
     out = model.generate(ids, max_new_tokens=5, do_sample=False,
                          **{CACHE_KWARG: KIVICache(nbits=4, residual_length=8)})
     assert out.shape == (1, 45)
+
+
+def test_polar_paper_mode_keeps_appended_tokens_full_precision(model):
+    """polar:<preset> quantizes the context only; +qgen also quantizes appended tokens."""
+    from polartensor.eval.methods import describe_cache
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (1, 140))
+    ctx, chunk = ids[:, :120], ids[:, 120:]
+    _, kv = prefill(model, ctx)
+    full = make_method("full")
+    full.prepare(model)
+    ref = forward(model, chunk, cache_from_kv(full, model, kv)).logits
+    out = {}
+    for name in ("polar:paper", "polar:paper+qgen"):
+        meth = make_method(name)
+        meth.prepare(model)
+        cache = cache_from_kv(meth, model, kv)
+        assert describe_cache(cache)["quantize_generated"] == name.endswith("+qgen")
+        out[name] = kl_and_nll(ref, forward(model, chunk, cache).logits)["kl"].mean()
+    assert 0 < out["polar:paper"] < out["polar:paper+qgen"]

@@ -168,6 +168,7 @@ def test_model_args_build_methods():
     assert plm.build_method(key_preset="polar-4", value_preset="paper").name == \
         "polar:polar-4/paper"
     assert plm.build_method(method="kivi-2").family == "kivi"
+    assert plm.build_method(preset="paper", quantize_generated="True").name == "polar:paper+qgen"
     with pytest.raises(ValueError, match="codebook"):
         plm.build_method(codebook="lloyd")
 
