@@ -192,17 +192,22 @@ def test_batch_repeat_and_select_match_dynamic_cache(residual):
 
 
 def test_prefill_returns_full_precision_and_decode_returns_quantized():
-    pc = PolarQuantCache(attention="polar")
+    pc = PolarQuantCache(attention="polar", quantize_generated=True)
     k, v = torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64)
     rk, rv = pc.update(k, v, 0)
     assert rk is k and rv is v
     rk, rv = pc.update(k[..., :1, :], v[..., :1, :], 0)
     assert isinstance(rk, PolarQuantTensor) and rk.shape == (1, 2, 6, 64)
-    pc = PolarQuantCache(attention="polar", residual_length=2)
+    pc = PolarQuantCache(attention="polar", residual_length=2, quantize_generated=True)
     pc.update(k, v, 0)
     rk, rv = pc.update(k[..., :1, :], v[..., :1, :], 0)
     assert isinstance(rk, MixedKV) and rk.shape == (1, 2, 6, 64)
     assert rk.quantized.shape[-2] == 3 and rk.tail.shape[-2] == 3
+
+
+def test_default_mode_is_the_papers_except_for_static_caches():
+    assert PolarQuantKVConfig().quantize_generated is False
+    assert PolarQuantKVConfig(max_cache_len=64).quantize_generated is True
 
 
 def test_paper_mode_keeps_generated_tokens_full_precision():
@@ -217,7 +222,8 @@ def test_paper_mode_keeps_generated_tokens_full_precision():
 
 
 def test_residual_window_flushes_in_chunks():
-    pc = PolarQuantCache(residual_length=4, flush_chunk=3, attention="polar")
+    pc = PolarQuantCache(residual_length=4, flush_chunk=3, attention="polar",
+                         quantize_generated=True)
     pc.update(torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32), 0)
     layer = pc.layers[0]
     assert (layer._kbuf.length, layer._tail.length) == (6, 4)
@@ -269,7 +275,7 @@ def test_kv_presets_and_defaults():
 
 
 def test_online_codebooks_fitted_per_layer_at_prefill():
-    pc = PolarQuantCache(online_codebooks=True, attention="polar")
+    pc = PolarQuantCache(online_codebooks=True, attention="polar", quantize_generated=True)
     g = torch.Generator().manual_seed(0)
     pc.update(torch.randn(1, 2, 64, 64, generator=g) * 3 + 1, torch.randn(1, 2, 64, 64), 0)
     pc.update(torch.randn(1, 2, 64, 64, generator=g), torch.randn(1, 2, 64, 64), 1)
@@ -381,7 +387,7 @@ def test_generate_with_past_key_values_keyword_and_static_cache():
     model = _tiny("llama", 64, 4, 2)
     model.set_attn_implementation("polar")
     ids, mask = _batch()
-    cache = PolarQuantCache()
+    cache = PolarQuantCache(quantize_generated=True)  # the static cache's mode, to compare
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
