@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 
-def _load_distortion():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "distortion.py"
-    spec = importlib.util.spec_from_file_location("_script_distortion", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_distortion_quick(tmp_path: Path) -> None:
-    mod = _load_distortion()
-    threads = torch.get_num_threads()
-    try:
-        res = mod.main(["--quick", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+def test_distortion_quick(tmp_path: Path, load_script) -> None:
+    mod = load_script("distortion")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "distortion.json").read_text())
     md = (tmp_path / "distortion.md").read_text()
     assert data["unit"].keys() == {"64"} and res["unit"].keys() == {"64"}

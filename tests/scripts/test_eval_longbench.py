@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-import pytest
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The scripts set torch's thread count; give the rest of the suite its own back."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def load_script(name: str):
-    """Import scripts/<name>.py as a module (the folder is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_eval_longbench_fixture_and_run(tmp_path):
+def test_eval_longbench_fixture_and_run(tmp_path, load_script):
     mod = load_script("eval_longbench")
     fix = tmp_path / "fixture"
     mod.main(["--model", "tiny", "--make-fixture", str(fix), "--fixture-examples", "2",

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The scripts set torch's thread count; give the rest of the suite its own back."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def load_script(name: str):
-    """Import scripts/<name>.py as a module (the folder is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_eval_ppl_tiny(tmp_path):
+def test_eval_ppl_tiny(tmp_path, load_script):
     mod = load_script("eval_ppl")
     methods = "kivi-2,polar:paper,polar:polar-4"
     try:
