@@ -117,3 +117,14 @@ def test_sdpa_bad_arguments():
     with pytest.raises(TypeError, match="attn_mask must be bool or floating"):
         F.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(2, 3, dtype=torch.int64),
                                        enable_gqa=True)
+
+
+def test_sdpa_mismatched_devices_raise():
+    k = quantize(torch.randn(1, 2, 3, 64), "paper")
+    q = torch.empty(1, 2, 1, 64, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        F.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="one device"):
+        F.scaled_dot_product_attention(torch.randn(1, 2, 1, 64), k, k,
+                                       attn_mask=torch.ones(1, 3, dtype=torch.bool,
+                                                            device="meta"))
