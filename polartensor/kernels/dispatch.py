@@ -58,15 +58,18 @@ _TABLES: dict = {}
 
 
 def _cached(kind: str, t: torch.Tensor, extra, fn):
+    # Keyed by the tensor object, and the entry holds it: a key by data_ptr() went stale when
+    # the caching allocator handed a freed table's address to a new codebook (seen on CUDA as
+    # wrong, run-to-run different attention outputs).
     if torch.compiler.is_compiling():
         return fn()
-    key = (kind, t.data_ptr(), t._version, t.device, tuple(t.shape), extra)
+    key = (kind, id(t), extra)
     hit = _TABLES.get(key)
-    if hit is None:
+    if hit is None or hit[0] is not t or hit[1] != t._version:
         if len(_TABLES) > 256:
             _TABLES.clear()
-        hit = _TABLES[key] = fn()
-    return hit
+        hit = _TABLES[key] = (t, t._version, fn())
+    return hit[2]
 
 
 def _trig(centroids: torch.Tensor) -> torch.Tensor:

@@ -224,3 +224,19 @@ def test_dequant_kernel_matches_reference(preset):
     x = quantize(torch.randn(3, 2, 37, d).to(DEVICE), cfg)
     got = dequantize_rotated_triton(x.codes, x.radii, trig_table(x.centroids), cfg, d)
     torch.testing.assert_close(got, x.dequantize_rotated(), rtol=1e-5, atol=1e-6)
+
+
+def test_table_cache_never_serves_a_freed_tensors_table():
+    """Tables must follow the codebook tensor, not its address: the caching allocator hands a
+    freed table's memory to the next codebook of that size (on CUDA that gave wrong,
+    run-to-run different attention outputs). Simulated here: a new tensor object on the same
+    storage, with new values and the same version count."""
+    a = torch.full((3, 16), 0.25, device=DEVICE)
+    a.add_(0.0)  # version 1, as set_() below leaves the new tensor
+    dispatch._trig(a)
+    storage, ptr, version = a.untyped_storage(), a.data_ptr(), a._version
+    del a
+    b = torch.empty(0, device=DEVICE).set_(storage, 0, (3, 16), (16, 1))
+    b.data.copy_(torch.full((3, 16), 1.5))  # .data: new values without a version bump
+    assert b.data_ptr() == ptr and b._version == version
+    torch.testing.assert_close(dispatch._trig(b), trig_table(b))
