@@ -172,9 +172,6 @@ def main(argv=None) -> dict:
     md = (f"LongBench-format run on `{data_dir}` ({n_ex} examples), model `{args.model}`: "
           "LongBench prompts, generation lengths and metrics (x100); the context goes through "
           "each method's cache, the question attends to it.\n\n" + table + "\n")
-    if errors:
-        md += "\nMethods that failed:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in
-                                                      errors.items()) + "\n"
     payload = {"args": vars(args), "methods": summary, "records": records, "errors": errors,
                "examples": n_ex, "seconds_total": time.perf_counter() - t_start}
     write_results(Path(args.out), "longbench", payload, md)

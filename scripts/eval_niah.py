@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from polartensor.eval import make_method
@@ -106,8 +107,6 @@ def main(argv=None) -> dict:
                 ctx, q, info = build_prompt(tok, hay_ids, needle, ctx_len, depth / 100,
                                             args.max_new_tokens)
                 methods[0].prepare(model)
-                import torch
-
                 _, kv = prefill(model, torch.tensor([ctx]))
                 for meth in methods:
                     bar.set_postfix_str(f"{ctx_len} tok, {depth:g}%, {meth.name}")
@@ -158,9 +157,6 @@ def main(argv=None) -> dict:
           f"{contexts}, depths {depths}%, {args.needles_per_cell} needle(s) per cell from "
           f"{len(NEEDLES)} cycling; score = fraction of needle keywords in the greedy answer. "
           "Per-context columns average over depths.\n\n" + table + "\n")
-    if errors:
-        md += "\nMethods that failed:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in
-                                                      errors.items()) + "\n"
     payload = {"args": vars(args), "methods": summary, "cells": cells, "errors": errors,
                "seconds_total": time.perf_counter() - t_start}
     write_results(out_dir, "niah", payload, md)

@@ -149,9 +149,6 @@ def main(argv=None) -> dict:
           f"each {args.context} context tokens held in the cache and the next {args.score} "
           f"scored ({ntok} scored tokens per method). Bits per element measured on the cache "
           "holding the context (floats counted at 16 bits).\n\n" + table + "\n")
-    if errors:
-        md += "\nMethods that failed:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in
-                                                      errors.items()) + "\n"
     payload = {"args": vars(args), "rows": rows, "errors": errors, "scored_tokens": ntok,
                "seconds_total": time.perf_counter() - t_start}
     write_results(out, args.stem, payload, md)

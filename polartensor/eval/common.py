@@ -136,8 +136,13 @@ def command_line() -> str:
 
 
 def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:
-    """Write ``<stem>.json`` and ``<stem>.md`` (with the exact command) under ``out_dir``."""
+    """Write ``<stem>.json`` and ``<stem>.md`` (with the exact command) under ``out_dir``;
+    methods listed in ``payload["errors"]`` get their own section in the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    errors = payload.get("errors") or {}
+    if errors:
+        markdown = (markdown.rstrip() + "\n\nMethods that failed:\n\n"
+                    + "\n".join(f"- `{k}`: {v}" for k, v in errors.items()))
     payload = {"command": command_line(), "finished_utc":
                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), **payload}
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
