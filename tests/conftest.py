@@ -17,22 +17,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci",
-    max_examples=int(os.environ.get("POLARTENSOR_EXAMPLES", "25")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,
-    print_blob=True,
-)
-settings.register_profile(
-    "gpu",
-    max_examples=int(os.environ.get("POLARTENSOR_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,
-    print_blob=True,
-)
+# Same settings on both; the GPU takes larger shapes and more examples by default.
+for _name, _examples in (("ci", "25"), ("gpu", "60")):
+    settings.register_profile(
+        _name,
+        max_examples=int(os.environ.get("POLARTENSOR_EXAMPLES", _examples)),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        derandomize=True,
+        print_blob=True,
+    )
 settings.load_profile("gpu" if torch.cuda.is_available() else "ci")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
