@@ -193,6 +193,9 @@ def codebook_for(config: PolarQuantConfig, y_rotated: torch.Tensor | None = None
                  device: torch.device | str | None = None) -> torch.Tensor:
     """The centroid table for ``config``: the cached analytic one, or one fitted on
     ``y_rotated`` (already-rotated vectors) for ``codebook='online'``."""
+    dev = torch.device(
+        device if device is not None else (y_rotated.device if y_rotated is not None else "cpu")
+    )
     if config.codebook == "online":
         if y_rotated is None or y_rotated.numel() == 0:
             raise ValueError(
@@ -200,14 +203,13 @@ def codebook_for(config: PolarQuantConfig, y_rotated: torch.Tensor | None = None
                 "a fitted table (fit_codebook(x, config))"
             )
         angles, weights, _ = polar_angles(y_rotated.to(torch.float64), config.levels)
-        table = fit_online_codebook(angles, weights, config)
-    else:
-        key = (config.levels, config.bits)
-        if key not in _OFFLINE_CACHE:
-            _OFFLINE_CACHE[key] = offline_codebook(config)
-        table = _OFFLINE_CACHE[key]
-    dev = device if device is not None else (y_rotated.device if y_rotated is not None else "cpu")
-    return table.to(dev)
+        return fit_online_codebook(angles, weights, config).to(dev)
+    # Cached per device too, so quantize() on CUDA does not copy the table host-to-device on
+    # every call.
+    key = (config.levels, config.bits, dev)
+    if key not in _OFFLINE_CACHE:
+        _OFFLINE_CACHE[key] = offline_codebook(config).to(dev)
+    return _OFFLINE_CACHE[key]
 
 
 def fit_codebook(x: torch.Tensor, config: PolarQuantConfig) -> torch.Tensor:
