@@ -1,6 +1,6 @@
-"""GPU smoke check of the default (reference) CUDA path: buffer append + SDPA on quantized K/V
-vs SDPA on the dequantized tensors, CUDA codes vs CPU codes, and quantize_ + generate on a tiny
-Llama. Run on a CUDA machine: python scripts/gpu_smoke.py"""
+"""GPU smoke check of the default CUDA path (the Triton kernels): buffer append + SDPA on
+quantized K/V vs SDPA on the dequantized tensors, CUDA codes vs CPU codes, and quantize_ +
+generate on a tiny Llama. Run on a CUDA machine: python scripts/gpu_smoke.py"""
 
 import torch
 import torch.nn.functional as F

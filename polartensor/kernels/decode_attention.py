@@ -271,9 +271,10 @@ def launch_attention(
         dt = _TL_DT[q.dtype]
         prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
         rprec = "tf32x3"
-    max_rows = 64 if d >= 256 else 128
-    if mode == "prefill" and d >= 256:
-        max_rows = 32  # [M, 256] q/acc tiles: keep shared memory under the 227 KB limit
+    # Rows of the [M, D] q/acc tiles. At d 256, M 64 overflowed the H200's 227 KB of shared
+    # memory (the combine kernel refused to launch; the attention kernel read out of range
+    # under compute-sanitizer), so M stays at 32 there.
+    max_rows = 32 if d >= 256 else 128
     if mode == "decode":
         bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
         bn = block_n or (16 if interp else (32 if d >= 256 else 64))

@@ -38,10 +38,7 @@ def use_triton(device: torch.device) -> bool:
     if _FORCE_REFERENCE[0] or os.environ.get("POLARTENSOR_REFERENCE", "0") == "1":
         return False
     if device.type == "cuda":
-        # Opt-in until the CUDA kernels pass the GPU suite: on the H200 (torch 2.11, triton
-        # 3.6) the attention kernel gave wrong, run-to-run different results and an illegal
-        # memory access (results/bench/gpu_tests.log). The reference path is correct on CUDA.
-        return os.environ.get("POLARTENSOR_TRITON_CUDA", "0") == "1"
+        return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

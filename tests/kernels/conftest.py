@@ -12,6 +12,3 @@ def pytest_runtest_logreport(report):
         with open(path, "a") as fh:
             fh.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
 
-
-# Kernel tests exercise the Triton kernels on CUDA even though dispatch keeps them opt-in there.
-os.environ.setdefault("POLARTENSOR_TRITON_CUDA", "1")

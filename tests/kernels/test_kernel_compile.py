@@ -75,9 +75,6 @@ def test_compiled_decode_step_equals_eager(t):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(ON_GPU, strict=False, reason="on CUDA (torch 2.11) Dynamo's fake-tensor run "
-                   "of F.scaled_dot_product_attention on the buffer's PolarQuantTensor fails; "
-                   "decode_step (plain tensors + ops) compiles there")
 def test_compiled_buffer_append_and_sdpa_equals_eager():
     cfg = PolarQuantConfig.paper()
     g = torch.Generator().manual_seed(3)

@@ -21,6 +21,11 @@ CASES = {
     "d256": dict(d=256), "bf16": dict(dtype=torch.bfloat16), "polar3": dict(preset="polar-3"),
     "n17": dict(n=17), "b3_pad_d256_fp16": dict(d=256, dtype=torch.float16, b=3, group=3,
                                                 mask="pad", n=2500, tq=7),
+    # The largest query tiles: group 8 x 16 queries (faulted at d 256 with 64-row tiles).
+    "group8_tq16_d256_fp16": dict(d=256, dtype=torch.float16, group=8, tq=16, n=776),
+    "group8_tq16_d256_fp32": dict(d=256, group=8, tq=16, n=776),
+    "group8_tq8_d256_bf16": dict(d=256, dtype=torch.bfloat16, group=8, tq=8, n=3000),
+    "group8_tq16_d128_fp16": dict(d=128, dtype=torch.float16, group=8, tq=16, n=2000),
 }
 
 
