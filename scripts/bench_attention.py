@@ -335,20 +335,24 @@ def main():
             rot = kq[3]
             kt = (k[:, :, n:].float() @ rot.T)
             vt = (v[:, :, n:].float() @ rot.T)
-            for causal in (False, True):
-                try:
-                    fn = (lambda causal=causal, q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
-                        q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
-                        None, causal, scale, mode="prefill"))
-                    ms = bench(fn)
-                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
-                               ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / (2 if causal else 1))
-                except Exception as exc:  # noqa: BLE001
-                    record_error(f"prefill ours {model} causal={causal}", exc)
-                    row = dict(base, method="polar_triton", preset="paper", causal=causal,
-                               error=str(exc)[:200])
-                result["prefill"].append(row)
-                print(row, flush=True)
+            # "prefill": the fused kernel with query tiles; "dequant": dequantize the cache
+            # once + PyTorch SDPA (what launch_attention picks from DEQUANT_MIN_Q queries).
+            for mode, method in (("prefill", "polar_triton"), ("dequant", "polar_dequant_sdpa")):
+                for causal in (False, True):
+                    try:
+                        fn = (lambda causal=causal, q=q, kq=kq, vq=vq, kt=kt, vt=vt, mode=mode:
+                              launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2],
+                                               cfg, rot, rot, kt, vt, None, causal, scale,
+                                               mode=mode))
+                        ms = bench(fn)
+                        row = dict(base, method=method, preset="paper", causal=causal, ms=ms,
+                                   tflops=flops / (ms * 1e-3) / 1e12 / (2 if causal else 1))
+                    except Exception as exc:  # noqa: BLE001
+                        record_error(f"prefill {method} {model} causal={causal}", exc)
+                        row = dict(base, method=method, preset="paper", causal=causal,
+                                   error=str(exc)[:200])
+                    result["prefill"].append(row)
+                    print(row, flush=True)
             del k, v, q, kq, vq, kt, vt
         except Exception as exc:  # noqa: BLE001
             record_error(f"prefill {model}", exc)
@@ -517,10 +521,17 @@ def render_markdown(res) -> str:
                        f"{_fmt(r.get('pct_copy'), '.1f')} |")
     if res["prefill"]:
         out += ["", "## Chunked prefill (2K new tokens on a 32K cache, batch 1)", "",
-                "| model | method | causal | ms | TFLOP/s (visible) |", "|---|---|---|---|---|"]
+                "× vs cuDNN: against non-causal cuDNN bf16 SDPA over the same K/V in this run "
+                "(causal rows do about half the work).", "",
+                "| model | method | causal | ms | TFLOP/s (visible) | × vs cuDNN |",
+                "|---|---|---|---|---|---|"]
+        cudnn = {r["model"]: r.get("ms") for r in res["prefill"]
+                 if r["method"] == "sdpa_bf16_cudnn"}
         for r in res["prefill"]:
+            cu, ms = cudnn.get(r["model"]), r.get("ms")
             out.append(f"| {r['model']} | {r['method']} | {r.get('causal', False)} | "
-                       f"{_fmt(r.get('ms'), '.3f')} | {_fmt(r.get('tflops'), '.1f')} |")
+                       f"{_fmt(ms, '.3f')} | {_fmt(r.get('tflops'), '.1f')} | "
+                       f"{_fmt(cu / ms if cu and ms else None, '.2f')} |")
     if res["errors"]:
         out += ["", "## Errors / skipped", ""] + [f"- {e}" for e in res["errors"]]
     return "\n".join(out) + "\n"

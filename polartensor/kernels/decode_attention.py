@@ -263,7 +263,15 @@ def launch_attention(
     if out is None:
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
     if mode == "auto":
-        mode = "decode" if tq <= 16 else "prefill"
+        from .prefill_attention import DEQUANT_MIN_Q
+
+        mode = ("decode" if tq <= 16 else
+                "dequant" if tq >= DEQUANT_MIN_Q and not interp else "prefill")
+    if mode == "dequant":
+        from .prefill_attention import dequant_sdpa
+
+        return dequant_sdpa(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
+                            v_cfg, rot_k, rot_v, k_tail, v_tail, mask, is_causal, scale, out)
     gp = _next_pow2(group)
     if interp:
         dt, prec, rprec = tl.float32, "ieee", "ieee"

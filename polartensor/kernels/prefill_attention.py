@@ -6,6 +6,12 @@ second axis (each program: the whole GQA group x ``BLOCK_T`` query positions of 
 and a single KV split, so the output is finalised (normalised and un-rotated) in the same
 kernel. With a causal mask each query tile stops at its last visible key.
 
+Long query chunks (``mode="dequant"``, chosen by ``launch_attention`` on the GPU for
+``q_len >= DEQUANT_MIN_Q``) instead dequantize the cache once with the dequant kernel and run
+PyTorch's SDPA on the rotated vectors: the fused kernel decodes the whole cache again for every
+query tile, which made a 2K-token chunk on a 32K cache 10x slower than bf16 SDPA. The price is
+a transient 16-bit copy of this layer's cache during that call.
+
 Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 """
 
@@ -14,10 +20,75 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .decode_attention import launch_attention
 
-__all__ = ["prefill_attention"]
+__all__ = ["prefill_attention", "dequant_sdpa", "DEQUANT_MIN_Q"]
+
+# Query lengths from which launch_attention (mode "auto", not under the interpreter) takes
+# the dequantize-once path.
+DEQUANT_MIN_Q = 64
+
+
+def _dequant_rotated(codes, radii, trig, cfg, d, dtype, tail):
+    from .dequant import dequantize_rotated_triton
+
+    x = dequantize_rotated_triton(codes, radii, trig, cfg, d, dtype)
+    if tail is not None and tail.shape[-2]:
+        x = torch.cat([x, tail.to(dtype)], dim=-2)
+    return x
+
+
+def _base_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The broadcast mask with its expanded (stride-0) dims shrunk back to size 1."""
+    idx = tuple(slice(0, 1) if st == 0 and sz > 1 else slice(None)
+                for st, sz in zip(mask.stride(), mask.shape))
+    return mask[idx]
+
+
+def dequant_sdpa(
+    q: torch.Tensor, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig, v_cfg,
+    rot_k: torch.Tensor | None, rot_v: torch.Tensor | None,
+    k_tail: torch.Tensor | None, v_tail: torch.Tensor | None, mask: torch.Tensor | None,
+    is_causal: bool, scale: float, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as ``launch_attention`` (q [B, Hq, Tq, D], tails already rotated, mask
+    broadcast to [B, Hq, Tq, N + NT]); dequantize K/V once, then SDPA in q's dtype."""
+    bsz, hq, tq, d = q.shape
+    hk = k_codes.shape[1]
+    dt = q.dtype
+    kd = _dequant_rotated(k_codes, k_radii, k_trig, k_cfg, d, dt, k_tail)
+    vd = _dequant_rotated(v_codes, v_radii, v_trig, v_cfg, d, dt, v_tail)
+    total = kd.shape[-2]
+    if hq != hk:
+        kd = kd.repeat_interleave(hq // hk, dim=1)
+        vd = vd.repeat_interleave(hq // hk, dim=1)
+    qr = (q.float() @ rot_k.T).to(dt) if rot_k is not None else q
+    m = None if mask is None else _base_mask(mask)
+    if is_causal:
+        i = torch.arange(tq, device=q.device)[:, None]
+        j = torch.arange(total, device=q.device)[None, :]
+        cm = j <= i + (total - tq)  # bottom-right aligned, as the reference
+        if m is None:
+            m = cm
+        elif m.dtype == torch.bool:
+            m = m & cm
+        else:
+            m = m.masked_fill(~cm, float("-inf"))
+    if m is not None and m.dtype != torch.bool:
+        m = m.to(dt)
+    o = F.scaled_dot_product_attention(qr, kd, vd, attn_mask=m, scale=scale)
+    if m is not None:
+        # Rows that see no key give zeros (the reference's convention), not NaN.
+        alive = m.any(-1, keepdim=True) if m.dtype == torch.bool else (
+            m > float("-inf")).any(-1, keepdim=True)
+        o = torch.where(alive, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    o = (o.float() @ rot_v).to(dt) if rot_v is not None else o
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
 
 
 def prefill_attention(

@@ -240,3 +240,56 @@ def test_table_cache_never_serves_a_freed_tensors_table():
     b.data.copy_(torch.full((3, 16), 1.5))  # .data: new values without a version bump
     assert b.data_ptr() == ptr and b._version == version
     torch.testing.assert_close(dispatch._trig(b), trig_table(b))
+
+
+@pytest.mark.parametrize("mode", ["prefill", "dequant"])
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    group=st.sampled_from([1, 3, 4]),
+    causal=st.booleans(),
+    mask_kind=st.sampled_from(["none", "bool", "float", "pad_all"]),
+    n=st.integers(1, 900 if ON_GPU else 40),
+    t=st.integers(17, 300 if ON_GPU else 24),
+    with_tail=st.booleans(),
+)
+def test_long_query_paths_match_reference(mode, dtype, group, causal, mask_kind, n, t,
+                                          with_tail):
+    """Both long-query paths: the fused kernel with query tiles ("prefill") and dequantize
+    once + PyTorch SDPA ("dequant", what "auto" picks on the GPU from DEQUANT_MIN_Q queries),
+    including a full-precision tail, masks, rows that see no key, and t > n (causal)."""
+    d = HEAD_DIMS[1]
+    b, hk = 2, 2
+    cfg = get_preset("paper", head_dim=d)
+    g = torch.Generator().manual_seed(n * 31 + t)
+    q = torch.randn(b, hk * group, t, d, generator=g).to(dtype).to(DEVICE)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    nt = 5 if with_tail else 0
+    kt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    vt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    total = n + nt
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(b, 1, t, total, generator=g) > 0.3).to(DEVICE)
+    elif mask_kind == "float":
+        mask = (torch.randn(hk * group, 1, total, generator=g) * 2).to(dtype).to(DEVICE)
+    elif mask_kind == "pad_all":  # the second sequence sees nothing: its rows must be zeros
+        mask = torch.ones(b, 1, 1, total, dtype=torch.bool)
+        mask[1] = False
+        mask = mask.to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+    km = None if mask is None else dispatch._kernel_mask(mask, (b,), hk * group, t, total)[0]
+    out = launch_attention(
+        q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
+        rotate(kt, cfg.rotation, cfg.seed) if nt else None,
+        rotate(vt, cfg.rotation, cfg.seed) if nt else None,
+        km, causal, 1 / math.sqrt(d), mode=mode)
+    kk = torch.cat([k.dequantize(), kt], dim=-2)
+    vv = torch.cat([v.dequantize(), vt], dim=-2)
+    ref = polar_sdpa(q, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
+    if mask_kind == "pad_all":
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+    _close(out, ref, dtype)

@@ -1,0 +1,29 @@
+"""scripts/bench_attention.py needs an H200 to run; here its markdown rendering is checked on a
+small result of the same shape (ratios are computed against the same run's baselines)."""
+
+from __future__ import annotations
+
+
+def test_render_markdown_ratios(load_script):
+    mod = load_script("bench_attention")
+    env = dict(command="python scripts/bench_attention.py", gpu="GPU", sms=132, torch="t",
+               triton="tr", cuda="c", cudnn=1, python="3.12", date="d")
+    dec = dict(model="m", batch=8, context=32768)
+    res = dict(
+        env=env, copy_bw=4e12, elapsed_s=1.0, sweep=[], encode=[], errors=["x skipped"],
+        decode=[dict(dec, method="sdpa_bf16_cudnn", preset=None, ms=0.4, tbps=2.0),
+                dict(dec, method="sdpa_bf16_flash", preset=None, ms=0.2, tbps=3.0),
+                dict(dec, method="polar_triton", preset="paper", ms=0.1, tbps=1.0),
+                dict(dec, method="dequant_then_sdpa", preset="paper", ms=0.5, tbps=0.2)],
+        prefill=[dict(model="m", method="sdpa_bf16_cudnn", ms=2.0, tflops=100.0),
+                 dict(model="m", method="polar_dequant_sdpa", causal=True, ms=4.0,
+                      tflops=20.0),
+                 dict(model="m", method="polar_triton", causal=False, error="boom")],
+    )
+    md = mod.render_markdown(res)
+    # decode: cuDNN 0.4 / ours 0.1 = 4.00x; flash 2.00x; dequant 5.00x
+    assert "| m | 8 | 32K | paper | 0.1000 | 1.00 | 0.4000 | 0.2000 | 0.5000 | 4.00 | 2.00 | " \
+           "5.00 |" in md
+    assert "| m | polar_dequant_sdpa | True | 4.000 | 20.0 | 0.50 |" in md
+    assert "| m | polar_triton | False | — | — | — |" in md
+    assert "- x skipped" in md
