@@ -336,7 +336,7 @@ def main():
             kt = (k[:, :, n:].float() @ rot.T)
             vt = (v[:, :, n:].float() @ rot.T)
             # "prefill": the fused kernel with query tiles; "dequant": dequantize the cache
-            # once + PyTorch SDPA (what launch_attention picks from DEQUANT_MIN_Q queries).
+            # once + PyTorch SDPA (opt-in for "auto" via POLARTENSOR_DEQUANT_MIN_Q).
             for mode, method in (("prefill", "polar_triton"), ("dequant", "polar_dequant_sdpa")):
                 for causal in (False, True):
                     try:

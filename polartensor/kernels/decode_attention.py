@@ -263,10 +263,11 @@ def launch_attention(
     if out is None:
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
     if mode == "auto":
-        from .prefill_attention import DEQUANT_MIN_Q
+        from .prefill_attention import dequant_min_q
 
+        dq_min = None if interp else dequant_min_q()
         mode = ("decode" if tq <= 16 else
-                "dequant" if tq >= DEQUANT_MIN_Q and not interp else "prefill")
+                "dequant" if dq_min is not None and tq >= dq_min else "prefill")
     if mode == "dequant":
         from .prefill_attention import dequant_sdpa
 

@@ -6,11 +6,13 @@ second axis (each program: the whole GQA group x ``BLOCK_T`` query positions of 
 and a single KV split, so the output is finalised (normalised and un-rotated) in the same
 kernel. With a causal mask each query tile stops at its last visible key.
 
-Long query chunks (``mode="dequant"``, chosen by ``launch_attention`` on the GPU for
-``q_len >= DEQUANT_MIN_Q``) instead dequantize the cache once with the dequant kernel and run
-PyTorch's SDPA on the rotated vectors: the fused kernel decodes the whole cache again for every
-query tile, which made a 2K-token chunk on a 32K cache 10x slower than bf16 SDPA. The price is
-a transient 16-bit copy of this layer's cache during that call.
+Long query chunks can instead (``mode="dequant"``) dequantize the cache once with the dequant
+kernel and run PyTorch's SDPA on the rotated vectors: the fused kernel decodes the whole cache
+again for every query tile, which made a 2K-token chunk on a 32K cache 10x slower than bf16
+SDPA. The price is a transient 16-bit copy of this layer's cache during that call. It is
+tested against the reference under the interpreter but has not yet run on a GPU, so
+``launch_attention``'s "auto" picks it only when ``POLARTENSOR_DEQUANT_MIN_Q`` is set (to the
+query length from which to use it).
 
 Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 """
@@ -18,17 +20,21 @@ Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .decode_attention import launch_attention
 
-__all__ = ["prefill_attention", "dequant_sdpa", "DEQUANT_MIN_Q"]
+__all__ = ["prefill_attention", "dequant_sdpa", "dequant_min_q"]
 
-# Query lengths from which launch_attention (mode "auto", not under the interpreter) takes
-# the dequantize-once path.
-DEQUANT_MIN_Q = 64
+
+def dequant_min_q() -> int | None:
+    """Query length from which launch_attention's "auto" mode (on the GPU) takes the
+    dequantize-once path; None (the default until it is benchmarked on the GPU): never."""
+    v = os.environ.get("POLARTENSOR_DEQUANT_MIN_Q", "")
+    return int(v) if v else None
 
 
 def _dequant_rotated(codes, radii, trig, cfg, d, dtype, tail):

@@ -257,7 +257,7 @@ def test_table_cache_never_serves_a_freed_tensors_table():
 def test_long_query_paths_match_reference(mode, dtype, group, causal, mask_kind, n, t,
                                           with_tail):
     """Both long-query paths: the fused kernel with query tiles ("prefill") and dequantize
-    once + PyTorch SDPA ("dequant", what "auto" picks on the GPU from DEQUANT_MIN_Q queries),
+    once + PyTorch SDPA ("dequant", opt-in for "auto" with POLARTENSOR_DEQUANT_MIN_Q),
     including a full-precision tail, masks, rows that see no key, and t > n (causal)."""
     d = HEAD_DIMS[1]
     b, hk = 2, 2
