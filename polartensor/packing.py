@@ -8,10 +8,9 @@ the 16-bit window starting at its byte. Unused tail bits are zero.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from ._tracing import tracing
 from .config import PolarQuantConfig
 
 __all__ = ["pack_codes", "unpack_codes"]
@@ -39,14 +38,28 @@ def pack_codes(
     return packed.to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=128)
+_PLANS: dict = {}
+
+
 def _unpack_plan(config: PolarQuantConfig, head_dim: int, device: torch.device):
-    """Per level: (byte index, shift, mask) of every code, for 16-bit window reads."""
-    plan = []
-    for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
-                         config.level_bit_offsets(head_dim)):
-        pos = off + torch.arange(n, dtype=torch.int64) * b
-        plan.append((n, b, (pos >> 3).to(device), (pos & 7).to(torch.int32).to(device)))
+    """Per level: (byte index, shift, mask) of every code, for 16-bit window reads.
+
+    Cached per device in eager mode; under torch.compile (or fake tensors) it is built in the
+    graph (a few aranges that Inductor folds), since a cached real tensor is not a fake tensor.
+    """
+    compiling = tracing()
+    key = (config, head_dim, device)
+    plan = None if compiling else _PLANS.get(key)
+    if plan is None:
+        plan = []
+        for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
+                             config.level_bit_offsets(head_dim)):
+            pos = off + torch.arange(n, dtype=torch.int64, device=device) * b
+            plan.append((n, b, pos >> 3, (pos & 7).to(torch.int32)))
+        if not compiling:
+            if len(_PLANS) >= 128:
+                _PLANS.clear()
+            _PLANS[key] = plan
     return plan
 
 

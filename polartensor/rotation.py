@@ -1,17 +1,37 @@
-"""Seeded random rotations S (y = S x) that make any input look uniform on the sphere."""
+"""Seeded random rotations S (y = S x) that make any input look uniform on the sphere.
+
+The matrices are drawn once per ``(head_dim, kind, seed)`` on the CPU in float64 and cached per
+device and dtype in plain dicts. Under ``torch.compile`` (or any fake-tensor tracing) the cache
+is not read: a seeded ``torch.Generator`` cannot be traced and a cached real tensor is not a
+fake tensor, so a traced graph gets the matrix from the opaque op ``polartensor::rotation_matrix``
+(it reads the same cache at run time and returns a copy). No graph break, no recompile when the
+cache fills, and the same matrix bit for bit.
+"""
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ._tracing import tracing
 
 __all__ = ["rotation_matrix", "rotate", "unrotate"]
 
+_KINDS = ("orthogonal", "hadamard", "none")
+_MAX_ENTRIES = 256
+_CPU: dict[tuple, torch.Tensor] = {}  # (head_dim, kind, seed) -> float64 CPU matrix
+_MATRICES: dict[tuple, torch.Tensor] = {}  # (head_dim, kind, seed, device, dtype) -> matrix
 
-@functools.lru_cache(maxsize=64)
-def _rotation_cpu(head_dim: int, kind: str, seed: int) -> torch.Tensor:
+
+def _check(head_dim: int, kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown rotation {kind!r}; use 'orthogonal', 'hadamard' or 'none'")
+    if kind == "hadamard" and head_dim & (head_dim - 1):
+        raise ValueError(f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}")
+
+
+def _draw(head_dim: int, kind: str, seed: int) -> torch.Tensor:
     # Generated on the CPU in float64 so a seed gives the same matrix on every device.
+    _check(head_dim, kind)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "none":
         return torch.eye(head_dim, dtype=torch.float64)
@@ -20,22 +40,43 @@ def _rotation_cpu(head_dim: int, kind: str, seed: int) -> torch.Tensor:
         q, r = torch.linalg.qr(g)
         # Fix the signs by diag(R) so the draw is Haar-distributed and reproducible.
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    if kind == "hadamard":
-        if head_dim & (head_dim - 1):
-            raise ValueError(f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}")
-        signs = torch.randint(0, 2, (head_dim,), generator=gen, dtype=torch.int64) * 2 - 1
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < head_dim:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return h / head_dim**0.5 * signs.to(torch.float64).unsqueeze(0)
-    raise ValueError(f"unknown rotation {kind!r}; use 'orthogonal', 'hadamard' or 'none'")
+    signs = torch.randint(0, 2, (head_dim,), generator=gen, dtype=torch.int64) * 2 - 1
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < head_dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / head_dim**0.5 * signs.to(torch.float64).unsqueeze(0)
 
 
-@functools.lru_cache(maxsize=256)
-def _rotation_cached(
-    head_dim: int, kind: str, seed: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    return _rotation_cpu(head_dim, kind, seed).to(device=device, dtype=dtype)
+def _remember(table: dict, key: tuple, value: torch.Tensor) -> torch.Tensor:
+    if len(table) >= _MAX_ENTRIES:
+        table.clear()
+    table[key] = value
+    return value
+
+
+def _cached(head_dim: int, kind: str, seed: int, device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
+    key = (head_dim, kind, seed, device, dtype)
+    s = _MATRICES.get(key)
+    if s is None:
+        base = _CPU.get(key[:3])
+        if base is None:
+            base = _remember(_CPU, key[:3], _draw(head_dim, kind, seed))
+        s = _remember(_MATRICES, key, base.to(device=device, dtype=dtype).contiguous())
+    return s
+
+
+@torch.library.custom_op("polartensor::rotation_matrix", mutates_args=())
+def _rotation_op(head_dim: int, kind: str, seed: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    # A copy: a custom op's output must not alias the cache (Inductor may reuse the buffer).
+    return _cached(head_dim, kind, seed, device, dtype).clone(memory_format=torch.contiguous_format)
+
+
+@_rotation_op.register_fake
+def _(head_dim, kind, seed, device, dtype):
+    _check(head_dim, kind)
+    return torch.empty(head_dim, head_dim, device=device, dtype=dtype)
 
 
 def rotation_matrix(
@@ -45,8 +86,15 @@ def rotation_matrix(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The d x d orthogonal matrix S for ``(kind, seed)``; rows act on column vectors x."""
-    return _rotation_cached(head_dim, kind, seed, torch.device(device), dtype)
+    """The d x d orthogonal matrix S for ``(kind, seed)``; rows act on column vectors x.
+
+    Eager calls return the cached tensor (do not modify it in place); under torch.compile
+    (or fake tensors) it comes from ``torch.ops.polartensor.rotation_matrix`` (same values).
+    """
+    device = torch.device(device)
+    if tracing():
+        return _rotation_op(head_dim, kind, seed, device, dtype)
+    return _cached(head_dim, kind, seed, device, dtype)
 
 
 def rotate(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:

@@ -277,13 +277,19 @@ class MixedKV:
 
     What :class:`PolarQuantCache` hands the "polar" attention when some cached tokens are not
     quantized (residual window, paper mode). ``dequantize()`` gives the plain tensor.
+
+    ``config`` is the quantized part's PolarQuantConfig. The cache passes it in from the layer:
+    under torch.compile a non-tensor attribute of a PolarQuantTensor created inside the
+    compiled region cannot be read (Dynamo cannot wrap it), while the layer's config can.
     """
 
-    __slots__ = ("quantized", "tail")
+    __slots__ = ("quantized", "tail", "config")
 
-    def __init__(self, quantized: PolarQuantTensor, tail: torch.Tensor) -> None:
+    def __init__(self, quantized: PolarQuantTensor, tail: torch.Tensor,
+                 config: PolarQuantConfig | None = None) -> None:
         self.quantized = quantized
         self.tail = tail
+        self.config = quantized.config if config is None else config
 
     @property
     def shape(self) -> torch.Size:
@@ -357,7 +363,8 @@ def attend(
     if fused is not None:
         return fused(query, kq, vq, kt, vt, attn_mask=attn_mask, is_causal=is_causal,
                      scale=scale, enable_gqa=enable_gqa)
-    return _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale)
+    return _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale,
+                                key.config, value.config)
 
 
 def _plain_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, dropout_p):
@@ -379,11 +386,12 @@ def _plain_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, drop
     )
 
 
-def _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale):
+def _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale, kcfg, vcfg):
     """Exact joint softmax over [quantized prefix | full-precision tail] (PyTorch reference).
 
     The quantized part is scored in the rotated domain (rotate the query once) and its
     weighted values are un-rotated once, as in polar_sdpa; the tail is plain attention.
+    ``kcfg`` / ``vcfg``: the configs of ``kq`` / ``vq`` (see MixedKV.config).
     """
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     hq, hk = query.shape[-3], kq.shape[-3]
@@ -392,7 +400,6 @@ def _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale):
     group = hq // hk
     d = query.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kcfg, vcfg = kq.config, vq.config
     q = query.to(work)
     q_rot = rotate(q, kcfg.rotation, kcfg.seed)
     k_rot, v_rot = kq.dequantize_rotated(work), vq.dequantize_rotated(work)
@@ -674,7 +681,7 @@ class PolarQuantLayer(CacheLayerMixin):
             return kq, vq
         if kq is None:
             return kt, vt
-        return MixedKV(kq, kt), MixedKV(vq, vt)
+        return MixedKV(kq, kt, self.key_config), MixedKV(vq, vt, self.value_config)
 
     def _dequantized(self, q, tail):
         if self.polar_attention is None:  # "auto" and no "polar" attention seen

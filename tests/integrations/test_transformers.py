@@ -529,6 +529,87 @@ def test_static_cache_decode_step_compiles_kernel_path():
     assert cache.layers[0].dequantized()[0].shape == (2, 2, ids.shape[1] + n_new, 64)
 
 
+def _decode_logits(model, step_fn, cache, ids, n_new, mask=None, fixed_mask_len=None,
+                   strict_after_first=False):
+    """Prefill ``ids`` eagerly, then ``n_new`` greedy one-token steps through ``step_fn``;
+    returns the stacked step logits [B, n_new, vocab]."""
+    out = _forward(model, ids, cache, attention_mask=mask)
+    tok = out.logits[:, -1:].argmax(-1)
+    b, t = ids.shape
+    if mask is None:
+        mask = torch.ones_like(ids)
+    pos = mask.sum(-1, keepdim=True) - 1
+    logits = []
+    for i in range(n_new):
+        pos = pos + 1
+        if fixed_mask_len is not None:  # a static cache: one mask width for every step
+            m = torch.cat([mask, mask.new_ones(b, fixed_mask_len - t)], dim=1)
+        else:
+            m = torch.cat([mask, mask.new_ones(b, i + 1)], dim=1)
+        stance = "fail_on_recompile" if (strict_after_first and i) else "default"
+        with torch.compiler.set_stance(stance):
+            out = step_fn(input_ids=tok, attention_mask=m, position_ids=pos, use_cache=True,
+                          **generate_kwargs(cache))
+        logits.append(out.logits[:, -1])
+        tok = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("kv", [
+    pytest.param({}, id="paper-mode"),  # generated tokens in a full-precision tail (MixedKV)
+    pytest.param({"quantize_generated": True}, id="quantize-generated"),
+    pytest.param({"residual_length": 2, "flush_chunk": 1, "quantize_generated": True},
+                 id="residual-window"),
+])
+def test_decode_step_compiles_fullgraph_reference_path(kv):
+    """torch.compile(fullgraph=True) of the one-token decode step with a (dynamic)
+    PolarQuantCache on the PyTorch reference path equals eager, step after step, while the
+    cache grows. (A dynamic cache's Python-int lengths recompile as it grows; a static cache
+    does not, see the next test.)"""
+    from polartensor.kernels import dispatch
+
+    torch._dynamo.reset()
+    assert not dispatch.use_triton(torch.device(DEVICE))
+    model = _tiny("llama", 32, 4, 2, layers=1)
+    model.set_attn_implementation("polar")
+    ids, mask = _batch(batch=2, length=9, pad=(0, 2))
+    n_new = 3
+    with torch.no_grad():
+        eager = _decode_logits(model, model.forward, PolarQuantCache(**kv), ids, n_new, mask)
+        cache = PolarQuantCache(**kv)
+        step = torch.compile(model.forward, backend=COMPILE_BACKEND, fullgraph=True)
+        compiled = _decode_logits(model, step, cache, ids, n_new, mask)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1] + n_new
+    k, v = cache.layers[0].dequantized()
+    assert k.shape == v.shape == (2, 2, ids.shape[1] + n_new, 32)
+
+
+def test_static_cache_decode_step_compiles_fullgraph_reference_path():
+    """The static cache on the reference path: fullgraph, one compile for every step."""
+    from polartensor.kernels import dispatch
+
+    torch._dynamo.reset()
+    assert not dispatch.use_triton(torch.device(DEVICE))
+    model = _tiny("llama", 64, 4, 2, layers=1)
+    model.set_attn_implementation("polar")
+    ids, mask = _batch(batch=2, pad=(0, 2))
+    n_new = 3
+
+    def new_cache():
+        return PolarQuantCache(max_cache_len=24, model_config=model.config)
+
+    with torch.no_grad():
+        eager = _decode_logits(model, model.forward, new_cache(), ids, n_new, mask, 24)
+        cache = new_cache()
+        step = torch.compile(model.forward, backend=COMPILE_BACKEND, fullgraph=True)
+        compiled = _decode_logits(model, step, cache, ids, n_new, mask, 24,
+                                  strict_after_first=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert int(cache.get_seq_length()) == ids.shape[1] + n_new
+    assert cache.layers[0].dequantized()[0].shape == (2, 2, ids.shape[1] + n_new, 64)
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_unsupported_head_dim_is_a_clear_error():
     """A fixed-depth config (paper: blocks of 16) cannot serve head_dim 24: a clear error at
