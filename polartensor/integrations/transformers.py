@@ -342,8 +342,9 @@ def attend(
 
     ``is_causal`` is bottom-right aligned (new queries after cached tokens) and may be combined
     with ``attn_mask``. The single call site for attention over the cache: a fused
-    "quantized + full-precision tail" kernel plugs in here
-    (``polartensor.kernels.dispatch.scaled_dot_product_attention_with_tail``).
+    "quantized + full-precision tail" kernel runs where the kernels run
+    (``polartensor.kernels.dispatch.scaled_dot_product_attention_with_tail``), else the
+    PyTorch reference below.
     """
     kq, kt = _split(key)
     vq, vt = _split(value)
@@ -359,10 +360,11 @@ def attend(
             query, kq, vq, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    fused = getattr(dispatch, "scaled_dot_product_attention_with_tail", None)
-    if fused is not None:
-        return fused(query, kq, vq, kt, vt, attn_mask=attn_mask, is_causal=is_causal,
-                     scale=scale, enable_gqa=enable_gqa)
+    out = dispatch.scaled_dot_product_attention_with_tail(
+        query, kq, vq, kt, vt, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=enable_gqa, key_config=key.config, value_config=value.config)
+    if out is not None:  # the fused kernel took it (CUDA, or CPU under the interpreter)
+        return out
     return _reference_with_tail(query, kq, vq, kt, vt, attn_mask, is_causal, scale,
                                 key.config, value.config)
 

@@ -17,7 +17,8 @@ import torch
 
 from ..attention import polar_sdpa, validate_sdpa_args
 
-__all__ = ["scaled_dot_product_attention", "encode_into", "use_triton", "force_reference"]
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_with_tail",
+           "encode_into", "use_triton", "force_reference"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FORCE_REFERENCE = [False]
@@ -146,6 +147,73 @@ def scaled_dot_product_attention(
         _trig(value.centroids),
         None, None, None, None, mask, bool(is_causal), scale, list(kc.bits), list(vc.bits),
         kc.rotation, kc.seed, vc.rotation, vc.seed,
+    )
+    return out.reshape(query.shape)
+
+
+def scaled_dot_product_attention_with_tail(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_tail: torch.Tensor,
+    value_tail: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    key_config=None,
+    value_config=None,
+) -> torch.Tensor | None:
+    """Attention over [quantized ``key``/``value`` | full-precision ``key_tail``/``value_tail``]
+    (the transformers cache's default: quantized prompt, 16-bit generated tokens) in one
+    kernel pass with a joint softmax; ``attn_mask`` broadcasts to [..., Hq, Tq, N + NT].
+
+    ``key_config`` / ``value_config``: the configs of ``key`` / ``value`` when the caller has
+    them (under torch.compile a config attribute of a PolarQuantTensor made inside the compiled
+    region cannot be read). Returns None when the kernels cannot take the call (CPU without
+    the interpreter, float64, head_dim, shapes, mask): the caller then runs its reference."""
+    from ..polar_quant_tensor import PolarQuantTensor
+    from ..rotation import rotate
+    from .common import supported_head_dim
+
+    if not (use_triton(query.device)
+            and isinstance(key, PolarQuantTensor) and isinstance(value, PolarQuantTensor)
+            and query.dtype in _KERNEL_DTYPES and query.dim() >= 3
+            and supported_head_dim(query.shape[-1])
+            and key_tail.is_floating_point() and value_tail.is_floating_point()
+            and key_tail.device == query.device and value_tail.device == query.device
+            and key.shape[:-2] == key_tail.shape[:-2] == value_tail.shape[:-2]
+            and key_tail.shape[-2] == value_tail.shape[-2]
+            and key.shape[-1] == key_tail.shape[-1] == value_tail.shape[-1] == query.shape[-1]
+            and key.shape[-2] > 0 and query.shape[:-3] == key.shape[:-3]
+            and _kernels_available()):
+        return None
+    hq, tq, d = query.shape[-3:]
+    hk, n, nt = key.shape[-3], key.shape[-2], key_tail.shape[-2]
+    if hq % hk or (hq != hk and not enable_gqa):
+        return None
+    batch_shape = query.shape[:-3]
+    mask, ok = _kernel_mask(attn_mask, batch_shape, hq, tq, n + nt)
+    if not ok:
+        return None
+    kc = key.config if key_config is None else key_config
+    vc = value.config if value_config is None else value_config
+    if kc.levels > 8 or vc.levels > 8:
+        return None
+    q = query.reshape(-1, hq, tq, d)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    # The kernel takes the tail in the rotated domain of its K / V.
+    kt = rotate(key_tail.to(torch.float32), kc.rotation, kc.seed).reshape(-1, hk, nt, d)
+    vt = rotate(value_tail.to(torch.float32), vc.rotation, vc.seed).reshape(-1, hk, nt, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = torch.ops.polartensor.attention(
+        q,
+        _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
+        _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
+        _trig(value.centroids),
+        None, None, kt.contiguous(), vt.contiguous(), mask, bool(is_causal), scale,
+        list(kc.bits), list(vc.bits), kc.rotation, kc.seed, vc.rotation, vc.seed,
     )
     return out.reshape(query.shape)
 

@@ -293,3 +293,47 @@ def test_long_query_paths_match_reference(mode, dtype, group, causal, mask_kind,
     if mask_kind == "pad_all":
         assert torch.equal(out[1], torch.zeros_like(out[1]))
     _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["none", "pad"])
+def test_attention_with_tail_matches_reference(tq, mask_kind, monkeypatch):
+    """The transformers cache's default layout, [quantized prompt | 16-bit generated tokens]:
+    ``attend`` runs it through the kernel (dispatch.scaled_dot_product_attention_with_tail)
+    with one joint softmax, equal to the PyTorch reference."""
+    from polartensor.integrations import transformers as ptx
+
+    d = HEAD_DIMS[1]
+    b, hk, group = 2, 2, 3
+    n, nt = (1500, 40) if ON_GPU else (37, 6)
+    kcfg, vcfg = get_preset("polar-4", head_dim=d), get_preset("polar-3", head_dim=d)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), kcfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), vcfg)
+    kt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    vt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    mask = None
+    if mask_kind == "pad":
+        mask = torch.ones(b, 1, 1, n + nt, dtype=torch.bool)
+        mask[1, ..., :5] = False
+        mask = mask.to(DEVICE)
+    ref = ptx._reference_with_tail(q, k, v, kt, vt, mask, True, None, kcfg, vcfg)
+
+    def boom(*a, **kw):
+        raise AssertionError("attend fell back to the reference")
+
+    monkeypatch.setattr(ptx, "_reference_with_tail", boom)
+    out = ptx.attend(q, ptx.MixedKV(k, kt), ptx.MixedKV(v, vt), attn_mask=mask, is_causal=True,
+                     enable_gqa=True)
+    _close(out, ref, torch.float32)
+
+
+def test_attention_with_tail_declines_what_kernels_do_not_take():
+    d = HEAD_DIMS[0]
+    k = quantize(torch.randn(1, 2, 9, d, device=DEVICE), "paper")
+    kt = torch.randn(1, 2, 3, d, device=DEVICE)
+    q64 = torch.randn(1, 2, 1, d, device=DEVICE, dtype=torch.float64)
+    assert dispatch.scaled_dot_product_attention_with_tail(q64, k, k, kt, kt) is None
+    q = torch.randn(1, 2, 1, d, device=DEVICE)
+    assert dispatch.scaled_dot_product_attention_with_tail(q, k, k, kt[:1, :1], kt) is None
