@@ -169,6 +169,7 @@ def main():
         triton=triton.__version__, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        decode=os.environ.get("POLARTENSOR_DECODE", "reshape"),
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -458,6 +459,7 @@ def render_markdown(res) -> str:
            f"- command: `{env['command']}`",
            f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
+           f"- tile decode: {env.get('decode', 'reshape')} (POLARTENSOR_DECODE)",
            f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
            f"- device copy bandwidth (read + write): "
            f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",

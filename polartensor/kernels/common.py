@@ -280,3 +280,14 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             sh = (pos + b * tl.arange(0, n)).to(tl.int64)
             tail = tail | tl.sum(code.to(tl.int64) << sh[None, :], axis=1)
     return rr, tail
+
+
+# The attention and dequant kernels take ``decode_tile`` from this module when they are
+# imported. POLARTENSOR_DECODE=joined selects the tree decode without in-tree reshapes
+# (kernels/tree_decode.py): fewer layout conversions on sm_90, bit-identical under the
+# interpreter, opt-in until it has been tested and timed on a GPU.
+_DECODE = os.environ.get("POLARTENSOR_DECODE", "reshape")
+if _DECODE == "joined":
+    from .tree_decode import decode_tile_joined as decode_tile  # noqa: E402, F401, F811
+elif _DECODE != "reshape":
+    raise ValueError(f"POLARTENSOR_DECODE={_DECODE!r}: use 'reshape' (default) or 'joined'")

@@ -1,0 +1,279 @@
+"""Tree decode without in-tree reshapes: the same contract as ``common.decode_tile``, built so
+that Triton needs no register-layout conversions inside the attention loop.
+
+``decode_tile`` splits every node with ``tl.reshape(tl.join(r cos, r sin))`` and reads each
+level's codes as reshaped words; on sm_90 that compiles to 26 layout conversions (shared-memory
+round trips with barriers) per K/V tile of the attention loop for the paper preset, and the
+H200 benchmark measured the decode, not the bytes, as the bottleneck. Here:
+
+* the radii [BN, NB] are loaded once as a 2-D tile and every level appends its split as a new
+  minor dim with ``tl.join``: [BN, NB] -> [BN, NB, 2] -> ... -> one reshape to [BN, D] at the
+  end (join appends the minor dim, which is exactly the interleaved coordinate order);
+* a level's codes go through the same chain of joins: each block's codes of the level are
+  read as 2**k words (<= 32 bits) of [BN, NB] int32 (a few masked byte loads, plus a run-time
+  shift when a word is not byte-aligned), joined word-index MSB first, then every word is
+  halved by joins until one code per element remains, so codes and radii share one layout;
+* levels of <= 2 bits select among <= 4 scalar cos/sin values (``tl.where``); 0-bit levels
+  multiply by the constant cos/sin of slot 0; wider levels gather from the table with an
+  elementwise ``ld.global.nc`` (a ``tl.load`` there made the compiler convert layouts);
+* rows with fewer than 8 radii (full-depth presets) decode their top levels directly in 2-D
+  so that the tree's root level spreads over the threads.
+
+Offline sm_90 compilation (TTGIR) of the attention kernel, paper preset, d 128, group 4, bf16:
+26 -> 2 layout conversions (none left in the loop), 126 -> 26 barriers in the PTX; polar-4:
+38 -> 2. Bit-identical to ``decode_tile`` under the interpreter for every preset at head_dim
+16..256 and odd configurations (tests/kernels/test_tree_decode.py).
+
+Opt-in: it has not yet run on a GPU. ``POLARTENSOR_DECODE=joined`` (read at import) makes the
+attention and dequant kernels use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Table gathers of >= 3-bit levels run on tensors in the joined (#linear) layout; a tl.load
+# there makes the coalesce pass convert the pointers to a #blocked layout and the values back.
+# An elementwise inline-asm ld.global.nc is layout-agnostic, so no conversion is inserted.
+# (The interpreter has no inline asm: plain tl.load there.)
+_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+# The join tree starts from a 2-D [BN, NBB] tensor with NBB >= _NBB_MIN nodes per row: when a
+# row has fewer radii (full-depth presets: NB = 1 or 2), the top levels are decoded directly
+# in 2-D (each level-l0 node multiplies its ancestors' cos/sin) so that the tree root spreads
+# over the threads instead of piling every coordinate of a row into one thread.
+_NBB_MIN = tl.constexpr(8)
+
+__all__ = ["decode_tile_joined"]
+
+
+@triton.constexpr_function
+def _word_codes(b, P, bitoff):
+    """Codes per word CW (power of two dividing P) and whether words are byte-aligned."""
+    cw = 1
+    while cw * 2 <= P and cw * 2 * b <= 32:
+        cw *= 2
+    if bitoff % 8 == 0 and (cw * b) % 8 == 0:
+        return cw
+    cw = 1
+    while cw * 2 <= P and cw * 2 * b <= 24:
+        cw *= 2
+    return cw
+
+
+@triton.constexpr_function
+def _aligned(b, cw, bitoff):
+    return bitoff % 8 == 0 and (cw * b) % 8 == 0
+
+
+@triton.constexpr_function
+def _ilog2(x):
+    return x.bit_length() - 1
+
+
+@triton.constexpr_function
+def _top_count(NB, L, nbb_min):
+    t = 0
+    while t < L and (NB << t) < nbb_min:
+        t += 1
+    return t
+
+
+@triton.jit
+def _ldg(p):
+    if _ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [p],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
+               K: tl.constexpr, NNODES: tl.constexpr, LV: tl.constexpr,
+               TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+    """A level above the tree root, decoded in 2-D: r [BN, NBB] (one entry per node u of the
+    root level l0) times cos/sin of its ancestor's angle at this level (K = l - l0)."""
+    b: tl.constexpr = LV & 15
+    pos: tl.constexpr = LV >> 8
+    s = (u >> (K - 1)) & 1
+    if b == 0:
+        v = tl.where(s != 0, tl.load(cos_ptr + SINOFF), tl.load(cos_ptr))
+    else:
+        if NNODES >= 8:
+            BITOFF: tl.constexpr = pos * 8
+        else:
+            BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
+        bit0 = BITOFF + (u >> K) * b
+        byte = bit0 >> 3
+        w = tl.load(codes_ptr + rec_base + byte, mask=valid2, other=0).to(tl.int32)
+        if BITOFF % 8 != 0 or 8 % b != 0:
+            w2 = tl.load(codes_ptr + rec_base + byte + 1, mask=valid2 & (byte + 1 < R), other=0)
+            w = w | (w2.to(tl.int32) << 8)
+        c = (w >> (bit0 & 7)) & ((1 << b) - 1)
+        v = tl.load(cos_ptr + c + s * SINOFF)
+    return r * v
+
+
+@triton.jit
+def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexpr,
+               b: tl.constexpr, CW: tl.constexpr, BITOFF: tl.constexpr, R: tl.constexpr):
+    """Word ``w`` (CW codes) of every block's level chunk: [BN, NB] int32, code 0 in the low
+    bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index."""
+    WBITS: tl.constexpr = CW * b
+    if _aligned(b, CW, BITOFF):
+        NBY: tl.constexpr = WBITS // 8
+        # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
+        byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8
+        word = tl.zeros(byte0.shape, dtype=tl.int32)
+        for k in tl.static_range(NBY):
+            bt = tl.load(codes_ptr + byte0 + k, mask=valid2, other=0)
+            word = word | (bt.to(tl.int32) << (8 * k))
+    else:
+        NBY: tl.constexpr = (WBITS + 14) // 8
+        bit0 = BITOFF + (blk * P + w * CW) * b  # [1, NB] int
+        byte_in = bit0 >> 3
+        sh = bit0 & 7
+        byte0 = rec_base + byte_in
+        word = tl.zeros(byte0.shape, dtype=tl.int32)
+        for k in tl.static_range(NBY):
+            m = valid2 & ((byte_in + k) < R)
+            bt = tl.load(codes_ptr + byte0 + k, mask=m, other=0)
+            word = word | (bt.to(tl.int32) << (8 * k))
+        word = word >> sh
+    if WBITS < 32:
+        word = word & ((1 << WBITS) - 1)
+    return word
+
+
+@triton.jit
+def _word_tree(codes_ptr, rec_base, blk, valid2, base: tl.constexpr, stride: tl.constexpr,
+               K: tl.constexpr, P: tl.constexpr, b: tl.constexpr, CW: tl.constexpr,
+               BITOFF: tl.constexpr, R: tl.constexpr):
+    """Words base + stride * i (i < 2**K) as [BN, NB, 2 (x K)], word-index MSB first."""
+    if K == 0:
+        return _load_word(codes_ptr, rec_base, blk, valid2, base, P, b, CW, BITOFF, R)
+    else:
+        lo = _word_tree(codes_ptr, rec_base, blk, valid2, base, 2 * stride, K - 1, P, b, CW,
+                        BITOFF, R)
+        hi = _word_tree(codes_ptr, rec_base, blk, valid2, base + stride, 2 * stride, K - 1, P,
+                        b, CW, BITOFF, R)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
+    """Split every word of CW codes into [..., 2 (x log2 CW)] codes (MSB of index first)."""
+    if CW == 1:
+        return x
+    else:
+        HALF: tl.constexpr = (CW // 2) * b
+        y = tl.join(x & ((1 << HALF) - 1), x >> HALF)
+        return _split_words(y, b, CW // 2)
+
+
+@triton.jit
+def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.constexpr,
+              P: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+    """One level: r [BN, NB, 2 (x m)] (P = 2**m nodes per block) -> [BN, NB, 2 (x m+1)]."""
+    b: tl.constexpr = LV & 15
+    pos: tl.constexpr = LV >> 8
+    if b == 0:
+        cs = tl.load(cos_ptr)
+        sn = tl.load(sin_ptr)
+        return tl.join(r * cs, r * sn)
+    else:
+        # head levels: pos is a byte offset; tail levels: a bit offset inside the tail
+        # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8).
+        NNODES: tl.constexpr = NB * P
+        if NNODES >= 8:
+            BITOFF: tl.constexpr = pos * 8
+        else:
+            BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
+        CW: tl.constexpr = _word_codes(b, P, BITOFF)
+        K: tl.constexpr = _ilog2(P // CW)
+        words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
+        c = _split_words(words, b, CW)
+        if b == 1:
+            c0 = tl.load(cos_ptr)
+            c1 = tl.load(cos_ptr + 1)
+            s0 = tl.load(sin_ptr)
+            s1 = tl.load(sin_ptr + 1)
+            odd = (c & 1) != 0
+            cs = tl.where(odd, c1, c0)
+            sn = tl.where(odd, s1, s0)
+        elif b == 2:
+            c0 = tl.load(cos_ptr)
+            c1 = tl.load(cos_ptr + 1)
+            c2 = tl.load(cos_ptr + 2)
+            c3 = tl.load(cos_ptr + 3)
+            s0 = tl.load(sin_ptr)
+            s1 = tl.load(sin_ptr + 1)
+            s2 = tl.load(sin_ptr + 2)
+            s3 = tl.load(sin_ptr + 3)
+            odd = (c & 1) != 0
+            hi = (c & 2) != 0
+            cs = tl.where(hi, tl.where(odd, c3, c2), tl.where(odd, c1, c0))
+            sn = tl.where(hi, tl.where(odd, s3, s2), tl.where(odd, s1, s0))
+        else:
+            ci = c & ((1 << b) - 1)
+            cs = _ldg(cos_ptr + ci)
+            sn = _ldg(sin_ptr + ci)
+        return tl.join(r * cs, r * sn)
+
+
+@triton.jit
+def _any_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO: tl.constexpr, LVL: tl.constexpr,
+               L0: tl.constexpr, NBB: tl.constexpr, D: tl.constexpr, LV: tl.constexpr,
+               TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+    if LVL > L0:
+        return _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO, LVL - L0, D >> LVL,
+                          LV, TAIL_BYTE, R)
+    else:
+        return _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
+                         1 << (L0 - LVL), LV, TAIL_BYTE, R)
+
+
+@triton.jit
+def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
+                   BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
+                   NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
+                   LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
+                   LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
+    """Same contract as ``decode_tile``: decoded rotated vectors [BN, D] fp32, invalid rows 0."""
+    R: tl.constexpr = TAIL_BYTE + TAIL_NB
+    T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
+    NBB: tl.constexpr = NB << T
+    L0: tl.constexpr = L - T
+    u = tl.arange(0, NBB)[None, :]
+    valid2 = valid[:, None]
+    rec_base = rec_off[:, None]
+    r = tl.load(radii_ptr + rad_off[:, None] + (u >> T), mask=valid2,
+                other=0.0).to(tl.float32)
+    SO: tl.constexpr = L * KT
+    if L >= 8:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 7 * KT, SO, 8, L0, NBB,
+                       D, LV7, TAIL_BYTE, R)
+    if L >= 7:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 6 * KT, SO, 7, L0, NBB,
+                       D, LV6, TAIL_BYTE, R)
+    if L >= 6:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * KT, SO, 6, L0, NBB,
+                       D, LV5, TAIL_BYTE, R)
+    if L >= 5:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 4 * KT, SO, 5, L0, NBB,
+                       D, LV4, TAIL_BYTE, R)
+    if L >= 4:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 3 * KT, SO, 4, L0, NBB,
+                       D, LV3, TAIL_BYTE, R)
+    if L >= 3:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 2 * KT, SO, 3, L0, NBB,
+                       D, LV2, TAIL_BYTE, R)
+    if L >= 2:
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 1 * KT, SO, 2, L0, NBB,
+                       D, LV1, TAIL_BYTE, R)
+    r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, SO, 1, L0, NBB, D, LV0,
+                   TAIL_BYTE, R)
+    return tl.reshape(r, (BN, D))
