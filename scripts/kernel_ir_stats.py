@@ -1,0 +1,145 @@
+"""Compile the attention kernel for sm_90 offline (no GPU needed) and count what makes the tile
+decode slow: register-layout conversions (``ttg.convert_layout``, shared-memory round trips),
+shared-memory allocations and loads in the TTGIR, and barriers / shared-memory loads and stores
+in the PTX. A proxy for GPU time when no GPU is at hand, not a substitute for the benchmark.
+
+    python scripts/kernel_ir_stats.py                      # both tile decodes, paper + polar-4
+    python scripts/kernel_ir_stats.py --presets paper --head-dims 64,128 --q-len 1,64
+
+Each row compiles one configuration (a few seconds). It needs Triton's NVIDIA backend (part of
+the standard triton wheel); it does not touch a GPU driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+
+import torch
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+        torch.uint8: "*u8", torch.int32: "*i32", torch.bool: "*i1"}
+
+
+def _signature(fn, args, kwargs):
+    params = list(inspect.signature(fn.fn).parameters)
+    sig, consts = {}, {}
+    for p, a in zip(params, args):
+        if isinstance(a, torch.Tensor):
+            sig[p] = _PTR[a.dtype]
+        elif isinstance(a, bool):
+            sig[p] = "i1"
+        elif isinstance(a, int):
+            sig[p] = "i64" if abs(a) >= 2**31 else "i32"
+        elif isinstance(a, float):
+            sig[p] = "fp32"
+        else:
+            raise TypeError(f"{p}: {type(a).__name__}")
+    for p in params[len(args):]:
+        sig[p] = "constexpr"
+        consts[p] = kwargs[p]
+    return sig, consts
+
+
+def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.bfloat16):
+    """Compile the attention kernel as launch_attention would launch it; return the counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from polartensor import quantize
+    from polartensor.config import get_preset
+    from polartensor.kernels import common, decode_attention
+    from polartensor.kernels.common import trig_table
+    from polartensor.rotation import rotation_matrix
+
+    cfg = get_preset(preset, head_dim=d)
+    k = quantize(torch.randn(1, 2, 64, d), cfg)
+    q = torch.randn(1, 2 * group, q_len, d).to(dtype)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, "cpu", torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+    captured = {}
+
+    class _Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                captured.setdefault("args", (args, dict(kwargs)))
+            return launch
+
+    kernel = decode_attention.polar_decode_attn_fwd_kernel
+    saved = (decode_attention.polar_decode_attn_fwd_kernel,
+             decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
+    if decode == "joined":
+        from polartensor.kernels.tree_decode import decode_tile_joined
+        decode_attention.decode_tile = decode_tile_joined
+    else:
+        decode_attention.decode_tile = common.decode_tile
+    decode_attention.polar_decode_attn_fwd_kernel = _Capture()
+    decode_attention.polar_attn_combine_kernel = _Capture()
+    interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
+    try:
+        decode_attention.launch_attention(
+            q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
+            mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None)
+        args, kwargs = captured["args"]
+        opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
+        sig, consts = _signature(kernel, args, kwargs)
+        # The jit function binds decode_tile at compile time; drop its cached hash so a swap
+        # between calls in one process takes effect.
+        if hasattr(kernel, "hash"):
+            kernel.hash = None
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    finally:
+        (decode_attention.polar_decode_attn_fwd_kernel,
+         decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile) = saved
+        if interp is not None:
+            os.environ["TRITON_INTERPRET"] = interp
+        if hasattr(kernel, "hash"):
+            kernel.hash = None
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    return dict(
+        preset=preset, d=d, group=group, q_len=q_len, decode=decode,
+        convert_layout=len(re.findall(r"ttg\.convert_layout", ttgir)),
+        local_alloc=len(re.findall(r"ttg\.local_alloc", ttgir)),
+        ttgir_loads=len(re.findall(r"tt\.load", ttgir)),
+        shared_bytes=compiled.metadata.shared,
+        ptx_lines=ptx.count("\n"),
+        ptx_barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
+        ptx_shared_st=len(re.findall(r"\bst\.shared", ptx)),
+        ptx_shared_ld=len(re.findall(r"\bld\.shared", ptx)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="paper,polar-4")
+    ap.add_argument("--head-dims", default="128")
+    ap.add_argument("--q-len", default="1", help="1..16: decode; more: prefill tiles")
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--decodes", default="reshape,joined")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    rows = []
+    cols = ["preset", "d", "q_len", "decode", "convert_layout", "local_alloc", "ttgir_loads",
+            "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for preset in args.presets.split(","):
+        for d in (int(x) for x in args.head_dims.split(",")):
+            for tq in (int(x) for x in args.q_len.split(",")):
+                for dec in args.decodes.split(","):
+                    r = stats(preset, d, args.group, tq, dec)
+                    rows.append(r)
+                    print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
