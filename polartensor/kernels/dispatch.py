@@ -203,16 +203,20 @@ def scaled_dot_product_attention_with_tail(
     q = query.reshape(-1, hq, tq, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    # The kernel takes the tail in the rotated domain of its K / V.
-    kt = rotate(key_tail.to(torch.float32), kc.rotation, kc.seed).reshape(-1, hk, nt, d)
-    vt = rotate(value_tail.to(torch.float32), vc.rotation, vc.seed).reshape(-1, hk, nt, d)
+    # The kernel takes the tail in the rotated domain of its K / V (an empty tail: none).
+    kt = vt = None
+    if nt:
+        kt = rotate(key_tail.to(torch.float32), kc.rotation, kc.seed)
+        vt = rotate(value_tail.to(torch.float32), vc.rotation, vc.seed)
+        kt = kt.reshape(q.shape[0], hk, nt, d).contiguous()
+        vt = vt.reshape(q.shape[0], hk, nt, d).contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = torch.ops.polartensor.attention(
         q,
         _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
         _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
         _trig(value.centroids),
-        None, None, kt.contiguous(), vt.contiguous(), mask, bool(is_causal), scale,
+        None, None, kt, vt, mask, bool(is_causal), scale,
         list(kc.bits), list(vc.bits), kc.rotation, kc.seed, vc.rotation, vc.seed,
     )
     return out.reshape(query.shape)

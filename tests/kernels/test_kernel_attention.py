@@ -295,38 +295,50 @@ def test_long_query_paths_match_reference(mode, dtype, group, causal, mask_kind,
     _close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("tq", [1, 3])
-@pytest.mark.parametrize("mask_kind", ["none", "pad"])
-def test_attention_with_tail_matches_reference(tq, mask_kind, monkeypatch):
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    tq=st.integers(1, 16),
+    group=st.sampled_from([1, 3, 4]),
+    n=st.integers(1, 1500 if ON_GPU else 40),
+    nt=st.integers(0, 40 if ON_GPU else 7),
+    mask_kind=st.sampled_from(["none", "pad", "bool"]),
+    presets=st.sampled_from([("polar-4", "polar-3"), ("paper", "paper"), ("polar-2", "polar-5")]),
+)
+def test_attention_with_tail_matches_reference(dtype, tq, group, n, nt, mask_kind, presets,
+                                               monkeypatch):
     """The transformers cache's default layout, [quantized prompt | 16-bit generated tokens]:
     ``attend`` runs it through the kernel (dispatch.scaled_dot_product_attention_with_tail)
-    with one joint softmax, equal to the PyTorch reference."""
+    with one joint softmax, equal to the PyTorch reference (causal, bottom-right)."""
     from polartensor.integrations import transformers as ptx
 
     d = HEAD_DIMS[1]
-    b, hk, group = 2, 2, 3
-    n, nt = (1500, 40) if ON_GPU else (37, 6)
-    kcfg, vcfg = get_preset("polar-4", head_dim=d), get_preset("polar-3", head_dim=d)
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE)
+    b, hk = 2, 2
+    kcfg, vcfg = (get_preset(p, head_dim=d) for p in presets)
+    g = torch.Generator().manual_seed(n * 13 + nt * 5 + tq)
+    q = torch.randn(b, hk * group, tq, d, generator=g).to(dtype).to(DEVICE)
     k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), kcfg)
     v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), vcfg)
-    kt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
-    vt = torch.randn(b, hk, nt, d, generator=g).to(DEVICE)
+    kt = torch.randn(b, hk, nt, d, generator=g).to(dtype).to(DEVICE)
+    vt = torch.randn(b, hk, nt, d, generator=g).to(dtype).to(DEVICE)
     mask = None
-    if mask_kind == "pad":
+    if mask_kind == "pad":  # left padding of the second sequence
         mask = torch.ones(b, 1, 1, n + nt, dtype=torch.bool)
-        mask[1, ..., :5] = False
+        mask[1, ..., : (n + nt) // 3] = False
         mask = mask.to(DEVICE)
+    elif mask_kind == "bool":
+        mask = (torch.rand(b, 1, tq, n + nt, generator=g) > 0.3).to(DEVICE)
     ref = ptx._reference_with_tail(q, k, v, kt, vt, mask, True, None, kcfg, vcfg)
 
     def boom(*a, **kw):
         raise AssertionError("attend fell back to the reference")
 
-    monkeypatch.setattr(ptx, "_reference_with_tail", boom)
-    out = ptx.attend(q, ptx.MixedKV(k, kt), ptx.MixedKV(v, vt), attn_mask=mask, is_causal=True,
-                     enable_gqa=True)
-    _close(out, ref, torch.float32)
+    with monkeypatch.context() as m:  # per example: hypothesis reuses the fixture
+        m.setattr(ptx, "_reference_with_tail", boom)
+        out = ptx.attend(q, ptx.MixedKV(k, kt), ptx.MixedKV(v, vt), attn_mask=mask,
+                         is_causal=True, enable_gqa=group > 1)
+    _close(out, ref, dtype)
 
 
 def test_attention_with_tail_declines_what_kernels_do_not_take():
