@@ -8,9 +8,8 @@ with ``torch.compile(model.forward)``. One line per case::
     PASS|FAIL  path=... head_dim=... dtype=... cache=...  max_abs_diff=... rel=...
                graph_breaks=N graphs=N
 
-Paths: ``reference`` (pure PyTorch: ``POLARTENSOR_REFERENCE=1``, ``POLARTENSOR_TRITON_CUDA``
-unset) and ``kernel`` (the Triton kernels: ``POLARTENSOR_REFERENCE`` unset,
-``POLARTENSOR_TRITON_CUDA=1``). Both are read at call time by
+Paths: ``reference`` (pure PyTorch: ``POLARTENSOR_REFERENCE=1``) and ``kernel`` (the Triton
+kernels, the CUDA default: ``POLARTENSOR_REFERENCE`` unset). It is read at call time by
 ``polartensor.kernels.dispatch.use_triton``, which each case checks routes as intended.
 Caches: ``static`` (max_cache_len, what CUDA graphs want; quantized attention + fused encode),
 ``dynamic`` (the default paper mode: prompt quantized, generated tokens in a full-precision
@@ -104,12 +103,10 @@ def main(argv=None) -> int:
 
 
 def _set_path(path: str) -> None:
-    kernel = path == "kernel"
-    for name, on in (("POLARTENSOR_TRITON_CUDA", kernel), ("POLARTENSOR_REFERENCE", not kernel)):
-        if on:
-            os.environ[name] = "1"
-        else:
-            os.environ.pop(name, None)
+    if path == "kernel":
+        os.environ.pop("POLARTENSOR_REFERENCE", None)
+    else:
+        os.environ["POLARTENSOR_REFERENCE"] = "1"
 
 
 def tiny_llama(head_dim: int, dtype, device: str):
