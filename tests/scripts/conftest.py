@@ -30,3 +30,12 @@ def _restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _reference_attention(monkeypatch):
+    """The evaluation scripts run real SmolLM2 contexts: on the CPU they take the PyTorch
+    reference, as they do outside the test suite. (The suite sets TRITON_INTERPRET=1 for the
+    kernel tests, and the interpreter is far too slow at these sizes; the kernels' equality
+    with the reference is tested in tests/kernels.)"""
+    monkeypatch.setenv("POLARTENSOR_REFERENCE", "1")
