@@ -34,7 +34,12 @@ def dequant_min_q() -> int | None:
     """Query length from which launch_attention's "auto" mode (on the GPU) takes the
     dequantize-once path; None (the default until it is benchmarked on the GPU): never."""
     v = os.environ.get("POLARTENSOR_DEQUANT_MIN_Q", "")
-    return int(v) if v else None
+    if not v:
+        return None
+    if not v.isdigit() or int(v) < 17:
+        raise ValueError(f"POLARTENSOR_DEQUANT_MIN_Q={v!r}: set a query length >= 17 (shorter "
+                         "queries take the decode kernel), or unset it")
+    return int(v)
 
 
 def _dequant_rotated(codes, radii, trig, cfg, d, dtype, tail):

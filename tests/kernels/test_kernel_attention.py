@@ -349,3 +349,16 @@ def test_attention_with_tail_declines_what_kernels_do_not_take():
     assert dispatch.scaled_dot_product_attention_with_tail(q64, k, k, kt, kt) is None
     q = torch.randn(1, 2, 1, d, device=DEVICE)
     assert dispatch.scaled_dot_product_attention_with_tail(q, k, k, kt[:1, :1], kt) is None
+
+
+def test_dequant_min_q_setting(monkeypatch):
+    from polartensor.kernels.prefill_attention import dequant_min_q
+
+    monkeypatch.delenv("POLARTENSOR_DEQUANT_MIN_Q", raising=False)
+    assert dequant_min_q() is None
+    monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", "64")
+    assert dequant_min_q() == 64
+    for bad in ("abc", "8", "-5"):
+        monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", bad)
+        with pytest.raises(ValueError, match="POLARTENSOR_DEQUANT_MIN_Q"):
+            dequant_min_q()
