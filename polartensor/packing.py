@@ -8,6 +8,8 @@ the 16-bit window starting at its byte. Unused tail bits are zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._tracing import tracing
@@ -42,7 +44,8 @@ _PLANS: dict = {}
 
 
 def _unpack_plan(config: PolarQuantConfig, head_dim: int, device: torch.device):
-    """Per level: (byte index, shift, mask) of every code, for 16-bit window reads.
+    """Per level: (angles, bits, bit offset, byte index and shift of every code) -- the last two
+    for 16-bit window reads.
 
     Cached per device in eager mode; under torch.compile (or fake tensors) it is built in the
     graph (a few aranges that Inductor folds), since a cached real tensor is not a fake tensor.
@@ -55,7 +58,7 @@ def _unpack_plan(config: PolarQuantConfig, head_dim: int, device: torch.device):
         for n, b, off in zip(config.angles_per_level(head_dim), config.bits,
                              config.level_bit_offsets(head_dim)):
             pos = off + torch.arange(n, dtype=torch.int64, device=device) * b
-            plan.append((n, b, pos >> 3, (pos & 7).to(torch.int32)))
+            plan.append((n, b, off, pos >> 3, (pos & 7).to(torch.int32)))
         if not compiling:
             if len(_PLANS) >= 128:
                 _PLANS.clear()
@@ -68,18 +71,37 @@ def unpack_codes(
 ) -> list[torch.Tensor]:
     """Inverse of :func:`pack_codes`: int64 codes per level, shape [..., head_dim >> l].
 
-    Reads each code from the 16-bit little-endian window at its first byte, as the kernels do.
+    Byte-aligned levels are read as words of whole bytes (no gathers); the others from the
+    16-bit little-endian window at each code's first byte, as the kernels do.
     """
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
     lead = packed.shape[:-1]
-    # One zero byte of padding so the window of a code in the last byte stays in bounds.
-    wide = torch.cat([packed, packed.new_zeros(*lead, 1)], dim=-1).to(torch.int32)
+    wide = None
     out = []
-    for n, b, byte, shift in _unpack_plan(config, head_dim, packed.device):
+    for n, b, off, byte, shift in _unpack_plan(config, head_dim, packed.device):
         if b == 0:
             out.append(torch.zeros(*lead, n, dtype=torch.int64, device=packed.device))
             continue
+        g = 8 // math.gcd(8, b)  # codes per word of whole bytes
+        wb = g * b // 8
+        if off % 8 == 0 and n % g == 0 and wb <= 7:
+            # Byte-aligned level (every level with >= 8 angles at power-of-two head_dims):
+            # whole words of g codes, no gathers -- the same reads as the kernels' words.
+            words = packed[..., off // 8: off // 8 + n * b // 8].reshape(*lead, n // g, wb)
+            words = words.to(torch.int64)
+            if wb > 1:
+                sh = 8 * torch.arange(wb, device=packed.device, dtype=torch.int64)
+                words = (words << sh).sum(-1)
+            else:
+                words = words[..., 0]
+            sh = b * torch.arange(g, device=packed.device, dtype=torch.int64)
+            codes = (words.unsqueeze(-1) >> sh) & ((1 << b) - 1)
+            out.append(codes.reshape(*lead, n))
+            continue
+        if wide is None:
+            # One zero byte of padding so the window of a code in the last byte stays in bounds.
+            wide = torch.cat([packed, packed.new_zeros(*lead, 1)], dim=-1).to(torch.int32)
         window = wide.index_select(-1, byte) | (wide.index_select(-1, byte + 1) << 8)
         out.append(((window >> shift) & ((1 << b) - 1)).to(torch.int64))
     return out
