@@ -3,28 +3,10 @@ torchao-style quantized tensor subclass for PyTorch."""
 
 from __future__ import annotations
 
-import logging as _logging
-import warnings as _warnings
+from ._quiet import quiet_imports as _quiet_imports
 
-
-def _quiet_torchao_import() -> None:
-    # torchao logs "Failed to load <.so>" for its optional CUDA extensions on a CPU-only torch
-    # and warns about an Enum registration; its Python API works regardless.
-    names = ("torchao", "torch.utils._pytree")
-    loggers = [_logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(_logging.ERROR)
-    try:
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("ignore")
-            import torchao  # noqa: F401
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-_quiet_torchao_import()
+with _quiet_imports():
+    import torchao  # noqa: F401
 
 from .attention import causal_mask, polar_sdpa  # noqa: E402
 from .config import PRESETS, PolarQuantConfig, get_preset  # noqa: E402

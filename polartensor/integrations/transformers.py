@@ -42,9 +42,13 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .._quiet import quiet_imports
+
+with quiet_imports():
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import causal_mask, combined_mask
 from ..config import PRESETS, PolarQuantConfig, get_preset
