@@ -24,20 +24,30 @@ def pack_codes(
     """Pack ``codes[l]`` (shape [..., head_dim >> (l+1)], ints < 2**bits[l]) into uint8 records."""
     nbytes = config.record_bytes(head_dim)
     lead = codes[0].shape[:-1]
-    streams = []
-    for c, b in zip(codes, config.bits):
-        if b == 0:
+    dev = codes[0].device
+    # int32 bytes plus spill room for the window writes of unaligned codes; bit ranges of the
+    # codes are disjoint, so adding a code's bits equals or-ing them in.
+    rec = torch.zeros(*lead, nbytes + 2, dtype=torch.int32, device=dev)
+    for c, n, b, off in zip(codes, config.angles_per_level(head_dim), config.bits,
+                            config.level_bit_offsets(head_dim)):
+        if b == 0 or n == 0:
             continue
-        shifts = torch.arange(b, device=c.device, dtype=torch.int32)
-        bits = (c.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-        streams.append(bits.reshape(*lead, c.shape[-1] * b).to(torch.uint8))
-    stream = torch.cat(streams, dim=-1) if streams else codes[0].new_zeros(*lead, 0)
-    pad = nbytes * 8 - stream.shape[-1]
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(*lead, pad)], dim=-1)
-    weights = (1 << torch.arange(8, device=stream.device, dtype=torch.int32))
-    packed = (stream.reshape(*lead, nbytes, 8).to(torch.int32) * weights).sum(-1)
-    return packed.to(torch.uint8)
+        c = c.to(torch.int64)
+        g = 8 // math.gcd(8, b)  # codes per word of whole bytes
+        wb = g * b // 8
+        if off % 8 == 0 and n % g == 0 and wb <= 7:
+            # Byte-aligned level: whole words of g codes, written as wb bytes each.
+            sh = b * torch.arange(g, device=dev, dtype=torch.int64)
+            words = (c.reshape(*lead, n // g, g) << sh).sum(-1)
+            by = (words.unsqueeze(-1) >> (8 * torch.arange(wb, device=dev, dtype=torch.int64)))
+            rec[..., off // 8: off // 8 + n * b // 8] = (by & 255).reshape(
+                *lead, n * b // 8).to(torch.int32)
+            continue
+        pos = off + torch.arange(n, device=dev, dtype=torch.int64) * b
+        v = c << (pos & 7)  # the code in its window of up to three bytes
+        for k in range((b + 7 + 7) // 8):
+            rec.index_add_(-1, (pos >> 3) + k, ((v >> (8 * k)) & 255).to(torch.int32))
+    return rec[..., :nbytes].to(torch.uint8)
 
 
 _PLANS: dict = {}

@@ -33,3 +33,28 @@ def test_bit_layout_is_lsb_first_stream():
     stream = [1, 0, 1, 0, 1, 1, 1, 1, 1] + [0] * 7
     expect = [sum(b << i for i, b in enumerate(stream[k * 8:(k + 1) * 8])) for k in range(2)]
     assert packed.tolist() == [expect]
+
+
+def _naive_pack(codes, cfg, d):
+    """The record layout spelled out bit by bit: bit k of the stream is bit k % 8 of byte
+    k // 8, code j of level l at bit offset_l + j * bits_l, LSB first."""
+    out = [0] * (codes[0].shape[0] * cfg.record_bytes(d))
+    rows = codes[0].shape[0]
+    nb = cfg.record_bytes(d)
+    for c, b, off in zip(codes, cfg.bits, cfg.level_bit_offsets(d)):
+        for r in range(rows):
+            for j, v in enumerate(c[r].tolist()):
+                for i in range(b):
+                    if (v >> i) & 1:
+                        k = off + j * b + i
+                        out[r * nb + k // 8] |= 1 << (k % 8)
+    return torch.tensor(out, dtype=torch.uint8).reshape(rows, nb)
+
+
+@given(configs_and_dims(), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_pack_matches_the_bit_by_bit_layout(cfg_dim, rows, seed):
+    cfg, d = cfg_dim
+    g = torch.Generator().manual_seed(seed)
+    codes = [torch.randint(0, 1 << b, (rows, n), generator=g) for n, b in
+             zip(cfg.angles_per_level(d), cfg.bits)]
+    assert torch.equal(pack_codes(codes, cfg, d), _naive_pack(codes, cfg, d))
