@@ -29,6 +29,19 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return j <= i + (kv_len - q_len)
 
 
+def with_causal(attn_mask: torch.Tensor | None, q_len: int, kv_len: int,
+                device=None) -> torch.Tensor:
+    """``attn_mask`` (bool: True = attend, or additive) and the bottom-right causal mask,
+    combined in the mask's own kind: bool stays bool, additive gets -inf where causality hides
+    a key. None gives the causal mask alone."""
+    causal = causal_mask(q_len, kv_len, device)
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
+
+
 def validate_sdpa_args(query, key, value, attn_mask, dropout_p, enable_gqa) -> int:
     """Check SDPA arguments; return the GQA group size (query heads per KV head)."""
     for name, t in (("query", query), ("key", key), ("value", value)):

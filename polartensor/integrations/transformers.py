@@ -50,7 +50,7 @@ with quiet_imports():
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import causal_mask, combined_mask
+from ..attention import combined_mask, with_causal
 from ..config import PRESETS, PolarQuantConfig, get_preset
 from ..kernels import dispatch
 from ..kv_buffer import PolarKVBuffer
@@ -377,13 +377,7 @@ def _plain_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, drop
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if is_causal and q_len != kv_len:
         # torch's is_causal is top-left aligned; ours is bottom-right.
-        causal = causal_mask(q_len, kv_len, query.device)
-        if attn_mask is None:
-            attn_mask = causal
-        elif attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & causal
-        else:
-            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        attn_mask = with_causal(attn_mask, q_len, kv_len, query.device)
         is_causal = False
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     return F.scaled_dot_product_attention(

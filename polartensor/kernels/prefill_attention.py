@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..attention import with_causal
 from .decode_attention import launch_attention
 
 __all__ = ["prefill_attention", "dequant_sdpa", "dequant_min_q"]
@@ -77,16 +78,8 @@ def dequant_sdpa(
         vd = vd.repeat_interleave(hq // hk, dim=1)
     qr = (q.float() @ rot_k.T).to(dt) if rot_k is not None else q
     m = None if mask is None else _base_mask(mask)
-    if is_causal:
-        i = torch.arange(tq, device=q.device)[:, None]
-        j = torch.arange(total, device=q.device)[None, :]
-        cm = j <= i + (total - tq)  # bottom-right aligned, as the reference
-        if m is None:
-            m = cm
-        elif m.dtype == torch.bool:
-            m = m & cm
-        else:
-            m = m.masked_fill(~cm, float("-inf"))
+    if is_causal:  # bottom-right aligned, as the reference
+        m = with_causal(m, tq, total, q.device)
     if m is not None and m.dtype != torch.bool:
         m = m.to(dt)
     o = F.scaled_dot_product_attention(qr, kd, vd, attn_mask=m, scale=scale)

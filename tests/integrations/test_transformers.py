@@ -13,7 +13,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from polartensor import PolarQuantConfig, PolarQuantTensor, quantize  # noqa: E402
+from polartensor import PolarQuantConfig, PolarQuantTensor, causal_mask, quantize  # noqa: E402
 from polartensor.integrations import transformers as ptf  # noqa: E402
 from polartensor.integrations.transformers import (  # noqa: E402
     MixedKV,
@@ -303,7 +303,7 @@ def test_attention_matches_sdpa_on_dequantized_cache(residual, q_len):
     kv_len = 9 + q_len
     mask = torch.ones(b, 1, q_len, kv_len, dtype=torch.bool)
     mask[0, ..., :2] = False  # left padding in row 0
-    mask &= ptf.causal_mask(q_len, kv_len)
+    mask &= causal_mask(q_len, kv_len)
     out, _ = polar_attention_forward(_Mod(), q, key, value, mask, scaling=0.125)
     dk, dv = pc.layers[0].dequantized()
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -312,7 +312,7 @@ def test_attention_matches_sdpa_on_dequantized_cache(residual, q_len):
     # No mask: bottom-right causal.
     out, _ = polar_attention_forward(_Mod(), q, key, value, None, scaling=0.125)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, dk, dv, attn_mask=ptf.causal_mask(q_len, kv_len), scale=0.125,
+        q, dk, dv, attn_mask=causal_mask(q_len, kv_len), scale=0.125,
         enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
 
