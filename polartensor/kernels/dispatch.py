@@ -128,25 +128,32 @@ def scaled_dot_product_attention(
         and _kernels_available()
     )
     if ok:
-        hq, tq, d = query.shape[-3:]
-        hk, n = key.shape[-3], key.shape[-2]
-        batch_shape = query.shape[:-3]
-        mask, ok = _kernel_mask(attn_mask, batch_shape, hq, tq, n)
+        hq, tq = query.shape[-3:-1]
+        mask, ok = _kernel_mask(attn_mask, query.shape[:-3], hq, tq, key.shape[-2])
     if not ok:
         return polar_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
+    return _attention_op(query, key, value, key.config, value.config, None, None, mask,
+                         is_causal, scale)
+
+
+def _attention_op(query, key, value, kc, vc, k_tail, v_tail, mask, is_causal, scale):
+    """Run ``polartensor::attention`` for validated arguments: ``query`` [..., Hq, Tq, D],
+    quantized ``key``/``value`` with configs ``kc``/``vc``, optional tails already rotated
+    and flattened to [B, Hk, NT, D], ``mask`` from :func:`_kernel_mask`."""
+    hq, tq, d = query.shape[-3:]
+    hk, n = key.shape[-3], key.shape[-2]
     q = query.reshape(-1, hq, tq, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kc, vc = key.config, value.config
     out = torch.ops.polartensor.attention(
         q,
         _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
         _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
         _trig(value.centroids),
-        None, None, None, None, mask, bool(is_causal), scale, list(kc.bits), list(vc.bits),
-        kc.rotation, kc.seed, vc.rotation, vc.seed,
+        None, None, k_tail, v_tail, mask, bool(is_causal), scale, list(kc.bits),
+        list(vc.bits), kc.rotation, kc.seed, vc.rotation, vc.seed,
     )
     return out.reshape(query.shape)
 
@@ -200,26 +207,14 @@ def scaled_dot_product_attention_with_tail(
     vc = value.config if value_config is None else value_config
     if kc.levels > 8 or vc.levels > 8:
         return None
-    q = query.reshape(-1, hq, tq, d)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     # The kernel takes the tail in the rotated domain of its K / V (an empty tail: none).
     kt = vt = None
     if nt:
-        kt = rotate(key_tail.to(torch.float32), kc.rotation, kc.seed)
-        vt = rotate(value_tail.to(torch.float32), vc.rotation, vc.seed)
-        kt = kt.reshape(q.shape[0], hk, nt, d).contiguous()
-        vt = vt.reshape(q.shape[0], hk, nt, d).contiguous()
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.ops.polartensor.attention(
-        q,
-        _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
-        _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
-        _trig(value.centroids),
-        None, None, kt, vt, mask, bool(is_causal), scale,
-        list(kc.bits), list(vc.bits), kc.rotation, kc.seed, vc.rotation, vc.seed,
-    )
-    return out.reshape(query.shape)
+        flat = (math.prod(batch_shape), hk, nt, d)
+        kt = rotate(key_tail.to(torch.float32), kc.rotation, kc.seed).reshape(flat)
+        vt = rotate(value_tail.to(torch.float32), vc.rotation, vc.seed).reshape(flat)
+        kt, vt = kt.contiguous(), vt.contiguous()
+    return _attention_op(query, key, value, kc, vc, kt, vt, mask, is_causal, scale)
 
 
 # -- encode ----------------------------------------------------------------------------------
