@@ -2,9 +2,11 @@
 decode slow: register-layout conversions (``ttg.convert_layout``, shared-memory round trips),
 shared-memory allocations and loads in the TTGIR, and barriers / shared-memory loads and stores
 in the PTX. A proxy for GPU time when no GPU is at hand, not a substitute for the benchmark.
+``--kernel encode`` does the same for the fused encode kernel (both variants).
 
     python scripts/kernel_ir_stats.py                      # both tile decodes, paper + polar-4
     python scripts/kernel_ir_stats.py --presets paper --head-dims 64,128 --q-len 1,64
+    python scripts/kernel_ir_stats.py --kernel encode      # reshape vs split encode
 
 Each row compiles one configuration (a few seconds). It needs Triton's NVIDIA backend (part of
 the standard triton wheel); it does not touch a GPU driver.
@@ -100,9 +102,13 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
             os.environ["TRITON_INTERPRET"] = interp
         if hasattr(kernel, "hash"):
             kernel.hash = None
+    return dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
+                **_counts(compiled))
+
+
+def _counts(compiled) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     return dict(
-        preset=preset, d=d, group=group, q_len=q_len, decode=decode,
         convert_layout=len(re.findall(r"ttg\.convert_layout", ttgir)),
         local_alloc=len(re.findall(r"ttg\.local_alloc", ttgir)),
         ttgir_loads=len(re.findall(r"tt\.load", ttgir)),
@@ -114,6 +120,60 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     )
 
 
+def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
+                 block_rows: int | None = None):
+    """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
+    path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
+    (encode.polar_encode_fwd_kernel) or "split" (tree_encode.polar_encode_split_fwd_kernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from polartensor import quantize
+    from polartensor.config import get_preset
+    from polartensor.kernels import encode
+    from polartensor.kernels.common import boundary_table
+    from polartensor.kernels.tree_encode import polar_encode_split_fwd_kernel
+    from polartensor.rotation import rotation_matrix
+
+    cfg = get_preset(preset, head_dim=d)
+    x = torch.randn(2, 64, d).to(dtype)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, "cpu", torch.float32).contiguous()
+    mids = boundary_table(quantize(x[:, :1].float(), cfg).centroids, cfg, torch.float64)
+    codes = torch.empty(2, 64, cfg.record_bytes(d), dtype=torch.uint8)
+    radii = torch.empty(2, 64, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype)
+    kernel = {"reshape": encode.polar_encode_fwd_kernel,
+              "split": polar_encode_split_fwd_kernel}[variant]
+    captured = {}
+
+    class _Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                captured["args"] = (args, dict(kwargs))
+            return launch
+
+    if block_rows is None and variant == "reshape":
+        # encode_into_triton's GPU default for the reshape kernel (with the capture in place
+        # it cannot tell which kernel it launches, and would pick the split kernel's)
+        block_rows = 32 if d <= 128 else 16
+    saved = encode._encode_kernel
+    encode._encode_kernel = _Capture()
+    interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
+    try:
+        encode.encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  block_rows=block_rows)
+        args, kwargs = captured["args"]
+        opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
+        sig, consts = _signature(kernel, args, kwargs)
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    finally:
+        encode._encode_kernel = saved
+        if interp is not None:
+            os.environ["TRITON_INTERPRET"] = interp
+    return dict(preset=preset, d=d, encode=variant, block_rows=consts["BN"],
+                **_counts(compiled))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="paper,polar-4")
@@ -121,9 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-len", default="1", help="1..16: decode; more: prefill tiles")
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--decodes", default="reshape,joined")
+    ap.add_argument("--kernel", choices=("attention", "encode"), default="attention")
+    ap.add_argument("--encodes", default="reshape,split", help="--kernel encode: variants")
+    ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
+                    "(comma list; default: what encode_into_triton picks on the GPU)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     rows = []
+    if args.kernel == "encode":
+        cols = ["preset", "d", "encode", "block_rows", "convert_layout", "local_alloc",
+                "ttgir_loads", "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st",
+                "ptx_shared_ld"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for preset in args.presets.split(","):
+            for d in (int(x) for x in args.head_dims.split(",")):
+                for var in args.encodes.split(","):
+                    for bn in args.block_rows.split(","):
+                        r = encode_stats(preset, d, var, block_rows=int(bn) if bn else None)
+                        rows.append(r)
+                        print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return 0
     cols = ["preset", "d", "q_len", "decode", "convert_layout", "local_alloc", "ttgir_loads",
             "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
     print("| " + " | ".join(cols) + " |")
