@@ -78,7 +78,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         from polartensor.kernels.tree_decode import decode_tile_joined
         decode_attention.decode_tile = decode_tile_joined
     else:
-        decode_attention.decode_tile = common.decode_tile
+        decode_attention.decode_tile = common.decode_tile_reshape
     decode_attention.polar_decode_attn_fwd_kernel = _Capture()
     decode_attention.polar_attn_combine_kernel = _Capture()
     interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
