@@ -257,7 +257,7 @@ def test_table_cache_never_serves_a_freed_tensors_table():
 def test_long_query_paths_match_reference(mode, dtype, group, causal, mask_kind, n, t,
                                           with_tail):
     """Both long-query paths: the fused kernel with query tiles ("prefill") and dequantize
-    once + PyTorch SDPA ("dequant", opt-in for "auto" with POLARTENSOR_DEQUANT_MIN_Q),
+    once + PyTorch SDPA ("dequant", what "auto" takes on the GPU from 64 query tokens on),
     including a full-precision tail, masks, rows that see no key, and t > n (causal)."""
     d = HEAD_DIMS[1]
     b, hk = 2, 2
@@ -352,12 +352,14 @@ def test_attention_with_tail_declines_what_kernels_do_not_take():
 
 
 def test_dequant_min_q_setting(monkeypatch):
-    from polartensor.kernels.prefill_attention import dequant_min_q
+    from polartensor.kernels.prefill_attention import DEFAULT_DEQUANT_MIN_Q, dequant_min_q
 
     monkeypatch.delenv("POLARTENSOR_DEQUANT_MIN_Q", raising=False)
+    assert dequant_min_q() == DEFAULT_DEQUANT_MIN_Q == 64
+    monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", "100")
+    assert dequant_min_q() == 100
+    monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", "off")
     assert dequant_min_q() is None
-    monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", "64")
-    assert dequant_min_q() == 64
     for bad in ("abc", "8", "-5"):
         monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", bad)
         with pytest.raises(ValueError, match="POLARTENSOR_DEQUANT_MIN_Q"):
