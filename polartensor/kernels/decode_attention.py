@@ -249,7 +249,7 @@ def launch_attention(
     is_causal: bool = False, scale: float = 1.0,
     mode: str = "auto", num_splits: int | None = None, block_n: int | None = None,
     block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    out: torch.Tensor | None = None,
+    maxnreg: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
     already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
@@ -286,7 +286,12 @@ def launch_attention(
     max_rows = 32 if d >= 256 else 128
     if mode == "decode":
         bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
-        bn = block_n or (16 if interp else (32 if d >= 256 else 64))
+        # 128 keys per step at d <= 128 with <= 16 query rows: best or within 2% of best of 16
+        # launch settings on the H200 at batch 1/8/32 (32K/4K keys, d 128) and batch 8 (d 64),
+        # paper preset, q_len 1. With 64 rows (group 3-4 x 9-16 queries) 128 keys gave wrong
+        # outputs on the H200 (test_attention_kernel_matches_reference, fp16, d 128): 64 there.
+        rows = max(16, gp * bt)
+        bn = block_n or (16 if interp else (32 if d >= 256 else (128 if rows <= 16 else 64)))
         warps = num_warps or 4
     else:
         bt = block_t or min(_next_pow2(tq), max(1, (32 if interp else max_rows) // gp))
@@ -335,6 +340,8 @@ def launch_attention(
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).
     kw["num_stages"] = 1 if num_stages is None else num_stages
+    if maxnreg is not None and not interp:
+        kw["maxnreg"] = maxnreg
     grid = (bsz * hk, n_ttiles, num_splits)
     polar_decode_attn_fwd_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),

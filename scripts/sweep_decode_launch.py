@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+# ruff: noqa: B023  (the timed closures run inside the loop iteration that makes them)
+"""Decode launch settings (keys per step, warps, register cap) against cuDNN bf16 SDPA in the
+same run, paper preset, q_len 1 (results: results/bench/decode_launch_sweep.{json,md}):
+
+    OUT=<dir> python3 scripts/sweep_decode_launch.py
+
+Each row also records the largest difference from the default launch's output (the key
+order of the online softmax changes with the step size, so small differences are expected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = [("llama3.1-8b", 32, 8, 128, [(8, 32768), (1, 32768), (32, 4096)]),
+          ("smollm2-135m", 9, 3, 64, [(8, 32768)])]
+
+
+def main():
+    import triton.testing
+    from profile_decode import quantized
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from polartensor.config import get_preset
+    from polartensor.kernels.decode_attention import launch_attention
+
+    def bench(fn):
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    rows = []
+    for model, hq, hk, d, shapes in SHAPES:
+        cfg = get_preset("paper", head_dim=d)
+        for b, n in shapes:
+            k = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
+            v = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
+            q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+            kq, vq = quantized(k, cfg), quantized(v, cfg)
+            qf = q.reshape(b, hk, hq // hk, d)  # GQA folded into q_len: exact for q_len 1
+
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(qf, k, v, scale=d ** -0.5)
+
+            base = bench(cudnn)
+
+            def ours(**kw):
+                return lambda: launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
+                                                vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
+
+            ref = ours()()
+            for bn in (64, 128):
+                for warps in (4, 8):
+                    for maxnreg in (None, 96, 128, 168):
+                        mul = 8 if b * hk * 8 < sms * 8 else 4
+                        splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
+                        fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
+                                  maxnreg=maxnreg)
+                        try:
+                            diff = (fn().float() - ref.float()).abs().max().item()
+                            ms = bench(fn)
+                        except Exception as exc:  # noqa: BLE001
+                            print("ERROR", model, b, n, bn, warps, maxnreg, str(exc)[:200])
+                            continue
+                        row = dict(model=model, batch=b, context=n, block_n=bn, warps=warps,
+                                   maxnreg=maxnreg, splits=splits, ms=ms, cudnn_ms=base,
+                                   x_vs_cudnn=base / ms, max_diff=diff)
+                        rows.append(row)
+                        print(row, flush=True)
+            k = v = kq = vq = None  # free before the next shape
+            torch.cuda.empty_cache()
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "decode_launch_sweep.json"), "w") as fh:
+        json.dump(rows, fh, indent=0)
+
+
+if __name__ == "__main__":
+    main()
