@@ -132,6 +132,8 @@ def command_line() -> str:
         except ValueError:
             pass
         return " ".join(["python", shlex.quote(prog), *map(shlex.quote, sys.argv[1:])])
+    if prog in ("-c", ""):  # python -c (pytest-xdist workers, embedding): argv has no script
+        return " ".join(["python", "-c", "...", *map(shlex.quote, sys.argv[1:])])
     return " ".join(map(shlex.quote, sys.argv))
 
 

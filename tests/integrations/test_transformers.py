@@ -418,7 +418,8 @@ def test_padded_batch_logits_match_reference_attention():
         cache = PolarQuantCache(attention=att, residual_length=2)
         _forward(model, ids, cache, attention_mask=mask)
         step = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(5))
-        m2 = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+        step = step.to(DEVICE)
+        m2 = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype, device=mask.device)], dim=1)
         outs[impl] = _forward(model, step, cache, attention_mask=m2).logits
     torch.testing.assert_close(outs["polar"], outs["sdpa"], rtol=1e-4, atol=1e-4)
 
@@ -507,7 +508,8 @@ def test_static_cache_decode_step_compiles_kernel_path():
         tok = out.logits[:, -1:].argmax(-1)
         # A fixed-width 2-D mask (future slots are masked causally): every decode step has
         # the same shapes, so the compiled step is reused without recompiling.
-        m = torch.cat([mask, torch.ones(2, 32 - ids.shape[1], dtype=mask.dtype)], dim=1)
+        m = torch.cat([mask, torch.ones(2, 32 - ids.shape[1], dtype=mask.dtype,
+                                        device=mask.device)], dim=1)
         pos = mask.sum(-1, keepdim=True) - 1
         logits = []
         for i in range(n_new):
