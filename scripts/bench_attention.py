@@ -155,12 +155,15 @@ def main():
     import triton
 
     from polartensor.config import PRESETS, get_preset
+    from polartensor.kernels import encode as encode_mod
     from polartensor.kernels.decode_attention import launch_attention
     from polartensor.kernels.dequant import dequantize_rotated_triton
-    from polartensor.kernels.encode import encode_into_triton
+    from polartensor.kernels.encode import encode_into_triton, polar_encode_fwd_kernel
     from polartensor.kernels.ops import cached_rotation, tables_for
+    from polartensor.kernels.tree_encode import polar_encode_split_fwd_kernel
     from polartensor.polar_quant_tensor import codebook_for
 
+    default_encode = encode_mod._encode_kernel
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     env = dict(
@@ -169,7 +172,7 @@ def main():
         triton=triton.__version__, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        decode=os.environ.get("POLARTENSOR_DECODE", "reshape"),
+        decode=os.environ.get("POLARTENSOR_DECODE", "joined"),
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -283,12 +286,16 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            variants = [("fused", dict(pre_rotate=False))]
+            variants = [("fused", dict(pre_rotate=False)), ("split", dict(pre_rotate=False))]
             if preset == "paper":
                 variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
                              ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
                              ("torch_matmul_then_kernel", dict(pre_rotate=True))]
             for name, kw in variants:
+                # "split": kernels/tree_encode.py (POLARTENSOR_ENCODE=split), whatever the
+                # process default is; "fused*": the reshape encode kernel.
+                encode_mod._encode_kernel = (polar_encode_split_fwd_kernel if name == "split"
+                                             else polar_encode_fwd_kernel)
                 try:
                     ms = bench(lambda kw=kw, x=x: encode_into_triton(
                         x, rot, mids, codes, radii, cfg, exact=False, **kw))
@@ -299,6 +306,7 @@ def main():
                     record_error(f"encode {model} {preset} {name}", exc)
                     row = dict(model=model, d=d, preset=preset, variant=name,
                                error=str(exc)[:200])
+                encode_mod._encode_kernel = default_encode
                 result["encode"].append(row)
                 print(row, flush=True)
         del x
@@ -459,7 +467,7 @@ def render_markdown(res) -> str:
            f"- command: `{env['command']}`",
            f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
-           f"- tile decode: {env.get('decode', 'reshape')} (POLARTENSOR_DECODE)",
+           f"- tile decode: {env.get('decode', 'joined')} (POLARTENSOR_DECODE)",
            f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
            f"- device copy bandwidth (read + write): "
            f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",

@@ -2,8 +2,8 @@
 # Everything the CPU cannot check, in device calls of under 10 minutes each (run from the
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
-#   OUT=<dir> bash scripts/gpu_validate.sh tests     # GPU test suite, both tile decodes  (~8 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, both tile decodes (~9 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh tests     # GPU test suite + opt-in kernels    (~9 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention + launch sweep     (~9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
@@ -26,21 +26,27 @@ import platform, torch, triton
 print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
       f"Python {platform.python_version()}")
 PY
+# pytest-xdist, where installed, spreads the tests over the CPU cores: Triton compiles on them.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
 case "$stage" in
 tests)
-    POLARTENSOR_FAILLOG="$OUT/failures_reshape.txt" step tests_reshape 270 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_attention.py \
-        tests/test_kv_buffer.py tests/test_polar_quant_tensor.py
-    POLARTENSOR_DECODE=joined POLARTENSOR_FAILLOG="$OUT/failures_joined.txt" step tests_joined 200 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_attention.py \
-        tests/kernels/test_tree_decode.py
+    # the asset tests need the package registry, which a GPU machine may not reach
+    POLARTENSOR_FAILLOG="$OUT/failures.txt" step tests 330 \
+        "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider tests \
+        --deselect tests/test_assets.py
+    POLARTENSOR_DECODE=reshape POLARTENSOR_FAILLOG="$OUT/failures_reshape.txt" \
+        step tests_reshape_decode 120 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    POLARTENSOR_ENCODE=split POLARTENSOR_FAILLOG="$OUT/failures_split.txt" \
+        step tests_split_encode 90 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_tree_encode.py tests/kernels/test_kernel_encode.py
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
 bench)
-    step bench_reshape 270 "$PY" scripts/bench_attention.py --out "$OUT/bench_reshape" \
-        --budget-s 200 --presets paper,polar-3,polar-4
-    POLARTENSOR_DECODE=joined step bench_joined 270 "$PY" scripts/bench_attention.py \
-        --out "$OUT/bench_joined" --budget-s 200 --presets paper,polar-3,polar-4
+    step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 250 \
+        --presets paper,polar-3,polar-4
+    OUT="$OUT" step sweep 200 "$PY" scripts/sweep_decode_launch.py
     ;;
 compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
