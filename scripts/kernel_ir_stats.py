@@ -47,7 +47,8 @@ def _signature(fn, args, kwargs):
     return sig, consts
 
 
-def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.bfloat16):
+def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.bfloat16,
+          block_n: int | None = None, ptxas: bool = False, maxnreg: int | None = None):
     """Compile the attention kernel as launch_attention would launch it; return the counts."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -85,7 +86,8 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     try:
         decode_attention.launch_attention(
             q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
-            mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None)
+            mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
+            block_n=block_n)
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
         sig, consts = _signature(kernel, args, kwargs)
@@ -102,8 +104,45 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
             os.environ["TRITON_INTERPRET"] = interp
         if hasattr(kernel, "hash"):
             kernel.hash = None
-    return dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
-                **_counts(compiled))
+    out = dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
+               block_n=captured["args"][1].get("BN"), **_counts(compiled))
+    if ptxas:
+        out.update(ptxas_counts(compiled.asm["ptx"], maxnreg))
+    return out
+
+
+def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
+    """Registers, spill bytes and static SASS instructions of a kernel's PTX, assembled for
+    sm_90a by the ptxas bundled with Triton (CUDA 12.9 here, older than the PTX ISA that
+    Triton 3.9 writes: the ``.version`` line is lowered, which these kernels tolerate).
+    ``maxnreg`` caps registers as Triton's ``maxnreg`` launch option does (a ``.maxnreg``
+    directive; ptxas ignores -maxrregcount for kernels with ``.reqntid``)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", ptx, flags=re.M)
+    if maxnreg:
+        ptx = re.sub(r"^(\.reqntid [\d, ]+)", rf"\1\n.maxnreg {maxnreg}", ptx, flags=re.M)
+    with tempfile.TemporaryDirectory() as td:
+        src, cubin = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src, "-o",
+                              cubin], capture_output=True, text=True)
+        log = res.stdout + res.stderr
+        if res.returncode:
+            raise RuntimeError(f"ptxas failed: {log[-500:]}")
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True).stdout
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs[0]) if regs else None,
+                spill_store_bytes=int(spill[0][0]) if spill else None,
+                spill_load_bytes=int(spill[0][1]) if spill else None,
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M)))
 
 
 def _counts(compiled) -> dict:
@@ -185,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encodes", default="reshape,split", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
                     "(comma list; default: what encode_into_triton picks on the GPU)")
+    ap.add_argument("--block-n", default="", help="--kernel attention: keys per step (comma "
+                    "list; default: what launch_attention picks on the GPU)")
+    ap.add_argument("--ptxas", action="store_true", help="also assemble with the bundled "
+                    "ptxas: registers, spill bytes, static SASS instructions")
+    ap.add_argument("--maxnreg", default="", help="with --ptxas: register caps (comma list)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     rows = []
@@ -205,17 +249,27 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as fh:
                 json.dump(rows, fh, indent=1)
         return 0
-    cols = ["preset", "d", "q_len", "decode", "convert_layout", "local_alloc", "ttgir_loads",
-            "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
+    cols = ["preset", "d", "q_len", "decode", "block_n", "convert_layout", "local_alloc",
+            "ttgir_loads", "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st",
+            "ptx_shared_ld"]
+    if args.ptxas:
+        cols += ["maxnreg", "registers", "spill_store_bytes", "spill_load_bytes",
+                 "sass_instructions"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for preset in args.presets.split(","):
         for d in (int(x) for x in args.head_dims.split(",")):
             for tq in (int(x) for x in args.q_len.split(",")):
                 for dec in args.decodes.split(","):
-                    r = stats(preset, d, args.group, tq, dec)
-                    rows.append(r)
-                    print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+                    for bn in args.block_n.split(","):
+                        for cap in args.maxnreg.split(","):
+                            r = stats(preset, d, args.group, tq, dec,
+                                      block_n=int(bn) if bn else None, ptxas=args.ptxas,
+                                      maxnreg=int(cap) if cap else None)
+                            r["maxnreg"] = cap or None
+                            rows.append(r)
+                            print("| " + " | ".join(str(r.get(c)) for c in cols) + " |",
+                                  flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

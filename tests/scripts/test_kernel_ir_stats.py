@@ -28,3 +28,22 @@ def test_joined_decode_needs_fewer_layout_conversions(tmp_path):
     assert rows["joined"]["convert_layout"] < rows["reshape"]["convert_layout"]
     assert rows["joined"]["ptx_barriers"] < rows["reshape"]["ptx_barriers"]
     assert all(r["shared_bytes"] <= 232448 for r in rows.values())
+
+
+def test_ptxas_counts_registers_and_honours_the_cap(tmp_path):
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"no ptxas bundled with this triton at {ptxas.parent.name}/")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = tmp_path / "regs.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_ir_stats.py"), "--presets",
+                    "paper", "--head-dims", "64", "--decodes", "joined", "--ptxas",
+                    "--maxnreg", ",64", "--json", str(out)], check=True, env=env,
+                   capture_output=True, timeout=600)
+    free, capped = json.loads(out.read_text())
+    assert 64 < free["registers"] <= 255 and capped["registers"] <= 64
+    assert capped["spill_store_bytes"] >= free["spill_store_bytes"]
+    assert free["sass_instructions"] > 100
