@@ -29,45 +29,31 @@ ODD = [PolarQuantConfig(levels=3, bits=(1, 0, 7), radius_dtype="float32"),
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _dequant_joined_kernel(
+def _dequant_with_kernel(
     codes_ptr, radii_ptr, trig_ptr, out_ptr, n_rows,
     BN: tl.constexpr, D: tl.constexpr, R: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
     NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
+    """The dequant kernel with the tile decode as a parameter (the library's binds
+    ``common.decode_tile`` at import)."""
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     valid = rows < n_rows
-    y = decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D,
-                           KT, L, NB, TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6,
-                           LV7)
+    y = DECODE(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D, KT, L, NB,
+               TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
     tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], y, mask=valid[:, None])
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _dequant_reshape_kernel(
-    codes_ptr, radii_ptr, trig_ptr, out_ptr, n_rows,
-    BN: tl.constexpr, D: tl.constexpr, R: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
-    NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
-    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
-    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    valid = rows < n_rows
-    y = decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D,
-                            KT, L, NB, TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6,
-                            LV7)
-    tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], y, mask=valid[:, None])
-
-
-def _dequant_with(kernel, codes, radii, trig, config, d, bn):
+def _dequant_with(decode, codes, radii, trig, config, d, bn):
     n_rows = codes.numel() // codes.shape[-1]
     out = torch.empty(*codes.shape[:-1], d, dtype=torch.float32, device=codes.device)
     w = level_words(config, d)
-    kernel[(triton.cdiv(n_rows, bn),)](
+    _dequant_with_kernel[(triton.cdiv(n_rows, bn),)](
         codes, radii, trig, out, n_rows, BN=bn, D=d, R=w["R"], KT=trig.shape[-1], L=w["L"],
         NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
-        **{f"LV{i}": w[f"LV{i}"] for i in range(8)}, num_warps=4)
+        **{f"LV{i}": w[f"LV{i}"] for i in range(8)}, DECODE=decode, num_warps=4)
     return out
 
 
@@ -83,11 +69,11 @@ def test_joined_decode_equals_decode_tile(d):
         g = torch.Generator().manual_seed(d)
         q = quantize((torch.randn(rows, d, generator=g) * 3).to(DEVICE), cfg)
         trig = trig_table(q.centroids)
-        ref = _dequant_with(_dequant_reshape_kernel, q.codes, q.radii, trig, cfg, d, 16)
+        ref = _dequant_with(decode_tile_reshape, q.codes, q.radii, trig, cfg, d, 16)
         # a real decode, not zeros: the comparison below can fail
         assert ref.abs().sum() > 0, name
         for bn in (16, 32):
-            got = _dequant_with(_dequant_joined_kernel, q.codes, q.radii, trig, cfg, d, bn)
+            got = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, bn)
             torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"{name} d={d} bn={bn}")
 
 
