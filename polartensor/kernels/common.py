@@ -194,10 +194,11 @@ def _decode_level(codes_ptr, rec_off, valid, tail, r, cos_ptr, sin_ptr, BN: tl.c
 
 @triton.jit
 def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
-                BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
-                NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
-                LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
-                LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
+                        BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
+                        NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
+                        LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr,
+                        LV3: tl.constexpr, LV4: tl.constexpr, LV5: tl.constexpr,
+                        LV6: tl.constexpr, LV7: tl.constexpr):
     """Decoded rotated vectors [BN, D] (fp32) of the records at ``rec_off``; rows that are not
     ``valid`` come out as zeros. ``trig_ptr``: [2, L, KT] cos/sin tables. Top-down: radius,
     then each level splits every node into (r cos, r sin) -- table look-ups, no trig."""
