@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""One launch each of the decode attention kernel and the dequant kernel at batch 8, 32K keys,
-8 KV heads (32 query heads), d 128, for Nsight Compute (numbers: results/bench/ncu_decode.md):
+"""One launch each of the decode attention kernel, the dequant kernel and the encode kernel at
+batch 8, 32K keys, 8 KV heads (32 query heads), d 128, for Nsight Compute (numbers:
+results/bench/ncu_decode.md):
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats \\
         --section InstructionStats --section LaunchStats --section Occupancy \\
-        -k regex:"polar_(decode_attn_fwd|dequant)" -c 2 python3 scripts/profile_decode.py
+        -k regex:"polar_(decode_attn_fwd|dequant|encode)" -c 3 python3 scripts/profile_decode.py
 
 Environment: N (keys, default 32768), PRESET (default paper), POLARTENSOR_DECODE.
 """
@@ -45,7 +46,9 @@ def main():
     kq = quantized(torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16), cfg)
     vq = quantized(torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16), cfg)
     q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
     for _ in range(2):  # the first launch compiles
+        quantized(x, cfg)
         launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, kq[3], kq[3],
                          scale=d ** -0.5)
         dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)

@@ -60,9 +60,9 @@ def main():
                                                 vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
 
             ref = ours()()
-            for bn in (64, 128):
+            for bn in (32, 64, 128):
                 for warps in (4, 8):
-                    for maxnreg in (None, 96, 128, 168):
+                    for maxnreg in (None, 128, 168):
                         mul = 8 if b * hk * 8 < sms * 8 else 4
                         splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
                         fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
