@@ -4,12 +4,13 @@
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # GPU test suite + opt-in kernels    (~9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention + launch sweep     (~9 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|bench|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|bench|profile|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -48,11 +49,18 @@ bench)
         --presets paper,polar-3,polar-4
     OUT="$OUT" step sweep 200 "$PY" scripts/sweep_decode_launch.py
     ;;
+profile)
+    # Nsight Compute on one launch each of attention, dequant and encode (where time goes)
+    step ncu 400 ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section InstructionStats --section LaunchStats --section Occupancy \
+        --section MemoryWorkloadAnalysis -k regex:"polar_(decode_attn_fwd|dequant|encode)" \
+        -c 3 "$PY" scripts/profile_decode.py
+    ;;
 compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, bench or compile" >&2
+    echo "unknown stage $stage: use tests, bench, profile or compile" >&2
     exit 2
     ;;
 esac
