@@ -160,7 +160,7 @@ def _counts(compiled) -> dict:
 
 
 def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, ptxas: bool = False):
     """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
     path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
     (encode.polar_encode_fwd_kernel) or "split" (tree_encode.polar_encode_split_fwd_kernel)."""
@@ -209,8 +209,11 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
         encode._encode_kernel = saved
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
-    return dict(preset=preset, d=d, encode=variant, block_rows=consts["BN"],
-                **_counts(compiled))
+    out = dict(preset=preset, d=d, encode=variant, block_rows=consts["BN"],
+               **_counts(compiled))
+    if ptxas:
+        out.update(ptxas_counts(compiled.asm["ptx"]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,15 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         cols = ["preset", "d", "encode", "block_rows", "convert_layout", "local_alloc",
                 "ttgir_loads", "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st",
                 "ptx_shared_ld"]
+        if args.ptxas:
+            cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for preset in args.presets.split(","):
             for d in (int(x) for x in args.head_dims.split(",")):
                 for var in args.encodes.split(","):
                     for bn in args.block_rows.split(","):
-                        r = encode_stats(preset, d, var, block_rows=int(bn) if bn else None)
+                        r = encode_stats(preset, d, var, block_rows=int(bn) if bn else None,
+                                         ptxas=args.ptxas)
                         rows.append(r)
-                        print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+                        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |",
+                              flush=True)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(rows, fh, indent=1)
