@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import re
@@ -107,7 +108,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     out = dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
                block_n=captured["args"][1].get("BN"), **_counts(compiled))
     if ptxas:
-        out.update(ptxas_counts(compiled.asm["ptx"], maxnreg))
+        out.update(maxnreg=maxnreg, **ptxas_counts(compiled.asm["ptx"], maxnreg))
     return out
 
 
@@ -234,54 +235,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--maxnreg", default="", help="with --ptxas: register caps (comma list)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    rows = []
+    counts = ["convert_layout", "local_alloc", "ttgir_loads", "shared_bytes", "ptx_lines",
+              "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
+    split = str.split
     if args.kernel == "encode":
-        cols = ["preset", "d", "encode", "block_rows", "convert_layout", "local_alloc",
-                "ttgir_loads", "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st",
-                "ptx_shared_ld"]
+        cols = ["preset", "d", "encode", "block_rows", *counts]
+        jobs = (lambda p=p, d=d, v=v, bn=bn: encode_stats(
+                    p, d, v, block_rows=int(bn) if bn else None, ptxas=args.ptxas)
+                for p, d, v, bn in itertools.product(
+                    split(args.presets, ","), map(int, split(args.head_dims, ",")),
+                    split(args.encodes, ","), split(args.block_rows, ",")))
+    else:
+        cols = ["preset", "d", "q_len", "decode", "block_n", *counts]
         if args.ptxas:
-            cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions"]
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        for preset in args.presets.split(","):
-            for d in (int(x) for x in args.head_dims.split(",")):
-                for var in args.encodes.split(","):
-                    for bn in args.block_rows.split(","):
-                        r = encode_stats(preset, d, var, block_rows=int(bn) if bn else None,
-                                         ptxas=args.ptxas)
-                        rows.append(r)
-                        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |",
-                              flush=True)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(rows, fh, indent=1)
-        return 0
-    cols = ["preset", "d", "q_len", "decode", "block_n", "convert_layout", "local_alloc",
-            "ttgir_loads", "shared_bytes", "ptx_lines", "ptx_barriers", "ptx_shared_st",
-            "ptx_shared_ld"]
+            cols.append("maxnreg")
+        jobs = (lambda p=p, d=d, tq=tq, dec=dec, bn=bn, cap=cap: stats(
+                    p, d, args.group, tq, dec, block_n=int(bn) if bn else None,
+                    ptxas=args.ptxas, maxnreg=int(cap) if cap else None)
+                for p, d, tq, dec, bn, cap in itertools.product(
+                    split(args.presets, ","), map(int, split(args.head_dims, ",")),
+                    map(int, split(args.q_len, ",")), split(args.decodes, ","),
+                    split(args.block_n, ","), split(args.maxnreg, ",")))
     if args.ptxas:
-        cols += ["maxnreg", "registers", "spill_store_bytes", "spill_load_bytes",
-                 "sass_instructions"]
+        cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for preset in args.presets.split(","):
-        for d in (int(x) for x in args.head_dims.split(",")):
-            for tq in (int(x) for x in args.q_len.split(",")):
-                for dec in args.decodes.split(","):
-                    for bn in args.block_n.split(","):
-                        for cap in args.maxnreg.split(","):
-                            r = stats(preset, d, args.group, tq, dec,
-                                      block_n=int(bn) if bn else None, ptxas=args.ptxas,
-                                      maxnreg=int(cap) if cap else None)
-                            r["maxnreg"] = cap or None
-                            rows.append(r)
-                            print("| " + " | ".join(str(r.get(c)) for c in cols) + " |",
-                                  flush=True)
+    rows = []
+    for job in jobs:
+        r = job()
+        rows.append(r)
+        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
