@@ -36,3 +36,20 @@ ON_GPU = DEVICE == "cuda"
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+# -- logs written as tests finish (a run cut off by a time limit still says what failed) --------
+# POLARTENSOR_FAILLOG=<file>: each failure's test id and traceback, appended when it happens.
+# POLARTENSOR_TESTLOG=<file>: one line per finished test: outcome, seconds, test id.
+# Under pytest-xdist the controller receives every report; workers do not write.
+def pytest_runtest_logreport(report):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    fail_log = os.environ.get("POLARTENSOR_FAILLOG")
+    test_log = os.environ.get("POLARTENSOR_TESTLOG")
+    if fail_log and report.failed:
+        with open(fail_log, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+    if test_log and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        with open(test_log, "a") as f:
+            f.write(f"{report.outcome:8s} {report.duration:8.2f}s {report.nodeid}\n")
