@@ -21,10 +21,12 @@ A failing configuration records its error and the run goes on.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -155,15 +157,12 @@ def main():
     import triton
 
     from polartensor.config import PRESETS, get_preset
-    from polartensor.kernels import encode as encode_mod
     from polartensor.kernels.decode_attention import launch_attention
     from polartensor.kernels.dequant import dequantize_rotated_triton
-    from polartensor.kernels.encode import encode_into_triton, polar_encode_fwd_kernel
+    from polartensor.kernels.encode import encode_into_triton
     from polartensor.kernels.ops import cached_rotation, tables_for
-    from polartensor.kernels.tree_encode import polar_encode_split_fwd_kernel
     from polartensor.polar_quant_tensor import codebook_for
 
-    default_encode = encode_mod._encode_kernel
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     env = dict(
@@ -180,6 +179,25 @@ def main():
     presets = sorted(PRESETS) if args.presets == "all" else args.presets.split(",")
     if "paper" in presets:
         presets = ["paper"] + [p for p in presets if p != "paper"]
+
+    def save():
+        """Write the JSON and markdown of what has run so far (also at exit, so that a run
+        stopped by SIGTERM, e.g. a ``timeout``, keeps its finished rows)."""
+        result["elapsed_s"] = time.time() - t_start
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_attention.json"), "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        md = render_markdown(result)
+        with open(os.path.join(args.out, "bench_attention.md"), "w") as fh:
+            fh.write(md)
+        return md
+
+    def stop_on_term(signum, frame):
+        result["errors"].append(f"stopped by signal {signum}: later cases did not run")
+        raise SystemExit(128 + signum)
+
+    atexit.register(save)
+    signal.signal(signal.SIGTERM, stop_on_term)
 
     def over_budget():
         return time.time() - t_start > args.budget_s
@@ -286,16 +304,12 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            variants = [("fused", dict(pre_rotate=False)), ("split", dict(pre_rotate=False))]
+            variants = [("fused", dict(pre_rotate=False))]
             if preset == "paper":
                 variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
                              ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
                              ("torch_matmul_then_kernel", dict(pre_rotate=True))]
             for name, kw in variants:
-                # "split": kernels/tree_encode.py (POLARTENSOR_ENCODE=split), whatever the
-                # process default is; "fused*": the reshape encode kernel.
-                encode_mod._encode_kernel = (polar_encode_split_fwd_kernel if name == "split"
-                                             else polar_encode_fwd_kernel)
                 try:
                     ms = bench(lambda kw=kw, x=x: encode_into_triton(
                         x, rot, mids, codes, radii, cfg, exact=False, **kw))
@@ -306,7 +320,6 @@ def main():
                     record_error(f"encode {model} {preset} {name}", exc)
                     row = dict(model=model, d=d, preset=preset, variant=name,
                                error=str(exc)[:200])
-                encode_mod._encode_kernel = default_encode
                 result["encode"].append(row)
                 print(row, flush=True)
         del x
@@ -447,14 +460,8 @@ def main():
         del k, v, q, qf
         torch.cuda.empty_cache()
 
-    result["elapsed_s"] = time.time() - t_start
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_attention.json"), "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    md = render_markdown(result)
-    with open(os.path.join(args.out, "bench_attention.md"), "w") as fh:
-        fh.write(md)
-    print(md)
+    atexit.unregister(save)
+    print(save())
 
 
 def _fmt(x, spec=".3f"):

@@ -3,7 +3,7 @@
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite                 (~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh optin     # opt-in kernels' tests + smoke      (~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh optin     # opt-in decode's tests + smoke      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention + launch sweep     (~9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
@@ -41,14 +41,10 @@ tests)
         -o faulthandler_timeout=240 tests --deselect tests/test_assets.py
     ;;
 optin)
-    # the opt-in kernels (the defaults run in the tests stage) and an end-to-end smoke test
+    # the opt-in reshape decode (the defaults run in the tests stage) and an end-to-end smoke test
     POLARTENSOR_DECODE=reshape POLARTENSOR_FAILLOG="$OUT/failures_reshape.txt" \
         step tests_reshape_decode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    POLARTENSOR_ENCODE=split POLARTENSOR_FAILLOG="$OUT/failures_split.txt" \
-        POLARTENSOR_TESTLOG="$OUT/test_times_split.txt" \
-        step tests_split_encode 240 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_tree_encode.py tests/kernels/test_kernel_encode.py
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
 bench)

@@ -2,11 +2,11 @@
 decode slow: register-layout conversions (``ttg.convert_layout``, shared-memory round trips),
 shared-memory allocations and loads in the TTGIR, and barriers / shared-memory loads and stores
 in the PTX. A proxy for GPU time when no GPU is at hand, not a substitute for the benchmark.
-``--kernel encode`` does the same for the fused encode kernel (both variants).
+``--kernel encode`` does the same for the fused encode kernel.
 
     python scripts/kernel_ir_stats.py                      # both tile decodes, paper + polar-4
     python scripts/kernel_ir_stats.py --presets paper --head-dims 64,128 --q-len 1,64
-    python scripts/kernel_ir_stats.py --kernel encode      # reshape vs split encode
+    python scripts/kernel_ir_stats.py --kernel encode      # the fused encode kernel
 
 Each row compiles one configuration (a few seconds). It needs Triton's NVIDIA backend (part of
 the standard triton wheel); it does not touch a GPU driver.
@@ -114,8 +114,9 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
 
 def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     """Registers, spill bytes and static SASS instructions of a kernel's PTX, assembled for
-    sm_90a by the ptxas bundled with Triton (CUDA 12.9 here, older than the PTX ISA that
-    Triton 3.9 writes: the ``.version`` line is lowered, which these kernels tolerate).
+    sm_90a by the ptxas bundled with Triton (when it is older than the PTX ISA that Triton
+    writes, the ``.version`` line is lowered to the newest it names, which these kernels
+    tolerate).
     ``maxnreg`` caps registers as Triton's ``maxnreg`` launch option does (a ``.maxnreg``
     directive; ptxas ignores -maxrregcount for kernels with ``.reqntid``)."""
     import subprocess
@@ -124,16 +125,26 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", ptx, flags=re.M)
     if maxnreg:
         ptx = re.sub(r"^(\.reqntid [\d, ]+)", rf"\1\n.maxnreg {maxnreg}", ptx, flags=re.M)
     with tempfile.TemporaryDirectory() as td:
         src, cubin = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
-        with open(src, "w") as fh:
-            fh.write(ptx)
-        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src, "-o",
-                              cubin], capture_output=True, text=True)
-        log = res.stdout + res.stderr
+
+        def assemble(text):
+            with open(src, "w") as fh:
+                fh.write(text)
+            res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src,
+                                  "-o", cubin], capture_output=True, text=True)
+            return res, res.stdout + res.stderr
+
+        res, log = assemble(ptx)
+        newest = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", log)
+        if res.returncode and newest:
+            # The bundled ptxas may be older than the PTX ISA Triton writes (ptxas 12.9 with
+            # Triton 3.9: ISA 8.8; ptxas 12.8 with Triton 3.6: ISA 8.7): declare the newest
+            # ISA it accepts, which these kernels' instructions fit.
+            res, log = assemble(re.sub(r"^\.version \d+\.\d+", f".version {newest[1]}", ptx,
+                                       flags=re.M))
         if res.returncode:
             raise RuntimeError(f"ptxas failed: {log[-500:]}")
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin],
@@ -164,7 +175,7 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                  block_rows: int | None = None, ptxas: bool = False):
     """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
     path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
-    (encode.polar_encode_fwd_kernel) or "split" (tree_encode.polar_encode_split_fwd_kernel)."""
+    (encode.polar_encode_fwd_kernel, the only one since the split encode was removed)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -172,7 +183,6 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     from polartensor.config import get_preset
     from polartensor.kernels import encode
     from polartensor.kernels.common import boundary_table
-    from polartensor.kernels.tree_encode import polar_encode_split_fwd_kernel
     from polartensor.rotation import rotation_matrix
 
     cfg = get_preset(preset, head_dim=d)
@@ -181,8 +191,9 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     mids = boundary_table(quantize(x[:, :1].float(), cfg).centroids, cfg, torch.float64)
     codes = torch.empty(2, 64, cfg.record_bytes(d), dtype=torch.uint8)
     radii = torch.empty(2, 64, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype)
-    kernel = {"reshape": encode.polar_encode_fwd_kernel,
-              "split": polar_encode_split_fwd_kernel}[variant]
+    if variant != "reshape":
+        raise ValueError(f"encode variant {variant!r}: only 'reshape' exists")
+    kernel = encode.polar_encode_fwd_kernel
     captured = {}
 
     class _Capture:
@@ -191,10 +202,8 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                 captured["args"] = (args, dict(kwargs))
             return launch
 
-    if block_rows is None and variant == "reshape":
-        # encode_into_triton's GPU default for the reshape kernel (with the capture in place
-        # it cannot tell which kernel it launches, and would pick the split kernel's)
-        block_rows = 32 if d <= 128 else 16
+    if block_rows is None:
+        block_rows = 32 if d <= 128 else 16  # encode_into_triton's GPU default
     saved = encode._encode_kernel
     encode._encode_kernel = _Capture()
     interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--decodes", default="reshape,joined")
     ap.add_argument("--kernel", choices=("attention", "encode"), default="attention")
-    ap.add_argument("--encodes", default="reshape,split", help="--kernel encode: variants")
+    ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
                     "(comma list; default: what encode_into_triton picks on the GPU)")
     ap.add_argument("--block-n", default="", help="--kernel attention: keys per step (comma "

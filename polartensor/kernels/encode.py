@@ -6,8 +6,6 @@ Reference: ``polartensor.polar_quant_tensor.quantize`` (see ``kernels/naive.py``
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -147,11 +145,6 @@ def encode_into_triton(
         # The interpreter pays per op, not per element: one wide program is fastest there.
         block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
                       else (32 if d <= 128 else 16))
-        if not interp and _encode_kernel is not polar_encode_fwd_kernel:
-            # split kernel: 64 rows make the fused rotation a wgmma on sm_90, whose
-            # accumulator keeps whole superblocks in one thread (no layout conversion; at
-            # d 256 that takes 128 KB of shared memory, 32 rows leave 2 conversions in 64 KB)
-            block_rows = 64 if d <= 128 else 32
     kch = min(d, 64)
     if rot is None:
         rot_arg, rotate = x3, False
@@ -176,13 +169,6 @@ def encode_into_triton(
     return True
 
 
-# encode_into_triton launches ``_encode_kernel`` (read at import, like POLARTENSOR_DECODE in
-# common.py). "reshape" (default): the kernel above. "split": kernels/tree_encode.py, the same
-# contract and results built without in-tree reshapes (no register-layout conversions on sm_90).
-_ENCODE = os.environ.get("POLARTENSOR_ENCODE", "reshape")
-if _ENCODE == "split":
-    from .tree_encode import polar_encode_split_fwd_kernel as _encode_kernel  # noqa: E402
-elif _ENCODE == "reshape":
-    _encode_kernel = polar_encode_fwd_kernel
-else:
-    raise ValueError(f"POLARTENSOR_ENCODE={_ENCODE!r}: use 'reshape' (default) or 'split'")
+# encode_into_triton launches the kernel through this name, so that a script can capture the
+# launch arguments (scripts/kernel_ir_stats.py) without running it.
+_encode_kernel = polar_encode_fwd_kernel
