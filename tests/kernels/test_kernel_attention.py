@@ -364,3 +364,51 @@ def test_dequant_min_q_setting(monkeypatch):
         monkeypatch.setenv("POLARTENSOR_DEQUANT_MIN_Q", bad)
         with pytest.raises(ValueError, match="POLARTENSOR_DEQUANT_MIN_Q"):
             dequant_min_q()
+
+
+# Launch settings the decode accepts (keys per step, warps, register cap, query rows per
+# program): each must equal the reference, not only the default the launcher picks. The
+# interpreter ignores warps and register caps, so the CPU varies keys per step and rows only.
+_LAUNCH = ([(bn, w, r) for bn in (32, 64, 128) for w in (4, 8) for r in (None, 128)] if ON_GPU
+           else [(bn, 4, None) for bn in (16, 32, 64)])
+
+
+@pytest.mark.parametrize("tq", [1, 4, 16])
+@pytest.mark.parametrize("block_n,warps,maxnreg", _LAUNCH)
+def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg = PolarQuantConfig.paper()
+    b, hk, group, n = 2, 2, 4, 1500 if ON_GPU else 45
+    g = torch.Generator().manual_seed(block_n + tq)
+    q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+
+    def launch():
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode", num_splits=3,
+                                block_n=block_n, num_warps=warps, maxnreg=maxnreg)
+
+    if ON_GPU and block_n >= 128 and group * tq > 16:
+        with pytest.raises(ValueError, match="block_n"):
+            launch()
+        return
+    ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
+    _close(launch(), ref.to(dtype), dtype)
+
+
+def test_decode_default_launch_with_many_programs(no_reference):
+    """On the GPU, >= 64 (batch, KV head) programs at d 128 switch the decode to 64 keys per
+    step under a register cap: through F.scaled_dot_product_attention it must still equal the
+    reference."""
+    d, b, hk, n = (128, 16, 4, 700) if ON_GPU else (32, 2, 2, 30)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hk * 4, 1, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), "paper")
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), "paper")
+    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    _close(out, polar_sdpa(q.float(), k, v, enable_gqa=True).to(dtype), dtype)
