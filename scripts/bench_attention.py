@@ -151,6 +151,8 @@ def main():
     ap.add_argument("--presets", default="all")
     ap.add_argument("--quick", action="store_true", help="target config only (smoke run)")
     ap.add_argument("--no-warm", action="store_true", help="skip the parallel compile")
+    ap.add_argument("--sections", default="sweep,encode,prefill,decode",
+                    help="comma-separated subset of sweep, encode, prefill, decode")
     args = ap.parse_args()
     t_start = time.time()
 
@@ -250,7 +252,8 @@ def main():
                                         cfg, rot, rot, None, None, None, False, scale, **kw)
 
     # -- decode: launch-parameter sweep at the target shape (d = 128, paper) ----------------
-    for model, hq, hk, d in MODELS[:1]:
+    sections = set(args.sections.split(","))
+    for model, hq, hk, d in (MODELS[:1] if "sweep" in sections else []):
         b, n = 8, 32768
         try:
             g = torch.Generator(device=dev).manual_seed(0)
@@ -287,7 +290,7 @@ def main():
         torch.cuda.empty_cache()
 
     # -- encode throughput --------------------------------------------------------------------
-    for model, _hq, hk, d in MODELS:
+    for model, _hq, hk, d in (MODELS if "encode" in sections else []):
         b, n = 8, 32768
         try:
             x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
@@ -326,7 +329,7 @@ def main():
         torch.cuda.empty_cache()
 
     # -- chunked prefill ------------------------------------------------------------------------
-    for model, hq, hk, d in MODELS:
+    for model, hq, hk, d in (MODELS if "prefill" in sections else []):
         b, n, t = 1, 32768, 2048
         scale = d ** -0.5
         try:
@@ -383,7 +386,7 @@ def main():
 
     # -- decode table -------------------------------------------------------------------------
     cases = []
-    for model, hq, hk, d in MODELS:
+    for model, hq, hk, d in (MODELS if "decode" in sections else []):
         for n in CONTEXTS:
             for b in BATCHES:
                 cases.append((model, hq, hk, d, b, n))
