@@ -293,21 +293,25 @@ def launch_attention(
         bn = block_n or (16 if interp else (32 if d >= 256 else (128 if gp * bt <= 16 else 64)))
         warps = num_warps or 4
         if (not interp and block_n is None and maxnreg is None and d == 128
-                and gp * bt <= 16 and bsz * hk * triton.cdiv(tq, bt) >= 64):
-            # Many (batch, KV head) programs: 64 keys per step under a 128-register cap (16
-            # warps per SM instead of 8) ran 11% faster at Llama batch 8 / 32K on the H200
-            # (0.706 vs 0.791 ms) and the same at batch 32 / 4K; with few programs (batch 1)
-            # the cap cost 40%, so it applies only from 64 programs before split-K.
+                and gp * bt <= 16 and bsz * hk * triton.cdiv(tq, bt) >= 64 and total >= 8192):
+            # Many (batch, KV head) programs over a long cache: 64 keys per step under a
+            # 128-register cap (16 warps per SM instead of 8). On the H200 (paper preset,
+            # results/bench/bench_decode_register_cap.md): 0.70 vs 0.80 ms at Llama batch 8 /
+            # 32K, 9-10% faster at batch 8 / 128K and batch 32 / 32K-128K; at batch 8 / 4K it
+            # was 17% slower (hence >= 8K tokens), at batch 1 (few programs) 40% slower.
             bn, maxnreg = 64, 128
-        if not interp and bn >= 128 and gp * bt > 16:
-            raise ValueError(
-                f"block_n={bn} with {gp * bt} query rows per program: this launch returned "
-                "wrong outputs on an H200 (Triton 3.6; not root-caused). Use block_n <= 64 "
-                "when group x query length exceeds 16.")
     else:
         bt = block_t or min(_next_pow2(tq), max(1, (32 if interp else max_rows) // gp))
         bn = block_n or (16 if interp else (32 if d >= 256 else 64))
         warps = num_warps or (4 if d <= 64 else 8)
+    if not interp and d <= 128 and gp * bt > 16 and bn != 64:
+        # Seen on the H200 (Triton 3.6, d 128, 64 query rows per program): 32 keys per step
+        # gave outputs with relative error 1.2 or an illegal memory access, 128 keys wrong
+        # outputs; 64 keys (the default) matched the reference. Not root-caused.
+        raise ValueError(
+            f"block_n={bn} with {gp * bt} query rows per program (group {group} x "
+            f"{bt} queries): such launches returned wrong outputs on an H200; use "
+            "block_n=64 (the default) when more than 16 rows share a program at d <= 128.")
     m_rows = max(16, gp * bt)
     n_ttiles = triton.cdiv(tq, bt)
     if mode == "decode":

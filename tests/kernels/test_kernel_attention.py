@@ -392,7 +392,8 @@ def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
                                 rot, rot, scale=1 / math.sqrt(d), mode="decode", num_splits=3,
                                 block_n=block_n, num_warps=warps, maxnreg=maxnreg)
 
-    if ON_GPU and block_n >= 128 and group * tq > 16:
+    if ON_GPU and block_n != 64 and group * tq > 16:
+        # refused: wrong outputs / illegal memory accesses on the H200 (see launch_attention)
         with pytest.raises(ValueError, match="block_n"):
             launch()
         return
@@ -401,10 +402,10 @@ def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
 
 
 def test_decode_default_launch_with_many_programs(no_reference):
-    """On the GPU, >= 64 (batch, KV head) programs at d 128 switch the decode to 64 keys per
-    step under a register cap: through F.scaled_dot_product_attention it must still equal the
-    reference."""
-    d, b, hk, n = (128, 16, 4, 700) if ON_GPU else (32, 2, 2, 30)
+    """On the GPU, >= 64 (batch, KV head) programs at d 128 over >= 8K tokens switch the
+    decode to 64 keys per step under a register cap: through F.scaled_dot_product_attention
+    it must still equal the reference."""
+    d, b, hk, n = (128, 16, 4, 8500) if ON_GPU else (32, 2, 2, 30)
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, hk * 4, 1, d, generator=g).to(DEVICE, dtype)
