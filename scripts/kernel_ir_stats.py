@@ -154,7 +154,31 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     return dict(registers=int(regs[0]) if regs else None,
                 spill_store_bytes=int(spill[0][0]) if spill else None,
                 spill_load_bytes=int(spill[0][1]) if spill else None,
-                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M)))
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M)),
+                **sass_loop_ops(sass))
+
+
+def sass_loop_ops(sass: str, top: int = 16) -> dict:
+    """The kernel's longest loop (the span of its longest backward branch): static SASS
+    instructions per iteration and the most frequent opcodes (predicates and modifiers after
+    the first dot dropped: ``LDG.E.U8`` counts as ``LDG``)."""
+    ins = [(int(a, 16), t.strip()) for a, t in
+           re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    if not loops:
+        return dict(loop_sass_instructions=0, loop_ops={})
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    ops: dict = {}
+    for addr, text in ins:
+        if lo <= addr <= hi:
+            name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+            ops[name] = ops.get(name, 0) + 1
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    return dict(loop_sass_instructions=sum(ops.values()), loop_ops=dict(ranked))
 
 
 def _counts(compiled) -> dict:
@@ -266,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     map(int, split(args.q_len, ",")), split(args.decodes, ","),
                     split(args.block_n, ","), split(args.maxnreg, ",")))
     if args.ptxas:
-        cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions"]
+        cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions",
+                 "loop_sass_instructions"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     rows = []
