@@ -3,7 +3,7 @@
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite                 (~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh optin     # opt-in decode's tests + smoke      (~3 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh optin     # opt-in decodes' tests, packed bench, smoke (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention + launch sweep     (~9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
@@ -41,10 +41,17 @@ tests)
         -o faulthandler_timeout=240 tests --deselect tests/test_assets.py
     ;;
 optin)
-    # the opt-in reshape decode (the defaults run in the tests stage) and an end-to-end smoke test
+    # the opt-in decodes (the defaults run in the tests stage) and an end-to-end smoke test
     POLARTENSOR_DECODE=reshape POLARTENSOR_FAILLOG="$OUT/failures_reshape.txt" \
         step tests_reshape_decode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    # packed bf16x2 level-1 decode (POLARTENSOR_DECODE=packed): its tests, then the decode
+    # table with it (compare the x-vs-cuDNN column with a default run's)
+    POLARTENSOR_DECODE=packed POLARTENSOR_FAILLOG="$OUT/failures_packed.txt" \
+        step tests_packed_decode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    POLARTENSOR_DECODE=packed step bench_packed 150 "$PY" scripts/bench_attention.py \
+        --out "$OUT/bench_packed" --budget-s 100 --presets paper --sections decode
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
 bench)

@@ -76,7 +76,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     kernel = decode_attention.polar_decode_attn_fwd_kernel
     saved = (decode_attention.polar_decode_attn_fwd_kernel,
              decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
-    if decode == "joined":
+    if decode in ("joined", "packed"):  # packed: the joined decode with pack=True
         from polartensor.kernels.tree_decode import decode_tile_joined
         decode_attention.decode_tile = decode_tile_joined
     else:
@@ -88,7 +88,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         decode_attention.launch_attention(
             q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
             mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
-            block_n=block_n)
+            block_n=block_n, pack=decode == "packed")
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
         sig, consts = _signature(kernel, args, kwargs)
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dims", default="128")
     ap.add_argument("--q-len", default="1", help="1..16: decode; more: prefill tiles")
     ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--decodes", default="reshape,joined")
+    ap.add_argument("--decodes", default="reshape,joined",
+                    help="reshape, joined, packed (joined with packed bf16x2 level 1)")
     ap.add_argument("--kernel", choices=("attention", "encode"), default="attention")
     ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "

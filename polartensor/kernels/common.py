@@ -65,9 +65,15 @@ def level_words(config, d: int) -> dict:
 
 
 def trig_table(centroids: torch.Tensor) -> torch.Tensor:
-    """[2, levels, K] float32: cos and sin of every centroid (the decode tables)."""
+    """[3, levels, K] float32: cos and sin of every centroid (the decode tables), then the
+    same pair rounded to bfloat16 and packed into one 32-bit word per centroid (cos in the low
+    half, sin in the high half; stored as float32 bit patterns) for the packed decode."""
     c = centroids.to(torch.float32)
-    return torch.stack([torch.cos(c), torch.sin(c)]).contiguous()
+    cos, sin = torch.cos(c), torch.sin(c)
+    lo = cos.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = sin.to(torch.bfloat16).view(torch.int16).to(torch.int32) << 16
+    packed = (lo | hi).view(torch.float32)
+    return torch.stack([cos, sin, packed]).contiguous()
 
 
 def boundary_table(centroids: torch.Tensor, config,
@@ -198,10 +204,13 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                         NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
                         LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr,
                         LV3: tl.constexpr, LV4: tl.constexpr, LV5: tl.constexpr,
-                        LV6: tl.constexpr, LV7: tl.constexpr):
+                        LV6: tl.constexpr, LV7: tl.constexpr, PACK: tl.constexpr):
     """Decoded rotated vectors [BN, D] (fp32) of the records at ``rec_off``; rows that are not
-    ``valid`` come out as zeros. ``trig_ptr``: [2, L, KT] cos/sin tables. Top-down: radius,
-    then each level splits every node into (r cos, r sin) -- table look-ups, no trig."""
+    ``valid`` come out as zeros. ``trig_ptr``: [3, L, KT] cos/sin tables (``trig_table``).
+    Top-down: radius, then each level splits every node into (r cos, r sin) -- table
+    look-ups, no trig. ``PACK`` (the joined decode's packed bfloat16 output) is not
+    implemented here and must be False."""
+    tl.static_assert(not PACK, "the reshape decode has no packed bfloat16 output")
     r = tl.load(radii_ptr + rad_off[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)
     tail = _load_tail(codes_ptr, rec_off, valid, TAIL_BYTE, TAIL_NB)
@@ -288,10 +297,14 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
 # on the H200 it ran the batch-8, 32K, d-128 decode 1.8x faster than the reshape decode (0.85
 # vs 1.56 ms, same run). POLARTENSOR_DECODE=reshape selects the reshape decode above, the
 # simpler one to read and the reference the joined decode is tested against bit for bit.
+# POLARTENSOR_DECODE=packed: the joined decode, and for bfloat16 queries the attention kernel
+# decodes level 1 with packed bf16x2 table words and multiplies (opt-in: not yet run on a GPU).
 _DECODE = os.environ.get("POLARTENSOR_DECODE", "joined")
-if _DECODE == "joined":
+PACKED_DECODE = _DECODE == "packed"
+if _DECODE in ("joined", "packed"):
     from .tree_decode import decode_tile_joined as decode_tile  # noqa: E402, F401
 elif _DECODE == "reshape":
     decode_tile = decode_tile_reshape
 else:
-    raise ValueError(f"POLARTENSOR_DECODE={_DECODE!r}: use 'joined' (default) or 'reshape'")
+    raise ValueError(f"POLARTENSOR_DECODE={_DECODE!r}: use 'joined' (default), 'packed' or "
+                     "'reshape'")

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import decode_tile, interpreting, level_words
+from .common import PACKED_DECODE, decode_tile, interpreting, level_words
+from .tree_decode import decode_tile_joined
 
 __all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
 
@@ -94,7 +95,7 @@ def polar_decode_attn_fwd_kernel(
     V_LV7: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
     SINGLE: tl.constexpr, ROTQ: tl.constexpr, UNROT: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, RPREC: tl.constexpr,
+    PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -144,11 +145,11 @@ def polar_decode_attn_fwd_kernel(
         kt = decode_tile(kc_ptr, kr_ptr, ktab_ptr, b * skc_b + hk * skc_h + pos64 * skc_n,
                          b * skr_b + hk * skr_h + pos64 * skr_n, kv_ok, BN, D, K_KT, K_L,
                          K_NB, K_TB, K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
-                         K_LV6, K_LV7)
+                         K_LV6, K_LV7, PACK)
         vt = decode_tile(vc_ptr, vr_ptr, vtab_ptr, b * svc_b + hk * svc_h + pos64 * svc_n,
                          b * svr_b + hk * svr_h + pos64 * svr_n, kv_ok, BN, D, V_KT, V_L,
                          V_NB, V_TB, V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
-                         V_LV6, V_LV7)
+                         V_LV6, V_LV7, PACK)
         m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
                                        l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
                                        scale_log2, MASK_KIND, CAUSAL, DT, PREC)
@@ -249,7 +250,7 @@ def launch_attention(
     is_causal: bool = False, scale: float = 1.0,
     mode: str = "auto", num_splits: int | None = None, block_n: int | None = None,
     block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    maxnreg: int | None = None, out: torch.Tensor | None = None,
+    maxnreg: int | None = None, out: torch.Tensor | None = None, pack: bool | None = None,
 ) -> torch.Tensor:
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
     already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
@@ -343,6 +344,13 @@ def launch_attention(
     else:
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t, ms = mask, mask.stride()
+    if pack is None:
+        # opt-in (POLARTENSOR_DECODE=packed), for bfloat16 queries, whose tensor-core operands
+        # are bfloat16 anyway: level 1 decoded with packed bf16x2 table words and multiplies
+        pack = PACKED_DECODE and dt == tl.bfloat16
+    elif pack and decode_tile is not decode_tile_joined:
+        raise ValueError("pack=True needs the joined tile decode (POLARTENSOR_DECODE=joined "
+                         "or packed)")
     kch = min(d, 64)
     kw = dict(
         GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,
@@ -350,7 +358,7 @@ def launch_attention(
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), SINGLE=single,
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
-        num_warps=warps,
+        PACK=pack, num_warps=warps,
     )
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).

@@ -26,7 +26,7 @@ def polar_dequant_kernel(
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     valid = rows < n_rows
     y = decode_tile(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D, KT, L,
-                    NB, TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
+                    NB, TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, False)
     dd = tl.arange(0, D)
     tl.store(out_ptr + rows[:, None] * D + dd[None, :], y.to(out_ptr.dtype.element_ty),
              mask=valid[:, None])

@@ -28,6 +28,12 @@ Offline sm_90 compilation (TTGIR) of the attention kernel, paper preset, d 128, 
 The default tile decode of the attention and dequant kernels (``common.decode_tile``); on the
 H200 the batch-8, 32K, d-128 paper-preset decode ran 1.8x faster with it than with the reshape
 decode. ``POLARTENSOR_DECODE=reshape`` (read at import) selects the reshape decode instead.
+
+``PACK`` (``POLARTENSOR_DECODE=packed``, opt-in, bfloat16 queries): bfloat16 out, and level 1 --
+half of all multiplies and every table gather of the paper preset -- reads one packed bf16x2
+(cos, sin) word per angle (``trig_table``'s third plane) and multiplies both with one
+``mul.rn.bf16x2``. Offline that is 21% fewer loop instructions at the register-capped 64-key
+launch; it has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -90,6 +96,45 @@ def _ldg(p):
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.load(p)
+
+
+@triton.jit
+def _ldg_b32(p):
+    """One 32-bit table word (a float32 pointer read as its bits), layout-agnostic like _ldg."""
+    if _ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [p],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.load(p).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _mul_bf16x2(r, w):
+    """(r * cos, r * sin) in bfloat16 from r (float32) and w, a packed bf16x2 (cos, sin) word:
+    r rounded to bfloat16 once, then one packed multiply (mul.rn.bf16x2) for both products."""
+    if _ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $2; mul.rn.bf16x2 t, t, $3; "
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r", [r, w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        # the same arithmetic: bf16 x bf16 products are exact in float32, then one rounding
+        rb = _bf16_rne(r).to(tl.float32)
+        cs = (w << 16).to(tl.float32, bitcast=True)
+        sn = ((w >> 16) << 16).to(tl.float32, bitcast=True)
+        return _bf16_rne(rb * cs), _bf16_rne(rb * sn)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """float32 -> bfloat16 rounded to nearest even, as the GPU's cvt.rn does (the interpreter's
+    cast truncates; finite inputs)."""
+    if _ASM:
+        return x.to(tl.bfloat16)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -178,14 +223,14 @@ def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
 
 @triton.jit
 def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.constexpr,
-              P: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr):
-    """One level: r [BN, NB, 2 (x m)] (P = 2**m nodes per block) -> [BN, NB, 2 (x m+1)]."""
+              P: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
+              PK: tl.constexpr, pk_ptr):
+    """One level: r [BN, NB, 2 (x m)] (P = 2**m nodes per block) -> [BN, NB, 2 (x m+1)].
+    ``PK`` (level 1 only): bfloat16 out, wide levels through the packed bf16x2 table."""
     b: tl.constexpr = LV & 15
     pos: tl.constexpr = LV >> 8
     if b == 0:
-        cs = tl.load(cos_ptr)
-        sn = tl.load(sin_ptr)
-        return tl.join(r * cs, r * sn)
+        out = _split(r, tl.load(cos_ptr), tl.load(sin_ptr), PK)
     else:
         # head levels: pos is a byte offset; tail levels: a bit offset inside the tail
         # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8).
@@ -206,6 +251,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
             odd = (c & 1) != 0
             cs = tl.where(odd, c1, c0)
             sn = tl.where(odd, s1, s0)
+            out = _split(r, cs, sn, PK)
         elif b == 2:
             c0 = tl.load(cos_ptr)
             c1 = tl.load(cos_ptr + 1)
@@ -219,23 +265,42 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
             hi = (c & 2) != 0
             cs = tl.where(hi, tl.where(odd, c3, c2), tl.where(odd, c1, c0))
             sn = tl.where(hi, tl.where(odd, s3, s2), tl.where(odd, s1, s0))
+            out = _split(r, cs, sn, PK)
         else:
             ci = c & ((1 << b) - 1)
-            cs = _ldg(cos_ptr + ci)
-            sn = _ldg(sin_ptr + ci)
-        return tl.join(r * cs, r * sn)
+            if PK:
+                lo, hi = _mul_bf16x2(r, _ldg_b32(pk_ptr + ci))
+                out = tl.join(lo, hi)
+            else:
+                out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
+    return out
+
+
+@triton.jit
+def _split(r, cs, sn, PK: tl.constexpr):
+    """Children (r cos, r sin) of every node, joined as a new minor dim; bfloat16 with PK."""
+    if PK:
+        out = tl.join(_bf16_rne(r * cs), _bf16_rne(r * sn))
+    else:
+        out = tl.join(r * cs, r * sn)
+    return out
 
 
 @triton.jit
 def _any_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO: tl.constexpr, LVL: tl.constexpr,
                L0: tl.constexpr, NBB: tl.constexpr, D: tl.constexpr, LV: tl.constexpr,
-               TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+               TAIL_BYTE: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr):
     if LVL > L0:
-        return _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO, LVL - L0, D >> LVL,
-                          LV, TAIL_BYTE, R)
+        out = _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO, LVL - L0, D >> LVL,
+                         LV, TAIL_BYTE, R)
+        if PACK and LVL == 1:
+            out = _bf16_rne(out)
     else:
-        return _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
-                         1 << (L0 - LVL), LV, TAIL_BYTE, R)
+        # level 1 reads the packed plane of the table (trig_table: cos, sin, packed)
+        out = _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
+                        1 << (L0 - LVL), LV, TAIL_BYTE, R, PACK and LVL == 1,
+                        cos_ptr + 2 * SO)
+    return out
 
 
 @triton.jit
@@ -243,8 +308,11 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                    BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
                    NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
                    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
-                   LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
-    """Same contract as ``decode_tile``: decoded rotated vectors [BN, D] fp32, invalid rows 0."""
+                   LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
+                   PACK: tl.constexpr):
+    """Same contract as ``decode_tile``: decoded rotated vectors [BN, D] fp32, invalid rows 0.
+    ``PACK``: bfloat16 out instead, level 1 decoded with packed bf16x2 table words and
+    multiplies (one gather and one multiply per angle instead of two each)."""
     R: tl.constexpr = TAIL_BYTE + TAIL_NB
     T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
     NBB: tl.constexpr = NB << T
@@ -257,25 +325,25 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     SO: tl.constexpr = L * KT
     if L >= 8:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 7 * KT, SO, 8, L0, NBB,
-                       D, LV7, TAIL_BYTE, R)
+                       D, LV7, TAIL_BYTE, R, False)
     if L >= 7:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 6 * KT, SO, 7, L0, NBB,
-                       D, LV6, TAIL_BYTE, R)
+                       D, LV6, TAIL_BYTE, R, False)
     if L >= 6:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * KT, SO, 6, L0, NBB,
-                       D, LV5, TAIL_BYTE, R)
+                       D, LV5, TAIL_BYTE, R, False)
     if L >= 5:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 4 * KT, SO, 5, L0, NBB,
-                       D, LV4, TAIL_BYTE, R)
+                       D, LV4, TAIL_BYTE, R, False)
     if L >= 4:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 3 * KT, SO, 4, L0, NBB,
-                       D, LV3, TAIL_BYTE, R)
+                       D, LV3, TAIL_BYTE, R, False)
     if L >= 3:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 2 * KT, SO, 3, L0, NBB,
-                       D, LV2, TAIL_BYTE, R)
+                       D, LV2, TAIL_BYTE, R, False)
     if L >= 2:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 1 * KT, SO, 2, L0, NBB,
-                       D, LV1, TAIL_BYTE, R)
+                       D, LV1, TAIL_BYTE, R, False)
     r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, SO, 1, L0, NBB, D, LV0,
-                   TAIL_BYTE, R)
+                   TAIL_BYTE, R, PACK)
     return tl.reshape(r, (BN, D))

@@ -35,25 +35,26 @@ def _dequant_with_kernel(
     NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
-    DECODE: tl.constexpr,
+    DECODE: tl.constexpr, PACK: tl.constexpr,
 ):
     """The dequant kernel with the tile decode as a parameter (the library's binds
     ``common.decode_tile`` at import)."""
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     valid = rows < n_rows
     y = DECODE(codes_ptr, radii_ptr, trig_ptr, rows * R, rows * NB, valid, BN, D, KT, L, NB,
-               TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
+               TAIL_BYTE, TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, PACK)
+    y = y.to(tl.float32)
     tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], y, mask=valid[:, None])
 
 
-def _dequant_with(decode, codes, radii, trig, config, d, bn):
+def _dequant_with(decode, codes, radii, trig, config, d, bn, pack=False):
     n_rows = codes.numel() // codes.shape[-1]
     out = torch.empty(*codes.shape[:-1], d, dtype=torch.float32, device=codes.device)
     w = level_words(config, d)
     _dequant_with_kernel[(triton.cdiv(n_rows, bn),)](
         codes, radii, trig, out, n_rows, BN=bn, D=d, R=w["R"], KT=trig.shape[-1], L=w["L"],
         NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
-        **{f"LV{i}": w[f"LV{i}"] for i in range(8)}, DECODE=decode, num_warps=4)
+        **{f"LV{i}": w[f"LV{i}"] for i in range(8)}, DECODE=decode, PACK=pack, num_warps=4)
     return out
 
 
@@ -75,6 +76,25 @@ def test_joined_decode_equals_decode_tile(d):
         for bn in (16, 32):
             got = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, bn)
             torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"{name} d={d} bn={bn}")
+
+
+@pytest.mark.parametrize("d", [16, 64, 128, 256])
+def test_packed_decode_within_bf16_rounding(d):
+    """PACK: level 1 as bf16(bf16(r) x bf16(cos)) etc., rounded to nearest: each coordinate is
+    within three bf16 roundings (unit 2**-8) of its pair's radius of the exact decode."""
+    rows = 37 if interpreting() else 1000
+    for name, cfg in _configs(d):
+        g = torch.Generator().manual_seed(d + 1)
+        q = quantize((torch.randn(rows, d, generator=g) * 3).to(DEVICE), cfg)
+        trig = trig_table(q.centroids)
+        ref = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, 16)
+        got = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, 16, pack=True)
+        pair_r = ref.reshape(*ref.shape[:-1], d // 2, 2).norm(dim=-1)
+        bound = (3.01 * 2.0 ** -8 * pair_r).repeat_interleave(2, dim=-1) + 1e-30
+        err = (got - ref).abs()
+        assert (err <= bound).all(), f"{name} d={d}: max excess {(err - bound).max():.3g}"
+        # not the exact decode: the packed path really rounds (the test above can fail)
+        assert not torch.equal(got, ref), name
 
 
 @pytest.mark.skipif(not interpreting(),
@@ -108,5 +128,6 @@ def _zeros_decode(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                   BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
                   NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
                   LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
-                  LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr):
+                  LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
+                  PACK: tl.constexpr):
     return tl.zeros((BN, D), dtype=tl.float32)
