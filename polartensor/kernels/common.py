@@ -65,15 +65,18 @@ def level_words(config, d: int) -> dict:
 
 
 def trig_table(centroids: torch.Tensor) -> torch.Tensor:
-    """[3, levels, K] float32: cos and sin of every centroid (the decode tables), then the
-    same pair rounded to bfloat16 and packed into one 32-bit word per centroid (cos in the low
-    half, sin in the high half; stored as float32 bit patterns) for the packed decode."""
+    """[5, levels, K] float32, the decode tables. Planes 0 and 1: cos and sin of every
+    centroid. For the packed decode: plane 2, the pair rounded to bfloat16 and packed into one
+    32-bit word per centroid (cos in the low half, sin in the high half; float32 bit
+    patterns); planes 3-4 read as one [levels, K, 2] array, cos and sin side by side (one
+    64-bit gather per angle)."""
     c = centroids.to(torch.float32)
     cos, sin = torch.cos(c), torch.sin(c)
     lo = cos.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     hi = sin.to(torch.bfloat16).view(torch.int16).to(torch.int32) << 16
     packed = (lo | hi).view(torch.float32)
-    return torch.stack([cos, sin, packed]).contiguous()
+    pairs = torch.stack([cos, sin], dim=-1).reshape(2, *cos.shape)
+    return torch.cat([torch.stack([cos, sin, packed]), pairs]).contiguous()
 
 
 def boundary_table(centroids: torch.Tensor, config,

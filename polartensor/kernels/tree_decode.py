@@ -109,6 +109,17 @@ def _ldg_b32(p):
 
 
 @triton.jit
+def _ldg2(p):
+    """(cos, sin) from one 8-byte-aligned float32 pair: one 64-bit gather, layout-agnostic."""
+    if _ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l",
+                                         [p], dtype=(tl.float32, tl.float32), is_pure=True,
+                                         pack=1)
+    else:
+        return tl.load(p), tl.load(p + 1)
+
+
+@triton.jit
 def _mul_bf16x2(r, w):
     """(r * cos, r * sin) in bfloat16 from r (float32) and w, a packed bf16x2 (cos, sin) word:
     r rounded to bfloat16 once, then one packed multiply (mul.rn.bf16x2) for both products."""
@@ -224,9 +235,11 @@ def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
 @triton.jit
 def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.constexpr,
               P: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
-              PK: tl.constexpr, pk_ptr):
+              PK: tl.constexpr, pk_ptr, PAIRS: tl.constexpr, pair_ptr):
     """One level: r [BN, NB, 2 (x m)] (P = 2**m nodes per block) -> [BN, NB, 2 (x m+1)].
-    ``PK`` (level 1 only): bfloat16 out, wide levels through the packed bf16x2 table."""
+    ``PK`` (level 1 only): bfloat16 out, wide levels through the packed bf16x2 table.
+    ``PAIRS``: (cos, sin) with one 64-bit gather from ``pair_ptr`` ([K, 2] float32) instead
+    of selects (narrow levels) or two gathers (wide levels); the same float32 values."""
     b: tl.constexpr = LV & 15
     pos: tl.constexpr = LV >> 8
     if b == 0:
@@ -243,7 +256,10 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         K: tl.constexpr = _ilog2(P // CW)
         words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
         c = _split_words(words, b, CW)
-        if b == 1:
+        if PAIRS and not (PK and b >= 3):
+            cs, sn = _ldg2(pair_ptr + 2 * (c & ((1 << b) - 1)))
+            out = _split(r, cs, sn, PK)
+        elif b == 1:
             c0 = tl.load(cos_ptr)
             c1 = tl.load(cos_ptr + 1)
             s0 = tl.load(sin_ptr)
@@ -289,7 +305,7 @@ def _split(r, cs, sn, PK: tl.constexpr):
 @triton.jit
 def _any_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO: tl.constexpr, LVL: tl.constexpr,
                L0: tl.constexpr, NBB: tl.constexpr, D: tl.constexpr, LV: tl.constexpr,
-               TAIL_BYTE: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr):
+               TAIL_BYTE: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr, pair_ptr):
     if LVL > L0:
         out = _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO, LVL - L0, D >> LVL,
                          LV, TAIL_BYTE, R)
@@ -299,7 +315,7 @@ def _any_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO: tl.constexpr, LVL
         # level 1 reads the packed plane of the table (trig_table: cos, sin, packed)
         out = _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
                         1 << (L0 - LVL), LV, TAIL_BYTE, R, PACK and LVL == 1,
-                        cos_ptr + 2 * SO)
+                        cos_ptr + 2 * SO, PACK, pair_ptr)
     return out
 
 
@@ -325,25 +341,32 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     SO: tl.constexpr = L * KT
     if L >= 8:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 7 * KT, SO, 8, L0, NBB,
-                       D, LV7, TAIL_BYTE, R, False)
+                       D, LV7, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 14 * KT)
     if L >= 7:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 6 * KT, SO, 7, L0, NBB,
-                       D, LV6, TAIL_BYTE, R, False)
+                       D, LV6, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 12 * KT)
     if L >= 6:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * KT, SO, 6, L0, NBB,
-                       D, LV5, TAIL_BYTE, R, False)
+                       D, LV5, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 10 * KT)
     if L >= 5:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 4 * KT, SO, 5, L0, NBB,
-                       D, LV4, TAIL_BYTE, R, False)
+                       D, LV4, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 8 * KT)
     if L >= 4:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 3 * KT, SO, 4, L0, NBB,
-                       D, LV3, TAIL_BYTE, R, False)
+                       D, LV3, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 6 * KT)
     if L >= 3:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 2 * KT, SO, 3, L0, NBB,
-                       D, LV2, TAIL_BYTE, R, False)
+                       D, LV2, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 4 * KT)
     if L >= 2:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 1 * KT, SO, 2, L0, NBB,
-                       D, LV1, TAIL_BYTE, R, False)
+                       D, LV1, TAIL_BYTE, R, PACK,
+                       trig_ptr + 3 * SO + 2 * KT)
     r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, SO, 1, L0, NBB, D, LV0,
-                   TAIL_BYTE, R, PACK)
+                   TAIL_BYTE, R, PACK, trig_ptr + 3 * SO)
     return tl.reshape(r, (BN, D))
