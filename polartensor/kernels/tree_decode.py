@@ -29,11 +29,11 @@ The default tile decode of the attention and dequant kernels (``common.decode_ti
 H200 the batch-8, 32K, d-128 paper-preset decode ran 1.8x faster with it than with the reshape
 decode. ``POLARTENSOR_DECODE=reshape`` (read at import) selects the reshape decode instead.
 
-``PACK`` (``POLARTENSOR_DECODE=packed``, opt-in, bfloat16 queries): bfloat16 out, and level 1 --
-half of all multiplies and every table gather of the paper preset -- reads one packed bf16x2
-(cos, sin) word per angle (``trig_table``'s third plane) and multiplies both with one
-``mul.rn.bf16x2``. Offline that is 21% fewer loop instructions at the register-capped 64-key
-launch; it has not run on a GPU yet.
+``PACK`` (``POLARTENSOR_DECODE=packed``, opt-in, bfloat16 queries): bfloat16 out; level 1 reads
+one packed bf16x2 (cos, sin) word per angle (``trig_table``'s third plane) and multiplies both
+with one ``mul.rn.bf16x2``; the other levels read (cos, sin) with one 64-bit gather from the
+interleaved planes instead of selects or two gathers. Offline (Triton 3.9 SASS) that is 19-29%
+fewer loop instructions for the paper preset; it has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -99,24 +99,28 @@ def _ldg(p):
 
 
 @triton.jit
-def _ldg_b32(p):
-    """One 32-bit table word (a float32 pointer read as its bits), layout-agnostic like _ldg."""
+def _ldg_b32(base, i):
+    """The 32-bit word base[i] (a float32 table read as its bits), layout-agnostic like _ldg2."""
     if _ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [p],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mad.wide.u32 a, $1, 4, $2; ld.global.nc.b32 $0, [a]; }", "=r,r,l",
+            [i, tl.broadcast_to(base, i.shape)], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return tl.load(p).to(tl.int32, bitcast=True)
+        return tl.load(base + i).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _ldg2(p):
-    """(cos, sin) from one 8-byte-aligned float32 pair: one 64-bit gather, layout-agnostic."""
+def _ldg2(base, i):
+    """(cos, sin) = base[2 i], base[2 i + 1] (8-byte-aligned float32 pairs) with one 64-bit
+    gather, layout-agnostic; the address is one wide multiply-add of the 32-bit index onto
+    the table's base (instead of 64-bit pointer arithmetic per element)."""
     if _ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l",
-                                         [p], dtype=(tl.float32, tl.float32), is_pure=True,
-                                         pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mad.wide.u32 a, $2, 8, $3; ld.global.nc.v2.f32 {$0, $1}, [a]; }",
+            "=r,=r,r,l", [i, tl.broadcast_to(base, i.shape)],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     else:
-        return tl.load(p), tl.load(p + 1)
+        return tl.load(base + 2 * i), tl.load(base + 2 * i + 1)
 
 
 @triton.jit
@@ -257,7 +261,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
         c = _split_words(words, b, CW)
         if PAIRS and not (PK and b >= 3):
-            cs, sn = _ldg2(pair_ptr + 2 * (c & ((1 << b) - 1)))
+            cs, sn = _ldg2(pair_ptr, c & ((1 << b) - 1))
             out = _split(r, cs, sn, PK)
         elif b == 1:
             c0 = tl.load(cos_ptr)
@@ -285,7 +289,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         else:
             ci = c & ((1 << b) - 1)
             if PK:
-                lo, hi = _mul_bf16x2(r, _ldg_b32(pk_ptr + ci))
+                lo, hi = _mul_bf16x2(r, _ldg_b32(pk_ptr, ci))
                 out = tl.join(lo, hi)
             else:
                 out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
