@@ -127,17 +127,23 @@ def warm_task(task):
         return f"warm {task}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def warm_tasks(presets):
+def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode")):
     tasks = []
     for _model, hq, hk, d in MODELS:
         for p in presets:
-            tasks += [("decode", hq, hk, d, p, {}), ("dequant", hq, hk, d, p, {}),
-                      ("encode", hq, hk, d, p, {"pre_rotate": False})]
-        tasks += [("prefill", hq, hk, d, "paper", {"causal": c}) for c in (False, True)]
-        tasks += [("encode", hq, hk, d, "paper", {"pre_rotate": True}),
-                  ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 16}),
-                  ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 64})]
-        if d == 128:
+            if "decode" in sections:
+                tasks += [("decode", hq, hk, d, p, {}), ("dequant", hq, hk, d, p, {})]
+                if d == 128:  # launch_attention's launch for many programs over long caches
+                    tasks += [("decode", hq, hk, d, p, {"block_n": 64, "maxnreg": 128})]
+            if "encode" in sections:
+                tasks += [("encode", hq, hk, d, p, {"pre_rotate": False})]
+        if "prefill" in sections:
+            tasks += [("prefill", hq, hk, d, "paper", {"causal": c}) for c in (False, True)]
+        if "encode" in sections:
+            tasks += [("encode", hq, hk, d, "paper", {"pre_rotate": True}),
+                      ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 16}),
+                      ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 64})]
+        if d == 128 and "sweep" in sections:
             tasks += [("decode", hq, hk, d, "paper",
                        {"block_n": bn, "num_warps": w, "num_stages": st})
                       for bn, w, st in SWEEP]
@@ -222,7 +228,7 @@ def main():
         import multiprocessing as mp
 
         t0 = time.time()
-        tasks = warm_tasks(presets)
+        tasks = warm_tasks(presets, set(args.sections.split(",")))
         workers = max(1, min(len(tasks), (os.cpu_count() or 4) - 1))
         with mp.get_context("spawn").Pool(workers) as pool:
             for err in pool.imap_unordered(warm_task, tasks):
