@@ -124,6 +124,21 @@ def _ldg2(base, i):
 
 
 @triton.jit
+def _ld_nc(base, off):
+    """base[off] as float32 (base: float16, bfloat16 or float32), layout-agnostic."""
+    if _ASM:
+        if base.dtype.element_ty == tl.float32:
+            v = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [base + off],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [base + off],
+                                          dtype=base.dtype.element_ty, is_pure=True, pack=1)
+    else:
+        v = tl.load(base + off)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _mul_bf16x2(r, w):
     """(r * cos, r * sin) in bfloat16 from r (float32) and w, a packed bf16x2 (cos, sin) word:
     r rounded to bfloat16 once, then one packed multiply (mul.rn.bf16x2) for both products."""
@@ -340,8 +355,15 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     u = tl.arange(0, NBB)[None, :]
     valid2 = valid[:, None]
     rec_base = rec_off[:, None]
-    r = tl.load(radii_ptr + rad_off[:, None] + (u >> T), mask=valid2,
-                other=0.0).to(tl.float32)
+    if PACK:
+        # layout-agnostic radius loads: Triton 3.6's coalescer gives a masked [BN, NB] load a
+        # layout of its own and converts it back through shared memory inside the loop
+        # (invalid rows read element 0, then become 0)
+        off = tl.where(valid2, rad_off[:, None] + (u >> T), 0)
+        r = tl.where(valid2, _ld_nc(radii_ptr, off), 0.0)
+    else:
+        r = tl.load(radii_ptr + rad_off[:, None] + (u >> T), mask=valid2,
+                    other=0.0).to(tl.float32)
     SO: tl.constexpr = L * KT
     if L >= 8:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 7 * KT, SO, 8, L0, NBB,
