@@ -20,10 +20,12 @@ H200 benchmark measured the decode, not the bytes, as the bottleneck. Here:
 * rows with fewer than 8 radii (full-depth presets) decode their top levels directly in 2-D
   so that the tree's root level spreads over the threads.
 
-Offline sm_90 compilation (TTGIR) of the attention kernel, paper preset, d 128, group 4, bf16:
-26 -> 2 layout conversions (none left in the loop), 126 -> 26 barriers in the PTX; polar-4:
-38 -> 2. Bit-identical to ``decode_tile`` under the interpreter for every preset at head_dim
-16..256 and odd configurations (tests/kernels/test_tree_decode.py).
+Offline sm_90 compilation (TTGIR, Triton 3.9) of the attention kernel, paper preset, d 128,
+group 4, bf16: 26 -> 2 layout conversions (none left in the loop), 126 -> 26 barriers in the
+PTX; polar-4: 38 -> 2. Triton 3.6 (the H200 machine's) keeps 6, four in the loop: its
+coalescer re-lays out the radius load and one level's byte load (see ``PACK`` below).
+Bit-identical to ``decode_tile`` under the interpreter for every preset at head_dim 16..256
+and odd configurations (tests/kernels/test_tree_decode.py).
 
 The default tile decode of the attention and dequant kernels (``common.decode_tile``); on the
 H200 the batch-8, 32K, d-128 paper-preset decode ran 1.8x faster with it than with the reshape
@@ -32,8 +34,9 @@ decode. ``POLARTENSOR_DECODE=reshape`` (read at import) selects the reshape deco
 ``PACK`` (``POLARTENSOR_DECODE=packed``, opt-in, bfloat16 queries): bfloat16 out; level 1 reads
 one packed bf16x2 (cos, sin) word per angle (``trig_table``'s third plane) and multiplies both
 with one ``mul.rn.bf16x2``; the other levels read (cos, sin) with one 64-bit gather from the
-interleaved planes instead of selects or two gathers. Offline (Triton 3.9 SASS) that is 19-29%
-fewer loop instructions for the paper preset; it has not run on a GPU yet.
+interleaved planes instead of selects or two gathers; radii load through layout-agnostic asm.
+Offline (Triton 3.6 and 3.9 SASS) that is 18-28% fewer loop instructions for the paper preset;
+it has not run on a GPU yet.
 """
 
 from __future__ import annotations
