@@ -209,7 +209,7 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                         LV3: tl.constexpr, LV4: tl.constexpr, LV5: tl.constexpr,
                         LV6: tl.constexpr, LV7: tl.constexpr, PACK: tl.constexpr):
     """Decoded rotated vectors [BN, D] (fp32) of the records at ``rec_off``; rows that are not
-    ``valid`` come out as zeros. ``trig_ptr``: [3, L, KT] cos/sin tables (``trig_table``).
+    ``valid`` come out as zeros. ``trig_ptr``: [5, L, KT] tables (``trig_table``; planes 0-1).
     Top-down: radius, then each level splits every node into (r cos, r sin) -- table
     look-ups, no trig. ``PACK`` (the joined decode's packed bfloat16 output) is not
     implemented here and must be False."""

@@ -289,8 +289,7 @@ def launch_attention(
         bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
         # 128 keys per step at d <= 128 with <= 16 query rows: best or within 2% of best of 16
         # launch settings on the H200 at batch 1/8/32 (32K/4K keys, d 128) and batch 8 (d 64),
-        # paper preset, q_len 1. With 64 rows (group 3-4 x 9-16 queries) 128 keys gave wrong
-        # outputs on the H200 (test_attention_kernel_matches_reference, fp16, d 128): 64 there.
+        # paper preset, q_len 1. More rows take 64 keys (see the check after this branch).
         bn = block_n or (16 if interp else (32 if d >= 256 else (128 if gp * bt <= 16 else 64)))
         warps = num_warps or 4
         if (not interp and block_n is None and maxnreg is None and d == 128
