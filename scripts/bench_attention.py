@@ -259,6 +259,21 @@ def main():
         assert encode_into_triton(x, rot, mids, codes, radii, cfg)
         return codes, radii, trig, rot
 
+    def decode_row(base, method, preset, nbytes, make):
+        """One decode-table row: time the callable ``make()`` returns (with extra fields), or
+        record the error; appended to the result and printed either way."""
+        try:
+            fn, extra = make()
+            ms = bench(fn)
+            row = dict(base, method=method, preset=preset, ms=ms, bytes=nbytes,
+                       tbps=nbytes / (ms * 1e-3) / 1e12, **extra)
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"decode {method} {preset} {base}", exc)
+            row = dict(base, method=method, preset=preset, error=str(exc)[:200])
+        result["decode"].append(row)
+        print(row, flush=True)
+        return row
+
     def ours_fn(q, kq, vq, cfg, scale, **kw):
         codes_k, radii_k, trig, rot = kq
         codes_v, radii_v, _, _ = vq
@@ -425,18 +440,10 @@ def main():
         base = dict(model=model, hq=hq, hk=hk, d=d, batch=b, context=n)
         qf = fold_gqa(q, hk)
         for bk in ("cudnn", "flash"):
-            try:
-                def f(bk=bk, qf=qf, k=k, v=v):
-                    with sdpa_backend(bk):
-                        return F.scaled_dot_product_attention(qf, k, v, scale=scale)
-                ms = bench(f)
-                row = dict(base, method=f"sdpa_bf16_{bk}", preset=None, ms=ms,
-                           bytes=bf16_bytes, tbps=bf16_bytes / (ms * 1e-3) / 1e12)
-            except Exception as exc:  # noqa: BLE001
-                record_error(f"decode {bk} {base}", exc)
-                row = dict(base, method=f"sdpa_bf16_{bk}", preset=None, error=str(exc)[:200])
-            result["decode"].append(row)
-            print(row, flush=True)
+            def f(bk=bk, qf=qf, k=k, v=v):
+                with sdpa_backend(bk):
+                    return F.scaled_dot_product_attention(qf, k, v, scale=scale)
+            decode_row(base, f"sdpa_bf16_{bk}", None, bf16_bytes, lambda f=f: (f, {}))
         for preset in presets:
             cfg = get_preset(preset, head_dim=d)
             try:
@@ -454,40 +461,23 @@ def main():
             if kq is None:
                 continue
             if args.packed:
-                try:
+                def packed_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     plain = ours_fn(q, kq, vq, cfg, scale)()
                     packed = ours_fn(q, kq, vq, cfg, scale, pack=True)
                     diff = (packed().float() - plain.float()).abs().max().item()
-                    ms = bench(packed)
-                    row = dict(base, method="polar_triton_packed", preset=preset, ms=ms,
-                               bytes=qbytes, tbps=qbytes / (ms * 1e-3) / 1e12,
-                               max_abs_diff_vs_unpacked=diff)
-                except Exception as exc:  # noqa: BLE001
-                    record_error(f"decode packed {preset} {base}", exc)
-                    row = dict(base, method="polar_triton_packed", preset=preset,
-                               error=str(exc)[:200])
-                result["decode"].append(row)
-                print(row, flush=True)
-            try:
-                rot = kq[3]
+                    return packed, {"max_abs_diff_vs_unpacked": diff}
+                decode_row(base, "polar_triton_packed", preset, qbytes, packed_fn)
+            rot = kq[3]
 
-                def deq_sdpa(kq=kq, vq=vq, cfg=cfg, rot=rot, qf=qf):
-                    kd = dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)
-                    vd = dequantize_rotated_triton(vq[0], vq[1], vq[2], cfg, d, torch.bfloat16)
-                    qr = (qf.float() @ rot.T).to(torch.bfloat16)
-                    with sdpa_backend("cudnn"):
-                        o = F.scaled_dot_product_attention(qr, kd, vd, scale=scale)
-                    return (o.float() @ rot).to(torch.bfloat16)
+            def deq_sdpa(kq=kq, vq=vq, cfg=cfg, rot=rot, qf=qf):
+                kd = dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)
+                vd = dequantize_rotated_triton(vq[0], vq[1], vq[2], cfg, d, torch.bfloat16)
+                qr = (qf.float() @ rot.T).to(torch.bfloat16)
+                with sdpa_backend("cudnn"):
+                    o = F.scaled_dot_product_attention(qr, kd, vd, scale=scale)
+                return (o.float() @ rot).to(torch.bfloat16)
 
-                ms = bench(deq_sdpa)
-                row = dict(base, method="dequant_then_sdpa", preset=preset, ms=ms,
-                           bytes=qbytes, tbps=qbytes / (ms * 1e-3) / 1e12)
-            except Exception as exc:  # noqa: BLE001
-                record_error(f"decode dequant {preset} {base}", exc)
-                row = dict(base, method="dequant_then_sdpa", preset=preset,
-                           error=str(exc)[:200])
-            result["decode"].append(row)
-            print(row, flush=True)
+            decode_row(base, "dequant_then_sdpa", preset, qbytes, lambda f=deq_sdpa: (f, {}))
             del kq, vq
         del k, v, q, qf
         torch.cuda.empty_cache()
