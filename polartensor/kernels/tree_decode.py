@@ -325,19 +325,22 @@ def _split(r, cs, sn, PK: tl.constexpr):
 
 
 @triton.jit
-def _any_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO: tl.constexpr, LVL: tl.constexpr,
-               L0: tl.constexpr, NBB: tl.constexpr, D: tl.constexpr, LV: tl.constexpr,
-               TAIL_BYTE: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr, pair_ptr):
+def _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
+               SO: tl.constexpr, LVL: tl.constexpr, L0: tl.constexpr, NBB: tl.constexpr,
+               D: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
+               PACK: tl.constexpr):
+    # level LVL's rows of the table planes (trig_table: cos, sin, packed bf16x2, then the
+    # interleaved [levels, K, 2] cos/sin pairs)
+    cos_ptr = trig_ptr + (LVL - 1) * KT
     if LVL > L0:
         out = _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SO, LVL - L0, D >> LVL,
                          LV, TAIL_BYTE, R)
         if PACK and LVL == 1:
             out = _bf16_rne(out)
     else:
-        # level 1 reads the packed plane of the table (trig_table: cos, sin, packed)
         out = _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
                         1 << (L0 - LVL), LV, TAIL_BYTE, R, PACK and LVL == 1,
-                        cos_ptr + 2 * SO, PACK, pair_ptr)
+                        cos_ptr + 2 * SO, PACK, trig_ptr + 3 * SO + 2 * (LVL - 1) * KT)
     return out
 
 
@@ -369,33 +372,26 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                     other=0.0).to(tl.float32)
     SO: tl.constexpr = L * KT
     if L >= 8:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 7 * KT, SO, 8, L0, NBB,
-                       D, LV7, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 14 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 8, L0, NBB, D,
+                       LV7, TAIL_BYTE, R, PACK)
     if L >= 7:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 6 * KT, SO, 7, L0, NBB,
-                       D, LV6, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 12 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 7, L0, NBB, D,
+                       LV6, TAIL_BYTE, R, PACK)
     if L >= 6:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * KT, SO, 6, L0, NBB,
-                       D, LV5, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 10 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 6, L0, NBB, D,
+                       LV5, TAIL_BYTE, R, PACK)
     if L >= 5:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 4 * KT, SO, 5, L0, NBB,
-                       D, LV4, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 8 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 5, L0, NBB, D,
+                       LV4, TAIL_BYTE, R, PACK)
     if L >= 4:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 3 * KT, SO, 4, L0, NBB,
-                       D, LV3, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 6 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 4, L0, NBB, D,
+                       LV3, TAIL_BYTE, R, PACK)
     if L >= 3:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 2 * KT, SO, 3, L0, NBB,
-                       D, LV2, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 4 * KT)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 3, L0, NBB, D,
+                       LV2, TAIL_BYTE, R, PACK)
     if L >= 2:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr + 1 * KT, SO, 2, L0, NBB,
-                       D, LV1, TAIL_BYTE, R, PACK,
-                       trig_ptr + 3 * SO + 2 * KT)
-    r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, SO, 1, L0, NBB, D, LV0,
-                   TAIL_BYTE, R, PACK, trig_ptr + 3 * SO)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 2, L0, NBB, D,
+                       LV1, TAIL_BYTE, R, PACK)
+    r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 1, L0, NBB, D, LV0,
+                   TAIL_BYTE, R, PACK)
     return tl.reshape(r, (BN, D))
