@@ -127,7 +127,7 @@ def warm_task(task):
         return f"warm {task}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), packed=False):
+def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), joined=False):
     tasks = []
     for _model, hq, hk, d in MODELS:
         for p in presets:
@@ -135,11 +135,11 @@ def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), packe
                 tasks += [("decode", hq, hk, d, p, {}), ("dequant", hq, hk, d, p, {})]
                 if d == 128:  # launch_attention's launch for many programs over long caches
                     tasks += [("decode", hq, hk, d, p, {"block_n": 64, "maxnreg": 128})]
-                if packed:
-                    tasks += [("decode", hq, hk, d, p, {"pack": True})]
+                if joined:
+                    tasks += [("decode", hq, hk, d, p, {"pack": False})]
                     if d == 128:
                         tasks += [("decode", hq, hk, d, p,
-                                   {"block_n": 64, "maxnreg": 128, "pack": True})]
+                                   {"block_n": 64, "maxnreg": 128, "pack": False})]
             if "encode" in sections:
                 tasks += [("encode", hq, hk, d, p, {"pre_rotate": False})]
         if "prefill" in sections:
@@ -162,9 +162,9 @@ def main():
     ap.add_argument("--presets", default="all")
     ap.add_argument("--quick", action="store_true", help="target config only (smoke run)")
     ap.add_argument("--no-warm", action="store_true", help="skip the parallel compile")
-    ap.add_argument("--packed", action="store_true", help="decode table: also time the "
-                    "packed decode (launch_attention pack=True, POLARTENSOR_DECODE=packed) "
-                    "in the same run")
+    ap.add_argument("--joined", action="store_true", help="decode table: also time the "
+                    "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
+                    "joined) beside the default packed one, in the same run")
     ap.add_argument("--sections", default="sweep,encode,prefill,decode",
                     help="comma-separated subset of sweep, encode, prefill, decode")
     args = ap.parse_args()
@@ -236,7 +236,7 @@ def main():
         import multiprocessing as mp
 
         t0 = time.time()
-        tasks = warm_tasks(presets, set(args.sections.split(",")), args.packed)
+        tasks = warm_tasks(presets, set(args.sections.split(",")), args.joined)
         workers = max(1, min(len(tasks), (os.cpu_count() or 4) - 1))
         with mp.get_context("spawn").Pool(workers) as pool:
             for err in pool.imap_unordered(warm_task, tasks):
@@ -460,13 +460,13 @@ def main():
             print(row, flush=True)
             if kq is None:
                 continue
-            if args.packed:
-                def packed_fn(kq=kq, vq=vq, cfg=cfg, q=q):
-                    plain = ours_fn(q, kq, vq, cfg, scale)()
-                    packed = ours_fn(q, kq, vq, cfg, scale, pack=True)
-                    diff = (packed().float() - plain.float()).abs().max().item()
-                    return packed, {"max_abs_diff_vs_unpacked": diff}
-                decode_row(base, "polar_triton_packed", preset, qbytes, packed_fn)
+            if args.joined:
+                def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
+                    default = ours_fn(q, kq, vq, cfg, scale)()
+                    joined = ours_fn(q, kq, vq, cfg, scale, pack=False)
+                    diff = (joined().float() - default.float()).abs().max().item()
+                    return joined, {"max_abs_diff_vs_default": diff}
+                decode_row(base, "polar_triton_joined", preset, qbytes, joined_fn)
             rot = kq[3]
 
             def deq_sdpa(kq=kq, vq=vq, cfg=cfg, rot=rot, qf=qf):
@@ -532,22 +532,23 @@ def render_markdown(res) -> str:
                 f" | {_fmt(cu / om if cu and om else None, '.2f')}"
                 f" | {_fmt(fl / om if fl and om else None, '.2f')}"
                 f" | {_fmt(dq / om if dq and om else None, '.2f')} |")
-    if any(r["method"] == "polar_triton_packed" for r in dec):
-        out += ["", "Packed decode (`pack=True`, `POLARTENSOR_DECODE=packed`), same run:", "",
-                "| model | batch | context | preset | ours ms | packed ms | × packed vs ours "
-                "| × packed vs cuDNN | max abs diff vs ours |",
+    if any(r["method"] == "polar_triton_joined" for r in dec):
+        out += ["", "Default (packed bf16x2 level 1) vs float32 tile decode (`pack=False`, "
+                "`POLARTENSOR_DECODE=joined`), same run:", "",
+                "| model | batch | context | preset | ours ms | float32-decode ms "
+                "| × ours vs float32 decode | × float32 decode vs cuDNN | max abs diff vs ours |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for m, b, n in shapes:
             cu = keyed.get((m, b, n, "sdpa_bf16_cudnn", None), {}).get("ms")
             for p in presets:
                 om = keyed.get((m, b, n, "polar_triton", p), {}).get("ms")
-                pk = keyed.get((m, b, n, "polar_triton_packed", p), {})
-                pm = pk.get("ms")
+                jr = keyed.get((m, b, n, "polar_triton_joined", p), {})
+                jm = jr.get("ms")
                 out.append(
-                    f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} | {_fmt(pm, '.4f')}"
-                    f" | {_fmt(om / pm if om and pm else None, '.2f')}"
-                    f" | {_fmt(cu / pm if cu and pm else None, '.2f')}"
-                    f" | {_fmt(pk.get('max_abs_diff_vs_unpacked'), '.2e')} |")
+                    f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} | {_fmt(jm, '.4f')}"
+                    f" | {_fmt(jm / om if om and jm else None, '.2f')}"
+                    f" | {_fmt(cu / jm if cu and jm else None, '.2f')}"
+                    f" | {_fmt(jr.get('max_abs_diff_vs_default'), '.2e')} |")
     out += ["", "bf16 SDPA achieved TB/s:", ""]
     for m, b, n in shapes:
         for bk in ("cudnn", "flash"):

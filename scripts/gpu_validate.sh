@@ -2,16 +2,17 @@
 # Everything the CPU cannot check, in device calls of under 10 minutes each (run from the
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
-#   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite                 (~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh optin     # opt-in decodes' tests, packed bench, smoke (~8 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention + launch sweep     (~9 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite, model smoke    (~5 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh optin     # the opt-in decodes' kernel tests   (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, default vs joined (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|profile|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|profile|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -39,24 +40,23 @@ tests)
     POLARTENSOR_FAILLOG="$OUT/failures.txt" POLARTENSOR_TESTLOG="$OUT/test_times.txt" \
         step tests 480 "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
         -o faulthandler_timeout=240 tests --deselect tests/test_assets.py
-    ;;
-optin)
-    # the opt-in decodes (the defaults run in the tests stage) and an end-to-end smoke test
-    POLARTENSOR_DECODE=reshape POLARTENSOR_FAILLOG="$OUT/failures_reshape.txt" \
-        step tests_reshape_decode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    # packed decode (POLARTENSOR_DECODE=packed): its tests, then the decode table with the
-    # default and the packed decode timed side by side in one run
-    POLARTENSOR_DECODE=packed POLARTENSOR_FAILLOG="$OUT/failures_packed.txt" \
-        step tests_packed_decode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    step bench_packed 170 "$PY" scripts/bench_attention.py --out "$OUT/bench_packed" \
-        --budget-s 120 --presets paper --sections decode --packed
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
+optin)
+    # the kernels' tests with the opt-in tile decodes (the default runs in the tests stage):
+    # POLARTENSOR_DECODE=joined (float32 decode for every dtype) and =reshape
+    for dec in joined reshape; do
+        POLARTENSOR_DECODE=$dec POLARTENSOR_FAILLOG="$OUT/failures_$dec.txt" \
+            step "tests_${dec}_decode" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+            tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    done
+    ;;
 bench)
+    # every table, with the float32 (joined) tile decode timed beside the default in one run
     step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 250 \
-        --presets paper,polar-3,polar-4
+        --presets paper,polar-3,polar-4 --joined
+    ;;
+sweep)
     OUT="$OUT" step sweep 200 "$PY" scripts/sweep_decode_launch.py
     ;;
 profile)
@@ -70,7 +70,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, profile or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, profile or compile" >&2
     exit 2
     ;;
 esac

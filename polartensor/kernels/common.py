@@ -298,16 +298,17 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
 # The attention and dequant kernels take ``decode_tile`` from this module when they are
 # imported. The default is the tree decode without in-tree reshapes (kernels/tree_decode.py):
 # on the H200 it ran the batch-8, 32K, d-128 decode 1.8x faster than the reshape decode (0.85
-# vs 1.56 ms, same run). POLARTENSOR_DECODE=reshape selects the reshape decode above, the
+# vs 1.56 ms, same run). With it, for bfloat16 queries, the attention kernel decodes level 1
+# with packed bf16x2 table words and multiplies (``PACK``): 0.58 vs 0.71 ms at that shape, same
+# run (results/bench/bench_decode_packed.md). POLARTENSOR_DECODE=joined keeps the float32
+# decode for every dtype; POLARTENSOR_DECODE=reshape selects the reshape decode above, the
 # simpler one to read and the reference the joined decode is tested against bit for bit.
-# POLARTENSOR_DECODE=packed: the joined decode, and for bfloat16 queries the attention kernel
-# decodes level 1 with packed bf16x2 table words and multiplies (opt-in: not yet run on a GPU).
-_DECODE = os.environ.get("POLARTENSOR_DECODE", "joined")
+_DECODE = os.environ.get("POLARTENSOR_DECODE", "packed")
 PACKED_DECODE = _DECODE == "packed"
 if _DECODE in ("joined", "packed"):
     from .tree_decode import decode_tile_joined as decode_tile  # noqa: E402, F401
 elif _DECODE == "reshape":
     decode_tile = decode_tile_reshape
 else:
-    raise ValueError(f"POLARTENSOR_DECODE={_DECODE!r}: use 'joined' (default), 'packed' or "
+    raise ValueError(f"POLARTENSOR_DECODE={_DECODE!r}: use 'packed' (default), 'joined' or "
                      "'reshape'")

@@ -343,13 +343,27 @@ def launch_attention(
     else:
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t, ms = mask, mask.stride()
+    # Triton 3.6 (the H200 stack's) fails to compile the packed decode with more than 32 query
+    # rows per program at d <= 128 ("Illegal shared layout" in TritonGPUOptimizeDotOperands,
+    # reproduced offline with scripts/kernel_ir_stats.py --q-len 16 --decodes packed); 3.9
+    # compiles it. Such launches (q_len > 8 at group 4, or group > 8) keep the float32 decode,
+    # under the interpreter too, so that every backend launches the same kernel.
+    pack_ok = gp * bt <= 32
     if pack is None:
-        # opt-in (POLARTENSOR_DECODE=packed), for bfloat16 queries, whose tensor-core operands
-        # are bfloat16 anyway: level 1 decoded with packed bf16x2 table words and multiplies
-        pack = PACKED_DECODE and dt == tl.bfloat16
-    elif pack and decode_tile is not decode_tile_joined:
-        raise ValueError("pack=True needs the joined tile decode (POLARTENSOR_DECODE=joined "
-                         "or packed)")
+        # bfloat16 queries, whose tensor-core operands are bfloat16 anyway: level 1 decoded
+        # with packed bf16x2 table words and multiplies (POLARTENSOR_DECODE=joined: never)
+        pack = PACKED_DECODE and dt == tl.bfloat16 and pack_ok
+    elif pack:
+        if decode_tile is not decode_tile_joined:
+            raise ValueError("pack=True needs the joined tile decode (POLARTENSOR_DECODE="
+                             "packed or joined, not reshape)")
+        if not interp and dt != tl.bfloat16:
+            raise ValueError(f"pack=True decodes in bfloat16: it needs bfloat16 queries, got "
+                             f"{q.dtype}; use pack=None or cast the queries")
+        if not pack_ok:
+            raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
+                             f"x {bt} queries) does not compile with Triton 3.6; pass "
+                             "block_t <= 32 // group, or pack=None for the float32 decode")
     kch = min(d, 64)
     kw = dict(
         GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from polartensor import PolarQuantConfig, polar_sdpa, quantize
 from polartensor.config import PRESETS, get_preset
-from polartensor.kernels import dispatch
+from polartensor.kernels import common, dispatch
 from polartensor.kernels.common import trig_table
 from polartensor.kernels.decode_attention import launch_attention
 from polartensor.rotation import rotate, rotation_matrix
@@ -415,12 +415,20 @@ def test_decode_default_launch_with_many_programs(no_reference):
     _close(out, polar_sdpa(q.float(), k, v, enable_gqa=True).to(dtype), dtype)
 
 
+_RESHAPE = pytest.mark.skipif(
+    common.decode_tile is common.decode_tile_reshape,
+    reason="POLARTENSOR_DECODE=reshape: the packed decode is part of the joined tile decode, "
+           "which this run does not bind (launch_attention refuses pack=True)")
+
+
+@_RESHAPE
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 @pytest.mark.parametrize("tq", [1, 5])
 def test_packed_decode_attention_matches_reference(preset, tq):
-    """pack=True (POLARTENSOR_DECODE=packed for bfloat16 queries): keys and values of level 1
+    """pack=True (the default for bfloat16 queries on the GPU): keys and values of level 1
     decoded in bfloat16 (a few bf16 roundings per coordinate): relative error well inside a
-    bf16 SDPA's, and not the unpacked kernel's output bit for bit."""
+    bf16 SDPA's, and not the unpacked kernel's output bit for bit. The default launch on the
+    GPU is the packed one unless POLARTENSOR_DECODE=joined."""
     d = 128 if ON_GPU else 32
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     cfg = get_preset(preset, head_dim=d)
@@ -442,3 +450,47 @@ def test_packed_decode_attention_matches_reference(preset, tq):
     err = (got.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 1e-2, f"relative error {err:.2e}"
     assert not torch.equal(got, plain)
+    default = launch(None)
+    assert torch.equal(default, got if ON_GPU and common.PACKED_DECODE else plain)
+
+
+@_RESHAPE
+def test_packed_decode_refuses_more_than_32_rows():
+    """64 query rows per program (q_len 16, group 4): Triton 3.6 cannot compile the packed
+    decode there, so pack=True is refused with the fix named, and the default launch takes the
+    float32 decode (bit for bit pack=False)."""
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg = get_preset("paper", head_dim=d)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 16, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(1, 2, 40, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(1, 2, 40, d, generator=g).to(DEVICE), cfg)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+
+    def launch(pack, **kw):
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode", pack=pack, **kw)
+
+    with pytest.raises(ValueError, match="64 query rows per program.*block_t"):
+        launch(True)
+    assert torch.equal(launch(None), launch(False))
+    # the fix the message names: 8 queries per program (32 rows) packs
+    ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
+    got = launch(True, block_t=8)
+    err = (got.double() - ref.double()).norm() / ref.double().norm()
+    assert err <= 1e-2, f"relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter decodes in float32 whatever the "
+                    "query dtype, so pack=True takes any dtype there")
+def test_packed_decode_refuses_non_bf16_queries():
+    cfg = get_preset("paper", head_dim=64)
+    q = torch.randn(1, 4, 1, 64, device=DEVICE, dtype=torch.float16)
+    k = quantize(torch.randn(1, 2, 40, 64, device=DEVICE), cfg)
+    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+    with pytest.raises(ValueError, match="bfloat16 queries.*float16"):
+        launch_attention(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot,
+                         scale=0.125, mode="decode", pack=True)

@@ -15,8 +15,8 @@ def test_render_markdown_ratios(load_script):
                 dict(dec, method="sdpa_bf16_flash", preset=None, ms=0.2, tbps=3.0),
                 dict(dec, method="polar_triton", preset="paper", ms=0.1, tbps=1.0),
                 dict(dec, method="dequant_then_sdpa", preset="paper", ms=0.5, tbps=0.2),
-                dict(dec, method="polar_triton_packed", preset="paper", ms=0.08, tbps=1.2,
-                     max_abs_diff_vs_unpacked=0.003)],
+                dict(dec, method="polar_triton_joined", preset="paper", ms=0.125, tbps=0.8,
+                     max_abs_diff_vs_default=0.003)],
         prefill=[dict(model="m", method="sdpa_bf16_cudnn", ms=2.0, tflops=100.0),
                  dict(model="m", method="polar_dequant_sdpa", causal=True, ms=4.0,
                       tflops=20.0),
@@ -26,8 +26,8 @@ def test_render_markdown_ratios(load_script):
     # decode: cuDNN 0.4 / ours 0.1 = 4.00x; flash 2.00x; dequant 5.00x
     assert "| m | 8 | 32K | paper | 0.1000 | 1.00 | 0.4000 | 0.2000 | 0.5000 | 4.00 | 2.00 | " \
            "5.00 |" in md
-    # packed: ours 0.1 / packed 0.08 = 1.25x; cuDNN 0.4 / 0.08 = 5.00x
-    assert "| m | 8 | 32K | paper | 0.1000 | 0.0800 | 1.25 | 5.00 | 3.00e-03 |" in md
+    # float32 decode: 0.125 / ours 0.1 = 1.25x; cuDNN 0.4 / 0.125 = 3.20x
+    assert "| m | 8 | 32K | paper | 0.1000 | 0.1250 | 1.25 | 3.20 | 3.00e-03 |" in md
     assert "| m | polar_dequant_sdpa | True | 4.000 | 20.0 | 0.50 |" in md
     assert "| m | polar_triton | False | — | — | — |" in md
     assert "- x skipped" in md
