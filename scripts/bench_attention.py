@@ -173,6 +173,7 @@ def main():
     import triton
 
     from polartensor.config import PRESETS, get_preset
+    from polartensor.kernels import common
     from polartensor.kernels.decode_attention import launch_attention
     from polartensor.kernels.dequant import dequantize_rotated_triton
     from polartensor.kernels.encode import encode_into_triton
@@ -187,7 +188,7 @@ def main():
         triton=triton.__version__, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        decode=os.environ.get("POLARTENSOR_DECODE", "joined"),
+        decode=common._DECODE,
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -496,7 +497,7 @@ def render_markdown(res) -> str:
            f"- command: `{env['command']}`",
            f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
-           f"- tile decode: {env.get('decode', 'joined')} (POLARTENSOR_DECODE)",
+           f"- tile decode: {env.get('decode', '?')} (POLARTENSOR_DECODE)",
            f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
            f"- device copy bandwidth (read + write): "
            f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",

@@ -300,7 +300,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
 # on the H200 it ran the batch-8, 32K, d-128 decode 1.8x faster than the reshape decode (0.85
 # vs 1.56 ms, same run). With it, for bfloat16 queries, the attention kernel decodes level 1
 # with packed bf16x2 table words and multiplies (``PACK``): 0.58 vs 0.71 ms at that shape, same
-# run (results/bench/bench_decode_packed.md). POLARTENSOR_DECODE=joined keeps the float32
+# run (results/bench/bench_attention.md). POLARTENSOR_DECODE=joined keeps the float32
 # decode for every dtype; POLARTENSOR_DECODE=reshape selects the reshape decode above, the
 # simpler one to read and the reference the joined decode is tested against bit for bit.
 _DECODE = os.environ.get("POLARTENSOR_DECODE", "packed")

@@ -483,6 +483,7 @@ def test_packed_decode_refuses_more_than_32_rows():
     assert err <= 1e-2, f"relative error {err:.2e}"
 
 
+@_RESHAPE
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter decodes in float32 whatever the "
                     "query dtype, so pack=True takes any dtype there")
 def test_packed_decode_refuses_non_bf16_queries():
