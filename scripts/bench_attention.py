@@ -165,6 +165,9 @@ def main():
     ap.add_argument("--joined", action="store_true", help="decode table: also time the "
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
+    ap.add_argument("--splits-baseline", action="store_true", help="decode table: also time "
+                    "the previous split rule (~8 programs per SM, split_rule='per_sm') beside "
+                    "the default wave-filling one, in the same run")
     ap.add_argument("--sections", default="sweep,encode,prefill,decode",
                     help="comma-separated subset of sweep, encode, prefill, decode")
     args = ap.parse_args()
@@ -461,6 +464,10 @@ def main():
             print(row, flush=True)
             if kq is None:
                 continue
+            if args.splits_baseline:
+                decode_row(base, "polar_triton_per_sm_splits", preset, qbytes,
+                           lambda kq=kq, vq=vq, cfg=cfg, q=q: (
+                               ours_fn(q, kq, vq, cfg, scale, split_rule="per_sm"), {}))
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
@@ -550,6 +557,19 @@ def render_markdown(res) -> str:
                     f" | {_fmt(jm / om if om and jm else None, '.2f')}"
                     f" | {_fmt(cu / jm if cu and jm else None, '.2f')}"
                     f" | {_fmt(jr.get('max_abs_diff_vs_default'), '.2e')} |")
+    if any(r["method"] == "polar_triton_per_sm_splits" for r in dec):
+        out += ["", "Split count: default (no nearly empty last wave) vs the previous rule (~8 "
+                "programs per SM, `split_rule='per_sm'`), same run:", "",
+                "| model | batch | context | preset | ours ms | per-SM rule ms "
+                "| × ours vs per-SM rule |", "|---|---|---|---|---|---|---|"]
+        for m, b, n in shapes:
+            for p in presets:
+                om = keyed.get((m, b, n, "polar_triton", p), {}).get("ms")
+                sm = keyed.get((m, b, n, "polar_triton_per_sm_splits", p), {}).get("ms")
+                ratio = sm / om if om and sm else None
+                if om or sm:
+                    out.append(f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} "
+                               f"| {_fmt(sm, '.4f')} | {_fmt(ratio, '.2f')} |")
     out += ["", "bf16 SDPA achieved TB/s:", ""]
     for m, b, n in shapes:
         for bk in ("cudnn", "flash"):

@@ -5,7 +5,10 @@ results/bench/ncu_decode.md):
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats \\
         --section InstructionStats --section LaunchStats --section Occupancy \\
-        -k regex:"polar_(decode_attn_fwd|dequant|encode)" -c 3 python3 scripts/profile_decode.py
+        -k regex:"polar_(decode_attn_fwd|dequant)" -c 2 python3 scripts/profile_decode.py
+
+(the encode launches first: profile it with ``-k regex:polar_encode --launch-skip 2 -c 1``;
+``scripts/gpu_validate.sh profile`` runs both)
 
 Environment: N (keys, default 32768), PRESET (default paper), POLARTENSOR_DECODE.
 """

@@ -232,6 +232,54 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+_BLOCKS_PER_SM: dict = {}
+
+
+def _blocks_per_sm(compiled, device: torch.device) -> int | None:
+    """Programs of a compiled kernel resident on one SM at once (registers, shared memory,
+    warps), or None where the device or Triton does not say."""
+    try:
+        compiled._init_handles()
+        regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
+        warps = int(compiled.metadata.num_warps)
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # noqa: BLE001 - an estimate only: the caller keeps its default
+        return None
+    sm_regs = getattr(props, "regs_per_multiprocessor", 65536)
+    sm_shared = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    sm_threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256      # registers go to warps in 256s
+    by_regs = sm_regs // (per_warp * warps)
+    by_shared = sm_shared // (shared + 1024) if shared else 32  # 1 KB per block for the driver
+    by_threads = sm_threads // (32 * warps)
+    return max(1, min(by_regs, by_shared, by_threads, 32))
+
+
+def _wave_splits(want: int, max_splits: int, progs: int, slots: int, total: int,
+                 bn: int) -> int:
+    """The split count near ``want`` that leaves no nearly empty last wave.
+
+    ``slots`` programs run at once on the GPU. 17 splits x 64 programs on 528 slots (the
+    packed decode at Llama batch 8 / 32K) ran as 2 full waves and one of 32 programs, which
+    takes most of a wave's time (Nsight Compute estimated a 33% loss). Cost model: a full
+    wave costs one program's keys, a partial wave at least half of that (a lone program is
+    latency-bound: it runs well under twice as fast as two sharing an SM), and every program
+    one step of keys more. Among splits within 2% of the cheapest: the one closest to
+    ``want``, then the fewer."""
+    # candidates: want, and the counts that fill whole waves up to twice want's waves
+    cands = {min(max(want, 1), max_splits)}
+    for w in range(1, 2 * triton.cdiv(want * progs, slots) + 2):
+        s = w * slots // progs
+        cands.update(x for x in (s, s + 1) if 1 <= x <= max_splits)
+    costs = []
+    for s in sorted(cands):
+        chunk = triton.cdiv(triton.cdiv(total, s), bn) * bn + bn
+        full, rest = divmod(progs * s, slots)
+        costs.append(((full + (max(rest / slots, 0.5) if rest else 0.0)) * chunk, s))
+    floor = min(c for c, _ in costs)
+    return min((s for c, s in costs if c <= floor * 1.02), key=lambda s: (abs(s - want), s))
+
+
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
     out = {f"{prefix}_KT": kt, f"{prefix}_L": w["L"], f"{prefix}_NB": w["NB"],
            f"{prefix}_TB": w["TAIL_BYTE"], f"{prefix}_TNB": w["TAIL_NB"]}
@@ -251,6 +299,7 @@ def launch_attention(
     mode: str = "auto", num_splits: int | None = None, block_n: int | None = None,
     block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     maxnreg: int | None = None, out: torch.Tensor | None = None, pack: bool | None = None,
+    split_rule: str = "waves",
 ) -> torch.Tensor:
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
     already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
@@ -314,35 +363,6 @@ def launch_attention(
             "block_n=64 (the default) when more than 16 rows share a program at d <= 128.")
     m_rows = max(16, gp * bt)
     n_ttiles = triton.cdiv(tq, bt)
-    if mode == "decode":
-        if num_splits is None:
-            progs = bsz * hk * n_ttiles
-            # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
-            # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
-            # and more, shorter splits keep every SM busy.
-            want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
-            min_chunk = bn * (2 if interp else 4)
-            num_splits = max(1, min(want, triton.cdiv(max(total, 1), min_chunk)))
-        kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn
-        num_splits = max(1, triton.cdiv(max(total, 1), kv_per_split))
-    else:
-        num_splits = 1
-        kv_per_split = max(total, 1)
-    single = num_splits == 1
-    if single:
-        pacc = pml = out
-    else:
-        slots = bsz * hk * n_ttiles * num_splits
-        pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
-        pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
-    has_tail = nt > 0
-    kt = k_tail if has_tail else q
-    vt = v_tail if has_tail else q
-    if mask is None:
-        mask_kind, mask_t, ms = 0, q, (0, 0, 0, 0)
-    else:
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_t, ms = mask, mask.stride()
     # Triton 3.6 (the H200 stack's) fails to compile the packed decode with more than 32 query
     # rows per program at d <= 128 ("Illegal shared layout" in TritonGPUOptimizeDotOperands,
     # reproduced offline with scripts/kernel_ir_stats.py --q-len 16 --decodes packed); 3.9
@@ -364,12 +384,20 @@ def launch_attention(
             raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
                              f"x {bt} queries) does not compile with Triton 3.6; pass "
                              "block_t <= 32 // group, or pack=None for the float32 decode")
+    has_tail = nt > 0
+    kt = k_tail if has_tail else q
+    vt = v_tail if has_tail else q
+    if mask is None:
+        mask_kind, mask_t, ms = 0, q, (0, 0, 0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_t, ms = mask, mask.stride()
     kch = min(d, 64)
     kw = dict(
         GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,
         **_cfg_args("K", level_words(k_cfg, d), k_trig.shape[-1]),
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
-        HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), SINGLE=single,
+        HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal),
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
         PACK=pack, num_warps=warps,
     )
@@ -378,22 +406,56 @@ def launch_attention(
     kw["num_stages"] = 1 if num_stages is None else num_stages
     if maxnreg is not None and not interp:
         kw["maxnreg"] = maxnreg
+
+    def args(pacc, pml, kv_per_split, num_splits):
+        return (
+            q, q.stride(0), q.stride(1), q.stride(2),
+            rot_k if rot_k is not None else q, rot_v if rot_v is not None else q,
+            k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+            k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
+            v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+            v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
+            kt, kt.stride(0), kt.stride(1), kt.stride(2),
+            vt, vt.stride(0), vt.stride(1), vt.stride(2),
+            mask_t, ms[0], ms[1], ms[2], ms[3],
+            out, out.stride(0), out.stride(1), out.stride(2),
+            pacc, pml,
+            hk, tq, n, nt, kv_per_split, num_splits, n_ttiles, scale * _LOG2E,
+        )
+
+    if mode == "decode":
+        if num_splits is None:
+            progs = bsz * hk * n_ttiles
+            # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
+            # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
+            # and more, shorter splits keep every SM busy.
+            want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
+            min_chunk = bn * (2 if interp else 4)
+            max_splits = triton.cdiv(max(total, 1), min_chunk)
+            num_splits = max(1, min(want, max_splits))
+            if split_rule not in ("waves", "per_sm"):
+                raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: "
+                                 "no nearly empty last wave) or 'per_sm' (~8 programs per SM)")
+            per_sm = (None if interp or split_rule == "per_sm"
+                      else _split_kernel_blocks_per_sm(kw, args, dev))
+            if per_sm is not None and num_splits > 1:
+                num_splits = _wave_splits(want, max_splits, progs, per_sm * _sm_count(dev),
+                                          max(total, 1), bn)
+        kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn
+        num_splits = max(1, triton.cdiv(max(total, 1), kv_per_split))
+    else:
+        num_splits = 1
+        kv_per_split = max(total, 1)
+    single = num_splits == 1
+    if single:
+        pacc = pml = out
+    else:
+        slots = bsz * hk * n_ttiles * num_splits
+        pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
+        pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
     grid = (bsz * hk, n_ttiles, num_splits)
-    polar_decode_attn_fwd_kernel[grid](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        rot_k if rot_k is not None else q, rot_v if rot_v is not None else q,
-        k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
-        v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
-        v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
-        kt, kt.stride(0), kt.stride(1), kt.stride(2),
-        vt, vt.stride(0), vt.stride(1), vt.stride(2),
-        mask_t, ms[0], ms[1], ms[2], ms[3],
-        out, out.stride(0), out.stride(1), out.stride(2),
-        pacc, pml,
-        hk, tq, n, nt, kv_per_split, num_splits, n_ttiles, scale * _LOG2E,
-        **kw,
-    )
+    polar_decode_attn_fwd_kernel[grid](*args(pacc, pml, kv_per_split, num_splits),
+                                       SINGLE=single, **kw)
     if not single:
         polar_attn_combine_kernel[(bsz * hk, n_ttiles)](
             pacc, pml, rot_v if rot_v is not None else q, out,
@@ -403,3 +465,18 @@ def launch_attention(
             RPREC=rprec, num_warps=4,
         )
     return out
+
+
+def _split_kernel_blocks_per_sm(kw: dict, args, dev: torch.device) -> int | None:
+    """Resident programs per SM of the split attention kernel of this configuration, from its
+    compiled binary (compiled once here if not yet; cached per configuration and device)."""
+    key = (dev.index, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    if key not in _BLOCKS_PER_SM:
+        scratch = torch.empty(16, dtype=torch.float32, device=dev)
+        try:
+            compiled = polar_decode_attn_fwd_kernel.warmup(
+                *args(scratch, scratch, 64, 2), grid=(1,), SINGLE=False, **kw)
+        except Exception:  # noqa: BLE001 - the launch itself reports a real problem
+            compiled = None
+        _BLOCKS_PER_SM[key] = None if compiled is None else _blocks_per_sm(compiled, dev)
+    return _BLOCKS_PER_SM[key]

@@ -495,3 +495,57 @@ def test_packed_decode_refuses_non_bf16_queries():
     with pytest.raises(ValueError, match="bfloat16 queries.*float16"):
         launch_attention(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot,
                          scale=0.125, mode="decode", pack=True)
+
+
+def test_wave_splits_fill_the_last_wave():
+    """The split count launch_attention picks from a kernel's resident programs per SM: 17
+    splits x 64 programs on 132 SMs x 4 slots left a last wave of 32 programs (measured on the
+    H200); the pick fills whole waves, stays near the wanted count and is a valid count."""
+    from polartensor.kernels.decode_attention import _wave_splits
+
+    assert _wave_splits(17, 128, 64, 528, 32768, 64) == 16
+    for want, max_s, progs, slots, total, bn in [(17, 128, 64, 528, 32768, 64),
+                                                 (64, 64, 8, 264, 32768, 128),
+                                                 (5, 8, 256, 264, 4096, 128),
+                                                 (44, 64, 24, 396, 32768, 128),
+                                                 (3, 3, 1, 264, 1500, 128)]:
+        s = _wave_splits(want, max_s, progs, slots, total, bn)
+        assert 1 <= s <= max_s
+        rest = (progs * s) % slots
+        # no last wave under half full unless one wave of programs is all there is
+        assert rest == 0 or rest >= slots // 2 or progs * s < slots, (want, s)
+
+
+def test_blocks_per_sm_from_compiled_kernel(monkeypatch):
+    """Resident programs per SM from registers, shared memory and warps (H200 limits): the
+    packed decode's 128 registers x 4 warps allow 4 (Nsight Compute said 4), 255 registers 2."""
+    from types import SimpleNamespace
+
+    from polartensor.kernels import decode_attention as da
+
+    props = SimpleNamespace(regs_per_multiprocessor=65536,
+                            shared_memory_per_multiprocessor=233472,
+                            max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+
+    def compiled(regs, shared, warps):
+        return SimpleNamespace(_init_handles=lambda: None, n_regs=regs,
+                               metadata=SimpleNamespace(shared=shared, num_warps=warps))
+
+    assert da._blocks_per_sm(compiled(128, 36864, 4), "cuda") == 4
+    assert da._blocks_per_sm(compiled(255, 36864, 4), "cuda") == 2
+    assert da._blocks_per_sm(compiled(64, 100000, 4), "cuda") == 2      # shared memory
+    assert da._blocks_per_sm(compiled(32, 0, 8), "cuda") == 8            # threads
+    broken = SimpleNamespace(_init_handles=lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    assert da._blocks_per_sm(broken, "cuda") is None
+
+
+def test_unknown_split_rule_is_refused():
+    cfg = get_preset("paper", head_dim=32)
+    q = torch.randn(1, 4, 1, 32, device=DEVICE)
+    k = quantize(torch.randn(1, 2, 40, 32, device=DEVICE), cfg)
+    rot = rotation_matrix(32, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids)
+    with pytest.raises(ValueError, match="split_rule='fast'.*'waves'"):
+        launch_attention(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot,
+                         scale=0.2, mode="decode", split_rule="fast")
