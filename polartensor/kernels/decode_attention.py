@@ -428,7 +428,10 @@ def launch_attention(
             progs = bsz * hk * n_ttiles
             # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
             # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
-            # and more, shorter splits keep every SM busy.
+            # and more, shorter splits keep every SM busy. On the GPU the count is then moved
+            # to fill whole waves of the compiled kernel's resident programs (_wave_splits;
+            # results/bench/bench_decode_splits.md: 1.10-1.22x at batch 1 / 32K-128K and
+            # batch 8 / 4K and 128K, 0.95-1.05x elsewhere).
             want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
             min_chunk = bn * (2 if interp else 4)
             max_splits = triton.cdiv(max(total, 1), min_chunk)
