@@ -192,6 +192,7 @@ def main():
         cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         decode=common._DECODE,
+        code16=os.environ.get("POLARTENSOR_CODE16", "0") == "1",
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -504,7 +505,8 @@ def render_markdown(res) -> str:
            f"- command: `{env['command']}`",
            f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
-           f"- tile decode: {env.get('decode', '?')} (POLARTENSOR_DECODE)",
+           f"- tile decode: {env.get('decode', '?')} (POLARTENSOR_DECODE)"
+           + ("; 16-bit code loads (POLARTENSOR_CODE16=1)" if env.get("code16") else ""),
            f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
            f"- device copy bandwidth (read + write): "
            f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",

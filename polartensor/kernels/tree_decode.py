@@ -56,8 +56,28 @@ _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 # in 2-D (each level-l0 node multiplies its ancestors' cos/sin) so that the tree root spreads
 # over the threads instead of piling every coordinate of a row into one thread.
 _NBB_MIN = tl.constexpr(8)
+# POLARTENSOR_CODE16=1 (read at import; opt-in, not yet run on a GPU): code words read with
+# 16-bit loads instead of byte loads where the record size is even (records, and so every
+# 16-bit word inside one, are then 2-byte aligned). On the H200 the packed decode's L1/TEX
+# pipe is 81% busy, much of it byte loads of codes at the record stride.
+_CODE16 = tl.constexpr(os.environ.get("POLARTENSOR_CODE16", "0") == "1")
 
-__all__ = ["decode_tile_joined"]
+__all__ = ["decode_tile_joined", "check_code16_alignment"]
+
+
+def check_code16_alignment(codes) -> None:
+    """With POLARTENSOR_CODE16=1, records of an even byte size must start at even addresses
+    (every 16-bit word inside them is then aligned): a clear error instead of a misaligned
+    load on the GPU."""
+    if not _CODE16.value or codes.shape[-1] % 2:
+        return
+    strides = codes.stride()[:-1]
+    if codes.data_ptr() % 2 or any(st % 2 for st in strides):
+        raise ValueError(
+            f"POLARTENSOR_CODE16=1 reads code records with 16-bit loads, but these codes "
+            f"(records of {codes.shape[-1]} bytes, strides {tuple(codes.stride())}, address "
+            f"{'odd' if codes.data_ptr() % 2 else 'even'}) are not 2-byte aligned: pass "
+            f"contiguous codes (or codes.contiguous()), or unset POLARTENSOR_CODE16")
 
 
 @triton.constexpr_function
@@ -141,6 +161,26 @@ def _ld_nc(base, off):
     return v.to(tl.float32)
 
 
+@triton.constexpr_function
+def _ld16_asm(imm):
+    return f"ld.global.nc.u16 $0, [$1+{imm}];"
+
+
+@triton.jit
+def _ld16(codes_ptr, off, valid2, IMM: tl.constexpr = 0):
+    """The little-endian 16-bit word at byte ``off + IMM`` (even) of the codes, as int32; 0
+    where not ``valid2``. Layout-agnostic on the GPU (an elementwise ld.global.nc.u16; IMM
+    goes into the instruction's immediate offset, so words of one address share it)."""
+    off = tl.where(valid2, off, 0)
+    p = (codes_ptr + off).to(tl.pointer_type(tl.uint16))
+    if _ASM:
+        w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=h,l", [p], dtype=tl.uint16,
+                                      is_pure=True, pack=1)
+    else:
+        w = tl.load(p + IMM // 2)
+    return tl.where(valid2, w.to(tl.int32), 0)
+
+
 @triton.jit
 def _mul_bf16x2(r, w):
     """(r * cos, r * sin) in bfloat16 from r (float32) and w, a packed bf16x2 (cos, sin) word:
@@ -187,12 +227,18 @@ def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
         else:
             BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
         bit0 = BITOFF + (u >> K) * b
-        byte = bit0 >> 3
-        w = tl.load(codes_ptr + rec_base + byte, mask=valid2, other=0).to(tl.int32)
-        if BITOFF % 8 != 0 or 8 % b != 0:
-            w2 = tl.load(codes_ptr + rec_base + byte + 1, mask=valid2 & (byte + 1 < R), other=0)
-            w = w | (w2.to(tl.int32) << 8)
-        c = (w >> (bit0 & 7)) & ((1 << b) - 1)
+        if _CODE16 and R % 2 == 0 and BITOFF % b == 0 and 16 % b == 0:
+            # the field never crosses a 16-bit word: one aligned 16-bit load
+            w = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2, valid2)
+            c = (w >> (bit0 & 15)) & ((1 << b) - 1)
+        else:
+            byte = bit0 >> 3
+            w = tl.load(codes_ptr + rec_base + byte, mask=valid2, other=0).to(tl.int32)
+            if BITOFF % 8 != 0 or 8 % b != 0:
+                w2 = tl.load(codes_ptr + rec_base + byte + 1, mask=valid2 & (byte + 1 < R),
+                             other=0)
+                w = w | (w2.to(tl.int32) << 8)
+            c = (w >> (bit0 & 7)) & ((1 << b) - 1)
         v = tl.load(cos_ptr + c + s * SINOFF)
     return r * v
 
@@ -203,7 +249,19 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
     """Word ``w`` (CW codes) of every block's level chunk: [BN, NB] int32, code 0 in the low
     bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index."""
     WBITS: tl.constexpr = CW * b
-    if _aligned(b, CW, BITOFF):
+    if (_CODE16 and R % 2 == 0 and _aligned(b, CW, BITOFF) and WBITS % 16 == 0
+            and BITOFF % 16 == 0 and (P * b) % 16 == 0):
+        # whole 16-bit words at even byte offsets
+        byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8
+        word = _ld16(codes_ptr, byte0, valid2)
+        for k in tl.static_range(1, WBITS // 16):
+            word = word | (_ld16(codes_ptr, byte0, valid2, 2 * k) << (16 * k))
+    elif (_CODE16 and R % 2 == 0 and not _aligned(b, CW, BITOFF) and BITOFF % WBITS == 0
+            and 16 % WBITS == 0):
+        # a field that never crosses a 16-bit word: one aligned 16-bit load
+        bit0 = BITOFF + (blk * P + w * CW) * b
+        word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2, valid2) >> (bit0 & 15)
+    elif _aligned(b, CW, BITOFF):
         NBY: tl.constexpr = WBITS // 8
         # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
         byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8

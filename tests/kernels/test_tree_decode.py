@@ -7,6 +7,9 @@ compiled on the GPU and under the interpreter on the CPU."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +134,40 @@ def _zeros_decode(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                   LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
                   PACK: tl.constexpr):
     return tl.zeros((BN, D), dtype=tl.float32)
+
+
+def test_code16_flag_follows_the_environment():
+    """POLARTENSOR_CODE16 is read at import: the run below (and any run with it set) really
+    uses the 16-bit code loads."""
+    from polartensor.kernels import tree_decode
+
+    assert tree_decode._CODE16.value == (os.environ.get("POLARTENSOR_CODE16", "0") == "1")
+
+
+@pytest.mark.skipif(os.environ.get("POLARTENSOR_CODE16") == "1",
+                    reason="this run already has POLARTENSOR_CODE16=1: the bit-exact test "
+                           "above covers it directly")
+def test_code16_decode_is_bit_exact():
+    """POLARTENSOR_CODE16=1 (opt-in): the joined decode with 16-bit code loads equals the
+    reshape decode bit for bit, for every preset at even and odd record sizes (odd ones keep
+    byte loads). Run in a fresh interpreter, as the flag is read at import."""
+    env = dict(os.environ, POLARTENSOR_CODE16="1")
+    sel = "test_code16_flag or test_joined_decode_equals_decode_tile"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", "-k", sel, __file__], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
+
+
+def test_code16_refuses_misaligned_codes(monkeypatch):
+    from polartensor.kernels import tree_decode
+
+    monkeypatch.setattr(tree_decode, "_CODE16", tl.constexpr(True))
+    flat = torch.zeros(200, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="strides \\(47, 1\\).*not 2-byte aligned"):
+        tree_decode.check_code16_alignment(flat.as_strided((2, 46), (47, 1)))  # odd stride
+    with pytest.raises(ValueError, match="address odd.*codes.contiguous"):
+        tree_decode.check_code16_alignment(flat[1:93].view(2, 46))              # odd address
+    tree_decode.check_code16_alignment(flat[:92].view(2, 46))
+    tree_decode.check_code16_alignment(flat[1:47].view(2, 23))  # odd records keep byte loads
