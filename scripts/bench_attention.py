@@ -141,7 +141,9 @@ def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), joine
                         tasks += [("decode", hq, hk, d, p,
                                    {"block_n": 64, "maxnreg": 128, "pack": False})]
             if "encode" in sections:
-                tasks += [("encode", hq, hk, d, p, {"pre_rotate": False})]
+                tasks += [("encode", hq, hk, d, p, {"pre_rotate": False}),
+                          ("encode", hq, hk, d, p, {"pre_rotate": False, "quantizer": "cross",
+                                                    "rotation_mma": "bf16x2"})]
         if "prefill" in sections:
             tasks += [("prefill", hq, hk, d, "paper", {"causal": c}) for c in (False, True)]
         if "encode" in sections:
@@ -341,7 +343,20 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            variants = [("fused", dict(pre_rotate=False))]
+            # the opt-in fast encode (quantizer='cross', rotation_mma='bf16x2') beside the
+            # default, every preset; explicit atan2 / tf32x3 so the environment cannot blur it
+            variants = [("fused", dict(pre_rotate=False, quantizer="atan2",
+                                       rotation_mma="tf32x3")),
+                        ("fused_cross_bf16x2", dict(pre_rotate=False, quantizer="cross",
+                                                    rotation_mma="bf16x2"))]
+            if preset == "paper":
+                variants += [("fused_cross", dict(pre_rotate=False, quantizer="cross",
+                                                  rotation_mma="tf32x3")),
+                             ("fused_bf16x2", dict(pre_rotate=False, quantizer="atan2",
+                                                   rotation_mma="bf16x2")),
+                             ("fused_cross_bf16x2_bn64", dict(pre_rotate=False, quantizer="cross",
+                                                              rotation_mma="bf16x2",
+                                                              block_rows=64))]
             if preset == "paper":
                 variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
                              ("fused_bn64", dict(pre_rotate=False, block_rows=64)),

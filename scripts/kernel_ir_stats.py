@@ -164,21 +164,30 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
     the first dot dropped: ``LDG.E.U8`` counts as ``LDG``)."""
     ins = [(int(a, 16), t.strip()) for a, t in
            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+    def histogram(lo, hi):
+        ops: dict = {}
+        for addr, text in ins:
+            if lo <= addr <= hi:
+                name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                ops[name] = ops.get(name, 0) + 1
+        return ops
+
+    # the whole kernel's opcodes too (kernels without a loop, such as the encode)
+    whole = histogram(0, float("inf"))
+    kernel_ops = dict(sorted(whole.items(), key=lambda kv: -kv[1])[:top])
     loops = []
     for addr, text in ins:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
     if not loops:
-        return dict(loop_sass_instructions=0, loop_ops={})
+        return dict(loop_sass_instructions=0, loop_ops={}, kernel_ops=kernel_ops)
     lo, hi = max(loops, key=lambda span: span[1] - span[0])
-    ops: dict = {}
-    for addr, text in ins:
-        if lo <= addr <= hi:
-            name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-            ops[name] = ops.get(name, 0) + 1
+    ops = histogram(lo, hi)
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
-    return dict(loop_sass_instructions=sum(ops.values()), loop_ops=dict(ranked))
+    return dict(loop_sass_instructions=sum(ops.values()), loop_ops=dict(ranked),
+                kernel_ops=kernel_ops)
 
 
 def _counts(compiled) -> dict:

@@ -246,16 +246,40 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 @triton.jit
 def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
                   n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr,
-                  F64: tl.constexpr, VEC_SEARCH: tl.constexpr):
+                  F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
+                  TOFF: tl.constexpr = 0):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
-    (the reference's precision, bit-exact up to atan2 ties), float32 otherwise."""
+    (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
+
+    ``CROSS`` (float32): no atan2. Above level 1 both coordinates are radii (>= 0), so the
+    angle passes boundary m exactly when y > a tan(m) (``tan(m)`` at ``mids_ptr + TOFF``).
+    Level 1 (only with a uniform codebook, boundaries k 2 pi / 2^b): the quadrant from the
+    signs, then the same test against tan(k pi / 2^(b-1)) within it. Codes differ from the
+    atan2 path only on float ties at a boundary."""
     b: tl.constexpr = LV & 15
     logg: tl.constexpr = (LV >> 4) & 3
     pos: tl.constexpr = LV >> 8
     a, y = tl.split(tl.reshape(r, (BN, n, 2)))
     rr = tl.sqrt(a * a + y * y)
-    if b > 0:
+    if b > 0 and CROSS and LEVEL1:
+        # quadrant Q (psi in [Q pi/2, (Q+1) pi/2)); the axis cases match atan2's angles:
+        # y = 0, a < 0 is pi (quadrant 1's end), a = 0, y < 0 is 3 pi / 2 (quadrant 2's end)
+        neg_y = y < 0.0
+        neg_a = tl.where(neg_y, a <= 0.0, a < 0.0)
+        quad = tl.where(neg_y, tl.where(neg_a, 2, 3), tl.where(neg_a, 1, 0))
+        swap = neg_a != neg_y   # quadrants 1 and 3 measure their angle from the y axis
+        num = tl.where(swap, tl.abs(a), tl.abs(y))
+        den = tl.where(swap, tl.abs(y), tl.abs(a))
+        S: tl.constexpr = 1 << (b - 2) if b >= 2 else 1
+        code = quad * S if b >= 2 else (quad >= 2).to(tl.int32)
+        for k in tl.static_range(1, S):
+            code += (num > den * tl.load(mids_ptr + TOFF + k - 1)).to(tl.int32)
+    elif b > 0 and CROSS:
+        code = tl.zeros((BN, n), dtype=tl.int32)
+        for k in tl.static_range((1 << b) - 1):
+            code += (y > a * tl.load(mids_ptr + TOFF + k)).to(tl.int32)
+    elif b > 0:
         if F64:
             psi = _atan2_f64(y, a)
         else:
@@ -278,6 +302,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             wrap_lo = tl.load(mids_ptr + KT)
             code = tl.where(psi >= wrap, 0, code)
             code = tl.where(psi < wrap_lo, (1 << b) - 1, code)
+    if b > 0:
         if n >= 8:
             G: tl.constexpr = 1 << logg
             WB: tl.constexpr = (b << logg) >> 3

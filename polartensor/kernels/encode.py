@@ -6,6 +6,9 @@ Reference: ``polartensor.polar_quant_tensor.quantize`` (see ``kernels/naive.py``
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +16,8 @@ import triton.language as tl
 from .common import _encode_level, interpreting, level_words
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
+
+_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
@@ -27,6 +32,8 @@ def polar_encode_fwd_kernel(
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
     ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
+    CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
+    ROT_BF16X2: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BN + tl.arange(0, BN)
@@ -41,9 +48,24 @@ def polar_encode_fwd_kernel(
         for k0 in tl.static_range(0, D, KCH):
             kk = k0 + tl.arange(0, KCH)
             xc = tl.load(x_ptr + x_off[:, None] + kk[None, :], mask=valid[:, None],
-                         other=0.0).to(tl.float32)
-            st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
-            y += tl.dot(xc, st, input_precision=PREC)
+                         other=0.0)
+            if ROT_BF16X2:
+                # bfloat16 x (exact) against S = S_hi + S_lo, both bfloat16 ([2, D, D] at
+                # rot_ptr): two bf16 MMAs, no operand splitting, ~2^-16 relative error
+                st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
+                if _INTERP:
+                    # the interpreter's bfloat16 dot is wrong (Triton 3.9): the same products
+                    # in float32, where bfloat16 x bfloat16 is exact
+                    xf = xc.to(tl.float32)
+                    y += tl.dot(xf, st_hi.to(tl.float32), input_precision="ieee")
+                    y += tl.dot(xf, st_lo.to(tl.float32), input_precision="ieee")
+                else:
+                    y += tl.dot(xc, st_hi)
+                    y += tl.dot(xc, st_lo)
+            else:
+                st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
     else:
         y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
         y = y.to(tl.float64) if F64 else y.to(tl.float32)
@@ -51,28 +73,35 @@ def polar_encode_fwd_kernel(
     r = y
     tail = tl.zeros((BN,), dtype=tl.int64)
     r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
-                            True, KT, F64, VEC)
+                            True, KT, F64, VEC, CROSS1, TOFF)
     if L >= 2:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
-                                D >> 2, LV1, False, KT, F64, VEC)
+                                D >> 2, LV1, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 3:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
-                                BN, D >> 3, LV2, False, KT, F64, VEC)
+                                BN, D >> 3, LV2, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 4:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
-                                BN, D >> 4, LV3, False, KT, F64, VEC)
+                                BN, D >> 4, LV3, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 5:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
-                                BN, D >> 5, LV4, False, KT, F64, VEC)
+                                BN, D >> 5, LV4, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 6:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
-                                BN, D >> 6, LV5, False, KT, F64, VEC)
+                                BN, D >> 6, LV5, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 7:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
-                                BN, D >> 7, LV6, False, KT, F64, VEC)
+                                BN, D >> 7, LV6, False, KT, F64, VEC, CROSS,
+                                TOFF)
     if L >= 8:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
-                                BN, D >> 8, LV7, False, KT, F64, VEC)
+                                BN, D >> 8, LV7, False, KT, F64, VEC, CROSS,
+                                TOFF)
     for k in tl.static_range(TAIL_NB):
         tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
                  mask=valid)
@@ -81,6 +110,64 @@ def polar_encode_fwd_kernel(
     # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
     tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
              r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+# POLARTENSOR_ENCODE_QUANT=cross (read per call; opt-in, not yet run on a GPU): the float32
+# encode finds codes without atan2 (see common._encode_level, CROSS). Default: atan2.
+_QUANTIZERS = ("atan2", "cross")
+_CROSS_TABLES: dict = {}
+# POLARTENSOR_ENCODE_ROT=bf16x2 (read per call; opt-in, not yet run on a GPU): for bfloat16
+# inputs the fused rotation runs as two bfloat16 MMAs against S split into bfloat16 high and
+# low parts instead of tf32x3 (three tf32 MMAs plus splitting both operands in the kernel).
+_ROT_MMAS = ("tf32x3", "bf16x2")
+_ROT_SPLITS: dict = {}
+
+
+def rotation_bf16x2(rot: torch.Tensor) -> torch.Tensor:
+    """[2, D, D] bfloat16: S rounded to bfloat16, then the rounded remainder. Cached per
+    rotation tensor."""
+    key = (rot.data_ptr(), rot.device, tuple(rot.shape), rot._version)
+    hit = _ROT_SPLITS.get(key)
+    if hit is None:
+        s32 = rot.detach().to(torch.float32)
+        hi = s32.to(torch.bfloat16)
+        lo = (s32 - hi.to(torch.float32)).to(torch.bfloat16)
+        hit = torch.stack([hi, lo]).contiguous()
+        if len(_ROT_SPLITS) > 64:
+            _ROT_SPLITS.clear()
+        _ROT_SPLITS[key] = hit
+    return hit
+
+
+def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
+    """[2 L, K + 1] float32: the boundaries, then the tangents the atan2-free encode compares
+    against (tan of each boundary above level 1; tan(k pi / 2^(b-1)) within a quadrant at level
+    1), and whether level 1's boundaries are the uniform k 2 pi / 2^b that its closed form
+    needs. Cached per boundary tensor."""
+    key = (mids.data_ptr(), mids.device, tuple(mids.shape), mids._version, tuple(config.bits))
+    hit = _CROSS_TABLES.get(key)
+    if hit is not None:
+        return hit
+    m64 = mids.detach().to("cpu", torch.float64)
+    tans = torch.zeros_like(m64)
+    uniform = False
+    for lvl, b in enumerate(config.bits):
+        nb = (1 << b) - 1
+        if b == 0:
+            continue
+        if lvl == 0:
+            want = torch.arange(1, nb + 1, dtype=torch.float64) * (2 * math.pi / (1 << b))
+            uniform = bool(torch.allclose(m64[0, :nb], want, rtol=0, atol=1e-5))
+            if uniform and b >= 3:
+                k = torch.arange(1, 1 << (b - 2), dtype=torch.float64)
+                tans[0, : k.numel()] = torch.tan(k * math.pi / (1 << (b - 1)))
+        else:
+            tans[lvl, :nb] = torch.tan(m64[lvl, :nb])
+    table = torch.cat([m64, tans]).to(mids.device, torch.float32).contiguous()
+    if len(_CROSS_TABLES) > 64:
+        _CROSS_TABLES.clear()
+    _CROSS_TABLES[key] = (table, uniform)
+    return table, uniform
 
 
 def encode_supported(x: torch.Tensor, config) -> bool:
@@ -102,7 +189,8 @@ def _flat3(t: torch.Tensor, rows_t: int) -> torch.Tensor | None:
 def encode_into_triton(
     x: torch.Tensor, rot: torch.Tensor | None, mids: torch.Tensor, codes_out: torch.Tensor,
     radii_out: torch.Tensor, config, block_rows: int | None = None,
-    pre_rotate: bool | None = None, exact: bool | None = None,
+    pre_rotate: bool | None = None, exact: bool | None = None, quantizer: str | None = None,
+    rotation_mma: str | None = None,
 ) -> bool:
     """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (``x`` already rotated, or
     rotation 'none'). ``mids``: :func:`common.boundary_table` (cast to the
@@ -112,10 +200,25 @@ def encode_into_triton(
     by a float64 torch matmul before the kernel, angles and norms in float64), so codes and
     radii equal the reference bit for bit up to exact atan2 ties. Otherwise (the GPU fast
     path) float32, the rotation fused in the kernel as a tl.dot unless ``pre_rotate``.
+    ``quantizer``: ``"atan2"`` or ``"cross"`` (float32 only: codes from sign and tangent
+    comparisons, no atan2; see ``common._encode_level``); default POLARTENSOR_ENCODE_QUANT,
+    else atan2.
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     interp = interpreting()
     exact = interp if exact is None else exact
+    chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "atan2")
+    if chosen not in _QUANTIZERS:
+        raise ValueError(f"quantizer {chosen!r} (POLARTENSOR_ENCODE_QUANT or quantizer=): use "
+                         f"one of {_QUANTIZERS}")
+    if chosen == "cross" and exact and quantizer is not None:
+        raise ValueError("quantizer='cross' is float32 arithmetic: it cannot give the "
+                         "reference's float64 codes (exact=True); pass exact=False")
+    cross = chosen == "cross" and not exact
+    rot_mma = rotation_mma or os.environ.get("POLARTENSOR_ENCODE_ROT", "tf32x3")
+    if rot_mma not in _ROT_MMAS:
+        raise ValueError(f"rotation_mma {rot_mma!r} (POLARTENSOR_ENCODE_ROT or rotation_mma=): "
+                         f"use one of {_ROT_MMAS}")
     if exact:
         x = x.to(torch.float64)
         if rot is not None:
@@ -124,6 +227,7 @@ def encode_into_triton(
     elif pre_rotate and rot is not None:
         x = x.to(torch.float32) @ rot.T
         rot = None
+    mids_in = mids
     mids = mids.to(torch.float64 if exact else torch.float32)
     d = x.shape[-1]
     t = x.shape[-2]
@@ -146,11 +250,20 @@ def encode_into_triton(
         block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
                       else (32 if d <= 128 else 16))
     kch = min(d, 64)
+    rot_bf16x2 = False
     if rot is None:
         rot_arg, rotate = x3, False
+    elif (rot_mma == "bf16x2" and x3.dtype == torch.bfloat16
+            and config.radius_dtype != "float32"):
+        # (float32 radii would show its ~2^-16 relative error; 16-bit radii round coarser)
+        rot_arg, rotate, rot_bf16x2 = rotation_bf16x2(rot), True, True
     else:
         rot_arg, rotate = rot.contiguous(), True
     prec = "ieee" if interp else "tf32x3"
+    cross1, toff = False, 0
+    if cross:
+        mids, cross1 = cross_table(mids_in, config)
+        toff = w["L"] * mids.shape[1]
     grid = (triton.cdiv(n_rows, block_rows),)
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
@@ -162,7 +275,8 @@ def encode_into_triton(
         L=w["L"], NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
-        ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact), num_warps=4,
+        ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
+        CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2, num_warps=4,
     )
     if exact:
         r_dst.copy_(r3)

@@ -191,3 +191,109 @@ def test_encode_unsupported_falls_back():
     ref = quantize(x, cfg)
     assert torch.equal(codes, ref.codes)
     assert torch.equal(radii, ref.radii)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_cross_quantizer_matches_reference(d):
+    """quantizer='cross' (POLARTENSOR_ENCODE_QUANT=cross, opt-in): codes from sign and tangent
+    comparisons instead of atan2 agree with the reference as the atan2 path does (>= 99.9%,
+    ties only), for every preset and the odd configurations (non-uniform level-1 codebooks
+    keep atan2 at level 1)."""
+    from polartensor.kernels.encode import cross_table
+
+    for cfg in configs_for(d):
+        g = torch.Generator().manual_seed(d + 7)
+        x = (torch.randn(2, 23, d, generator=g) * 3).to(DEVICE)
+        codes = torch.zeros(2, 23, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, 23, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        rot = None if cfg.rotation == "none" else rotation_matrix(
+            d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+        mids = boundary_table(quantize(x[..., :1, :], cfg).centroids, cfg, torch.float64)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  quantizer="cross")
+        _check_encode(x, cfg, codes, radii, 0, 23)
+        # the offline codebooks' level 1 is uniform: the closed form really runs there
+        if cfg.bits[0] >= 3 and cfg in [get_preset(n, head_dim=d) for n in PRESETS]:
+            assert cross_table(mids, cfg)[1], cfg
+
+
+def test_cross_quantizer_axis_cases_are_ties():
+    """Exact axis and zero pairs (no rotation) lie on level-1 cell boundaries, where the atan2
+    path's answer depends on how the boundaries round (psi = 0 lands in the last cell, as the
+    reference's wrap boundary rounds above 2 pi): there the closed form may pick the
+    neighbouring cell, never another one; off the boundaries the codes are the same."""
+    cfg = PolarQuantConfig(levels=4, bits=(4, 2, 2, 2), rotation="none", seed=3)
+    d = 16
+    pairs = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (0.0, 0.0), (-2.0, -0.0),
+             (3.0, -3.0), (-3.0, 3.0), (0.3, 0.2), (-0.7, -0.1)]
+    x = torch.stack([torch.tensor([a, y] * (d // 2)) for a, y in pairs]).to(DEVICE)
+    mids = boundary_table(quantize(x[:1], cfg).centroids, cfg, torch.float64)
+    out = []
+    for q in ("atan2", "cross"):
+        codes = torch.zeros(len(pairs), cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(len(pairs), cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, None, mids, codes, radii, cfg, exact=False, quantizer=q)
+        out.append(unpack_codes(codes, cfg, d))
+    lvl1 = (out[0][0] - out[1][0]) % 16
+    assert ((lvl1 == 0) | (lvl1 == 1) | (lvl1 == 15)).all(), (out[0][0], out[1][0])
+    assert torch.equal(out[0][0][-2:], out[1][0][-2:])      # off the boundaries: the same
+    # equal radii put every level-2 angle at pi / 4, the middle boundary of the symmetric
+    # codebook: a tie again, so neighbouring cells at most
+    for a, b in zip(out[0][1:], out[1][1:]):
+        assert (a - b).abs().max() <= 1
+
+
+def test_quantizer_choice_is_checked():
+    cfg = get_preset("paper", head_dim=16)
+    x = torch.randn(1, 3, 16, device=DEVICE)
+    mids = boundary_table(quantize(x, cfg).centroids, cfg, torch.float64)
+    codes = torch.zeros(1, 3, cfg.record_bytes(16), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(1, 3, cfg.num_blocks(16), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="quantizer 'fast'.*'atan2', 'cross'"):
+        encode_into_triton(x, None, mids, codes, radii, cfg, exact=False, quantizer="fast")
+    with pytest.raises(ValueError, match="exact=False"):
+        encode_into_triton(x, None, mids, codes, radii, cfg, exact=True, quantizer="cross")
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("quantizer", ["atan2", "cross"])
+def test_bf16x2_rotation_matches_reference(d, quantizer, monkeypatch):
+    """rotation_mma='bf16x2' (POLARTENSOR_ENCODE_ROT=bf16x2, opt-in; bfloat16 inputs): the
+    fused rotation as two bfloat16 MMAs against S's high and low bfloat16 parts agrees with
+    the reference as the tf32x3 rotation does (float32-radius configurations keep tf32x3:
+    the split's ~2^-16 relative error would show in their radii)."""
+    from polartensor.kernels import encode
+    from polartensor.kernels.encode import rotation_bf16x2
+
+    seen = []
+    real = encode._encode_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["ROT_BF16X2"], kwargs["CROSS"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(encode, "_encode_kernel", _Spy())
+    for cfg in [c for c in configs_for(d) if c.rotation != "none"]:
+        g = torch.Generator().manual_seed(d + 11)
+        x = (torch.randn(2, 21, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+        codes = torch.zeros(2, 21, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, 21, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+        split = rotation_bf16x2(rot)
+        assert split.dtype == torch.bfloat16 and split.shape == (2, d, d)
+        assert (split.float().sum(0) - rot).abs().max() <= 2.0 ** -16 * rot.abs().max()
+        mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg,
+                              torch.float64)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  quantizer=quantizer, rotation_mma="bf16x2")
+        # the split really ran (float32 radii keep tf32x3), with the quantizer asked for
+        assert seen[-1] == (cfg.radius_dtype != "float32", quantizer == "cross"), cfg
+        _check_encode(x, cfg, codes, radii, 0, 21)
+    with pytest.raises(ValueError, match="rotation_mma 'fp8'"):
+        encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, rotation_mma="fp8")
