@@ -427,6 +427,23 @@ def main():
                                    error=str(exc)[:200])
                     result["prefill"].append(row)
                     print(row, flush=True)
+            # opt-in: the causal dequant path through the flash kernel, bottom-right aligned
+            # (POLARTENSOR_CAUSAL_FLASH=1, read per call: set while the graph is captured)
+            try:
+                os.environ["POLARTENSOR_CAUSAL_FLASH"] = "1"
+                ms = bench(lambda q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
+                    q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
+                    None, True, scale, mode="dequant"))
+                row = dict(base, method="polar_dequant_flash_causal", preset="paper",
+                           causal=True, ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / 2)
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"prefill polar_dequant_flash_causal {model}", exc)
+                row = dict(base, method="polar_dequant_flash_causal", preset="paper",
+                           causal=True, error=str(exc)[:200])
+            finally:
+                os.environ.pop("POLARTENSOR_CAUSAL_FLASH", None)
+            result["prefill"].append(row)
+            print(row, flush=True)
             del k, v, q, kq, vq, kt, vt
         except Exception as exc:  # noqa: BLE001
             record_error(f"prefill {model}", exc)

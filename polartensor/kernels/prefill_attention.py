@@ -86,8 +86,15 @@ def dequant_sdpa(
         vd = vd.repeat_interleave(hq // hk, dim=1)
     qr = (q.float() @ rot_k.T).to(dt) if rot_k is not None else q
     m = None if mask is None else _base_mask(mask)
-    # Bottom-right causal as a materialised mask. (torch's causal_lower_right bias, which
-    # would skip masked tiles, lost its attributes inside our custom op on torch 2.11 CUDA.)
+    if is_causal and m is None and causal_flash_enabled() and _flash_ok(qr):
+        # Bottom-right causal without a mask: PyTorch's flash kernel aligns is_causal to the
+        # bottom right when there are more keys than queries (what torch's causal_lower_right
+        # bias calls; the bias object itself lost its attributes inside our custom op on
+        # torch 2.11 CUDA). Every query sees at least its own key, so no row is empty.
+        o = torch.ops.aten._scaled_dot_product_flash_attention(
+            qr, kd, vd, 0.0, True, False, scale=scale)[0]
+        return _finish(o, rot_v, dt, out)
+    # Bottom-right causal as a materialised mask.
     if is_causal:  # bottom-right aligned, as the reference
         m = with_causal(m, tq, total, q.device)
     if m is not None and m.dtype != torch.bool:
@@ -98,11 +105,33 @@ def dequant_sdpa(
         alive = m.any(-1, keepdim=True) if m.dtype == torch.bool else (
             m > float("-inf")).any(-1, keepdim=True)
         o = torch.where(alive, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return _finish(o, rot_v, dt, out)
+
+
+def _finish(o, rot_v, dt, out):
     o = (o.float() @ rot_v).to(dt) if rot_v is not None else o
     if out is not None:
         out.copy_(o)
         return out
     return o
+
+
+def causal_flash_enabled() -> bool:
+    """POLARTENSOR_CAUSAL_FLASH=1 (read per call; opt-in, not yet run on a GPU): causal
+    query chunks on the dequantize-then-SDPA path run PyTorch's flash kernel bottom-right
+    aligned instead of SDPA with a materialised mask."""
+    v = os.environ.get("POLARTENSOR_CAUSAL_FLASH", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"POLARTENSOR_CAUSAL_FLASH={v!r}: use 1 (flash, bottom-right causal) "
+                         "or 0 (a materialised mask, the default)")
+    return v == "1"
+
+
+def _flash_ok(q: torch.Tensor) -> bool:
+    """Inputs PyTorch's flash kernel takes: CUDA, 16-bit, head_dim a multiple of 8 up to 256."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
+            and d <= 256)
 
 
 def prefill_attention(

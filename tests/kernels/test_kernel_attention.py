@@ -215,6 +215,45 @@ def test_chunked_prefill_with_new_tokens_and_padding(preset):
     _close(out, ref, torch.float32)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="PyTorch's flash attention kernel is CUDA-only")
+@pytest.mark.parametrize("d,group", [(128, 4), (64, 3)])
+def test_causal_flash_dequant_matches_reference(d, group, monkeypatch):
+    """POLARTENSOR_CAUSAL_FLASH=1 (opt-in): a causal query chunk on the dequantize-then-SDPA
+    path runs the flash kernel bottom-right aligned; it must equal the reference's
+    bottom-right causal attention (and the materialised-mask path)."""
+    from polartensor.kernels.prefill_attention import prefill_attention
+
+    b, hk, n, t = 2, 2, 1500, 200
+    g = torch.Generator().manual_seed(d + group)
+    cfg = get_preset("paper", head_dim=d)
+    q = torch.randn(b, hk * group, t, d, generator=g).to(DEVICE, torch.bfloat16)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    kn = torch.randn(b, hk, t, d, generator=g).to(DEVICE, torch.bfloat16)
+    vn = torch.randn(b, hk, t, d, generator=g).to(DEVICE, torch.bfloat16)
+    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "1")
+    got = prefill_attention(q, k, v, kn, vn, is_causal=True, mode="dequant")
+    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "0")
+    masked = prefill_attention(q, k, v, kn, vn, is_causal=True, mode="dequant")
+    kk = torch.cat([k.dequantize(), kn.float()], dim=-2)
+    vv = torch.cat([v.dequantize(), vn.float()], dim=-2)
+    ref = polar_sdpa(q.float(), kk, vv, is_causal=True, enable_gqa=True)
+    _close(got, ref.to(torch.bfloat16), torch.bfloat16)
+    _close(got, masked, torch.bfloat16)
+
+
+def test_causal_flash_setting_is_checked(monkeypatch):
+    from polartensor.kernels.prefill_attention import causal_flash_enabled
+
+    monkeypatch.delenv("POLARTENSOR_CAUSAL_FLASH", raising=False)
+    assert not causal_flash_enabled()
+    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "1")
+    assert causal_flash_enabled()
+    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_CAUSAL_FLASH='yes'"):
+        causal_flash_enabled()
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_dequant_kernel_matches_reference(preset):
     from polartensor.kernels.dequant import dequantize_rotated_triton
