@@ -64,13 +64,14 @@ speedups)
     # the opt-in speed-ups not yet measured on a GPU. 16-bit code loads (POLARTENSOR_CODE16=1,
     # read at import): the kernel tests with it, then the decode table with and without it,
     # each run against its own cuDNN. The encode's quantizer='cross' / rotation_mma='bf16x2'
-    # are tested in the tests stage (explicit arguments) and timed beside the default encode
-    # in the first bench run.
+    # and POLARTENSOR_CAUSAL_FLASH=1 are tested in the tests stage (explicit arguments /
+    # monkeypatched setting) and timed beside the defaults in the first bench run.
     POLARTENSOR_CODE16=1 POLARTENSOR_FAILLOG="$OUT/failures_code16.txt" \
-        step tests_code16 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        step tests_code16 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    POLARTENSOR_CODE16=0 step bench_code16_0 170 "$PY" scripts/bench_attention.py \
-        --out "$OUT/bench_code16_0" --budget-s 130 --presets paper,polar-3 --sections decode,encode
+    POLARTENSOR_CODE16=0 step bench_code16_0 230 "$PY" scripts/bench_attention.py \
+        --out "$OUT/bench_code16_0" --budget-s 180 --presets paper,polar-3 \
+        --sections decode,encode,prefill
     POLARTENSOR_CODE16=1 step bench_code16_1 150 "$PY" scripts/bench_attention.py \
         --out "$OUT/bench_code16_1" --budget-s 110 --presets paper,polar-3 --sections decode
     ;;
