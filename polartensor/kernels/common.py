@@ -247,7 +247,7 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
                   n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr,
                   F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
-                  TOFF: tl.constexpr = 0):
+                  TOFF: tl.constexpr = 0, STORE16: tl.constexpr = False):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
@@ -256,7 +256,8 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
     angle passes boundary m exactly when y > a tan(m) (``tan(m)`` at ``mids_ptr + TOFF``).
     Level 1 (only with a uniform codebook, boundaries k 2 pi / 2^b): the quadrant from the
     signs, then the same test against tan(k pi / 2^(b-1)) within it. Codes differ from the
-    atan2 path only on float ties at a boundary."""
+    atan2 path only on float ties at a boundary. With ``STORE16`` (records 2-byte aligned)
+    the fast path also stores byte words in aligned pairs."""
     b: tl.constexpr = LV & 15
     logg: tl.constexpr = (LV >> 4) & 3
     pos: tl.constexpr = LV >> 8
@@ -303,10 +304,20 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             code = tl.where(psi >= wrap, 0, code)
             code = tl.where(psi < wrap_lo, (1 << b) - 1, code)
     if b > 0:
-        if n >= 8:
-            G: tl.constexpr = 1 << logg
-            WB: tl.constexpr = (b << logg) >> 3
-            NW: tl.constexpr = n // G
+        G: tl.constexpr = 1 << logg
+        WB: tl.constexpr = (b << logg) >> 3
+        NW: tl.constexpr = n // G if n >= 8 else 1
+        if n >= 8 and CROSS and WB == 1 and STORE16 and pos % 2 == 0 and NW % 2 == 0:
+            # (the fast encode) byte words built in int32 and stored two at a time as
+            # aligned 16-bit words: half the stores, no int64 shifts
+            c3 = tl.reshape(code, (BN, NW // 2, 2 * G))
+            sh = b * tl.arange(0, 2 * G)
+            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            ww = tl.arange(0, NW // 2)
+            p16 = (codes_ptr + rec_off[:, None] + pos + 2 * ww[None, :]).to(
+                tl.pointer_type(tl.uint16))
+            tl.store(p16, word.to(tl.uint16), mask=valid[:, None])
+        elif n >= 8:
             c3 = tl.reshape(code, (BN, NW, G)).to(tl.int64)
             sh = (b * tl.arange(0, G)).to(tl.int64)
             word = tl.sum(c3 << sh[None, None, :], axis=2)

@@ -33,7 +33,7 @@ def polar_encode_fwd_kernel(
     LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
     ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
     CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
-    ROT_BF16X2: tl.constexpr = False,
+    ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BN + tl.arange(0, BN)
@@ -73,35 +73,36 @@ def polar_encode_fwd_kernel(
     r = y
     tail = tl.zeros((BN,), dtype=tl.int64)
     r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
-                            True, KT, F64, VEC, CROSS1, TOFF)
+                            True, KT, F64, VEC, CROSS1, TOFF,
+                            STORE16 and CROSS)
     if L >= 2:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
                                 D >> 2, LV1, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 3:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
                                 BN, D >> 3, LV2, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 4:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
                                 BN, D >> 4, LV3, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 5:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
                                 BN, D >> 5, LV4, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 6:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
                                 BN, D >> 6, LV5, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 7:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
                                 BN, D >> 7, LV6, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     if L >= 8:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
                                 BN, D >> 8, LV7, False, KT, F64, VEC, CROSS,
-                                TOFF)
+                                TOFF, STORE16)
     for k in tl.static_range(TAIL_NB):
         tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
                  mask=valid)
@@ -168,6 +169,12 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
         _CROSS_TABLES.clear()
     _CROSS_TABLES[key] = (table, uniform)
     return table, uniform
+
+
+def _aligned16(c3: torch.Tensor) -> bool:
+    """Records of an even size at even addresses: 16-bit stores inside them are aligned."""
+    return (c3.shape[-1] % 2 == 0 and c3.data_ptr() % 2 == 0
+            and all(st % 2 == 0 for st in c3.stride()[:-1]))
 
 
 def encode_supported(x: torch.Tensor, config) -> bool:
@@ -276,7 +283,8 @@ def encode_into_triton(
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
-        CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2, num_warps=4,
+        CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
+        STORE16=cross and _aligned16(c3), num_warps=4,
     )
     if exact:
         r_dst.copy_(r3)

@@ -194,17 +194,33 @@ def test_encode_unsupported_falls_back():
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_cross_quantizer_matches_reference(d):
+def test_cross_quantizer_matches_reference(d, monkeypatch):
     """quantizer='cross' (POLARTENSOR_ENCODE_QUANT=cross, opt-in): codes from sign and tangent
     comparisons instead of atan2 agree with the reference as the atan2 path does (>= 99.9%,
     ties only), for every preset and the odd configurations (non-uniform level-1 codebooks
     keep atan2 at level 1)."""
+    from polartensor.kernels import encode
     from polartensor.kernels.encode import cross_table
 
+    seen = []
+    real = encode._encode_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["STORE16"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(encode, "_encode_kernel", _Spy())
     for cfg in configs_for(d):
         g = torch.Generator().manual_seed(d + 7)
         x = (torch.randn(2, 23, d, generator=g) * 3).to(DEVICE)
-        codes = torch.zeros(2, 23, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        # written at an offset into poisoned storage: other tokens' bytes must stay
+        store = torch.randint(0, 256, (2, 29, cfg.record_bytes(d)), generator=g,
+                              dtype=torch.uint8).to(DEVICE)
+        before = store.clone()
+        codes = store[:, 3:26]
         radii = torch.zeros(2, 23, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
                             device=DEVICE)
         rot = None if cfg.rotation == "none" else rotation_matrix(
@@ -212,6 +228,10 @@ def test_cross_quantizer_matches_reference(d):
         mids = boundary_table(quantize(x[..., :1, :], cfg).centroids, cfg, torch.float64)
         assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
                                   quantizer="cross")
+        assert torch.equal(store[:, :3], before[:, :3])
+        assert torch.equal(store[:, 26:], before[:, 26:])
+        # even records (aligned here) take the paired 16-bit stores
+        assert seen[-1] == (cfg.record_bytes(d) % 2 == 0), cfg
         _check_encode(x, cfg, codes, radii, 0, 23)
         # the offline codebooks' level 1 is uniform: the closed form really runs there
         if cfg.bits[0] >= 3 and cfg in [get_preset(n, head_dim=d) for n in PRESETS]:
