@@ -303,6 +303,9 @@ def launch_attention(
 ) -> torch.Tensor:
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
     already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
+    if split_rule not in ("waves", "per_sm"):
+        raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: no nearly "
+                         "empty last wave) or 'per_sm' (~8 programs per SM)")
     bsz, hq, tq, d = q.shape
     hk, n = k_codes.shape[1], k_codes.shape[2]
     group = hq // hk
@@ -438,9 +441,6 @@ def launch_attention(
             min_chunk = bn * (2 if interp else 4)
             max_splits = triton.cdiv(max(total, 1), min_chunk)
             num_splits = max(1, min(want, max_splits))
-            if split_rule not in ("waves", "per_sm"):
-                raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: "
-                                 "no nearly empty last wave) or 'per_sm' (~8 programs per SM)")
             per_sm = (None if interp or split_rule == "per_sm"
                       else _split_kernel_blocks_per_sm(kw, args, dev))
             if per_sm is not None and num_splits > 1:
@@ -475,7 +475,7 @@ def launch_attention(
 def _split_kernel_blocks_per_sm(kw: dict, args, dev: torch.device) -> int | None:
     """Resident programs per SM of the split attention kernel of this configuration, from its
     compiled binary (compiled once here if not yet; cached per configuration and device)."""
-    key = (dev.index, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    key = (dev.index, tuple(kw.items()))  # kw is built in one order: no sort on the hot path
     if key not in _BLOCKS_PER_SM:
         scratch = torch.empty(16, dtype=torch.float32, device=dev)
         try:
