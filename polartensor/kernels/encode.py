@@ -116,59 +116,51 @@ def polar_encode_fwd_kernel(
 # POLARTENSOR_ENCODE_QUANT=cross (read per call; opt-in, not yet run on a GPU): the float32
 # encode finds codes without atan2 (see common._encode_level, CROSS). Default: atan2.
 _QUANTIZERS = ("atan2", "cross")
-_CROSS_TABLES: dict = {}
 # POLARTENSOR_ENCODE_ROT=bf16x2 (read per call; opt-in, not yet run on a GPU): for bfloat16
 # inputs the fused rotation runs as two bfloat16 MMAs against S split into bfloat16 high and
 # low parts instead of tf32x3 (three tf32 MMAs plus splitting both operands in the kernel).
 _ROT_MMAS = ("tf32x3", "bf16x2")
-_ROT_SPLITS: dict = {}
 
 
 def rotation_bf16x2(rot: torch.Tensor) -> torch.Tensor:
-    """[2, D, D] bfloat16: S rounded to bfloat16, then the rounded remainder. Cached per
-    rotation tensor."""
-    key = (rot.data_ptr(), rot.device, tuple(rot.shape), rot._version)
-    hit = _ROT_SPLITS.get(key)
-    if hit is None:
+    """[2, D, D] bfloat16: S rounded to bfloat16, then the rounded remainder (cached with the
+    rotation tensor, as the other kernel tables are)."""
+    from .dispatch import _cached
+
+    def split():
         s32 = rot.detach().to(torch.float32)
         hi = s32.to(torch.bfloat16)
-        lo = (s32 - hi.to(torch.float32)).to(torch.bfloat16)
-        hit = torch.stack([hi, lo]).contiguous()
-        if len(_ROT_SPLITS) > 64:
-            _ROT_SPLITS.clear()
-        _ROT_SPLITS[key] = hit
-    return hit
+        return torch.stack([hi, (s32 - hi.to(torch.float32)).to(torch.bfloat16)]).contiguous()
+
+    return _cached("rot_bf16x2", rot, None, split)
 
 
 def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
     """[2 L, K + 1] float32: the boundaries, then the tangents the atan2-free encode compares
     against (tan of each boundary above level 1; tan(k pi / 2^(b-1)) within a quadrant at level
     1), and whether level 1's boundaries are the uniform k 2 pi / 2^b that its closed form
-    needs. Cached per boundary tensor."""
-    key = (mids.data_ptr(), mids.device, tuple(mids.shape), mids._version, tuple(config.bits))
-    hit = _CROSS_TABLES.get(key)
-    if hit is not None:
-        return hit
-    m64 = mids.detach().to("cpu", torch.float64)
-    tans = torch.zeros_like(m64)
-    uniform = False
-    for lvl, b in enumerate(config.bits):
-        nb = (1 << b) - 1
-        if b == 0:
-            continue
-        if lvl == 0:
-            want = torch.arange(1, nb + 1, dtype=torch.float64) * (2 * math.pi / (1 << b))
-            uniform = bool(torch.allclose(m64[0, :nb], want, rtol=0, atol=1e-5))
-            if uniform and b >= 3:
-                k = torch.arange(1, 1 << (b - 2), dtype=torch.float64)
-                tans[0, : k.numel()] = torch.tan(k * math.pi / (1 << (b - 1)))
-        else:
-            tans[lvl, :nb] = torch.tan(m64[lvl, :nb])
-    table = torch.cat([m64, tans]).to(mids.device, torch.float32).contiguous()
-    if len(_CROSS_TABLES) > 64:
-        _CROSS_TABLES.clear()
-    _CROSS_TABLES[key] = (table, uniform)
-    return table, uniform
+    needs. Cached with the boundary tensor."""
+    from .dispatch import _cached
+
+    def build():
+        m64 = mids.detach().to("cpu", torch.float64)
+        tans = torch.zeros_like(m64)
+        uniform = False
+        for lvl, b in enumerate(config.bits):
+            nb = (1 << b) - 1
+            if b == 0:
+                continue
+            if lvl == 0:
+                want = torch.arange(1, nb + 1, dtype=torch.float64) * (2 * math.pi / (1 << b))
+                uniform = bool(torch.allclose(m64[0, :nb], want, rtol=0, atol=1e-5))
+                if uniform and b >= 3:
+                    k = torch.arange(1, 1 << (b - 2), dtype=torch.float64)
+                    tans[0, : k.numel()] = torch.tan(k * math.pi / (1 << (b - 1)))
+            else:
+                tans[lvl, :nb] = torch.tan(m64[lvl, :nb])
+        return torch.cat([m64, tans]).to(mids.device, torch.float32).contiguous(), uniform
+
+    return _cached("cross", mids, tuple(config.bits), build)
 
 
 def _aligned16(c3: torch.Tensor) -> bool:
