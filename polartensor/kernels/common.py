@@ -101,6 +101,13 @@ def boundary_table(centroids: torch.Tensor, config,
     return torch.stack(rows).contiguous()
 
 
+def records_aligned16(codes: torch.Tensor) -> bool:
+    """Code records [..., R] of an even size at even addresses: every 16-bit word inside a
+    record is aligned (the 16-bit code loads and stores need it)."""
+    return (codes.shape[-1] % 2 == 0 and codes.data_ptr() % 2 == 0
+            and all(st % 2 == 0 for st in codes.stride()[:-1]))
+
+
 # -- device helpers -------------------------------------------------------------------------------
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _encode_level, interpreting, level_words
+from .common import _encode_level, interpreting, level_words, records_aligned16
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
@@ -163,12 +163,6 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
     return _cached("cross", mids, tuple(config.bits), build)
 
 
-def _aligned16(c3: torch.Tensor) -> bool:
-    """Records of an even size at even addresses: 16-bit stores inside them are aligned."""
-    return (c3.shape[-1] % 2 == 0 and c3.data_ptr() % 2 == 0
-            and all(st % 2 == 0 for st in c3.stride()[:-1]))
-
-
 def encode_supported(x: torch.Tensor, config) -> bool:
     from .common import supported_head_dim
 
@@ -276,7 +270,7 @@ def encode_into_triton(
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
-        STORE16=cross and _aligned16(c3), num_warps=4,
+        STORE16=cross and records_aligned16(c3), num_warps=4,
     )
     if exact:
         r_dst.copy_(r3)

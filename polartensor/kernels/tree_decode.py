@@ -69,10 +69,9 @@ def check_code16_alignment(codes) -> None:
     """With POLARTENSOR_CODE16=1, records of an even byte size must start at even addresses
     (every 16-bit word inside them is then aligned): a clear error instead of a misaligned
     load on the GPU."""
-    if not _CODE16.value or codes.shape[-1] % 2:
-        return
-    strides = codes.stride()[:-1]
-    if codes.data_ptr() % 2 or any(st % 2 for st in strides):
+    from .common import records_aligned16
+
+    if _CODE16.value and codes.shape[-1] % 2 == 0 and not records_aligned16(codes):
         raise ValueError(
             f"POLARTENSOR_CODE16=1 reads code records with 16-bit loads, but these codes "
             f"(records of {codes.shape[-1]} bytes, strides {tuple(codes.stride())}, address "
