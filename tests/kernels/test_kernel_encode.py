@@ -193,26 +193,33 @@ def test_encode_unsupported_falls_back():
     assert torch.equal(radii, ref.radii)
 
 
+def _spy_launches(monkeypatch, *names):
+    """Record the named launch arguments of every encode launch (the kernel still runs)."""
+    from polartensor.kernels import encode
+
+    seen, real = [], encode._encode_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                vals = tuple(kwargs[n] for n in names)
+                seen.append(vals[0] if len(vals) == 1 else vals)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(encode, "_encode_kernel", _Spy())
+    return seen
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_cross_quantizer_matches_reference(d, monkeypatch):
     """quantizer='cross' (POLARTENSOR_ENCODE_QUANT=cross, opt-in): codes from sign and tangent
     comparisons instead of atan2 agree with the reference as the atan2 path does (>= 99.9%,
     ties only), for every preset and the odd configurations (non-uniform level-1 codebooks
     keep atan2 at level 1)."""
-    from polartensor.kernels import encode
     from polartensor.kernels.encode import cross_table
 
-    seen = []
-    real = encode._encode_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["STORE16"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(encode, "_encode_kernel", _Spy())
+    seen = _spy_launches(monkeypatch, "STORE16")
     for cfg in configs_for(d):
         g = torch.Generator().manual_seed(d + 7)
         x = (torch.randn(2, 23, d, generator=g) * 3).to(DEVICE)
@@ -284,20 +291,9 @@ def test_bf16x2_rotation_matches_reference(d, quantizer, monkeypatch):
     fused rotation as two bfloat16 MMAs against S's high and low bfloat16 parts agrees with
     the reference as the tf32x3 rotation does (float32-radius configurations keep tf32x3:
     the split's ~2^-16 relative error would show in their radii)."""
-    from polartensor.kernels import encode
     from polartensor.kernels.encode import rotation_bf16x2
 
-    seen = []
-    real = encode._encode_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((kwargs["ROT_BF16X2"], kwargs["CROSS"]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(encode, "_encode_kernel", _Spy())
+    seen = _spy_launches(monkeypatch, "ROT_BF16X2", "CROSS")
     for cfg in [c for c in configs_for(d) if c.rotation != "none"]:
         g = torch.Generator().manual_seed(d + 11)
         x = (torch.randn(2, 21, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
