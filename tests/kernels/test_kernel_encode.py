@@ -211,8 +211,19 @@ def _spy_launches(monkeypatch, *names):
     return seen
 
 
-@pytest.mark.parametrize("d", HEAD_DIMS)
-def test_cross_quantizer_matches_reference(d, monkeypatch):
+# (head_dim, configuration) pairs, one test item each: on the GPU every pair compiles its own
+# kernel, and pytest-xdist spreads the items over the cores
+def _cfg_id(d, i):
+    names = sorted(PRESETS)
+    return f"{d}-{names[i]}" if i < len(names) else f"{d}-odd{i - len(names)}"
+
+
+_D_CFGS = [pytest.param(d, cfg, id=_cfg_id(d, i)) for d in HEAD_DIMS
+           for i, cfg in enumerate(configs_for(d))]
+
+
+@pytest.mark.parametrize("d,cfg", _D_CFGS)
+def test_cross_quantizer_matches_reference(d, cfg, monkeypatch):
     """quantizer='cross' (POLARTENSOR_ENCODE_QUANT=cross, opt-in): codes from sign and tangent
     comparisons instead of atan2 agree with the reference as the atan2 path does (>= 99.9%,
     ties only), for every preset and the odd configurations (non-uniform level-1 codebooks
@@ -220,29 +231,26 @@ def test_cross_quantizer_matches_reference(d, monkeypatch):
     from polartensor.kernels.encode import cross_table
 
     seen = _spy_launches(monkeypatch, "STORE16")
-    for cfg in configs_for(d):
-        g = torch.Generator().manual_seed(d + 7)
-        x = (torch.randn(2, 23, d, generator=g) * 3).to(DEVICE)
-        # written at an offset into poisoned storage: other tokens' bytes must stay
-        store = torch.randint(0, 256, (2, 29, cfg.record_bytes(d)), generator=g,
-                              dtype=torch.uint8).to(DEVICE)
-        before = store.clone()
-        codes = store[:, 3:26]
-        radii = torch.zeros(2, 23, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                            device=DEVICE)
-        rot = None if cfg.rotation == "none" else rotation_matrix(
-            d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-        mids = boundary_table(quantize(x[..., :1, :], cfg).centroids, cfg, torch.float64)
-        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  quantizer="cross")
-        assert torch.equal(store[:, :3], before[:, :3])
-        assert torch.equal(store[:, 26:], before[:, 26:])
-        # even records (aligned here) take the paired 16-bit stores
-        assert seen[-1] == (cfg.record_bytes(d) % 2 == 0), cfg
-        _check_encode(x, cfg, codes, radii, 0, 23)
-        # the offline codebooks' level 1 is uniform: the closed form really runs there
-        if cfg.bits[0] >= 3 and cfg in [get_preset(n, head_dim=d) for n in PRESETS]:
-            assert cross_table(mids, cfg)[1], cfg
+    g = torch.Generator().manual_seed(d + 7)
+    x = (torch.randn(2, 23, d, generator=g) * 3).to(DEVICE)
+    # written at an offset into poisoned storage: other tokens' bytes must stay
+    store = torch.randint(0, 256, (2, 29, cfg.record_bytes(d)), generator=g,
+                          dtype=torch.uint8).to(DEVICE)
+    before = store.clone()
+    codes = store[:, 3:26]
+    radii = torch.zeros(2, 23, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = None if cfg.rotation == "none" else rotation_matrix(
+        d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :], cfg).centroids, cfg, torch.float64)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, quantizer="cross")
+    assert torch.equal(store[:, :3], before[:, :3])
+    assert torch.equal(store[:, 26:], before[:, 26:])
+    # even records (aligned here) take the paired 16-bit stores
+    assert seen[-1] == (cfg.record_bytes(d) % 2 == 0), cfg
+    _check_encode(x, cfg, codes, radii, 0, 23)
+    # the offline codebooks' level 1 is uniform: the closed form really runs there
+    if cfg.bits[0] >= 3 and cfg in [get_preset(n, head_dim=d) for n in PRESETS]:
+        assert cross_table(mids, cfg)[1], cfg
 
 
 def test_cross_quantizer_axis_cases_are_ties():
@@ -284,9 +292,9 @@ def test_quantizer_choice_is_checked():
         encode_into_triton(x, None, mids, codes, radii, cfg, exact=True, quantizer="cross")
 
 
-@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("d,cfg", [p for p in _D_CFGS if p.values[1].rotation != "none"])
 @pytest.mark.parametrize("quantizer", ["atan2", "cross"])
-def test_bf16x2_rotation_matches_reference(d, quantizer, monkeypatch):
+def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
     """rotation_mma='bf16x2' (POLARTENSOR_ENCODE_ROT=bf16x2, opt-in; bfloat16 inputs): the
     fused rotation as two bfloat16 MMAs against S's high and low bfloat16 parts agrees with
     the reference as the tf32x3 rotation does (float32-radius configurations keep tf32x3:
@@ -294,22 +302,28 @@ def test_bf16x2_rotation_matches_reference(d, quantizer, monkeypatch):
     from polartensor.kernels.encode import rotation_bf16x2
 
     seen = _spy_launches(monkeypatch, "ROT_BF16X2", "CROSS")
-    for cfg in [c for c in configs_for(d) if c.rotation != "none"]:
-        g = torch.Generator().manual_seed(d + 11)
-        x = (torch.randn(2, 21, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
-        codes = torch.zeros(2, 21, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
-        radii = torch.zeros(2, 21, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                            device=DEVICE)
-        rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-        split = rotation_bf16x2(rot)
-        assert split.dtype == torch.bfloat16 and split.shape == (2, d, d)
-        assert (split.float().sum(0) - rot).abs().max() <= 2.0 ** -16 * rot.abs().max()
-        mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg,
-                              torch.float64)
-        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  quantizer=quantizer, rotation_mma="bf16x2")
-        # the split really ran (float32 radii keep tf32x3), with the quantizer asked for
-        assert seen[-1] == (cfg.radius_dtype != "float32", quantizer == "cross"), cfg
-        _check_encode(x, cfg, codes, radii, 0, 21)
+    g = torch.Generator().manual_seed(d + 11)
+    x = (torch.randn(2, 21, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    codes = torch.zeros(2, 21, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(2, 21, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    split = rotation_bf16x2(rot)
+    assert split.dtype == torch.bfloat16 and split.shape == (2, d, d)
+    assert (split.float().sum(0) - rot).abs().max() <= 2.0 ** -16 * rot.abs().max()
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                              quantizer=quantizer, rotation_mma="bf16x2")
+    # the split really ran (float32 radii keep tf32x3), with the quantizer asked for
+    assert seen[-1] == (cfg.radius_dtype != "float32", quantizer == "cross"), cfg
+    _check_encode(x, cfg, codes, radii, 0, 21)
+
+
+def test_unknown_rotation_mma_is_refused():
+    cfg = get_preset("paper", head_dim=16)
+    x = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.bfloat16)
+    mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
+    codes = torch.zeros(1, 3, cfg.record_bytes(16), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(1, 3, cfg.num_blocks(16), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     with pytest.raises(ValueError, match="rotation_mma 'fp8'"):
         encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, rotation_mma="fp8")
