@@ -31,12 +31,13 @@ The default tile decode of the attention and dequant kernels (``common.decode_ti
 H200 the batch-8, 32K, d-128 paper-preset decode ran 1.8x faster with it than with the reshape
 decode. ``POLARTENSOR_DECODE=reshape`` (read at import) selects the reshape decode instead.
 
-``PACK`` (``POLARTENSOR_DECODE=packed``, opt-in, bfloat16 queries): bfloat16 out; level 1 reads
-one packed bf16x2 (cos, sin) word per angle (``trig_table``'s third plane) and multiplies both
-with one ``mul.rn.bf16x2``; the other levels read (cos, sin) with one 64-bit gather from the
-interleaved planes instead of selects or two gathers; radii load through layout-agnostic asm.
-Offline (Triton 3.6 and 3.9 SASS) that is 18-28% fewer loop instructions for the paper preset;
-it has not run on a GPU yet.
+``PACK`` (the attention kernel's default for bfloat16 queries, ``POLARTENSOR_DECODE=packed``):
+bfloat16 out; level 1 reads one packed bf16x2 (cos, sin) word per angle (``trig_table``'s third
+plane) and multiplies both with one ``mul.rn.bf16x2``; the other levels read (cos, sin) with
+one 64-bit gather from the interleaved planes instead of selects or two gathers; radii load
+through layout-agnostic asm. Offline (Triton 3.6 and 3.9 SASS) that is 18-28% fewer loop
+instructions for the paper preset; on the H200 it ran 1.07-1.29x faster than the float32
+decode in the same run (results/bench/bench_attention.md).
 """
 
 from __future__ import annotations
