@@ -202,6 +202,7 @@ def main():
     presets = sorted(PRESETS) if args.presets == "all" else args.presets.split(",")
     if "paper" in presets:
         presets = ["paper"] + [p for p in presets if p != "paper"]
+    sections = set(args.sections.split(","))
 
     def save():
         """Write the JSON and markdown of what has run so far (also at exit, so that a run
@@ -243,7 +244,7 @@ def main():
         import multiprocessing as mp
 
         t0 = time.time()
-        tasks = warm_tasks(presets, set(args.sections.split(",")), args.joined)
+        tasks = warm_tasks(presets, sections, args.joined)
         workers = max(1, min(len(tasks), (os.cpu_count() or 4) - 1))
         with mp.get_context("spawn").Pool(workers) as pool:
             for err in pool.imap_unordered(warm_task, tasks):
@@ -288,7 +289,6 @@ def main():
                                         cfg, rot, rot, None, None, None, False, scale, **kw)
 
     # -- decode: launch-parameter sweep at the target shape (d = 128, paper) ----------------
-    sections = set(args.sections.split(","))
     for model, hq, hk, d in (MODELS[:1] if "sweep" in sections else []):
         b, n = 8, 32768
         try:
@@ -356,9 +356,8 @@ def main():
                                                    rotation_mma="bf16x2")),
                              ("fused_cross_bf16x2_bn64", dict(pre_rotate=False, quantizer="cross",
                                                               rotation_mma="bf16x2",
-                                                              block_rows=64))]
-            if preset == "paper":
-                variants += [("fused_bn16", dict(pre_rotate=False, block_rows=16)),
+                                                              block_rows=64)),
+                             ("fused_bn16", dict(pre_rotate=False, block_rows=16)),
                              ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
                              ("torch_matmul_then_kernel", dict(pre_rotate=True))]
             for name, kw in variants:
@@ -531,6 +530,29 @@ def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
+def _versus_table(out, keyed, shapes, presets, method, title, alt_heads, with_cudnn=False,
+                  diff_key=None):
+    """A same-run table of ours against another decode ``method``: its time, ours vs it, and
+    optionally it vs cuDNN and the recorded output difference (``diff_key``)."""
+    heads = ["model", "batch", "context", "preset", "ours ms", *alt_heads]
+    out += ["", title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for m, b, n in shapes:
+        cu = keyed.get((m, b, n, "sdpa_bf16_cudnn", None), {}).get("ms")
+        for p in presets:
+            om = keyed.get((m, b, n, "polar_triton", p), {}).get("ms")
+            alt = keyed.get((m, b, n, method, p), {})
+            am = alt.get("ms")
+            if not (om or am):
+                continue
+            cells = [m, b, f"{n // 1024}K", p, _fmt(om, ".4f"), _fmt(am, ".4f"),
+                     _fmt(am / om if om and am else None, ".2f")]
+            if with_cudnn:
+                cells.append(_fmt(cu / am if cu and am else None, ".2f"))
+            if diff_key:
+                cells.append(_fmt(alt.get(diff_key), ".2e"))
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+
+
 def render_markdown(res) -> str:
     env = res["env"]
     out = ["# PolarQuant attention benchmark", "",
@@ -575,35 +597,17 @@ def render_markdown(res) -> str:
                 f" | {_fmt(fl / om if fl and om else None, '.2f')}"
                 f" | {_fmt(dq / om if dq and om else None, '.2f')} |")
     if any(r["method"] == "polar_triton_joined" for r in dec):
-        out += ["", "Default (packed bf16x2 level 1) vs float32 tile decode (`pack=False`, "
-                "`POLARTENSOR_DECODE=joined`), same run:", "",
-                "| model | batch | context | preset | ours ms | float32-decode ms "
-                "| × ours vs float32 decode | × float32 decode vs cuDNN | max abs diff vs ours |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for m, b, n in shapes:
-            cu = keyed.get((m, b, n, "sdpa_bf16_cudnn", None), {}).get("ms")
-            for p in presets:
-                om = keyed.get((m, b, n, "polar_triton", p), {}).get("ms")
-                jr = keyed.get((m, b, n, "polar_triton_joined", p), {})
-                jm = jr.get("ms")
-                out.append(
-                    f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} | {_fmt(jm, '.4f')}"
-                    f" | {_fmt(jm / om if om and jm else None, '.2f')}"
-                    f" | {_fmt(cu / jm if cu and jm else None, '.2f')}"
-                    f" | {_fmt(jr.get('max_abs_diff_vs_default'), '.2e')} |")
+        _versus_table(out, keyed, shapes, presets, "polar_triton_joined",
+                      "Default (packed bf16x2 level 1) vs float32 tile decode (`pack=False`, "
+                      "`POLARTENSOR_DECODE=joined`), same run:",
+                      ["float32-decode ms", "× ours vs float32 decode",
+                       "× float32 decode vs cuDNN", "max abs diff vs ours"],
+                      with_cudnn=True, diff_key="max_abs_diff_vs_default")
     if any(r["method"] == "polar_triton_per_sm_splits" for r in dec):
-        out += ["", "Split count: default (no nearly empty last wave) vs the previous rule (~8 "
-                "programs per SM, `split_rule='per_sm'`), same run:", "",
-                "| model | batch | context | preset | ours ms | per-SM rule ms "
-                "| × ours vs per-SM rule |", "|---|---|---|---|---|---|---|"]
-        for m, b, n in shapes:
-            for p in presets:
-                om = keyed.get((m, b, n, "polar_triton", p), {}).get("ms")
-                sm = keyed.get((m, b, n, "polar_triton_per_sm_splits", p), {}).get("ms")
-                ratio = sm / om if om and sm else None
-                if om or sm:
-                    out.append(f"| {m} | {b} | {n // 1024}K | {p} | {_fmt(om, '.4f')} "
-                               f"| {_fmt(sm, '.4f')} | {_fmt(ratio, '.2f')} |")
+        _versus_table(out, keyed, shapes, presets, "polar_triton_per_sm_splits",
+                      "Split count: default (no nearly empty last wave) vs the previous rule "
+                      "(~8 programs per SM, `split_rule='per_sm'`), same run:",
+                      ["per-SM rule ms", "× ours vs per-SM rule"])
     out += ["", "bf16 SDPA achieved TB/s:", ""]
     for m, b, n in shapes:
         for bk in ("cudnn", "flash"):
