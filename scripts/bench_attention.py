@@ -81,18 +81,14 @@ SWEEP = [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 8, 1), (64, 4, 2
 
 
 def _tiny_cache(cfg, b, hk, n, d, dev):
-    from polartensor.kernels.encode import encode_into_triton
-    from polartensor.kernels.ops import cached_rotation, tables_for
+    from profile_decode import quantized
+
+    from polartensor.kernels.ops import tables_for
     from polartensor.polar_quant_tensor import codebook_for
 
     x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
-    cent = codebook_for(cfg, device=dev)
-    mids, trig = tables_for(cent, cfg)
-    codes = torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev)
-    radii = torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=dev)
-    rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-    encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
-    return x, mids, (codes, radii, trig, rot)
+    mids, _ = tables_for(codebook_for(cfg, device=dev), cfg)
+    return x, mids, quantized(x, cfg)
 
 
 def warm_task(task):
@@ -255,17 +251,7 @@ def main():
               flush=True)
 
     # -- quantized caches ------------------------------------------------------------------
-    def quantize_cache(x, cfg):
-        """Encode a bf16 cache with our kernel: (codes, radii, cos/sin table, rotation)."""
-        d = x.shape[-1]
-        cent = codebook_for(cfg, device=dev)
-        mids, trig = tables_for(cent, cfg)
-        codes = torch.empty(*x.shape[:-1], cfg.record_bytes(d), dtype=torch.uint8, device=dev)
-        radii = torch.empty(*x.shape[:-1], cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                            device=dev)
-        rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-        assert encode_into_triton(x, rot, mids, codes, radii, cfg)
-        return codes, radii, trig, rot
+    from profile_decode import quantized as quantize_cache  # (codes, radii, trig, rotation)
 
     def decode_row(base, method, preset, nbytes, make):
         """One decode-table row: time the callable ``make()`` returns (with extra fields), or
