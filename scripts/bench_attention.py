@@ -174,7 +174,7 @@ def main():
     import triton
 
     from polartensor.config import PRESETS, get_preset
-    from polartensor.kernels import common
+    from polartensor.kernels import common, tree_decode
     from polartensor.kernels.decode_attention import launch_attention
     from polartensor.kernels.dequant import dequantize_rotated_triton
     from polartensor.kernels.encode import encode_into_triton
@@ -190,7 +190,7 @@ def main():
         cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         decode=common._DECODE,
-        code16=os.environ.get("POLARTENSOR_CODE16", "0") == "1",
+        code16=tree_decode._CODE16.value,
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -329,23 +329,18 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            # the opt-in fast encode (quantizer='cross', rotation_mma='bf16x2') beside the
-            # default, every preset; explicit atan2 / tf32x3 so the environment cannot blur it
-            variants = [("fused", dict(pre_rotate=False, quantizer="atan2",
-                                       rotation_mma="tf32x3")),
-                        ("fused_cross_bf16x2", dict(pre_rotate=False, quantizer="cross",
-                                                    rotation_mma="bf16x2"))]
+            # the default encode (quantizer='cross', rotation_mma='bf16x2') beside the former
+            # default (atan2, tf32x3), every preset; explicit so the environment cannot blur it
+            fast = dict(pre_rotate=False, quantizer="cross", rotation_mma="bf16x2")
+            variants = [("fused", fast),
+                        ("fused_atan2_tf32x3", dict(pre_rotate=False, quantizer="atan2",
+                                                    rotation_mma="tf32x3"))]
             if preset == "paper":
-                variants += [("fused_cross", dict(pre_rotate=False, quantizer="cross",
-                                                  rotation_mma="tf32x3")),
-                             ("fused_bf16x2", dict(pre_rotate=False, quantizer="atan2",
-                                                   rotation_mma="bf16x2")),
-                             ("fused_cross_bf16x2_bn64", dict(pre_rotate=False, quantizer="cross",
-                                                              rotation_mma="bf16x2",
-                                                              block_rows=64)),
-                             ("fused_bn16", dict(pre_rotate=False, block_rows=16)),
-                             ("fused_bn64", dict(pre_rotate=False, block_rows=64)),
-                             ("torch_matmul_then_kernel", dict(pre_rotate=True))]
+                variants += [("fused_cross_tf32x3", dict(fast, rotation_mma="tf32x3")),
+                             ("fused_atan2_bf16x2", dict(fast, quantizer="atan2")),
+                             ("fused_bn16", dict(fast, block_rows=16)),
+                             ("fused_bn64", dict(fast, block_rows=64)),
+                             ("torch_matmul_then_kernel", dict(fast, pre_rotate=True))]
             for name, kw in variants:
                 try:
                     ms = bench(lambda kw=kw, x=x: encode_into_triton(
@@ -412,18 +407,18 @@ def main():
                                    error=str(exc)[:200])
                     result["prefill"].append(row)
                     print(row, flush=True)
-            # opt-in: the causal dequant path through the flash kernel, bottom-right aligned
-            # (POLARTENSOR_CAUSAL_FLASH=1, read per call: set while the graph is captured)
+            # the causal dequant path with a materialised mask instead of the flash kernel
+            # (POLARTENSOR_CAUSAL_FLASH=0, read per call: set while the graph is captured)
             try:
-                os.environ["POLARTENSOR_CAUSAL_FLASH"] = "1"
+                os.environ["POLARTENSOR_CAUSAL_FLASH"] = "0"
                 ms = bench(lambda q=q, kq=kq, vq=vq, kt=kt, vt=vt: launch_attention(
                     q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, rot, rot, kt, vt,
                     None, True, scale, mode="dequant"))
-                row = dict(base, method="polar_dequant_flash_causal", preset="paper",
+                row = dict(base, method="polar_dequant_masked_causal", preset="paper",
                            causal=True, ms=ms, tflops=flops / (ms * 1e-3) / 1e12 / 2)
             except Exception as exc:  # noqa: BLE001
-                record_error(f"prefill polar_dequant_flash_causal {model}", exc)
-                row = dict(base, method="polar_dequant_flash_causal", preset="paper",
+                record_error(f"prefill polar_dequant_masked_causal {model}", exc)
+                row = dict(base, method="polar_dequant_masked_causal", preset="paper",
                            causal=True, error=str(exc)[:200])
             finally:
                 os.environ.pop("POLARTENSOR_CAUSAL_FLASH", None)
@@ -546,7 +541,8 @@ def render_markdown(res) -> str:
            f"- GPU: {env['gpu']} ({env['sms']} SMs); torch {env['torch']}, triton "
            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}",
            f"- tile decode: {env.get('decode', '?')} (POLARTENSOR_DECODE)"
-           + ("; 16-bit code loads (POLARTENSOR_CODE16=1)" if env.get("code16") else ""),
+           + ("; code loads: " + ("16-bit" if env.get("code16", False) else "byte")
+              + " (POLARTENSOR_CODE16)" if "code16" in env else ""),
            f"- date: {env['date']}; run took {res.get('elapsed_s', 0):.0f} s",
            f"- device copy bandwidth (read + write): "
            f"{_fmt((res['copy_bw'] or 0) / 1e12, '.2f')} TB/s",

@@ -3,10 +3,10 @@
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite, model smoke    (~5 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh optin     # the opt-in decodes' kernel tests   (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh optin     # kernel tests with opt-out decodes  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, default vs joined (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh speedups  # opt-in speed-ups: tests, two benches (~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh speedups  # 16-bit vs byte code loads, benches (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
@@ -44,13 +44,17 @@ tests)
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
 optin)
-    # the kernels' tests with the opt-in tile decodes (the default runs in the tests stage):
-    # POLARTENSOR_DECODE=joined (float32 decode for every dtype) and =reshape
+    # the kernels' tests with the opt-out tile decodes (the default runs in the tests stage):
+    # POLARTENSOR_DECODE=joined (float32 decode for every dtype) and =reshape, then byte code
+    # loads (POLARTENSOR_CODE16=0)
     for dec in joined reshape; do
         POLARTENSOR_DECODE=$dec POLARTENSOR_FAILLOG="$OUT/failures_$dec.txt" \
             step "tests_${dec}_decode" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
             tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
     done
+    POLARTENSOR_CODE16=0 POLARTENSOR_FAILLOG="$OUT/failures_code16_0.txt" \
+        step tests_code16_0 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
     ;;
 bench)
     # every table, with the float32 (joined) tile decode timed beside the default in one run
@@ -61,14 +65,9 @@ sweep)
     OUT="$OUT" step sweep 200 "$PY" scripts/sweep_decode_launch.py
     ;;
 speedups)
-    # the opt-in speed-ups not yet measured on a GPU. 16-bit code loads (POLARTENSOR_CODE16=1,
-    # read at import): the kernel tests with it, then the decode table with and without it,
-    # each run against its own cuDNN. The encode's quantizer='cross' / rotation_mma='bf16x2'
-    # and POLARTENSOR_CAUSAL_FLASH=1 are tested in the tests stage (explicit arguments /
-    # monkeypatched setting) and timed beside the defaults in the first bench run.
-    POLARTENSOR_CODE16=1 POLARTENSOR_FAILLOG="$OUT/failures_code16.txt" \
-        step tests_code16 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    # the 16-bit code loads (the default) against byte loads (POLARTENSOR_CODE16=0, read at
+    # import), each decode table in its own process against its own cuDNN; the encode and
+    # prefill sections (with the former defaults timed beside) in the first
     POLARTENSOR_CODE16=0 step bench_code16_0 230 "$PY" scripts/bench_attention.py \
         --out "$OUT/bench_code16_0" --budget-s 180 --presets paper,polar-3 \
         --sections decode,encode,prefill

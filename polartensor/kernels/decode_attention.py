@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import PACKED_DECODE, decode_tile, interpreting, level_words
-from .tree_decode import check_code16_alignment, decode_tile_joined
+from .tree_decode import code16_aligned, decode_tile_joined
 
 __all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
 
@@ -326,8 +326,8 @@ def launch_attention(
 
         return dequant_sdpa(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                             v_cfg, rot_k, rot_v, k_tail, v_tail, mask, is_causal, scale, out)
-    check_code16_alignment(k_codes)
-    check_code16_alignment(v_codes)
+    k_codes = code16_aligned(k_codes)
+    v_codes = code16_aligned(v_codes)
     gp = _next_pow2(group)
     if interp:
         dt, prec, rprec = tl.float32, "ieee", "ieee"

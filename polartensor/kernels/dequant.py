@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import decode_tile, interpreting, level_words
-from .tree_decode import check_code16_alignment
+from .tree_decode import code16_aligned
 
 __all__ = ["polar_dequant_kernel", "dequantize_rotated_triton"]
 
@@ -38,7 +38,7 @@ def dequantize_rotated_triton(codes: torch.Tensor, radii: torch.Tensor, trig: to
     """y_hat [..., head_dim] in ``dtype`` from contiguous codes [..., R] / radii [..., NB]."""
     codes = codes.contiguous()
     radii = radii.contiguous()
-    check_code16_alignment(codes)
+    codes = code16_aligned(codes)
     lead = codes.shape[:-1]
     n_rows = codes.numel() // max(codes.shape[-1], 1)
     out = torch.empty(*lead, head_dim, dtype=dtype, device=codes.device)

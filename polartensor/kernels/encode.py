@@ -113,12 +113,15 @@ def polar_encode_fwd_kernel(
              r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-# POLARTENSOR_ENCODE_QUANT=cross (read per call; opt-in, not yet run on a GPU): the float32
-# encode finds codes without atan2 (see common._encode_level, CROSS). Default: atan2.
+# The float32 encode finds codes without atan2 by default (see common._encode_level, CROSS);
+# POLARTENSOR_ENCODE_QUANT=atan2 (read per call) or quantizer='atan2' keeps atan2.
 _QUANTIZERS = ("atan2", "cross")
-# POLARTENSOR_ENCODE_ROT=bf16x2 (read per call; opt-in, not yet run on a GPU): for bfloat16
-# inputs the fused rotation runs as two bfloat16 MMAs against S split into bfloat16 high and
-# low parts instead of tf32x3 (three tf32 MMAs plus splitting both operands in the kernel).
+# For bfloat16 inputs with 16-bit radii the fused rotation runs by default as two bfloat16
+# MMAs against S split into bfloat16 high and low parts; POLARTENSOR_ENCODE_ROT=tf32x3 (read
+# per call) or rotation_mma='tf32x3' keeps three tf32 MMAs plus splitting both operands in
+# the kernel. On the H200, the two defaults together took the paper encode of batch 8 x 32K
+# tokens x 8 heads (d 128) from 3.91 to 1.58 ms (6.2% to 15.2% of copy bandwidth);
+# results/bench/bench_code16.md.
 _ROT_MMAS = ("tf32x3", "bf16x2")
 
 
@@ -195,12 +198,14 @@ def encode_into_triton(
     path) float32, the rotation fused in the kernel as a tl.dot unless ``pre_rotate``.
     ``quantizer``: ``"atan2"`` or ``"cross"`` (float32 only: codes from sign and tangent
     comparisons, no atan2; see ``common._encode_level``); default POLARTENSOR_ENCODE_QUANT,
-    else atan2.
+    else cross. ``rotation_mma``: ``"bf16x2"`` or ``"tf32x3"`` (how the fused rotation
+    multiplies; bf16x2 only for bfloat16 inputs with 16-bit radii, others take tf32x3);
+    default POLARTENSOR_ENCODE_ROT, else bf16x2.
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     interp = interpreting()
     exact = interp if exact is None else exact
-    chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "atan2")
+    chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "cross")
     if chosen not in _QUANTIZERS:
         raise ValueError(f"quantizer {chosen!r} (POLARTENSOR_ENCODE_QUANT or quantizer=): use "
                          f"one of {_QUANTIZERS}")
@@ -208,7 +213,7 @@ def encode_into_triton(
         raise ValueError("quantizer='cross' is float32 arithmetic: it cannot give the "
                          "reference's float64 codes (exact=True); pass exact=False")
     cross = chosen == "cross" and not exact
-    rot_mma = rotation_mma or os.environ.get("POLARTENSOR_ENCODE_ROT", "tf32x3")
+    rot_mma = rotation_mma or os.environ.get("POLARTENSOR_ENCODE_ROT", "bf16x2")
     if rot_mma not in _ROT_MMAS:
         raise ValueError(f"rotation_mma {rot_mma!r} (POLARTENSOR_ENCODE_ROT or rotation_mma=): "
                          f"use one of {_ROT_MMAS}")

@@ -43,7 +43,9 @@ decode in the same run (results/bench/bench_attention.md).
 from __future__ import annotations
 
 import os
+import warnings
 
+import torch
 import triton
 import triton.language as tl
 
@@ -57,27 +59,32 @@ _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 # in 2-D (each level-l0 node multiplies its ancestors' cos/sin) so that the tree root spreads
 # over the threads instead of piling every coordinate of a row into one thread.
 _NBB_MIN = tl.constexpr(8)
-# POLARTENSOR_CODE16=1 (read at import; opt-in, not yet run on a GPU): code words read with
-# 16-bit loads instead of byte loads where the record size is even (records, and so every
-# 16-bit word inside one, are then 2-byte aligned). On the H200 the packed decode's L1/TEX
-# pipe is 81% busy, much of it byte loads of codes at the record stride.
-_CODE16 = tl.constexpr(os.environ.get("POLARTENSOR_CODE16", "0") == "1")
+# Code words are read with 16-bit loads instead of byte loads where the record size is even
+# (records, and so every 16-bit word inside one, are then 2-byte aligned). On the H200 the
+# packed decode's L1/TEX pipe was 81% busy, much of it byte loads of codes at the record
+# stride; the 16-bit loads took batch 8 / 32K / d 128 from 0.586 to 0.553 ms (paper) and 0.636
+# to 0.536 ms (polar-3), results/bench/bench_code16.md. POLARTENSOR_CODE16=0 (read at
+# import) keeps the byte loads.
+_CODE16 = tl.constexpr(os.environ.get("POLARTENSOR_CODE16", "1") != "0")
 
-__all__ = ["decode_tile_joined", "check_code16_alignment"]
+__all__ = ["decode_tile_joined", "code16_aligned"]
 
 
-def check_code16_alignment(codes) -> None:
-    """With POLARTENSOR_CODE16=1, records of an even byte size must start at even addresses
-    (every 16-bit word inside them is then aligned): a clear error instead of a misaligned
-    load on the GPU."""
+def code16_aligned(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` when the 16-bit code loads can read them: records of an odd byte size (byte
+    loads), or of an even size at even addresses and strides. Otherwise (a view at an odd
+    byte offset, say) an aligned copy, with a warning: a misaligned 16-bit load would fault
+    on the GPU."""
     from .common import records_aligned16
 
-    if _CODE16.value and codes.shape[-1] % 2 == 0 and not records_aligned16(codes):
-        raise ValueError(
-            f"POLARTENSOR_CODE16=1 reads code records with 16-bit loads, but these codes "
-            f"(records of {codes.shape[-1]} bytes, strides {tuple(codes.stride())}, address "
-            f"{'odd' if codes.data_ptr() % 2 else 'even'}) are not 2-byte aligned: pass "
-            f"contiguous codes (or codes.contiguous()), or unset POLARTENSOR_CODE16")
+    if not _CODE16.value or codes.shape[-1] % 2 or records_aligned16(codes):
+        return codes
+    warnings.warn(
+        f"code records of {codes.shape[-1]} bytes at strides {tuple(codes.stride())} and an "
+        f"{'odd' if codes.data_ptr() % 2 else 'even'} address are not 2-byte aligned for the "
+        f"16-bit code loads: copied for this call. Pass contiguous codes, or set "
+        f"POLARTENSOR_CODE16=0 (byte loads, no copy)", stacklevel=3)
+    return codes.clone(memory_format=torch.contiguous_format)
 
 
 @triton.constexpr_function

@@ -218,9 +218,9 @@ def test_chunked_prefill_with_new_tokens_and_padding(preset):
 @pytest.mark.skipif(not ON_GPU, reason="PyTorch's flash attention kernel is CUDA-only")
 @pytest.mark.parametrize("d,group", [(128, 4), (64, 3)])
 def test_causal_flash_dequant_matches_reference(d, group, monkeypatch):
-    """POLARTENSOR_CAUSAL_FLASH=1 (opt-in): a causal query chunk on the dequantize-then-SDPA
-    path runs the flash kernel bottom-right aligned; it must equal the reference's
-    bottom-right causal attention (and the materialised-mask path)."""
+    """A causal query chunk on the dequantize-then-SDPA path runs the flash kernel bottom-right
+    aligned (the default; POLARTENSOR_CAUSAL_FLASH=0 materialises the mask); it must equal the
+    reference's bottom-right causal attention (and the materialised-mask path)."""
     from polartensor.kernels.prefill_attention import prefill_attention
 
     b, hk, n, t = 2, 2, 1500, 200
@@ -246,9 +246,9 @@ def test_causal_flash_setting_is_checked(monkeypatch):
     from polartensor.kernels.prefill_attention import causal_flash_enabled
 
     monkeypatch.delenv("POLARTENSOR_CAUSAL_FLASH", raising=False)
-    assert not causal_flash_enabled()
-    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "1")
     assert causal_flash_enabled()
+    monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "0")
+    assert not causal_flash_enabled()
     monkeypatch.setenv("POLARTENSOR_CAUSAL_FLASH", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_CAUSAL_FLASH='yes'"):
         causal_flash_enabled()

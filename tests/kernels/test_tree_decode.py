@@ -137,25 +137,25 @@ def _zeros_decode(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 
 
 def test_code16_flag_follows_the_environment():
-    """POLARTENSOR_CODE16 is read at import: the run below (and any run with it set) really
-    uses the 16-bit code loads."""
+    """POLARTENSOR_CODE16 is read at import (16-bit code loads unless it is 0): the run below
+    (and any run with it set) really uses what it asks for."""
     from polartensor.kernels import tree_decode
 
-    assert tree_decode._CODE16.value == (os.environ.get("POLARTENSOR_CODE16", "0") == "1")
+    assert tree_decode._CODE16.value == (os.environ.get("POLARTENSOR_CODE16", "1") != "0")
 
 
-@pytest.mark.skipif(os.environ.get("POLARTENSOR_CODE16") == "1",
-                    reason="this run already has POLARTENSOR_CODE16=1: the bit-exact test "
-                           "above covers it directly")
+@pytest.mark.skipif(os.environ.get("POLARTENSOR_CODE16") == "0",
+                    reason="this run already has POLARTENSOR_CODE16=0: the bit-exact test "
+                           "above covers the byte loads directly")
 @pytest.mark.skipif(not interpreting(),
                     reason="on the GPU one process would compile every configuration in a "
-                           "row (minutes): scripts/gpu_validate.sh speedups runs this file "
-                           "with POLARTENSOR_CODE16=1 instead, spread over the cores")
-def test_code16_decode_is_bit_exact():
-    """POLARTENSOR_CODE16=1 (opt-in): the joined decode with 16-bit code loads equals the
-    reshape decode bit for bit, for every preset at even and odd record sizes (odd ones keep
-    byte loads). Run in a fresh interpreter, as the flag is read at import."""
-    env = dict(os.environ, POLARTENSOR_CODE16="1")
+                           "row (minutes): scripts/gpu_validate.sh optin runs this file "
+                           "with POLARTENSOR_CODE16=0 instead, spread over the cores")
+def test_byte_load_decode_is_bit_exact():
+    """POLARTENSOR_CODE16=0 (the opt-out): the joined decode with byte code loads equals the
+    reshape decode bit for bit too, for every preset at even and odd record sizes. Run in a
+    fresh interpreter, as the flag is read at import."""
+    env = dict(os.environ, POLARTENSOR_CODE16="0")
     sel = "test_code16_flag or test_joined_decode_equals_decode_tile"
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-p", "no:xdist", "-k", sel, __file__], env=env,
@@ -164,14 +164,42 @@ def test_code16_decode_is_bit_exact():
     assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
 
 
-def test_code16_refuses_misaligned_codes(monkeypatch):
+def test_code16_copies_misaligned_codes(monkeypatch):
+    """Records of an even size at an odd address or stride would make the 16-bit loads
+    misaligned: they are copied (with a warning naming the fix), aligned ones and odd-size
+    ones are passed through untouched."""
     from polartensor.kernels import tree_decode
 
     monkeypatch.setattr(tree_decode, "_CODE16", tl.constexpr(True))
-    flat = torch.zeros(200, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="strides \\(47, 1\\).*not 2-byte aligned"):
-        tree_decode.check_code16_alignment(flat.as_strided((2, 46), (47, 1)))  # odd stride
-    with pytest.raises(ValueError, match="address odd.*codes.contiguous"):
-        tree_decode.check_code16_alignment(flat[1:93].view(2, 46))              # odd address
-    tree_decode.check_code16_alignment(flat[:92].view(2, 46))
-    tree_decode.check_code16_alignment(flat[1:47].view(2, 23))  # odd records keep byte loads
+    flat = torch.arange(200, dtype=torch.int64).to(torch.uint8)
+    for bad in (flat.as_strided((2, 46), (47, 1)), flat[1:93].view(2, 46)):
+        with pytest.warns(UserWarning, match="not 2-byte aligned.*POLARTENSOR_CODE16=0"):
+            got = tree_decode.code16_aligned(bad)
+        assert got.data_ptr() % 2 == 0 and got.is_contiguous() and torch.equal(got, bad)
+    for ok in (flat[:92].view(2, 46), flat[1:47].view(2, 23)):
+        assert tree_decode.code16_aligned(ok) is ok
+    monkeypatch.setattr(tree_decode, "_CODE16", tl.constexpr(False))
+    assert tree_decode.code16_aligned(flat[1:93].view(2, 46)).data_ptr() % 2 == 1
+
+
+def test_attention_on_misaligned_codes_matches_aligned():
+    """End to end: decode attention over a cache whose code records sit at an odd address
+    gives what the same cache at an aligned address gives (no misaligned load, no wrong
+    answer)."""
+
+    cfg = get_preset("paper", head_dim=32)
+    assert cfg.record_bytes(32) % 2 == 0
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 1, 32, generator=g).to(DEVICE)
+    k = quantize(torch.randn(1, 2, 19, 32, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(1, 2, 19, 32, generator=g).to(DEVICE), cfg)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    r = k.codes.shape[-1]
+    store = torch.zeros(k.codes.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    store[1:].copy_(k.codes.reshape(-1))
+    odd = store[1:].view(k.codes.shape)
+    assert odd.data_ptr() % 2 == 1 and r % 2 == 0
+    k_odd = type(k)(odd, k.radii, k.centroids, k.config, k.shape, k.dtype)
+    with pytest.warns(UserWarning, match="not 2-byte aligned"):
+        got = F.scaled_dot_product_attention(q, k_odd, v, enable_gqa=True)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
