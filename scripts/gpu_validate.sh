@@ -62,7 +62,7 @@ bench)
         --presets paper,polar-3,polar-4 --joined
     ;;
 sweep)
-    OUT="$OUT" step sweep 200 "$PY" scripts/sweep_decode_launch.py
+    OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py
     ;;
 speedups)
     # the 16-bit code loads (the default) against byte loads (POLARTENSOR_CODE16=0, read at

@@ -3,10 +3,13 @@
 """Decode launch settings (keys per step, warps, register cap) against cuDNN bf16 SDPA in the
 same run, paper preset, q_len 1 (results: results/bench/decode_launch_sweep.{json,md}):
 
-    OUT=<dir> python3 scripts/sweep_decode_launch.py
+    OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed]
 
-Each row also records the largest difference from the default launch's output (the key
-order of the online softmax changes with the step size, so small differences are expected).
+``--splits waves`` (the default) lets each launch pick its split count as the library does
+(whole waves of the compiled kernel's resident programs, which depend on warps and the
+register cap); ``fixed`` uses ~8 programs per SM for every setting. Each row also records
+the largest difference from the default launch's output (the key order of the online softmax
+changes with the step size and the split count, so small differences are expected).
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SHAPES = [("llama3.1-8b", 32, 8, 128, [(8, 32768), (1, 32768), (32, 4096)]),
+SHAPES = [("llama3.1-8b", 32, 8, 128, [(8, 32768), (1, 32768), (1, 131072), (32, 4096)]),
           ("smollm2-135m", 9, 3, 64, [(8, 32768)])]
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--splits", choices=("waves", "fixed"), default="waves")
+    args = ap.parse_args()
     import triton.testing
     from profile_decode import quantized
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -60,11 +68,13 @@ def main():
                                                 vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
 
             ref = ours()()
-            for bn in (32, 64, 128):
+            for bn in (64, 128):
                 for warps in (4, 8):
                     for maxnreg in (None, 128, 168):
-                        mul = 8 if b * hk * 8 < sms * 8 else 4
-                        splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
+                        splits = None  # the library's choice
+                        if args.splits == "fixed":
+                            mul = 8 if b * hk * 8 < sms * 8 else 4
+                            splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
                         fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
                                   maxnreg=maxnreg)
                         try:
@@ -74,7 +84,8 @@ def main():
                             print("ERROR", model, b, n, bn, warps, maxnreg, str(exc)[:200])
                             continue
                         row = dict(model=model, batch=b, context=n, block_n=bn, warps=warps,
-                                   maxnreg=maxnreg, splits=splits, ms=ms, cudnn_ms=base,
+                                   maxnreg=maxnreg, splits=splits or "waves", ms=ms,
+                                   cudnn_ms=base,
                                    x_vs_cudnn=base / ms, max_diff=diff)
                         rows.append(row)
                         print(row, flush=True)
