@@ -346,14 +346,24 @@ def launch_attention(
         # paper preset, q_len 1. More rows take 64 keys (see the check after this branch).
         bn = block_n or (16 if interp else (32 if d >= 256 else (128 if gp * bt <= 16 else 64)))
         warps = num_warps or 4
-        if (not interp and block_n is None and maxnreg is None and d == 128
-                and gp * bt <= 16 and bsz * hk * triton.cdiv(tq, bt) >= 64 and total >= 8192):
-            # Many (batch, KV head) programs over a long cache: 64 keys per step under a
-            # 128-register cap (16 warps per SM instead of 8). On the H200 (paper preset,
-            # results/bench/bench_decode_register_cap.md): 0.70 vs 0.80 ms at Llama batch 8 /
-            # 32K, 9-10% faster at batch 8 / 128K and batch 32 / 32K-128K; at batch 8 / 4K it
-            # was 17% slower (hence >= 8K tokens), at batch 1 (few programs) 40% slower.
-            bn, maxnreg = 64, 128
+        progs = bsz * hk * triton.cdiv(tq, bt)
+        if (not interp and block_n is None and maxnreg is None and num_warps is None
+                and d == 128 and gp * bt <= 16):
+            if progs >= 64 and (total >= 8192 or progs >= 256):
+                # Many (batch, KV head) programs: 64 keys per step under a 128-register cap
+                # (16 warps per SM instead of 8). On the H200 (paper preset): 0.70 vs 0.80 ms
+                # at Llama batch 8 / 32K, 9-10% faster at batch 8 / 128K and batch 32 /
+                # 32K-128K (results/bench/bench_decode_register_cap.md); with the 16-bit code
+                # loads 0.284 vs 0.333 ms at batch 32 / 4K (results/bench/
+                # decode_launch_sweep_waves.md). At batch 8 / 4K it was 17% slower, hence 8K
+                # tokens or 256 programs.
+                bn, maxnreg = 64, 128
+            elif progs < 64:
+                # Few programs (batch 1-7 at 8 KV heads): 128 keys per step under a 168-register
+                # cap. On the H200 with the 16-bit code loads (paper preset, split counts by
+                # waves): 0.289 vs 0.395 ms at Llama batch 1 / 128K, 0.094 vs 0.095 ms at 32K
+                # (results/bench/decode_launch_sweep_waves.md).
+                maxnreg = 168
     else:
         bt = block_t or min(_next_pow2(tq), max(1, (32 if interp else max_rows) // gp))
         bn = block_n or (16 if interp else (32 if d >= 256 else 64))

@@ -408,7 +408,8 @@ def test_dequant_min_q_setting(monkeypatch):
 # Launch settings the decode accepts (keys per step, warps, register cap, query rows per
 # program): each must equal the reference, not only the default the launcher picks. The
 # interpreter ignores warps and register caps, so the CPU varies keys per step and rows only.
-_LAUNCH = ([(bn, w, r) for bn in (32, 64, 128) for w in (4, 8) for r in (None, 128)] if ON_GPU
+_LAUNCH = ([(bn, w, r) for bn in (32, 64, 128) for w in (4, 8) for r in (None, 128)]
+           + [(64, 4, 168), (128, 4, 168)] if ON_GPU
            else [(bn, 4, None) for bn in (16, 32, 64)])
 
 
@@ -440,11 +441,16 @@ def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
     _close(launch(), ref.to(dtype), dtype)
 
 
-def test_decode_default_launch_with_many_programs(no_reference):
-    """On the GPU, >= 64 (batch, KV head) programs at d 128 over >= 8K tokens switch the
-    decode to 64 keys per step under a register cap: through F.scaled_dot_product_attention
-    it must still equal the reference."""
-    d, b, hk, n = (128, 16, 4, 8500) if ON_GPU else (32, 2, 2, 30)
+@pytest.mark.parametrize("b,hk,n", [(16, 4, 8500), (64, 4, 1000), (1, 8, 8500)],
+                         ids=["many-long", "many-short", "few"])
+def test_decode_default_launch_by_program_count(b, hk, n, no_reference):
+    """On the GPU at d 128 the decode's launch follows the (batch, KV head) program count:
+    >= 64 programs over >= 8K tokens, or >= 256 programs, take 64 keys per step under a
+    128-register cap; < 64 programs a 168-register cap. Through
+    F.scaled_dot_product_attention each must still equal the reference."""
+    d = 128 if ON_GPU else 32
+    if not ON_GPU:
+        b, n = min(b, 2), 30
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, hk * 4, 1, d, generator=g).to(DEVICE, dtype)
