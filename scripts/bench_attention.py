@@ -390,7 +390,7 @@ def main():
             kt = (k[:, :, n:].float() @ rot.T)
             vt = (v[:, :, n:].float() @ rot.T)
             # "prefill": the fused kernel with query tiles; "dequant": dequantize the cache
-            # once + PyTorch SDPA (opt-in for "auto" via POLARTENSOR_DEQUANT_MIN_Q).
+            # once + PyTorch SDPA (what "auto" picks from POLARTENSOR_DEQUANT_MIN_Q query tokens).
             for mode, method in (("prefill", "polar_triton"), ("dequant", "polar_dequant_sdpa")):
                 for causal in (False, True):
                     try:
