@@ -174,18 +174,19 @@ def _ld16_asm(imm):
 
 
 @triton.jit
-def _ld16(codes_ptr, off, valid2, IMM: tl.constexpr = 0):
-    """The little-endian 16-bit word at byte ``off + IMM`` (even) of the codes, as int32; 0
-    where not ``valid2``. Layout-agnostic on the GPU (an elementwise ld.global.nc.u16; IMM
-    goes into the instruction's immediate offset, so words of one address share it)."""
-    off = tl.where(valid2, off, 0)
+def _ld16(codes_ptr, off, IMM: tl.constexpr = 0):
+    """The little-endian 16-bit word at byte ``off + IMM`` (even) of the codes, as int32.
+    Layout-agnostic on the GPU (an elementwise ld.global.nc.u16; IMM goes into the
+    instruction's immediate offset, so words of one address share it). Unmasked: invalid rows
+    arrive with record offset 0 (``decode_tile_joined`` masks the row offsets once) and their
+    radii are 0, so what they read never shows."""
     p = (codes_ptr + off).to(tl.pointer_type(tl.uint16))
     if _ASM:
         w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=h,l", [p], dtype=tl.uint16,
                                       is_pure=True, pack=1)
     else:
         w = tl.load(p + IMM // 2)
-    return tl.where(valid2, w.to(tl.int32), 0)
+    return w.to(tl.int32)
 
 
 @triton.jit
@@ -236,7 +237,7 @@ def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
         bit0 = BITOFF + (u >> K) * b
         if _CODE16 and R % 2 == 0 and BITOFF % b == 0 and 16 % b == 0:
             # the field never crosses a 16-bit word: one aligned 16-bit load
-            w = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2, valid2)
+            w = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2)
             c = (w >> (bit0 & 15)) & ((1 << b) - 1)
         else:
             byte = bit0 >> 3
@@ -260,14 +261,14 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
             and BITOFF % 16 == 0 and (P * b) % 16 == 0):
         # whole 16-bit words at even byte offsets
         byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8
-        word = _ld16(codes_ptr, byte0, valid2)
+        word = _ld16(codes_ptr, byte0)
         for k in tl.static_range(1, WBITS // 16):
-            word = word | (_ld16(codes_ptr, byte0, valid2, 2 * k) << (16 * k))
+            word = word | (_ld16(codes_ptr, byte0, 2 * k) << (16 * k))
     elif (_CODE16 and R % 2 == 0 and not _aligned(b, CW, BITOFF) and BITOFF % WBITS == 0
             and 16 % WBITS == 0):
         # a field that never crosses a 16-bit word: one aligned 16-bit load
         bit0 = BITOFF + (blk * P + w * CW) * b
-        word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2, valid2) >> (bit0 & 15)
+        word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2) >> (bit0 & 15)
     elif _aligned(b, CW, BITOFF):
         NBY: tl.constexpr = WBITS // 8
         # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
@@ -425,7 +426,14 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     L0: tl.constexpr = L - T
     u = tl.arange(0, NBB)[None, :]
     valid2 = valid[:, None]
-    rec_base = rec_off[:, None]
+    if _CODE16 and R % 2 == 0:
+        # The 16-bit code loads are unmasked: invalid rows read record 0 (their radii are 0,
+        # so it never shows), masked once here rather than per load. Offline (Triton 3.6,
+        # sm_90) that removed 8-10% of the paper preset's loop instructions at d 128
+        # (results/bench/kernel_ir_stats.md). Byte loads keep their masks.
+        rec_base = tl.where(valid2, rec_off[:, None], 0)
+    else:
+        rec_base = rec_off[:, None]
     if PACK:
         # layout-agnostic radius loads: Triton 3.6's coalescer gives a masked [BN, NB] load a
         # layout of its own and converts it back through shared memory inside the loop
