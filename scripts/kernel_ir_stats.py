@@ -28,16 +28,29 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
         torch.uint8: "*u8", torch.int32: "*i32", torch.bool: "*i1"}
 
 
+# Compile with the divisibility attributes a real launch gives (--no-specialize: without, as
+# the tables in results/bench/kernel_ir_stats.md before 2026-11-29 12:50 UTC were made).
+SPECIALIZE = True
+
+
 def _signature(fn, args, kwargs):
+    """Signature, constexprs and the specialization attributes a launch would give: 16-byte
+    divisibility of pointers and of integers (except ``do_not_specialize`` ones), which is
+    what lets Triton emit vector loads."""
     params = list(inspect.signature(fn.fn).parameters)
-    sig, consts = {}, {}
-    for p, a in zip(params, args):
+    dns = {p if isinstance(p, str) else params[p] for p in (fn.do_not_specialize or [])}
+    sig, consts, attrs = {}, {}, {}
+    for i, (p, a) in enumerate(zip(params, args)):
         if isinstance(a, torch.Tensor):
             sig[p] = _PTR[a.dtype]
+            if a.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, bool):
             sig[p] = "i1"
         elif isinstance(a, int):
             sig[p] = "i64" if abs(a) >= 2**31 else "i32"
+            if a % 16 == 0 and p not in dns:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, float):
             sig[p] = "fp32"
         else:
@@ -45,7 +58,7 @@ def _signature(fn, args, kwargs):
     for p in params[len(args):]:
         sig[p] = "constexpr"
         consts[p] = kwargs[p]
-    return sig, consts
+    return sig, consts, attrs
 
 
 def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.bfloat16,
@@ -91,12 +104,13 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
             block_n=block_n, pack=decode == "packed")
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
-        sig, consts = _signature(kernel, args, kwargs)
+        sig, consts, attrs = _signature(kernel, args, kwargs)
         # The jit function binds decode_tile at compile time; drop its cached hash so a swap
         # between calls in one process takes effect.
         if hasattr(kernel, "hash"):
             kernel.hash = None
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts,
+                                        attrs=attrs if SPECIALIZE else None)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     finally:
         (decode_attention.polar_decode_attn_fwd_kernel,
@@ -245,8 +259,9 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                                   block_rows=block_rows)
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
-        sig, consts = _signature(kernel, args, kwargs)
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        sig, consts, attrs = _signature(kernel, args, kwargs)
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts,
+                                        attrs=attrs if SPECIALIZE else None)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     finally:
         encode._encode_kernel = saved
@@ -277,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                     "ptxas: registers, spill bytes, static SASS instructions")
     ap.add_argument("--maxnreg", default="", help="with --ptxas: register caps (comma list)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--no-specialize", action="store_true", help="compile without the "
+                    "16-byte divisibility attributes of a real launch (as the older tables)")
     args = ap.parse_args(argv)
+    global SPECIALIZE
+    SPECIALIZE = not args.no_specialize
     counts = ["convert_layout", "local_alloc", "ttgir_loads", "shared_bytes", "ptx_lines",
               "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
     split = str.split

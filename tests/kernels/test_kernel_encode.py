@@ -331,3 +331,24 @@ def test_unknown_rotation_mma_is_refused():
     rot = rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     with pytest.raises(ValueError, match="rotation_mma 'fp8'"):
         encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, rotation_mma="fp8")
+
+
+@pytest.mark.parametrize("pad,want", [(0, 8), (4, 4), (2, 2), (1, 1)])
+def test_encode_row_alignment_hint(pad, want):
+    """Rows of x start at multiples of 8, 4, 2 or 1 elements (views into a wider buffer): the
+    kernel is told only what holds (vector loads where it may, no misaligned ones), and the
+    codes equal the reference whatever the alignment."""
+    from polartensor.kernels.encode import _row_align
+
+    d = 32
+    cfg = get_preset("paper", head_dim=d)
+    g = torch.Generator().manual_seed(pad)
+    wide = (torch.randn(2, 7, d + pad, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    x = wide[..., pad:] if pad else wide
+    assert _row_align(x) == want
+    codes = torch.zeros(2, 7, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(2, 7, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
+    _check_encode(x, cfg, codes, radii, 0, 7)
