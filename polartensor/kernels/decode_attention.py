@@ -440,7 +440,6 @@ def launch_attention(
 
     if mode == "decode":
         if num_splits is None:
-            progs = bsz * hk * n_ttiles
             # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
             # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
             # and more, shorter splits keep every SM busy. On the GPU the count is then moved
