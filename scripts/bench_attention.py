@@ -163,6 +163,9 @@ def main():
     ap.add_argument("--joined", action="store_true", help="decode table: also time the "
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
+    ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
+                    "opt-in joint table of levels 1 and 2 (POLARTENSOR_JOINT12=1) beside the "
+                    "default, in the same run")
     ap.add_argument("--splits-baseline", action="store_true", help="decode table: also time "
                     "the previous split rule (~8 programs per SM, split_rule='per_sm') beside "
                     "the default wave-filling one, in the same run")
@@ -481,6 +484,20 @@ def main():
                 decode_row(base, "polar_triton_per_sm_splits", preset, qbytes,
                            lambda kq=kq, vq=vq, cfg=cfg, q=q: (
                                ours_fn(q, kq, vq, cfg, scale, split_rule="per_sm"), {}))
+            if args.joint12:
+                def joint12_fn(kq=kq, vq=vq, cfg=cfg, q=q):
+                    default = ours_fn(q, kq, vq, cfg, scale)()
+                    launch = ours_fn(q, kq, vq, cfg, scale)
+
+                    def joint():  # the flag is read per call: set while the graph is captured
+                        os.environ["POLARTENSOR_JOINT12"] = "1"
+                        try:
+                            return launch()
+                        finally:
+                            os.environ.pop("POLARTENSOR_JOINT12", None)
+                    diff = (joint().float() - default.float()).abs().max().item()
+                    return joint, {"max_abs_diff_vs_default": diff}
+                decode_row(base, "polar_triton_joint12", preset, qbytes, joint12_fn)
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
@@ -585,6 +602,13 @@ def render_markdown(res) -> str:
                       ["float32-decode ms", "× ours vs float32 decode",
                        "× float32 decode vs cuDNN", "max abs diff vs ours"],
                       with_cudnn=True, diff_key="max_abs_diff_vs_default")
+    if any(r["method"] == "polar_triton_joint12" for r in dec):
+        _versus_table(out, keyed, shapes, presets, "polar_triton_joint12",
+                      "Default (packed) vs the joint table of levels 1 and 2 "
+                      "(`POLARTENSOR_JOINT12=1`; polar-4 has none: the same kernel), same run:",
+                      ["joint12 ms", "× ours vs joint12", "× joint12 vs cuDNN",
+                       "max abs diff vs ours"], with_cudnn=True,
+                      diff_key="max_abs_diff_vs_default")
     if any(r["method"] == "polar_triton_per_sm_splits" for r in dec):
         _versus_table(out, keyed, shapes, presets, "polar_triton_per_sm_splits",
                       "Split count: default (no nearly empty last wave) vs the previous rule "

@@ -77,7 +77,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     k = quantize(torch.randn(1, 2, 64, d), cfg)
     q = torch.randn(1, 2 * group, q_len, d).to(dtype)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, "cpu", torch.float32).contiguous()
-    trig = trig_table(k.centroids)
+    trig = trig_table(k.centroids, cfg.bits)
     captured = {}
 
     class _Capture:
@@ -89,7 +89,9 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     kernel = decode_attention.polar_decode_attn_fwd_kernel
     saved = (decode_attention.polar_decode_attn_fwd_kernel,
              decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
-    if decode in ("joined", "packed"):  # packed: the joined decode with pack=True
+    if decode == "joint12":  # packed, with levels 1 and 2 through the joint table
+        os.environ["POLARTENSOR_JOINT12"] = "1"
+    if decode in ("joined", "packed", "joint12"):  # packed: the joined decode, pack=True
         from polartensor.kernels.tree_decode import decode_tile_joined
         decode_attention.decode_tile = decode_tile_joined
     else:
@@ -101,7 +103,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         decode_attention.launch_attention(
             q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
             mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
-            block_n=block_n, pack=decode == "packed")
+            block_n=block_n, pack=decode in ("packed", "joint12"))
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
         sig, consts, attrs = _signature(kernel, args, kwargs)
@@ -117,6 +119,8 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
          decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile) = saved
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
+        if decode == "joint12":
+            os.environ.pop("POLARTENSOR_JOINT12", None)
         if hasattr(kernel, "hash"):
             kernel.hash = None
     out = dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-len", default="1", help="1..16: decode; more: prefill tiles")
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--decodes", default="reshape,joined",
-                    help="reshape, joined, packed (joined with packed bf16x2 level 1)")
+                    help="reshape, joined, packed (joined with packed bf16x2 level 1), "
+                    "joint12 (packed, levels 1 and 2 through the joint table)")
     ap.add_argument("--kernel", choices=("attention", "encode"), default="attention")
     ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "

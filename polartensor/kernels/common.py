@@ -64,19 +64,61 @@ def level_words(config, d: int) -> dict:
     )
 
 
-def trig_table(centroids: torch.Tensor) -> torch.Tensor:
-    """[5, levels, K] float32, the decode tables. Planes 0 and 1: cos and sin of every
+def trig_table(centroids: torch.Tensor, bits=None) -> torch.Tensor:
+    """[5 (+ J), levels, K] float32, the decode tables. Planes 0 and 1: cos and sin of every
     centroid. For the packed decode: plane 2, the pair rounded to bfloat16 and packed into one
     32-bit word per centroid (cos in the low half, sin in the high half; float32 bit
     patterns); planes 3-4 read as one [levels, K, 2] array, cos and sin side by side (one
-    64-bit gather per angle)."""
+    64-bit gather per angle). With the configuration's ``bits`` and a joint index of at most
+    ``JOINT12_MAX_BITS`` (see :func:`joint12_bits`): J more planes holding the joint table of
+    levels 1 and 2 (:func:`joint12_words`), zero-padded."""
     c = centroids.to(torch.float32)
     cos, sin = torch.cos(c), torch.sin(c)
     lo = cos.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     hi = sin.to(torch.bfloat16).view(torch.int16).to(torch.int32) << 16
     packed = (lo | hi).view(torch.float32)
     pairs = torch.stack([cos, sin], dim=-1).reshape(2, *cos.shape)
-    return torch.cat([torch.stack([cos, sin, packed]), pairs]).contiguous()
+    planes = [torch.stack([cos, sin, packed]), pairs]
+    if bits is not None and joint12_bits(bits) is not None:
+        words = joint12_words(centroids, bits).view(torch.float32).reshape(-1)
+        plane = cos.numel()
+        pad = (-words.numel()) % plane
+        words = torch.cat([words, words.new_zeros(pad)])
+        planes.append(words.reshape(-1, *cos.shape))
+    return torch.cat(planes).contiguous()
+
+
+# The joint table of levels 1 and 2 has 2^(b2 + 2 b1) entries of 8 bytes: 8 KB at 10 bits (b1
+# 4, b2 2: paper, polar-3, polar-3.25), which stays in L1; wider levels keep two steps.
+JOINT12_MAX_BITS = 10
+
+
+def joint12_bits(bits) -> int | None:
+    """The joint index width b2 + 2 b1 of levels 1 and 2, or None where there is no joint
+    table (one level, or wider than ``JOINT12_MAX_BITS``)."""
+    if len(bits) < 2:
+        return None
+    width = bits[1] + 2 * bits[0]
+    return width if width <= JOINT12_MAX_BITS else None
+
+
+def joint12_words(centroids: torch.Tensor, bits) -> torch.Tensor:
+    """[2^(b2 + 2 b1), 2] int32: for index (c2 << 2 b1) | (c1b << b1) | c1a, with phi the
+    level-2 angle of code c2 and theta_a, theta_b the level-1 angles of codes c1a, c1b, two
+    bf16x2 words: (cos phi cos theta_a, cos phi sin theta_a) and (sin phi cos theta_b,
+    sin phi sin theta_b), low half first. One gather and two packed multiplies by the
+    level-2 radius then give the four coordinates under a level-2 node."""
+    b1, b2 = bits[0], bits[1]
+    idx = torch.arange(1 << (b2 + 2 * b1), device=centroids.device)
+    c1a = idx & ((1 << b1) - 1)
+    c1b = (idx >> b1) & ((1 << b1) - 1)
+    c2 = idx >> (2 * b1)
+    c = centroids.to(torch.float32)
+    phi, ta, tb = c[1, c2], c[0, c1a], c[0, c1b]
+    prods = torch.stack([phi.cos() * ta.cos(), phi.cos() * ta.sin(),
+                         phi.sin() * tb.cos(), phi.sin() * tb.sin()], dim=-1)
+    h = prods.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    return (h[:, 0::2] | (h[:, 1::2] << 16)).contiguous()
 
 
 def boundary_table(centroids: torch.Tensor, config,

@@ -13,6 +13,8 @@ Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -280,6 +282,18 @@ def _wave_splits(want: int, max_splits: int, progs: int, slots: int, total: int,
     return min((s for c, s in costs if c <= floor * 1.02), key=lambda s: (abs(s - want), s))
 
 
+def joint12_enabled() -> bool:
+    """POLARTENSOR_JOINT12=1 (read per call; opt-in, not yet run on a GPU): the packed decode
+    takes levels 1 and 2 in one step through a joint table where the configuration has one
+    (common.joint12_bits: paper, polar-3, polar-3.25). Offline it cut the paper loop's SASS
+    (results/bench/kernel_ir_stats.md); not yet timed."""
+    v = os.environ.get("POLARTENSOR_JOINT12", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"POLARTENSOR_JOINT12={v!r}: use 1 (joint table of levels 1 and 2) "
+                         "or 0 (the default: one step per level)")
+    return v == "1"
+
+
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
     out = {f"{prefix}_KT": kt, f"{prefix}_L": w["L"], f"{prefix}_NB": w["NB"],
            f"{prefix}_TB": w["TAIL_BYTE"], f"{prefix}_TNB": w["TAIL_NB"]}
@@ -399,6 +413,9 @@ def launch_attention(
             raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
                              f"x {bt} queries) does not compile with Triton 3.6; pass "
                              "block_t <= 32 // group, or pack=None for the float32 decode")
+    if pack and joint12_enabled() and k_trig.shape[0] > 5 and v_trig.shape[0] > 5:
+        # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
+        pack = 2
     has_tail = nt > 0
     kt = k_tail if has_tail else q
     vt = v_tail if has_tail else q

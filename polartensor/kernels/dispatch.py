@@ -70,10 +70,11 @@ def _cached(kind: str, t: torch.Tensor, extra, fn):
     return hit[2]
 
 
-def _trig(centroids: torch.Tensor) -> torch.Tensor:
+def _trig(centroids: torch.Tensor, bits=None) -> torch.Tensor:
     from .common import trig_table
 
-    return _cached("trig", centroids, None, lambda: trig_table(centroids))
+    bits = None if bits is None else tuple(bits)
+    return _cached("trig", centroids, bits, lambda: trig_table(centroids, bits))
 
 
 def _mids(centroids: torch.Tensor, config) -> torch.Tensor:
@@ -149,9 +150,10 @@ def _attention_op(query, key, value, kc, vc, k_tail, v_tail, mask, is_causal, sc
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = torch.ops.polartensor.attention(
         q,
-        _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n), _trig(key.centroids),
+        _flat_storage(key.codes, hk, n), _flat_storage(key.radii, hk, n),
+        _trig(key.centroids, kc.bits),
         _flat_storage(value.codes, hk, n), _flat_storage(value.radii, hk, n),
-        _trig(value.centroids),
+        _trig(value.centroids, vc.bits),
         None, None, k_tail, v_tail, mask, bool(is_causal), scale, list(kc.bits),
         list(vc.bits), kc.rotation, kc.seed, vc.rotation, vc.seed,
     )

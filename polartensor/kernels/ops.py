@@ -116,7 +116,8 @@ def _(q, k_codes, k_radii, k_trig, v_codes, v_radii, v_trig, rot_k, rot_v, k_tai
 
 def tables_for(centroids: torch.Tensor, config: PolarQuantConfig):
     """(cell boundaries for encode, cos/sin tables for decode) of a codebook."""
-    return boundary_table(centroids, config, torch.float64), trig_table(centroids)
+    return (boundary_table(centroids, config, torch.float64),
+            trig_table(centroids, config.bits))
 
 
 def decode_step(

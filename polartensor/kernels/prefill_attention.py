@@ -163,7 +163,7 @@ def prefill_attention(
                              f"{(*q.shape[:-1], total)}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     return launch_attention(
-        q.contiguous(), k.codes, k.radii, _trig(k.centroids), kc,
-        v.codes, v.radii, _trig(v.centroids), vc, rot_k, rot_v, kt, vt, mask,
+        q.contiguous(), k.codes, k.radii, _trig(k.centroids, kc.bits), kc,
+        v.codes, v.radii, _trig(v.centroids, vc.bits), vc, rot_k, rot_v, kt, vt, mask,
         is_causal, scale, mode=launch_kw.pop("mode", "prefill"), **launch_kw,
     )

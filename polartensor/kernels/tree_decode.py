@@ -112,6 +112,14 @@ def _ilog2(x):
 
 
 @triton.constexpr_function
+def _joint_ok(lv0, lv1):
+    """Levels 1 and 2 have a joint table (common.joint12_bits)."""
+    from .common import JOINT12_MAX_BITS
+
+    return (lv0 & 15) > 0 and (lv1 & 15) + 2 * (lv0 & 15) <= JOINT12_MAX_BITS
+
+
+@triton.constexpr_function
 def _top_count(NB, L, nbb_min):
     t = 0
     while t < L and (NB << t) < nbb_min:
@@ -329,21 +337,10 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
     ``PAIRS``: (cos, sin) with one 64-bit gather from ``pair_ptr`` ([K, 2] float32) instead
     of selects (narrow levels) or two gathers (wide levels); the same float32 values."""
     b: tl.constexpr = LV & 15
-    pos: tl.constexpr = LV >> 8
     if b == 0:
         out = _split(r, tl.load(cos_ptr), tl.load(sin_ptr), PK)
     else:
-        # head levels: pos is a byte offset; tail levels: a bit offset inside the tail
-        # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8).
-        NNODES: tl.constexpr = NB * P
-        if NNODES >= 8:
-            BITOFF: tl.constexpr = pos * 8
-        else:
-            BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
-        CW: tl.constexpr = _word_codes(b, P, BITOFF)
-        K: tl.constexpr = _ilog2(P // CW)
-        words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
-        c = _split_words(words, b, CW)
+        c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R)
         if PAIRS and not (PK and b >= 3):
             cs, sn = _ldg2(pair_ptr, c & ((1 << b) - 1))
             out = _split(r, cs, sn, PK)
@@ -378,6 +375,64 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
             else:
                 out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
     return out
+
+
+@triton.jit
+def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.constexpr,
+                 LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+    """The codes of one level (b > 0 bits), shaped as that level's input r: [BN, NB, 2 (x m)]
+    for P = 2**m nodes per block."""
+    b: tl.constexpr = LV & 15
+    pos: tl.constexpr = LV >> 8
+    # head levels: pos is a byte offset; tail levels: a bit offset inside the tail
+    # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8).
+    NNODES: tl.constexpr = NB * P
+    if NNODES >= 8:
+        BITOFF: tl.constexpr = pos * 8
+    else:
+        BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
+    CW: tl.constexpr = _word_codes(b, P, BITOFF)
+    K: tl.constexpr = _ilog2(P // CW)
+    words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
+    return _split_words(words, b, CW)
+
+
+@triton.jit
+def _ldg2_b32(base, i):
+    """The two 32-bit words base[2 i], base[2 i + 1] (8-byte aligned) with one 64-bit gather,
+    as int32 bits; layout-agnostic like _ldg2."""
+    if _ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mad.wide.u32 a, $2, 8, $3; ld.global.nc.v2.b32 {$0, $1}, [a]; }",
+            "=r,=r,r,l", [i, tl.broadcast_to(base, i.shape)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        return (tl.load(base + 2 * i).to(tl.int32, bitcast=True),
+                tl.load(base + 2 * i + 1).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _joint12(codes_ptr, rec_base, blk, valid2, r, joint_ptr, NB: tl.constexpr,
+             P: tl.constexpr, LV0: tl.constexpr, LV1: tl.constexpr, TAIL_BYTE: tl.constexpr,
+             R: tl.constexpr):
+    """Levels 2 and 1 in one step (PACK == 2): r [BN, NB, 2 (x m)] level-2 radii (P = 2**m
+    nodes per block) -> bfloat16 [BN, NB, 2 (x m+2)], the same layout the two levels give.
+    One 64-bit gather of the joint table (common.joint12_words) per level-2 node and two
+    packed multiplies, instead of three gathers, two float32 and two packed multiplies."""
+    b1: tl.constexpr = LV0 & 15
+    b2: tl.constexpr = LV1 & 15
+    c1 = _level_codes(codes_ptr, rec_base, blk, valid2, NB, 2 * P, LV0, TAIL_BYTE, R)
+    c1a, c1b = tl.split(c1)
+    # (split words keep the bits above a code: shifted 32-bit words sign-extend)
+    m1: tl.constexpr = (1 << b1) - 1
+    idx = ((c1b & m1) << b1) | (c1a & m1)
+    if b2 > 0:
+        c2 = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV1, TAIL_BYTE, R)
+        idx = idx | ((c2 & ((1 << b2) - 1)) << (2 * b1))
+    w0, w1 = _ldg2_b32(joint_ptr, idx)
+    lo0, hi0 = _mul_bf16x2(r, w0)
+    lo1, hi1 = _mul_bf16x2(r, w1)
+    return tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
 
 
 @triton.jit
@@ -462,9 +517,14 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     if L >= 3:
         r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 3, L0, NBB, D,
                        LV2, TAIL_BYTE, R, PACK)
-    if L >= 2:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 2, L0, NBB, D,
-                       LV1, TAIL_BYTE, R, PACK)
-    r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 1, L0, NBB, D, LV0,
-                   TAIL_BYTE, R, PACK)
+    if PACK == 2 and L >= 2 and L0 >= 2 and _joint_ok(LV0, LV1):
+        # levels 2 and 1 through the joint table, planes 5.. of the tables
+        r = _joint12(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * SO, NBB,
+                     1 << (L0 - 2), LV0, LV1, TAIL_BYTE, R)
+    else:
+        if L >= 2:
+            r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 2, L0, NBB, D,
+                           LV1, TAIL_BYTE, R, PACK)
+        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 1, L0, NBB, D,
+                       LV0, TAIL_BYTE, R, PACK)
     return tl.reshape(r, (BN, D))

@@ -500,6 +500,59 @@ def test_packed_decode_attention_matches_reference(preset, tq):
 
 
 @_RESHAPE
+@pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
+def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
+    """POLARTENSOR_JOINT12=1 (opt-in): the packed decode takes levels 1 and 2 through the
+    joint table where the configuration has one (paper, polar-3): within a bf16 SDPA's error
+    of the reference, and really another path than the packed decode; polar-4 (no table)
+    keeps the packed decode bit for bit. Through F.scaled_dot_product_attention too."""
+    from polartensor.kernels.common import joint12_bits
+
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg = get_preset(preset, head_dim=d)
+    b, hk, group, n = 2, 2, 4, 1300 if ON_GPU else 41
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids, cfg.bits)
+
+    def launch():
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode", pack=True)
+
+    monkeypatch.setenv("POLARTENSOR_JOINT12", "0")
+    packed = launch()
+    monkeypatch.setenv("POLARTENSOR_JOINT12", "1")
+    got = launch()
+    ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
+    err = (got.double() - ref.double()).norm() / ref.double().norm()
+    assert err <= 1e-2, f"relative error {err:.2e}"
+    if joint12_bits(cfg.bits) is None:
+        assert torch.equal(got, packed)
+    else:
+        assert not torch.equal(got, packed)
+    if ON_GPU:
+        # the op path builds the tables with the configuration's bits, joint planes included
+        sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        _close(sdpa, got, dtype)
+
+
+def test_joint12_setting_is_checked(monkeypatch):
+    from polartensor.kernels.decode_attention import joint12_enabled
+
+    monkeypatch.delenv("POLARTENSOR_JOINT12", raising=False)
+    assert not joint12_enabled()
+    monkeypatch.setenv("POLARTENSOR_JOINT12", "1")
+    assert joint12_enabled()
+    monkeypatch.setenv("POLARTENSOR_JOINT12", "on")
+    with pytest.raises(ValueError, match="POLARTENSOR_JOINT12='on'"):
+        joint12_enabled()
+
+
+@_RESHAPE
 def test_packed_decode_refuses_more_than_32_rows():
     """64 query rows per program (q_len 16, group 4): Triton 3.6 cannot compile the packed
     decode there, so pack=True is refused with the fix named, and the default launch takes the

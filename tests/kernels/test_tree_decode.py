@@ -100,6 +100,42 @@ def test_packed_decode_within_bf16_rounding(d):
         assert not torch.equal(got, ref), name
 
 
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_joint12_decode_within_bf16_rounding(d):
+    """PACK == 2: levels 2 and 1 through the joint table (one gather of four bf16 products
+    per level-2 node, times the level-2 radius in bf16): within three bf16 roundings of the
+    exact decode like PACK, not equal to PACK's output where the joint table applies, and
+    PACK's output bit for bit where it does not (no table: > 10 index bits; level 2 decoded
+    above the tree root at small head_dim)."""
+    from polartensor.kernels.common import joint12_bits
+
+    rows = 37 if interpreting() else 1000
+    applied = 0
+    for name, cfg in _configs(d):
+        g = torch.Generator().manual_seed(d + 2)
+        q = quantize((torch.randn(rows, d, generator=g) * 3).to(DEVICE), cfg)
+        trig = trig_table(q.centroids, cfg.bits)
+        assert trig.shape[0] > 5 or joint12_bits(cfg.bits) is None, name
+        ref = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, 16)
+        packed = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, 16, pack=1)
+        got = _dequant_with(decode_tile_joined, q.codes, q.radii, trig, cfg, d, 16, pack=2)
+        pair_r = ref.reshape(*ref.shape[:-1], d // 2, 2).norm(dim=-1)
+        bound = (3.01 * 2.0 ** -8 * pair_r).repeat_interleave(2, dim=-1) + 1e-30
+        err = (got - ref).abs()
+        assert (err <= bound).all(), f"{name} d={d}: max excess {(err - bound).max():.3g}"
+        w = level_words(cfg, d)
+        top = 0
+        while top < w["L"] and (w["NB"] << top) < 8:
+            top += 1
+        if joint12_bits(cfg.bits) is not None and w["L"] - top >= 2:
+            applied += 1
+            assert not torch.equal(got, packed), name
+        else:
+            assert torch.equal(got, packed), name
+    # the presets it is for really take it (paper and polar-3 from d 64 on)
+    assert applied >= (2 if d >= 64 else 0)
+
+
 @pytest.mark.skipif(not interpreting(),
                     reason="on the GPU the kernels bind decode_tile at import: run the suite "
                            "with POLARTENSOR_DECODE=reshape to test the attention with it")

@@ -18,7 +18,9 @@ def test_render_markdown_ratios(load_script):
                 dict(dec, method="polar_triton_joined", preset="paper", ms=0.125, tbps=0.8,
                      max_abs_diff_vs_default=0.003),
                 dict(dec, method="polar_triton_per_sm_splits", preset="paper", ms=0.12,
-                     tbps=0.9)],
+                     tbps=0.9),
+                dict(dec, method="polar_triton_joint12", preset="paper", ms=0.08, tbps=1.25,
+                     max_abs_diff_vs_default=0.002)],
         prefill=[dict(model="m", method="sdpa_bf16_cudnn", ms=2.0, tflops=100.0),
                  dict(model="m", method="polar_dequant_sdpa", causal=True, ms=4.0,
                       tflops=20.0),
@@ -30,6 +32,8 @@ def test_render_markdown_ratios(load_script):
            "5.00 |" in md
     # float32 decode: 0.125 / ours 0.1 = 1.25x; cuDNN 0.4 / 0.125 = 3.20x
     assert "| m | 8 | 32K | paper | 0.1000 | 0.1250 | 1.25 | 3.20 | 3.00e-03 |" in md
+    # joint table: 0.08 / ours 0.1 = 0.80x; cuDNN 0.4 / 0.08 = 5.00x
+    assert "| m | 8 | 32K | paper | 0.1000 | 0.0800 | 0.80 | 5.00 | 2.00e-03 |" in md
     # split rule: per-SM rule 0.12 / ours 0.1 = 1.20x
     assert "| m | 8 | 32K | paper | 0.1000 | 0.1200 | 1.20 |" in md
     assert "| m | polar_dequant_sdpa | True | 4.000 | 20.0 | 0.50 |" in md
