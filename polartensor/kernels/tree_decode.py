@@ -474,7 +474,9 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                    PACK: tl.constexpr):
     """Same contract as ``decode_tile``: decoded rotated vectors [BN, D] fp32, invalid rows 0.
     ``PACK``: bfloat16 out instead, level 1 decoded with packed bf16x2 table words and
-    multiplies (one gather and one multiply per angle instead of two each)."""
+    multiplies (one gather and one multiply per angle instead of two each). ``PACK == 2``:
+    also levels 2 and 1 in one step through the joint table that ``trig_table(centroids,
+    bits)`` appends (planes 5 on) where the configuration has one; elsewhere as ``PACK``."""
     R: tl.constexpr = TAIL_BYTE + TAIL_NB
     T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
     NBB: tl.constexpr = NB << T
