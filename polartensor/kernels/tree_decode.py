@@ -398,20 +398,6 @@ def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.const
 
 
 @triton.jit
-def _ldg2_b32(base, i):
-    """The two 32-bit words base[2 i], base[2 i + 1] (8-byte aligned) with one 64-bit gather,
-    as int32 bits; layout-agnostic like _ldg2."""
-    if _ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .u64 a; mad.wide.u32 a, $2, 8, $3; ld.global.nc.v2.b32 {$0, $1}, [a]; }",
-            "=r,=r,r,l", [i, tl.broadcast_to(base, i.shape)],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        return (tl.load(base + 2 * i).to(tl.int32, bitcast=True),
-                tl.load(base + 2 * i + 1).to(tl.int32, bitcast=True))
-
-
-@triton.jit
 def _joint12(codes_ptr, rec_base, blk, valid2, r, joint_ptr, NB: tl.constexpr,
              P: tl.constexpr, LV0: tl.constexpr, LV1: tl.constexpr, TAIL_BYTE: tl.constexpr,
              R: tl.constexpr):
@@ -429,7 +415,11 @@ def _joint12(codes_ptr, rec_base, blk, valid2, r, joint_ptr, NB: tl.constexpr,
     if b2 > 0:
         c2 = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV1, TAIL_BYTE, R)
         idx = idx | ((c2 & ((1 << b2) - 1)) << (2 * b1))
-    w0, w1 = _ldg2_b32(joint_ptr, idx)
+    # (two bf16x2 words; their float32 reading is finite, the high halves being products of
+    # cosines and sines, and the bitcast is free)
+    f0, f1 = _ldg2(joint_ptr, idx)
+    w0 = f0.to(tl.int32, bitcast=True)
+    w1 = f1.to(tl.int32, bitcast=True)
     lo0, hi0 = _mul_bf16x2(r, w0)
     lo1, hi1 = _mul_bf16x2(r, w1)
     return tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
