@@ -332,10 +332,13 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            # the default encode (quantizer='cross', rotation_mma='bf16x2') beside the former
-            # default (atan2, tf32x3), every preset; explicit so the environment cannot blur it
-            fast = dict(pre_rotate=False, quantizer="cross", rotation_mma="bf16x2")
+            # the default encode (quantizer='cross', rotation_mma='bf16x2') beside the opt-in
+            # persistent launch and the former default (atan2, tf32x3), every preset; explicit
+            # so the environment cannot blur it
+            fast = dict(pre_rotate=False, quantizer="cross", rotation_mma="bf16x2",
+                        persistent=False)
             variants = [("fused", fast),
+                        ("fused_persistent", dict(fast, persistent=True)),
                         ("fused_atan2_tf32x3", dict(pre_rotate=False, quantizer="atan2",
                                                     rotation_mma="tf32x3"))]
             if preset == "paper":

@@ -66,9 +66,11 @@ sweep)
     ;;
 speedups)
     # the changes not yet run on a GPU: the kernel tests with the opt-in joint table of levels
-    # 1 and 2 (POLARTENSOR_JOINT12=1), then the decode and encode tables with it timed beside
-    # the default in one run (the unmasked 16-bit code loads and the encode's aligned x loads
-    # are in the defaults, so the tests stage covers them and this run times them)
+    # 1 and 2 (POLARTENSOR_JOINT12=1), then the decode table with it timed beside the default
+    # and the encode table with the opt-in persistent launch (fused_persistent) beside it, in
+    # one run (the unmasked 16-bit code loads and the encode's aligned x loads are in the
+    # defaults, so the tests stage covers them and this run times them; the persistent
+    # encode's tests run in the tests stage with persistent=True)
     POLARTENSOR_JOINT12=1 POLARTENSOR_FAILLOG="$OUT/failures_joint12.txt" \
         step tests_joint12 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py

@@ -55,9 +55,10 @@ def _signature(fn, args, kwargs):
             sig[p] = "fp32"
         else:
             raise TypeError(f"{p}: {type(a).__name__}")
+    defaults = inspect.signature(fn.fn).parameters
     for p in params[len(args):]:
         sig[p] = "constexpr"
-        consts[p] = kwargs[p]
+        consts[p] = kwargs[p] if p in kwargs else defaults[p].default
     return sig, consts, attrs
 
 
@@ -242,8 +243,9 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     mids = boundary_table(quantize(x[:, :1].float(), cfg).centroids, cfg, torch.float64)
     codes = torch.empty(2, 64, cfg.record_bytes(d), dtype=torch.uint8)
     radii = torch.empty(2, 64, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype)
-    if variant != "reshape":
-        raise ValueError(f"encode variant {variant!r}: only 'reshape' exists")
+    if variant not in ("reshape", "persistent"):
+        raise ValueError(f"encode variant {variant!r}: 'reshape' (one program per tile) or "
+                         "'persistent' (persistent=True)")
     kernel = encode.polar_encode_fwd_kernel
     captured = {}
 
@@ -260,7 +262,7 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
     try:
         encode.encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  block_rows=block_rows)
+                                  block_rows=block_rows, persistent=variant == "persistent")
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
         sig, consts, attrs = _signature(kernel, args, kwargs)

@@ -143,6 +143,19 @@ def boundary_table(centroids: torch.Tensor, config,
     return torch.stack(rows).contiguous()
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached; 4 elsewhere)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 def records_aligned16(codes: torch.Tensor) -> bool:
     """Code records [..., R] of an even size at even addresses: every 16-bit word inside a
     record is aligned (the 16-bit code loads and stores need it)."""

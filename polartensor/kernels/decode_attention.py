@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import PACKED_DECODE, decode_tile, interpreting, level_words
+from .common import PACKED_DECODE, _sm_count, decode_tile, interpreting, level_words
 from .tree_decode import code16_aligned, decode_tile_joined
 
 __all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
@@ -218,16 +218,6 @@ def polar_attn_combine_kernel(
 
 
 _TL_DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _next_pow2(n: int) -> int:

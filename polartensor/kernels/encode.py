@@ -13,15 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _encode_level, interpreting, level_words, records_aligned16
+from .common import _encode_level, _sm_count, interpreting, level_words, records_aligned16
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
 _INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
-@triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
-def polar_encode_fwd_kernel(
+@triton.jit
+def _encode_tile(
+    tile,
     x_ptr, sx_l, sx_t,
     rot_ptr, mids_ptr,
     codes_ptr, sc_l, sc_t,
@@ -35,9 +36,10 @@ def polar_encode_fwd_kernel(
     CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1,
+    HOISTED: tl.constexpr = False, s_hi=None, s_lo=None,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BN + tl.arange(0, BN)
+    """One tile of BN rows: rotation, polar transform, codes and radii stored."""
+    rows = tl.full((), BN, tl.int64) * tile + tl.arange(0, BN)  # (int64: huge caches)
     valid = rows < n_rows
     lead = rows // T
     t = rows % T
@@ -49,7 +51,18 @@ def polar_encode_fwd_kernel(
         # (Triton 3.6, sm_90, paper, d 128) 2880 -> 1856 SASS instructions, 16-byte loads.
         x_off = tl.multiple_of(x_off, X_ALIGN)
     dd = tl.arange(0, D)
-    if ROTATE:
+    if HOISTED:
+        # S^T's bfloat16 parts, loaded once per program (persistent launch)
+        xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+        if _INTERP:
+            # (the interpreter's bfloat16 dot is wrong: float32, where the products are exact)
+            xf = xb.to(tl.float32)
+            y = tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
+            y += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(xb, s_hi)
+            y += tl.dot(xb, s_lo)
+    elif ROTATE:
         # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
         y = tl.zeros((BN, D), dtype=tl.float32)
         for k0 in tl.static_range(0, D, KCH):
@@ -120,6 +133,45 @@ def polar_encode_fwd_kernel(
              r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
 
 
+
+
+@triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
+def polar_encode_fwd_kernel(
+    x_ptr, sx_l, sx_t,
+    rot_ptr, mids_ptr,
+    codes_ptr, sc_l, sc_t,
+    radii_ptr, sr_l, sr_t,
+    n_rows, T,
+    BN: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr, KT: tl.constexpr,
+    L: tl.constexpr, NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
+    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
+    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
+    ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
+    CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
+    ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
+    X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False,
+):
+    """Encode rows into the cache storage; ``PERSIST`` (bfloat16 x and the bf16x2 rotation,
+    d <= 128): a grid of a few programs per SM, each loading S's parts once and encoding tile
+    after tile, instead of every tile reading all of S from L2."""
+    pid = tl.program_id(0)
+    if PERSIST:
+        dd = tl.arange(0, D)
+        s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
+        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
+        for tile in range(pid, tl.cdiv(n_rows, BN), tl.num_programs(0)):
+            _encode_tile(tile, x_ptr, sx_l, sx_t, rot_ptr, mids_ptr, codes_ptr, sc_l, sc_t,
+                         radii_ptr, sr_l, sr_t, n_rows, T, BN, D, KCH, KT, L, NB, TAIL_BYTE,
+                         TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, ROTATE, PREC, F64,
+                         VEC, CROSS, CROSS1, TOFF, ROT_BF16X2, STORE16, X_ALIGN, True, s_hi,
+                         s_lo)
+    else:
+        _encode_tile(pid, x_ptr, sx_l, sx_t, rot_ptr, mids_ptr, codes_ptr, sc_l, sc_t,
+                     radii_ptr, sr_l, sr_t, n_rows, T, BN, D, KCH, KT, L, NB, TAIL_BYTE,
+                     TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, ROTATE, PREC, F64, VEC,
+                     CROSS, CROSS1, TOFF, ROT_BF16X2, STORE16, X_ALIGN)
+
+
 # The float32 encode finds codes without atan2 by default (see common._encode_level, CROSS);
 # POLARTENSOR_ENCODE_QUANT=atan2 (read per call) or quantizer='atan2' keeps atan2.
 _QUANTIZERS = ("atan2", "cross")
@@ -173,6 +225,18 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
     return _cached("cross", mids, tuple(config.bits), build)
 
 
+def _persistent(persistent: bool | None) -> bool:
+    """``persistent``, else POLARTENSOR_ENCODE_PERSIST (read per call; opt-in, not yet run on
+    a GPU): 1 for the persistent encode launch, 0 (the default) for one program per tile."""
+    if persistent is not None:
+        return bool(persistent)
+    v = os.environ.get("POLARTENSOR_ENCODE_PERSIST", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"POLARTENSOR_ENCODE_PERSIST={v!r}: use 1 (persistent programs, S "
+                         "loaded once per program) or 0 (one program per tile, the default)")
+    return v == "1"
+
+
 def _row_align(x3: torch.Tensor) -> int:
     """The largest of 8, 4, 2, 1 that every row offset of ``x3`` [lead, T, D] (unit last
     stride) is a multiple of, in elements: what the kernel may promise Triton (which knows
@@ -203,7 +267,7 @@ def encode_into_triton(
     x: torch.Tensor, rot: torch.Tensor | None, mids: torch.Tensor, codes_out: torch.Tensor,
     radii_out: torch.Tensor, config, block_rows: int | None = None,
     pre_rotate: bool | None = None, exact: bool | None = None, quantizer: str | None = None,
-    rotation_mma: str | None = None,
+    rotation_mma: str | None = None, persistent: bool | None = None,
 ) -> bool:
     """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (``x`` already rotated, or
     rotation 'none'). ``mids``: :func:`common.boundary_table` (cast to the
@@ -217,7 +281,10 @@ def encode_into_triton(
     comparisons, no atan2; see ``common._encode_level``); default POLARTENSOR_ENCODE_QUANT,
     else cross. ``rotation_mma``: ``"bf16x2"`` or ``"tf32x3"`` (how the fused rotation
     multiplies; bf16x2 only for bfloat16 inputs with 16-bit radii, others take tf32x3);
-    default POLARTENSOR_ENCODE_ROT, else bf16x2.
+    default POLARTENSOR_ENCODE_ROT, else bf16x2. ``persistent`` (default:
+    POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
+    elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
+    encoding tile after tile.
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     interp = interpreting()
@@ -279,7 +346,10 @@ def encode_into_triton(
     if cross:
         mids, cross1 = cross_table(mids_in, config)
         toff = w["L"] * mids.shape[1]
-    grid = (triton.cdiv(n_rows, block_rows),)
+    n_tiles = triton.cdiv(n_rows, block_rows)
+    persist = _persistent(persistent) and rot_bf16x2 and d <= 128
+    # (under the interpreter two programs, so that each really loops over tiles)
+    grid = (min(n_tiles, 2 if interp else 2 * _sm_count(x3.device)) if persist else n_tiles,)
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
         rot_arg, mids,
@@ -292,7 +362,8 @@ def encode_into_triton(
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
-        STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), num_warps=4,
+        STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
+        num_warps=4,
     )
     if exact:
         r_dst.copy_(r3)

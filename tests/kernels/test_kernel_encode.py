@@ -352,3 +352,46 @@ def test_encode_row_alignment_hint(pad, want):
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
     _check_encode(x, cfg, codes, radii, 0, 7)
+
+
+@pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
+@pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d <= 128])
+def test_persistent_encode_matches_reference(preset, d, monkeypatch):
+    """persistent=True (POLARTENSOR_ENCODE_PERSIST=1, opt-in; bfloat16 x, the bf16x2 rotation,
+    head_dim <= 128): fewer programs than tiles, each loading S once and encoding tile after
+    tile (rows not a multiple of the tile, written at an offset); codes and radii agree with
+    the reference as the one-program-per-tile launch does."""
+    seen = _spy_launches(monkeypatch, "PERSIST")
+    cfg = get_preset(preset, head_dim=d)
+    g = torch.Generator().manual_seed(d + 13)
+    t = 70 if ON_GPU else 23
+    x = (torch.randn(3, t, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    store = torch.randint(0, 256, (3, t + 5, cfg.record_bytes(d)), generator=g,
+                          dtype=torch.uint8).to(DEVICE)
+    before = store.clone()
+    codes = store[:, 2:2 + t]
+    radii = torch.zeros(3, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, block_rows=16,
+                              persistent=True)
+    assert seen[-1] is True
+    assert torch.equal(store[:, :2], before[:, :2]) and torch.equal(store[:, 2 + t:],
+                                                                     before[:, 2 + t:])
+    _check_encode(x, cfg, codes, radii, 0, t)
+    # where it does not apply (float32 x: no bf16x2 rotation) the flag is ignored
+    assert encode_into_triton(x.float(), rot, mids, codes, radii, cfg, exact=False,
+                              block_rows=16, persistent=True)
+    assert seen[-1] is False
+
+
+def test_persistent_setting_is_checked(monkeypatch):
+    from polartensor.kernels.encode import _persistent
+
+    monkeypatch.delenv("POLARTENSOR_ENCODE_PERSIST", raising=False)
+    assert not _persistent(None)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "1")
+    assert _persistent(None) and not _persistent(False)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERSIST='yes'"):
+        _persistent(None)
