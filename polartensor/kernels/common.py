@@ -143,6 +143,16 @@ def boundary_table(centroids: torch.Tensor, config,
     return torch.stack(rows).contiguous()
 
 
+def env_flag(name: str, default: bool, on: str, off: str) -> bool:
+    """A 0/1 setting read from the environment (per call where the caller reads it per
+    call); anything else is refused with both meanings named."""
+    v = os.environ.get(name, "1" if default else "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{name}={v!r}: use 1 ({on}{', the default' if default else ''}) "
+                         f"or 0 ({off}{'' if default else ', the default'})")
+    return v == "1"
+
+
 _SM_COUNT: dict = {}
 
 

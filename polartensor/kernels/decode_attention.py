@@ -13,13 +13,11 @@ Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import PACKED_DECODE, _sm_count, decode_tile, interpreting, level_words
+from .common import PACKED_DECODE, _sm_count, decode_tile, env_flag, interpreting, level_words
 from .tree_decode import code16_aligned, decode_tile_joined
 
 __all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
@@ -277,11 +275,8 @@ def joint12_enabled() -> bool:
     takes levels 1 and 2 in one step through a joint table where the configuration has one
     (common.joint12_bits: paper, polar-3, polar-3.25). Offline it cut the paper loop's SASS
     (results/bench/kernel_ir_stats.md); not yet timed."""
-    v = os.environ.get("POLARTENSOR_JOINT12", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"POLARTENSOR_JOINT12={v!r}: use 1 (joint table of levels 1 and 2) "
-                         "or 0 (the default: one step per level)")
-    return v == "1"
+    return env_flag("POLARTENSOR_JOINT12", False, "joint table of levels 1 and 2",
+                    "one step per level")
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:

@@ -13,126 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _encode_level, _sm_count, interpreting, level_words, records_aligned16
+from .common import _encode_level, _sm_count, env_flag, interpreting, level_words, records_aligned16
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
 _INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-
-@triton.jit
-def _encode_tile(
-    tile,
-    x_ptr, sx_l, sx_t,
-    rot_ptr, mids_ptr,
-    codes_ptr, sc_l, sc_t,
-    radii_ptr, sr_l, sr_t,
-    n_rows, T,
-    BN: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr, KT: tl.constexpr,
-    L: tl.constexpr, NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
-    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
-    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr, LV7: tl.constexpr,
-    ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
-    CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
-    ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
-    X_ALIGN: tl.constexpr = 1,
-    HOISTED: tl.constexpr = False, s_hi=None, s_lo=None,
-):
-    """One tile of BN rows: rotation, polar transform, codes and radii stored."""
-    rows = tl.full((), BN, tl.int64) * tile + tl.arange(0, BN)  # (int64: huge caches)
-    valid = rows < n_rows
-    lead = rows // T
-    t = rows % T
-    x_off = lead * sx_l + t * sx_t
-    if X_ALIGN > 1:
-        # The row strides are not specialised on (one compiled kernel for every cache shape),
-        # so Triton cannot see that rows start at multiples of 8 elements and loads x one
-        # element per instruction. The host checks the strides and says so here: offline
-        # (Triton 3.6, sm_90, paper, d 128) 2880 -> 1856 SASS instructions, 16-byte loads.
-        x_off = tl.multiple_of(x_off, X_ALIGN)
-    dd = tl.arange(0, D)
-    if HOISTED:
-        # S^T's bfloat16 parts, loaded once per program (persistent launch)
-        xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
-        if _INTERP:
-            # (the interpreter's bfloat16 dot is wrong: float32, where the products are exact)
-            xf = xb.to(tl.float32)
-            y = tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
-            y += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(xb, s_hi)
-            y += tl.dot(xb, s_lo)
-    elif ROTATE:
-        # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
-        y = tl.zeros((BN, D), dtype=tl.float32)
-        for k0 in tl.static_range(0, D, KCH):
-            kk = k0 + tl.arange(0, KCH)
-            xc = tl.load(x_ptr + x_off[:, None] + kk[None, :], mask=valid[:, None],
-                         other=0.0)
-            if ROT_BF16X2:
-                # bfloat16 x (exact) against S = S_hi + S_lo, both bfloat16 ([2, D, D] at
-                # rot_ptr): two bf16 MMAs, no operand splitting, ~2^-16 relative error
-                st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
-                st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
-                if _INTERP:
-                    # the interpreter's bfloat16 dot is wrong (Triton 3.9): the same products
-                    # in float32, where bfloat16 x bfloat16 is exact
-                    xf = xc.to(tl.float32)
-                    y += tl.dot(xf, st_hi.to(tl.float32), input_precision="ieee")
-                    y += tl.dot(xf, st_lo.to(tl.float32), input_precision="ieee")
-                else:
-                    y += tl.dot(xc, st_hi)
-                    y += tl.dot(xc, st_lo)
-            else:
-                st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
-                y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
-    else:
-        y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
-        y = y.to(tl.float64) if F64 else y.to(tl.float32)
-    rec_off = lead * sc_l + t * sc_t
-    r = y
-    tail = tl.zeros((BN,), dtype=tl.int64)
-    r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
-                            True, KT, F64, VEC, CROSS1, TOFF,
-                            STORE16 and CROSS)
-    if L >= 2:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
-                                D >> 2, LV1, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 3:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
-                                BN, D >> 3, LV2, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 4:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
-                                BN, D >> 4, LV3, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 5:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
-                                BN, D >> 5, LV4, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 6:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
-                                BN, D >> 6, LV5, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 7:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
-                                BN, D >> 7, LV6, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    if L >= 8:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
-                                BN, D >> 8, LV7, False, KT, F64, VEC, CROSS,
-                                TOFF, STORE16)
-    for k in tl.static_range(TAIL_NB):
-        tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
-                 mask=valid)
-    nb = tl.arange(0, NB)
-    rad_off = lead * sr_l + t * sr_t
-    # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
-    tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
-             r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
-
-
 
 
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
@@ -151,25 +36,111 @@ def polar_encode_fwd_kernel(
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False,
 ):
-    """Encode rows into the cache storage; ``PERSIST`` (bfloat16 x and the bf16x2 rotation,
-    d <= 128): a grid of a few programs per SM, each loading S's parts once and encoding tile
-    after tile, instead of every tile reading all of S from L2."""
+    """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
+    (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
+    loading S's parts once and encoding tile after tile, instead of every tile reading all of
+    S from L2."""
     pid = tl.program_id(0)
     if PERSIST:
-        dd = tl.arange(0, D)
-        s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
-        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
-        for tile in range(pid, tl.cdiv(n_rows, BN), tl.num_programs(0)):
-            _encode_tile(tile, x_ptr, sx_l, sx_t, rot_ptr, mids_ptr, codes_ptr, sc_l, sc_t,
-                         radii_ptr, sr_l, sr_t, n_rows, T, BN, D, KCH, KT, L, NB, TAIL_BYTE,
-                         TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, ROTATE, PREC, F64,
-                         VEC, CROSS, CROSS1, TOFF, ROT_BF16X2, STORE16, X_ALIGN, True, s_hi,
-                         s_lo)
+        dd0 = tl.arange(0, D)
+        s_hi = tl.load(rot_ptr + dd0[None, :] * D + dd0[:, None])
+        s_lo = tl.load(rot_ptr + D * D + dd0[None, :] * D + dd0[:, None])
+        step = tl.num_programs(0)
     else:
-        _encode_tile(pid, x_ptr, sx_l, sx_t, rot_ptr, mids_ptr, codes_ptr, sc_l, sc_t,
-                     radii_ptr, sr_l, sr_t, n_rows, T, BN, D, KCH, KT, L, NB, TAIL_BYTE,
-                     TAIL_NB, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7, ROTATE, PREC, F64, VEC,
-                     CROSS, CROSS1, TOFF, ROT_BF16X2, STORE16, X_ALIGN)
+        step = tl.cdiv(n_rows, BN)
+    for tile in range(pid, tl.cdiv(n_rows, BN), step):
+        rows = tl.full((), BN, tl.int64) * tile + tl.arange(0, BN)  # (int64: huge caches)
+        valid = rows < n_rows
+        lead = rows // T
+        t = rows % T
+        x_off = lead * sx_l + t * sx_t
+        if X_ALIGN > 1:
+            # The row strides are not specialised on (one compiled kernel for every cache shape),
+            # so Triton cannot see that rows start at multiples of 8 elements and loads x one
+            # element per instruction. The host checks the strides and says so here: offline
+            # (Triton 3.6, sm_90, paper, d 128) 2880 -> 1856 SASS instructions, 16-byte loads.
+            x_off = tl.multiple_of(x_off, X_ALIGN)
+        dd = tl.arange(0, D)
+        if PERSIST:
+            # S^T's bfloat16 parts, loaded once per program (persistent launch)
+            xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+            if _INTERP:
+                # (the interpreter's bfloat16 dot is wrong: float32, where the products are exact)
+                xf = xb.to(tl.float32)
+                y = tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
+                y += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(xb, s_hi)
+                y += tl.dot(xb, s_lo)
+        elif ROTATE:
+            # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
+            y = tl.zeros((BN, D), dtype=tl.float32)
+            for k0 in tl.static_range(0, D, KCH):
+                kk = k0 + tl.arange(0, KCH)
+                xc = tl.load(x_ptr + x_off[:, None] + kk[None, :], mask=valid[:, None],
+                             other=0.0)
+                if ROT_BF16X2:
+                    # bfloat16 x (exact) against S = S_hi + S_lo, both bfloat16 ([2, D, D] at
+                    # rot_ptr): two bf16 MMAs, no operand splitting, ~2^-16 relative error
+                    st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                    st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
+                    if _INTERP:
+                        # the interpreter's bfloat16 dot is wrong (Triton 3.9): the same products
+                        # in float32, where bfloat16 x bfloat16 is exact
+                        xf = xc.to(tl.float32)
+                        y += tl.dot(xf, st_hi.to(tl.float32), input_precision="ieee")
+                        y += tl.dot(xf, st_lo.to(tl.float32), input_precision="ieee")
+                    else:
+                        y += tl.dot(xc, st_hi)
+                        y += tl.dot(xc, st_lo)
+                else:
+                    st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                    y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
+        else:
+            y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+            y = y.to(tl.float64) if F64 else y.to(tl.float32)
+        rec_off = lead * sc_l + t * sc_t
+        r = y
+        tail = tl.zeros((BN,), dtype=tl.int64)
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
+                                True, KT, F64, VEC, CROSS1, TOFF,
+                                STORE16 and CROSS)
+        if L >= 2:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
+                                    D >> 2, LV1, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 3:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
+                                    BN, D >> 3, LV2, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 4:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
+                                    BN, D >> 4, LV3, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 5:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
+                                    BN, D >> 5, LV4, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 6:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
+                                    BN, D >> 6, LV5, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 7:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
+                                    BN, D >> 7, LV6, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        if L >= 8:
+            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
+                                    BN, D >> 8, LV7, False, KT, F64, VEC, CROSS,
+                                    TOFF, STORE16)
+        for k in tl.static_range(TAIL_NB):
+            tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
+                     mask=valid)
+        nb = tl.arange(0, NB)
+        rad_off = lead * sr_l + t * sr_t
+        # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
+        tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
+                 r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
 
 
 # The float32 encode finds codes without atan2 by default (see common._encode_level, CROSS);
@@ -230,11 +201,8 @@ def _persistent(persistent: bool | None) -> bool:
     a GPU): 1 for the persistent encode launch, 0 (the default) for one program per tile."""
     if persistent is not None:
         return bool(persistent)
-    v = os.environ.get("POLARTENSOR_ENCODE_PERSIST", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"POLARTENSOR_ENCODE_PERSIST={v!r}: use 1 (persistent programs, S "
-                         "loaded once per program) or 0 (one program per tile, the default)")
-    return v == "1"
+    return env_flag("POLARTENSOR_ENCODE_PERSIST", False,
+                    "persistent programs, S loaded once per program", "one program per tile")
 
 
 def _row_align(x3: torch.Tensor) -> int:
