@@ -14,10 +14,37 @@ import triton
 import triton.language as tl
 
 from .common import _encode_level, _sm_count, env_flag, interpreting, level_words, records_aligned16
+from .tree_decode import _level_word
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
 _INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
+                   D: tl.constexpr, KT: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
+                   CROSS: tl.constexpr, CROSS1: tl.constexpr, TOFF: tl.constexpr,
+                   STORE16: tl.constexpr, LVL: tl.constexpr, L: tl.constexpr,
+                   LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
+                   LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr,
+                   LV7: tl.constexpr):
+    """Levels LVL..L bottom-up (common._encode_level each; unrolled at compile time, as every
+    level has its own constexpr bit layout): radii [BN, D >> L] and the tail word."""
+    LV: tl.constexpr = _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
+    if LVL == 1:
+        # level 1: the closed-form quantizer where the codebook allows (CROSS1)
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV,
+                                True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS)
+    else:
+        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid,
+                                mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False, KT,
+                                F64, VEC, CROSS, TOFF, STORE16)
+    if LVL < L:
+        r, tail = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT, F64,
+                                 VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0, LV1, LV2,
+                                 LV3, LV4, LV5, LV6, LV7)
+    return r, tail
 
 
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
@@ -41,10 +68,10 @@ def polar_encode_fwd_kernel(
     loading S's parts once and encoding tile after tile, instead of every tile reading all of
     S from L2."""
     pid = tl.program_id(0)
+    dd = tl.arange(0, D)
     if PERSIST:
-        dd0 = tl.arange(0, D)
-        s_hi = tl.load(rot_ptr + dd0[None, :] * D + dd0[:, None])
-        s_lo = tl.load(rot_ptr + D * D + dd0[None, :] * D + dd0[:, None])
+        s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
+        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
         step = tl.num_programs(0)
     else:
         step = tl.cdiv(n_rows, BN)
@@ -60,7 +87,6 @@ def polar_encode_fwd_kernel(
             # element per instruction. The host checks the strides and says so here: offline
             # (Triton 3.6, sm_90, paper, d 128) 2880 -> 1856 SASS instructions, 16-byte loads.
             x_off = tl.multiple_of(x_off, X_ALIGN)
-        dd = tl.arange(0, D)
         if PERSIST:
             # S^T's bfloat16 parts, loaded once per program (persistent launch)
             xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
@@ -101,38 +127,9 @@ def polar_encode_fwd_kernel(
             y = y.to(tl.float64) if F64 else y.to(tl.float32)
         rec_off = lead * sc_l + t * sc_t
         r = y
-        tail = tl.zeros((BN,), dtype=tl.int64)
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV0,
-                                True, KT, F64, VEC, CROSS1, TOFF,
-                                STORE16 and CROSS)
-        if L >= 2:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + (KT + 1), BN,
-                                    D >> 2, LV1, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 3:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 2 * (KT + 1),
-                                    BN, D >> 3, LV2, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 4:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 3 * (KT + 1),
-                                    BN, D >> 4, LV3, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 5:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 4 * (KT + 1),
-                                    BN, D >> 5, LV4, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 6:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 5 * (KT + 1),
-                                    BN, D >> 6, LV5, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 7:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 6 * (KT + 1),
-                                    BN, D >> 7, LV6, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
-        if L >= 8:
-            r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr + 7 * (KT + 1),
-                                    BN, D >> 8, LV7, False, KT, F64, VEC, CROSS,
-                                    TOFF, STORE16)
+        r, tail = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
+                                 valid, mids_ptr, BN, D, KT, F64, VEC, CROSS, CROSS1, TOFF,
+                                 STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
         for k in tl.static_range(TAIL_NB):
             tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
                      mask=valid)

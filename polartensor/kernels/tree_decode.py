@@ -455,6 +455,43 @@ def _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
     return out
 
 
+@triton.constexpr_function
+def _level_word(lvl, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7):
+    """The layout word LV of level ``lvl`` (1-based) among a kernel's LV0..LV7 constexprs."""
+    return (lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7)[lvl - 1]
+
+
+@triton.constexpr_function
+def _joint_at(pack, L, l0, lv0, lv1):
+    """Levels 2 and 1 go through the joint table: PACK == 2, both decoded below the tree
+    root, and a table for their bits."""
+    return pack == 2 and L >= 2 and l0 >= 2 and _joint_ok(lv0, lv1)
+
+
+@triton.constexpr_function
+def _last_single_level(joint):
+    return 3 if joint else 1
+
+
+@triton.jit
+def _levels_down(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
+                 SO: tl.constexpr, LVL: tl.constexpr, LAST: tl.constexpr, L0: tl.constexpr,
+                 NBB: tl.constexpr, D: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
+                 PACK: tl.constexpr, LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr,
+                 LV3: tl.constexpr, LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr,
+                 LV7: tl.constexpr):
+    """Levels LVL down to LAST, one _any_level each (unrolled at compile time: every level
+    has its own constexpr layout word)."""
+    r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, LVL, L0, NBB, D,
+                   _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7), TAIL_BYTE, R,
+                   PACK)
+    if LVL > LAST:
+        r = _levels_down(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, LVL - 1, LAST,
+                         L0, NBB, D, TAIL_BYTE, R, PACK, LV0, LV1, LV2, LV3, LV4, LV5, LV6,
+                         LV7)
+    return r
+
+
 @triton.jit
 def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
                    BN: tl.constexpr, D: tl.constexpr, KT: tl.constexpr, L: tl.constexpr,
@@ -491,32 +528,14 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
         r = tl.load(radii_ptr + rad_off[:, None] + (u >> T), mask=valid2,
                     other=0.0).to(tl.float32)
     SO: tl.constexpr = L * KT
-    if L >= 8:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 8, L0, NBB, D,
-                       LV7, TAIL_BYTE, R, PACK)
-    if L >= 7:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 7, L0, NBB, D,
-                       LV6, TAIL_BYTE, R, PACK)
-    if L >= 6:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 6, L0, NBB, D,
-                       LV5, TAIL_BYTE, R, PACK)
-    if L >= 5:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 5, L0, NBB, D,
-                       LV4, TAIL_BYTE, R, PACK)
-    if L >= 4:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 4, L0, NBB, D,
-                       LV3, TAIL_BYTE, R, PACK)
-    if L >= 3:
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 3, L0, NBB, D,
-                       LV2, TAIL_BYTE, R, PACK)
-    if PACK == 2 and L >= 2 and L0 >= 2 and _joint_ok(LV0, LV1):
+    JOINT: tl.constexpr = _joint_at(PACK, L, L0, LV0, LV1)
+    # top-down, level L to level 1, or to level 3 when levels 2 and 1 take the joint table
+    LAST: tl.constexpr = _last_single_level(JOINT)
+    if L >= LAST:
+        r = _levels_down(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, L, LAST, L0, NBB,
+                         D, TAIL_BYTE, R, PACK, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
+    if JOINT:
         # levels 2 and 1 through the joint table, planes 5.. of the tables
         r = _joint12(codes_ptr, rec_base, u, valid2, r, trig_ptr + 5 * SO, NBB,
                      1 << (L0 - 2), LV0, LV1, TAIL_BYTE, R)
-    else:
-        if L >= 2:
-            r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 2, L0, NBB, D,
-                           LV1, TAIL_BYTE, R, PACK)
-        r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, 1, L0, NBB, D,
-                       LV0, TAIL_BYTE, R, PACK)
     return tl.reshape(r, (BN, D))
