@@ -164,8 +164,8 @@ def main():
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
-                    "opt-in joint table of levels 1 and 2 (POLARTENSOR_JOINT12=1) beside the "
-                    "default, in the same run")
+                    "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
+                    "nowhere (=0) beside the default, in the same run")
     ap.add_argument("--splits-baseline", action="store_true", help="decode table: also time "
                     "the previous split rule (~8 programs per SM, split_rule='per_sm') beside "
                     "the default wave-filling one, in the same run")
@@ -488,19 +488,21 @@ def main():
                            lambda kq=kq, vq=vq, cfg=cfg, q=q: (
                                ours_fn(q, kq, vq, cfg, scale, split_rule="per_sm"), {}))
             if args.joint12:
-                def joint12_fn(kq=kq, vq=vq, cfg=cfg, q=q):
+                def joint12_fn(kq=kq, vq=vq, cfg=cfg, q=q, value="1"):
                     default = ours_fn(q, kq, vq, cfg, scale)()
                     launch = ours_fn(q, kq, vq, cfg, scale)
 
-                    def joint():  # the flag is read per call: set while the graph is captured
-                        os.environ["POLARTENSOR_JOINT12"] = "1"
+                    def forced():  # the flag is read per call: set while the graph is captured
+                        os.environ["POLARTENSOR_JOINT12"] = value
                         try:
                             return launch()
                         finally:
                             os.environ.pop("POLARTENSOR_JOINT12", None)
-                    diff = (joint().float() - default.float()).abs().max().item()
-                    return joint, {"max_abs_diff_vs_default": diff}
+                    diff = (forced().float() - default.float()).abs().max().item()
+                    return forced, {"max_abs_diff_vs_default": diff}
                 decode_row(base, "polar_triton_joint12", preset, qbytes, joint12_fn)
+                decode_row(base, "polar_triton_joint12_off", preset, qbytes,
+                           lambda kq=kq, vq=vq, cfg=cfg, q=q: joint12_fn(kq, vq, cfg, q, "0"))
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
@@ -607,9 +609,17 @@ def render_markdown(res) -> str:
                       with_cudnn=True, diff_key="max_abs_diff_vs_default")
     if any(r["method"] == "polar_triton_joint12" for r in dec):
         _versus_table(out, keyed, shapes, presets, "polar_triton_joint12",
-                      "Default (packed) vs the joint table of levels 1 and 2 "
-                      "(`POLARTENSOR_JOINT12=1`; polar-4 has none: the same kernel), same run:",
+                      "Default (the joint table of levels 1 and 2 where measured faster: "
+                      "POLARTENSOR_JOINT12 unset) vs it everywhere (`POLARTENSOR_JOINT12=1`; "
+                      "polar-4 has none: the same kernel), same run:",
                       ["joint12 ms", "× ours vs joint12", "× joint12 vs cuDNN",
+                       "max abs diff vs ours"], with_cudnn=True,
+                      diff_key="max_abs_diff_vs_default")
+    if any(r["method"] == "polar_triton_joint12_off" for r in dec):
+        _versus_table(out, keyed, shapes, presets, "polar_triton_joint12_off",
+                      "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), "
+                      "same run:",
+                      ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
                        "max abs diff vs ours"], with_cudnn=True,
                       diff_key="max_abs_diff_vs_default")
     if any(r["method"] == "polar_triton_per_sm_splits" for r in dec):

@@ -31,6 +31,10 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
 # Compile with the divisibility attributes a real launch gives (--no-specialize: without, as
 # the tables in results/bench/kernel_ir_stats.md before 2026-11-29 12:50 UTC were made).
 SPECIALIZE = True
+# A launch that names no num_stages gets Triton's CUDA default, three: the offline compile must
+# too, or it misses what the software pipeliner does to a kernel's loops (it did: the encode's
+# tile loop double-buffered S, 536 KB of shared memory at d 256, which only the H200 showed).
+_DEFAULT_STAGES = 3
 
 
 def _signature(fn, args, kwargs):
@@ -106,7 +110,8 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
             mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
             block_n=block_n, pack=decode in ("packed", "joint12"))
         args, kwargs = captured["args"]
-        opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
+        opts = {"num_warps": kwargs.pop("num_warps", 4),
+                "num_stages": kwargs.pop("num_stages", _DEFAULT_STAGES)}
         sig, consts, attrs = _signature(kernel, args, kwargs)
         # The jit function binds decode_tile at compile time; drop its cached hash so a swap
         # between calls in one process takes effect.
@@ -264,7 +269,8 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
         encode.encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
                                   block_rows=block_rows, persistent=variant == "persistent")
         args, kwargs = captured["args"]
-        opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
+        opts = {"num_warps": kwargs.pop("num_warps", 4),
+                "num_stages": kwargs.pop("num_stages", _DEFAULT_STAGES)}
         sig, consts, attrs = _signature(kernel, args, kwargs)
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts,
                                         attrs=attrs if SPECIALIZE else None)

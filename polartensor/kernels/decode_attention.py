@@ -13,6 +13,8 @@ Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -270,13 +272,19 @@ def _wave_splits(want: int, max_splits: int, progs: int, slots: int, total: int,
     return min((s for c, s in costs if c <= floor * 1.02), key=lambda s: (abs(s - want), s))
 
 
-def joint12_enabled() -> bool:
-    """POLARTENSOR_JOINT12=1 (read per call; opt-in, not yet run on a GPU): the packed decode
-    takes levels 1 and 2 in one step through a joint table where the configuration has one
-    (common.joint12_bits: paper, polar-3, polar-3.25). Offline it cut the paper loop's SASS
-    (results/bench/kernel_ir_stats.md); not yet timed."""
-    return env_flag("POLARTENSOR_JOINT12", False, "joint table of levels 1 and 2",
-                    "one step per level")
+def joint12_setting() -> bool | None:
+    """POLARTENSOR_JOINT12 (read per call): 1, the packed decode takes levels 1 and 2 in one
+    step through a joint table wherever the configuration has one (common.joint12_bits: paper,
+    polar-3, polar-3.25); 0, never; unset (None), where the H200 measured it faster. There
+    (results/bench/bench_joint12.md), at d 128 in the launch of 64 keys per step under a
+    128-register cap (batch 8-32, 8 KV heads), the paper preset was 5-6% faster with it
+    (batch 8 / 32K: 0.511 vs 0.539 ms) but slower under the 168-register cap (batch 1, 7-8%)
+    and at d 64 (up to 11%), and polar-3 was 3-12% slower everywhere."""
+    v = os.environ.get("POLARTENSOR_JOINT12")
+    if v is None:
+        return None
+    return env_flag("POLARTENSOR_JOINT12", False, "joint table of levels 1 and 2 wherever "
+                    "there is one", "one step per level; unset: where measured faster")
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
@@ -338,6 +346,7 @@ def launch_attention(
     # memory (the combine kernel refused to launch; the attention kernel read out of range
     # under compute-sanitizer), so M stays at 32 there.
     max_rows = 32 if d >= 256 else 128
+    joint12_auto = False
     if mode == "decode":
         bt = block_t or min(_next_pow2(tq), max(1, max_rows // gp))
         # 128 keys per step at d <= 128 with <= 16 query rows: best or within 2% of best of 16
@@ -357,6 +366,7 @@ def launch_attention(
                 # decode_launch_sweep_waves.md). At batch 8 / 4K it was 17% slower, hence 8K
                 # tokens or 256 programs.
                 bn, maxnreg = 64, 128
+                joint12_auto = all(c.levels <= 4 for c in (k_cfg, v_cfg))
             elif progs < 64:
                 # Few programs (batch 1-7 at 8 KV heads): 128 keys per step under a 168-register
                 # cap. On the H200 with the 16-bit code loads (paper preset, split counts by
@@ -398,7 +408,9 @@ def launch_attention(
             raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
                              f"x {bt} queries) does not compile with Triton 3.6; pass "
                              "block_t <= 32 // group, or pack=None for the float32 decode")
-    if pack and joint12_enabled() and k_trig.shape[0] > 5 and v_trig.shape[0] > 5:
+    joint12 = joint12_setting()
+    if (pack and (joint12_auto if joint12 is None else joint12)
+            and k_trig.shape[0] > 5 and v_trig.shape[0] > 5):
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
     has_tail = nt > 0

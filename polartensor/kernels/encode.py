@@ -233,6 +233,7 @@ def encode_into_triton(
     radii_out: torch.Tensor, config, block_rows: int | None = None,
     pre_rotate: bool | None = None, exact: bool | None = None, quantizer: str | None = None,
     rotation_mma: str | None = None, persistent: bool | None = None,
+    num_warps: int | None = None,
 ) -> bool:
     """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (``x`` already rotated, or
     rotation 'none'). ``mids``: :func:`common.boundary_table` (cast to the
@@ -249,9 +250,14 @@ def encode_into_triton(
     default POLARTENSOR_ENCODE_ROT, else bf16x2. ``persistent`` (default:
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
-    encoding tile after tile.
+    encoding tile after tile. ``block_rows``, ``num_warps``: the launch (defaults below).
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
+    if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
+        raise ValueError(f"block_rows={block_rows}: use a power of two >= 16 (the rotation is a "
+                         "tensor-core dot over the tile's rows)")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps}: use 1, 2, 4, 8 or 16")
     interp = interpreting()
     exact = interp if exact is None else exact
     chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "cross")
@@ -328,7 +334,10 @@ def encode_into_triton(
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
-        num_warps=4,
+        # One stage: with Triton's default three, the software pipeliner double-buffers all of
+        # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
+        # 227 KB there; d 128: 152 KB, one program per SM).
+        num_warps=num_warps or 4, num_stages=1,
     )
     if exact:
         r_dst.copy_(r3)

@@ -502,7 +502,7 @@ def test_packed_decode_attention_matches_reference(preset, tq):
 @_RESHAPE
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
-    """POLARTENSOR_JOINT12=1 (opt-in): the packed decode takes levels 1 and 2 through the
+    """POLARTENSOR_JOINT12=1: the packed decode takes levels 1 and 2 through the
     joint table where the configuration has one (paper, polar-3): within a bf16 SDPA's error
     of the reference, and really another path than the packed decode; polar-4 (no table)
     keeps the packed decode bit for bit. Through F.scaled_dot_product_attention too."""
@@ -541,15 +541,50 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
 
 
 def test_joint12_setting_is_checked(monkeypatch):
-    from polartensor.kernels.decode_attention import joint12_enabled
+    from polartensor.kernels.decode_attention import joint12_setting
 
     monkeypatch.delenv("POLARTENSOR_JOINT12", raising=False)
-    assert not joint12_enabled()
+    assert joint12_setting() is None
     monkeypatch.setenv("POLARTENSOR_JOINT12", "1")
-    assert joint12_enabled()
+    assert joint12_setting() is True
+    monkeypatch.setenv("POLARTENSOR_JOINT12", "0")
+    assert joint12_setting() is False
     monkeypatch.setenv("POLARTENSOR_JOINT12", "on")
     with pytest.raises(ValueError, match="POLARTENSOR_JOINT12='on'"):
-        joint12_enabled()
+        joint12_setting()
+
+
+@_RESHAPE
+@pytest.mark.skipif(not ON_GPU, reason="the rule picks among GPU launches (64 keys per step "
+                    "under a 128-register cap at d 128); the interpreter takes neither")
+@pytest.mark.parametrize("preset,joint", [("paper", True), ("polar-3", False)])
+def test_joint12_default_where_measured_faster(preset, joint, monkeypatch):
+    """POLARTENSOR_JOINT12 unset: in the launch of 64 keys per step (batch 8, 8 KV heads, 8K
+    keys, d 128) the paper preset takes the joint table (its output differs from =0's and
+    equals =1's bit for bit), polar-3 does not (equal to =0's); both match the reference."""
+    d, b, hk, group, n = 128, 8, 8, 4, 8192
+    cfg = get_preset(preset, head_dim=d)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, torch.bfloat16)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids, cfg.bits)
+
+    def launch(setting):
+        if setting is None:
+            monkeypatch.delenv("POLARTENSOR_JOINT12", raising=False)
+        else:
+            monkeypatch.setenv("POLARTENSOR_JOINT12", setting)
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode")
+
+    got, off, on = launch(None), launch("0"), launch("1")
+    assert torch.equal(got, on if joint else off)
+    assert not torch.equal(got, off if joint else on)
+    ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
+    err = (got.double() - ref.double()).norm() / ref.double().norm()
+    assert err <= 1e-2, f"relative error {err:.2e}"
 
 
 @_RESHAPE

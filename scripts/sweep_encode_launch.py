@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+# ruff: noqa: B023  (the timed closures run inside the loop iteration that makes them)
+"""Encode launch settings (rows per program, warps) against the device copy bandwidth measured
+in the same run: bfloat16 input, batch 8 x 32K tokens x the model's KV heads, the default
+encode (quantizer 'cross', the bf16x2 rotation), every preset given
+(results: results/bench/encode_launch_sweep.{json,md}):
+
+    OUT=<dir> python3 scripts/sweep_encode_launch.py [--presets paper,polar-3,polar-4]
+
+Each row also checks that the launch wrote the same codes and radii as the default launch
+(the arithmetic does not depend on the tile shape, so they should be equal bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64)]
+# (rows per program, warps); d 256 keeps 16 rows by default (registers)
+LAUNCHES = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="paper,polar-3,polar-4")
+    args = ap.parse_args()
+    import triton
+    from bench_attention import bench, copy_bandwidth
+
+    from polartensor.config import get_preset
+    from polartensor.kernels.encode import encode_into_triton
+    from polartensor.kernels.ops import cached_rotation, tables_for
+    from polartensor.polar_quant_tensor import codebook_for
+
+    dev = "cuda"
+    out_dir = os.environ.get("OUT", "encode_sweep_out")
+    os.makedirs(out_dir, exist_ok=True)
+    copy_bw = copy_bandwidth()
+    meta = dict(command="python3 scripts/sweep_encode_launch.py --presets " + args.presets,
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                copy_tbps=copy_bw / 1e12)
+    rows = []
+    for model, hk, d in MODELS:
+        b, n = 8, 32768
+        x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
+        for preset in args.presets.split(","):
+            cfg = get_preset(preset, head_dim=d)
+            mids, _ = tables_for(codebook_for(cfg, device=dev), cfg)
+            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
+            shape_c = (b, hk, n, cfg.record_bytes(d))
+            shape_r = (b, hk, n, cfg.num_blocks(d))
+            io = (x.numel() * x.element_size() + b * hk * n * cfg.record_bytes(d)
+                  + b * hk * n * cfg.num_blocks(d) * torch.tensor([], dtype=cfg.torch_radius_dtype
+                                                                  ).element_size())
+            ref_c = torch.empty(shape_c, dtype=torch.uint8, device=dev)
+            ref_r = torch.empty(shape_r, dtype=cfg.torch_radius_dtype, device=dev)
+            encode_into_triton(x, rot, mids, ref_c, ref_r, cfg, exact=False)
+            default_ms = None
+            for bn, warps in [(None, None)] + LAUNCHES:
+                codes = torch.full_like(ref_c, 7)
+                radii = torch.zeros_like(ref_r)
+                kw = dict(block_rows=bn, num_warps=warps)
+                row = dict(model=model, d=d, preset=preset,
+                           launch="default" if bn is None else f"bn{bn}_w{warps}")
+                try:
+                    fn = (lambda kw=kw, codes=codes, radii=radii, x=x: encode_into_triton(
+                        x, rot, mids, codes, radii, cfg, exact=False, **kw))
+                    ms = bench(fn)
+                    row.update(ms=ms, pct_copy=100 * io / (ms * 1e-3) / copy_bw,
+                               same_codes=bool(torch.equal(codes, ref_c)),
+                               same_radii=bool(torch.equal(radii, ref_r)))
+                    if bn is None:
+                        default_ms = ms
+                    row["x_vs_default"] = default_ms / ms
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                rows.append(row)
+                print(row, flush=True)
+        del x
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "encode_launch_sweep.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    lines = ["# Encode launch sweep", "",
+             f"- command: `{meta['command']}`",
+             f"- GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, "
+             f"Python {meta['python']}; {meta['date']}",
+             f"- device copy bandwidth (read + write): {meta['copy_tbps']:.2f} TB/s",
+             "- bfloat16 input, batch 8 x 32K tokens x KV heads; median of CUDA-graph replays; "
+             "× vs default: the default launch's time over this one's, same run", "",
+             "| model | d | preset | launch | ms | % of copy bandwidth | × vs default | "
+             "same codes, radii |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['d']} | {r['preset']} | {r['launch']} | "
+                         f"error: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['d']} | {r['preset']} | {r['launch']} | "
+                         f"{r['ms']:.4f} | {r['pct_copy']:.1f} | {r['x_vs_default']:.2f} | "
+                         f"{r['same_codes']}, {r['same_radii']} |")
+    with open(os.path.join(out_dir, "encode_launch_sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
