@@ -145,7 +145,7 @@ def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), joine
         if "encode" in sections:
             tasks += [("encode", hq, hk, d, "paper", {"pre_rotate": True}),
                       ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 16}),
-                      ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 64})]
+                      ("encode", hq, hk, d, "paper", {"pre_rotate": False, "block_rows": 32})]
         if d == 128 and "sweep" in sections:
             tasks += [("decode", hq, hk, d, "paper",
                        {"block_n": bn, "num_warps": w, "num_stages": st})
@@ -345,7 +345,7 @@ def main():
                 variants += [("fused_cross_tf32x3", dict(fast, rotation_mma="tf32x3")),
                              ("fused_atan2_bf16x2", dict(fast, quantizer="atan2")),
                              ("fused_bn16", dict(fast, block_rows=16)),
-                             ("fused_bn64", dict(fast, block_rows=64)),
+                             ("fused_bn32", dict(fast, block_rows=32)),
                              ("torch_matmul_then_kernel", dict(fast, pre_rotate=True))]
             for name, kw in variants:
                 try:

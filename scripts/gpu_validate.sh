@@ -4,16 +4,17 @@
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite, model smoke    (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh optin     # kernel tests with opt-out decodes  (~4 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, default vs joined (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, joint table on/off (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh speedups  # joint-table tests, bench beside default (~7 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|speedups|profile|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|profile|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -57,25 +58,28 @@ optin)
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
     ;;
 bench)
-    # every table, with the float32 (joined) tile decode timed beside the default in one run
+    # every table, with the joint table of levels 1 and 2 forced on (POLARTENSOR_JOINT12=1) and
+    # off (=0) timed beside the default (on where measured faster), in one run
     step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 250 \
-        --presets paper,polar-3,polar-4 --joined
+        --presets paper,polar-3,polar-4 --joint12
     ;;
 sweep)
     OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py
     ;;
-speedups)
-    # the changes not yet run on a GPU: the kernel tests with the opt-in joint table of levels
-    # 1 and 2 (POLARTENSOR_JOINT12=1), then the decode table with it timed beside the default
-    # and the encode table with the opt-in persistent launch (fused_persistent) beside it, in
-    # one run (the unmasked 16-bit code loads and the encode's aligned x loads are in the
-    # defaults, so the tests stage covers them and this run times them; the persistent
-    # encode's tests run in the tests stage with persistent=True)
+encode)
+    # the encode kernel's tests at the default launch, then rows per program x warps timed
+    # against the default (each launch's codes and radii checked equal to the default's)
+    POLARTENSOR_FAILLOG="$OUT/failures_encode.txt" \
+        step tests_encode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_encode.py
+    OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
+    ;;
+joint12)
+    # the kernels' tests with the joint table of levels 1 and 2 wherever a configuration has
+    # one (the default takes it only where the H200 measured it faster)
     POLARTENSOR_JOINT12=1 POLARTENSOR_FAILLOG="$OUT/failures_joint12.txt" \
         step tests_joint12 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    step bench_joint12 300 "$PY" scripts/bench_attention.py --out "$OUT/bench_joint12" \
-        --budget-s 240 --presets paper,polar-3,polar-4 --sections decode,encode --joint12
     ;;
 profile)
     # Nsight Compute on one launch each of attention, dequant and encode (where time goes);
@@ -92,7 +96,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, speedups, profile or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, profile or compile" >&2
     exit 2
     ;;
 esac

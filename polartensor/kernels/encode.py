@@ -300,8 +300,11 @@ def encode_into_triton(
     w = level_words(config, d)
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
+        # On the H200 (results/bench/encode_launch_sweep.md, 4 warps): 64 rows per program
+        # 1.08x faster than 32 at d 128 and 1.12-1.37x at d 64 (paper, polar-4); 128 rows or
+        # 8 warps slower. d 256 keeps 16 (its rotation tile's registers; not swept).
         block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
-                      else (32 if d <= 128 else 16))
+                      else (64 if d <= 128 else 16))
     kch = min(d, 64)
     rot_bf16x2 = False
     if rot is None:
