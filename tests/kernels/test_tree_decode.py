@@ -221,7 +221,11 @@ def test_code16_copies_misaligned_codes(monkeypatch):
 def test_attention_on_misaligned_codes_matches_aligned():
     """End to end: decode attention over a cache whose code records sit at an odd address
     gives what the same cache at an aligned address gives (no misaligned load, no wrong
-    answer)."""
+    answer): with the 16-bit code loads through a copy, with a warning saying so; with byte
+    loads (POLARTENSOR_CODE16=0) directly, without one."""
+    import warnings
+
+    from polartensor.kernels import tree_decode
 
     cfg = get_preset("paper", head_dim=32)
     assert cfg.record_bytes(32) % 2 == 0
@@ -236,6 +240,11 @@ def test_attention_on_misaligned_codes_matches_aligned():
     odd = store[1:].view(k.codes.shape)
     assert odd.data_ptr() % 2 == 1 and r % 2 == 0
     k_odd = type(k)(odd, k.radii, k.centroids, k.config, k.shape, k.dtype)
-    with pytest.warns(UserWarning, match="not 2-byte aligned"):
-        got = F.scaled_dot_product_attention(q, k_odd, v, enable_gqa=True)
+    if tree_decode._CODE16.value:
+        with pytest.warns(UserWarning, match="not 2-byte aligned"):
+            got = F.scaled_dot_product_attention(q, k_odd, v, enable_gqa=True)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*not 2-byte aligned")
+            got = F.scaled_dot_product_attention(q, k_odd, v, enable_gqa=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
