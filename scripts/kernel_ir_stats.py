@@ -35,6 +35,7 @@ SPECIALIZE = True
 # too, or it misses what the software pipeliner does to a kernel's loops (it did: the encode's
 # tile loop double-buffered S, 536 KB of shared memory at d 256, which only the H200 showed).
 _DEFAULT_STAGES = 3
+PACKED_DECODES = ("packed", "joint12")
 
 
 def _signature(fn, args, kwargs):
@@ -94,9 +95,13 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
     kernel = decode_attention.polar_decode_attn_fwd_kernel
     saved = (decode_attention.polar_decode_attn_fwd_kernel,
              decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
-    if decode == "joint12":  # packed, with levels 1 and 2 through the joint table
-        os.environ["POLARTENSOR_JOINT12"] = "1"
-    if decode in ("joined", "packed", "joint12"):  # packed: the joined decode, pack=True
+    # packed: the joined decode, pack=True; joint12: and levels 1 and 2 through the joint
+    # table (each set explicitly, so that the library's default rule cannot blur the rows)
+    env = {"packed": {"POLARTENSOR_JOINT12": "0"},
+           "joint12": {"POLARTENSOR_JOINT12": "1"}}.get(decode, {})
+    env_saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    if decode in ("joined", *PACKED_DECODES):
         from polartensor.kernels.tree_decode import decode_tile_joined
         decode_attention.decode_tile = decode_tile_joined
     else:
@@ -108,7 +113,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         decode_attention.launch_attention(
             q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
             mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
-            block_n=block_n, pack=decode in ("packed", "joint12"))
+            block_n=block_n, pack=decode in PACKED_DECODES)
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4),
                 "num_stages": kwargs.pop("num_stages", _DEFAULT_STAGES)}
@@ -125,8 +130,11 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
          decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile) = saved
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
-        if decode == "joint12":
-            os.environ.pop("POLARTENSOR_JOINT12", None)
+        for key, value in env_saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if hasattr(kernel, "hash"):
             kernel.hash = None
     out = dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
