@@ -67,8 +67,9 @@ sweep)
     OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py
     ;;
 encode)
-    # the encode kernel's tests at the default launch, then rows per program x warps timed
-    # against the default (each launch's codes and radii checked equal to the default's)
+    # the encode kernel's tests at the default launch, then rows per program x warps x
+    # register caps timed against the default (each launch's codes and radii checked equal
+    # to the default's)
     POLARTENSOR_FAILLOG="$OUT/failures_encode.txt" \
         step tests_encode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_encode.py

@@ -237,7 +237,8 @@ def _counts(compiled) -> dict:
 
 
 def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
-                 block_rows: int | None = None, ptxas: bool = False):
+                 block_rows: int | None = None, ptxas: bool = False,
+                 maxnreg: int | None = None):
     """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
     path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
     (encode.polar_encode_fwd_kernel, the only one since the split encode was removed)."""
@@ -290,7 +291,7 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     out = dict(preset=preset, d=d, encode=variant, block_rows=consts["BN"],
                **_counts(compiled))
     if ptxas:
-        out.update(ptxas_counts(compiled.asm["ptx"]))
+        out.update(maxnreg=maxnreg, **ptxas_counts(compiled.asm["ptx"], maxnreg))
     return out
 
 
@@ -323,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     split = str.split
     if args.kernel == "encode":
         cols = ["preset", "d", "encode", "block_rows", *counts]
-        jobs = (lambda p=p, d=d, v=v, bn=bn: encode_stats(
-                    p, d, v, block_rows=int(bn) if bn else None, ptxas=args.ptxas)
-                for p, d, v, bn in itertools.product(
+        if args.ptxas:
+            cols.append("maxnreg")
+        jobs = (lambda p=p, d=d, v=v, bn=bn, cap=cap: encode_stats(
+                    p, d, v, block_rows=int(bn) if bn else None, ptxas=args.ptxas,
+                    maxnreg=int(cap) if cap else None)
+                for p, d, v, bn, cap in itertools.product(
                     split(args.presets, ","), map(int, split(args.head_dims, ",")),
-                    split(args.encodes, ","), split(args.block_rows, ",")))
+                    split(args.encodes, ","), split(args.block_rows, ","),
+                    split(args.maxnreg, ",")))
     else:
         cols = ["preset", "d", "q_len", "decode", "block_n", *counts]
         if args.ptxas:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 # ruff: noqa: B023  (the timed closures run inside the loop iteration that makes them)
-"""Encode launch settings (rows per program, warps) against the device copy bandwidth measured
-in the same run: bfloat16 input, batch 8 x 32K tokens x the model's KV heads, the default
-encode (quantizer 'cross', the bf16x2 rotation), every preset given
+"""Encode launch settings (rows per program, warps, register cap) against the device copy
+bandwidth measured in the same run: bfloat16 input, batch 8 x 32K tokens x the model's KV
+heads, the default encode (quantizer 'cross', the bf16x2 rotation), every preset given
 (results: results/bench/encode_launch_sweep.{json,md}):
 
-    OUT=<dir> python3 scripts/sweep_encode_launch.py [--presets paper,polar-3,polar-4]
+    OUT=<dir> python3 scripts/sweep_encode_launch.py [--presets paper,polar-4]
 
 Each row also checks that the launch wrote the same codes and radii as the default launch
 (the arithmetic does not depend on the tile shape, so they should be equal bit for bit).
@@ -26,13 +26,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64)]
-# (rows per program, warps); d 256 keeps 16 rows by default (registers)
-LAUNCHES = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
+# (rows per program, warps, register cap); d 256 keeps 16 rows by default (registers). At 64
+# rows the default compiles to 193 registers at d 128 (2 programs per SM); offline (Triton
+# 3.6) a 168 cap spills 12 bytes (paper) to 28 (polar-4) for 3 programs per SM, 128 spills
+# 328-656 bytes for 4.
+LAUNCHES = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 4, None), (64, 8, None),
+            (128, 4, None), (128, 8, None), (64, 4, 168), (64, 4, 128), (32, 4, 128)]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="paper,polar-3,polar-4")
+    ap.add_argument("--presets", default="paper,polar-4")
     args = ap.parse_args()
     import triton
     from bench_attention import bench, copy_bandwidth
@@ -68,12 +72,13 @@ def main():
             ref_r = torch.empty(shape_r, dtype=cfg.torch_radius_dtype, device=dev)
             encode_into_triton(x, rot, mids, ref_c, ref_r, cfg, exact=False)
             default_ms = None
-            for bn, warps in [(None, None)] + LAUNCHES:
+            for bn, warps, cap in [(None, None, None)] + LAUNCHES:
                 codes = torch.full_like(ref_c, 7)
                 radii = torch.zeros_like(ref_r)
-                kw = dict(block_rows=bn, num_warps=warps)
+                kw = dict(block_rows=bn, num_warps=warps, maxnreg=cap)
                 row = dict(model=model, d=d, preset=preset,
-                           launch="default" if bn is None else f"bn{bn}_w{warps}")
+                           launch="default" if bn is None else
+                           f"bn{bn}_w{warps}" + (f"_cap{cap}" if cap else ""))
                 try:
                     fn = (lambda kw=kw, codes=codes, radii=radii, x=x: encode_into_triton(
                         x, rot, mids, codes, radii, cfg, exact=False, **kw))

@@ -235,7 +235,7 @@ def encode_into_triton(
     radii_out: torch.Tensor, config, block_rows: int | None = None,
     pre_rotate: bool | None = None, exact: bool | None = None, quantizer: str | None = None,
     rotation_mma: str | None = None, persistent: bool | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, maxnreg: int | None = None,
 ) -> bool:
     """Launch the fused encode. ``rot``: S (fp32 [D, D]) or None (``x`` already rotated, or
     rotation 'none'). ``mids``: :func:`common.boundary_table` (cast to the
@@ -252,7 +252,8 @@ def encode_into_triton(
     default POLARTENSOR_ENCODE_ROT, else bf16x2. ``persistent`` (default:
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
-    encoding tile after tile. ``block_rows``, ``num_warps``: the launch (defaults below).
+    encoding tile after tile. ``block_rows``, ``num_warps``, ``maxnreg`` (a register cap, GPU
+    only): the launch (defaults below; no cap).
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
@@ -260,6 +261,8 @@ def encode_into_triton(
                          "tensor-core dot over the tile's rows)")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps={num_warps}: use 1, 2, 4, 8 or 16")
+    if maxnreg is not None and not (24 <= maxnreg <= 255):
+        raise ValueError(f"maxnreg={maxnreg}: a register cap between 24 and 255")
     interp = interpreting()
     exact = interp if exact is None else exact
     chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "cross")
@@ -326,6 +329,7 @@ def encode_into_triton(
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     # (under the interpreter two programs, so that each really loops over tiles)
     grid = (min(n_tiles, 2 if interp else 2 * _sm_count(x3.device)) if persist else n_tiles,)
+    caps = {} if maxnreg is None or interp else {"maxnreg": maxnreg}
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
         rot_arg, mids,
@@ -342,7 +346,7 @@ def encode_into_triton(
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM).
-        num_warps=num_warps or 4, num_stages=1,
+        num_warps=num_warps or 4, num_stages=1, **caps,
     )
     if exact:
         r_dst.copy_(r3)

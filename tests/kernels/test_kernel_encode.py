@@ -333,6 +333,46 @@ def test_unknown_rotation_mma_is_refused():
         encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, rotation_mma="fp8")
 
 
+@pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
+                                                           (64, 4, 168), (32, 4, 128)])
+def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
+    """Rows per program, warps and a register cap (the encode launch sweep's settings) change
+    the tiling, not the arithmetic: codes and radii equal the default launch's bit for bit
+    (the cap applies on the GPU only)."""
+    d = 128 if ON_GPU else 32
+    cfg = get_preset("paper", head_dim=d)
+    g = torch.Generator().manual_seed(29)
+    x = (torch.randn(2, 75, d, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+
+    def run(**kw):
+        codes = torch.zeros(2, 75, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, 75, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, **kw)
+        return codes, radii
+
+    want = run()
+    got = run(block_rows=block_rows, num_warps=num_warps, maxnreg=maxnreg)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("kw,match", [({"block_rows": 24}, "block_rows=24: use a power of two"),
+                                      ({"block_rows": 8}, "block_rows=8"),
+                                      ({"num_warps": 3}, "num_warps=3"),
+                                      ({"maxnreg": 300}, "maxnreg=300")])
+def test_encode_launch_settings_are_checked(kw, match):
+    cfg = get_preset("paper", head_dim=16)
+    x = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.bfloat16)
+    mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
+    codes = torch.zeros(1, 3, cfg.record_bytes(16), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(1, 3, cfg.num_blocks(16), dtype=cfg.torch_radius_dtype, device=DEVICE)
+    rot = rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, **kw)
+
+
 @pytest.mark.parametrize("pad,want", [(0, 8), (4, 4), (2, 2), (1, 1)])
 def test_encode_row_alignment_hint(pad, want):
     """Rows of x start at multiples of 8, 4, 2 or 1 elements (views into a wider buffer): the
