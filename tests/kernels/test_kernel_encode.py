@@ -322,17 +322,6 @@ def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
     _check_encode(x, cfg, codes, radii, 0, 21)
 
 
-def test_unknown_rotation_mma_is_refused():
-    cfg = get_preset("paper", head_dim=16)
-    x = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.bfloat16)
-    mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
-    codes = torch.zeros(1, 3, cfg.record_bytes(16), dtype=torch.uint8, device=DEVICE)
-    radii = torch.zeros(1, 3, cfg.num_blocks(16), dtype=cfg.torch_radius_dtype, device=DEVICE)
-    rot = rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-    with pytest.raises(ValueError, match="rotation_mma 'fp8'"):
-        encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, rotation_mma="fp8")
-
-
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
                                                            (64, 4, 168), (32, 4, 128)])
 def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
@@ -358,11 +347,13 @@ def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("kw,match", [({"block_rows": 24}, "block_rows=24: use a power of two"),
+@pytest.mark.parametrize("kw,match", [({"rotation_mma": "fp8"}, "rotation_mma 'fp8'"),
+                                      ({"block_rows": 24}, "block_rows=24: use a power of two"),
                                       ({"block_rows": 8}, "block_rows=8"),
                                       ({"num_warps": 3}, "num_warps=3"),
                                       ({"maxnreg": 300}, "maxnreg=300")])
 def test_encode_launch_settings_are_checked(kw, match):
+    """An unknown rotation MMA or a launch the kernel cannot take is refused, naming it."""
     cfg = get_preset("paper", head_dim=16)
     x = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.bfloat16)
     mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
