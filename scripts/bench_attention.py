@@ -600,33 +600,33 @@ def render_markdown(res) -> str:
                 f" | {_fmt(cu / om if cu and om else None, '.2f')}"
                 f" | {_fmt(fl / om if fl and om else None, '.2f')}"
                 f" | {_fmt(dq / om if dq and om else None, '.2f')} |")
-    if any(r["method"] == "polar_triton_joined" for r in dec):
-        _versus_table(out, keyed, shapes, presets, "polar_triton_joined",
-                      "Default (packed bf16x2 level 1) vs float32 tile decode (`pack=False`, "
-                      "`POLARTENSOR_DECODE=joined`), same run:",
-                      ["float32-decode ms", "× ours vs float32 decode",
-                       "× float32 decode vs cuDNN", "max abs diff vs ours"],
-                      with_cudnn=True, diff_key="max_abs_diff_vs_default")
-    if any(r["method"] == "polar_triton_joint12" for r in dec):
-        _versus_table(out, keyed, shapes, presets, "polar_triton_joint12",
-                      "Default (the joint table of levels 1 and 2 where measured faster: "
-                      "POLARTENSOR_JOINT12 unset) vs it everywhere (`POLARTENSOR_JOINT12=1`; "
-                      "polar-4 has none: the same kernel), same run:",
-                      ["joint12 ms", "× ours vs joint12", "× joint12 vs cuDNN",
-                       "max abs diff vs ours"], with_cudnn=True,
-                      diff_key="max_abs_diff_vs_default")
-    if any(r["method"] == "polar_triton_joint12_off" for r in dec):
-        _versus_table(out, keyed, shapes, presets, "polar_triton_joint12_off",
-                      "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), "
-                      "same run:",
-                      ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
-                       "max abs diff vs ours"], with_cudnn=True,
-                      diff_key="max_abs_diff_vs_default")
-    if any(r["method"] == "polar_triton_per_sm_splits" for r in dec):
-        _versus_table(out, keyed, shapes, presets, "polar_triton_per_sm_splits",
-                      "Split count: default (no nearly empty last wave) vs the previous rule "
-                      "(~8 programs per SM, `split_rule='per_sm'`), same run:",
-                      ["per-SM rule ms", "× ours vs per-SM rule"])
+    # same-run comparisons of the default against one other decode each: (method, title,
+    # column heads; with cuDNN and output-difference columns where the heads name them)
+    versus = [
+        ("polar_triton_joined",
+         "Default (packed bf16x2 level 1) vs float32 tile decode (`pack=False`, "
+         "`POLARTENSOR_DECODE=joined`), same run:",
+         ["float32-decode ms", "× ours vs float32 decode", "× float32 decode vs cuDNN",
+          "max abs diff vs ours"]),
+        ("polar_triton_joint12",
+         "Default (the joint table of levels 1 and 2 where measured faster: "
+         "POLARTENSOR_JOINT12 unset) vs it everywhere (`POLARTENSOR_JOINT12=1`; "
+         "polar-4 has none: the same kernel), same run:",
+         ["joint12 ms", "× ours vs joint12", "× joint12 vs cuDNN", "max abs diff vs ours"]),
+        ("polar_triton_joint12_off",
+         "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), same run:",
+         ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
+          "max abs diff vs ours"]),
+        ("polar_triton_per_sm_splits",
+         "Split count: default (no nearly empty last wave) vs the previous rule "
+         "(~8 programs per SM, `split_rule='per_sm'`), same run:",
+         ["per-SM rule ms", "× ours vs per-SM rule"]),
+    ]
+    for method, title, heads in versus:
+        if any(r["method"] == method for r in dec):
+            full = len(heads) == 4
+            _versus_table(out, keyed, shapes, presets, method, title, heads, with_cudnn=full,
+                          diff_key="max_abs_diff_vs_default" if full else None)
     out += ["", "bf16 SDPA achieved TB/s:", ""]
     for m, b, n in shapes:
         for bk in ("cudnn", "flash"):
