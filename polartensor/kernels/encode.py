@@ -47,6 +47,22 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
     return r, tail
 
 
+@triton.jit
+def _dot_bf16x2(x, s_hi, s_lo, acc):
+    """acc + x @ (S_hi + S_lo) for bfloat16 x and S's bfloat16 parts: two bf16 MMAs into the
+    accumulator, no operand splitting, ~2^-16 relative error. The interpreter's bfloat16 dot
+    is wrong (Triton 3.9), so there the same products run in float32, where bfloat16 x
+    bfloat16 is exact."""
+    if _INTERP:
+        xf = x.to(tl.float32)
+        acc += tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(x, s_hi, acc)
+        acc = tl.dot(x, s_lo, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
 def polar_encode_fwd_kernel(
     x_ptr, sx_l, sx_t,
@@ -90,14 +106,7 @@ def polar_encode_fwd_kernel(
         if PERSIST:
             # S^T's bfloat16 parts, loaded once per program (persistent launch)
             xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
-            if _INTERP:
-                # (the interpreter's bfloat16 dot is wrong: float32, where the products are exact)
-                xf = xb.to(tl.float32)
-                y = tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
-                y += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
-            else:
-                y = tl.dot(xb, s_hi)
-                y += tl.dot(xb, s_lo)
+            y = _dot_bf16x2(xb, s_hi, s_lo, tl.zeros((BN, D), dtype=tl.float32))
         elif ROTATE:
             # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
             y = tl.zeros((BN, D), dtype=tl.float32)
@@ -106,19 +115,10 @@ def polar_encode_fwd_kernel(
                 xc = tl.load(x_ptr + x_off[:, None] + kk[None, :], mask=valid[:, None],
                              other=0.0)
                 if ROT_BF16X2:
-                    # bfloat16 x (exact) against S = S_hi + S_lo, both bfloat16 ([2, D, D] at
-                    # rot_ptr): two bf16 MMAs, no operand splitting, ~2^-16 relative error
+                    # bfloat16 x against S's bfloat16 parts ([2, D, D] at rot_ptr)
                     st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
                     st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
-                    if _INTERP:
-                        # the interpreter's bfloat16 dot is wrong (Triton 3.9): the same products
-                        # in float32, where bfloat16 x bfloat16 is exact
-                        xf = xc.to(tl.float32)
-                        y += tl.dot(xf, st_hi.to(tl.float32), input_precision="ieee")
-                        y += tl.dot(xf, st_lo.to(tl.float32), input_precision="ieee")
-                    else:
-                        y += tl.dot(xc, st_hi)
-                        y += tl.dot(xc, st_lo)
+                    y = _dot_bf16x2(xc, st_hi, st_lo, y)
                 else:
                     st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
                     y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
