@@ -65,11 +65,11 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             shape_c = (b, hk, n, cfg.record_bytes(d))
             shape_r = (b, hk, n, cfg.num_blocks(d))
-            io = (x.numel() * x.element_size() + b * hk * n * cfg.record_bytes(d)
-                  + b * hk * n * cfg.num_blocks(d) * torch.tensor([], dtype=cfg.torch_radius_dtype
-                                                                  ).element_size())
             ref_c = torch.empty(shape_c, dtype=torch.uint8, device=dev)
             ref_r = torch.empty(shape_r, dtype=cfg.torch_radius_dtype, device=dev)
+            # bytes read and written: x in, codes and radii out
+            io = (x.numel() * x.element_size() + ref_c.numel()
+                  + ref_r.numel() * ref_r.element_size())
             encode_into_triton(x, rot, mids, ref_c, ref_r, cfg, exact=False)
             default_ms = None
             for bn, warps, cap in [(None, None, None)] + LAUNCHES:
