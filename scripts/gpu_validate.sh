@@ -9,12 +9,13 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention per SASS instruction (~1 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|profile|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|profile|profile_detail|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -71,7 +72,7 @@ encode)
     # register caps timed against the default (each launch's codes and radii checked equal
     # to the default's)
     POLARTENSOR_FAILLOG="$OUT/failures_encode.txt" \
-        step tests_encode 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        step tests_encode 280 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_encode.py
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
     ;;
@@ -93,11 +94,23 @@ profile)
     step ncu_encode 200 "${NCU[@]}" -k regex:polar_encode --launch-skip 2 -c 1 \
         "$PY" scripts/profile_decode.py
     ;;
+profile_detail)
+    # the attention kernel alone, per SASS instruction: which loads make the L1/TEX traffic
+    # (requests, sectors and wavefronts per instruction), from a saved Nsight Compute report
+    step ncu_detail 300 ncu --clock-control none --section MemoryWorkloadAnalysis_Tables \
+        --section SourceCounters --section SpeedOfLight --section WarpStateStats \
+        --import-source no -o "$OUT/attention" -k regex:polar_decode_attn_fwd -c 1 \
+        "$PY" scripts/profile_decode.py
+    step ncu_detail_details 120 ncu -i "$OUT/attention.ncu-rep" --page details \
+        --print-details all
+    step ncu_detail_source 120 ncu -i "$OUT/attention.ncu-rep" --page source --csv \
+        --print-source sass
+    ;;
 compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, profile or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, profile, profile_detail or compile" >&2
     exit 2
     ;;
 esac

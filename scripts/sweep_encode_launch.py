@@ -26,11 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64)]
-# (rows per program, warps, register cap); d 256 keeps 16 rows by default (registers). At 64
-# rows the default compiles to 193 registers at d 128 (2 programs per SM); offline (Triton
-# 3.6) a 168 cap spills 12 bytes (paper) to 28 (polar-4) for 3 programs per SM, 128 spills
-# 328-656 bytes for 4.
-LAUNCHES = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 4, None), (64, 8, None),
+# (rows per program, warps, register cap; 0: none); d 256 keeps 16 rows by default
+# (registers). At 64 rows and no cap the encode compiles to 193 registers at d 128 (2 programs
+# per SM); offline (Triton 3.6) a 168 cap spills 12 bytes (paper) to 28 (polar-4) for 3
+# programs per SM, 128 spills 328-656 bytes for 4. The default launch caps d 128 at 168 (the
+# H200 sweep of 2026-11-29 15:00 UTC: 1.22x paper, 1.08x polar-4), so bn64_w4_cap0 times the
+# uncapped launch beside it.
+LAUNCHES = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 4, 0), (64, 8, None),
             (128, 4, None), (128, 8, None), (64, 4, 168), (64, 4, 128), (32, 4, 128)]
 
 
@@ -78,7 +80,7 @@ def main():
                 kw = dict(block_rows=bn, num_warps=warps, maxnreg=cap)
                 row = dict(model=model, d=d, preset=preset,
                            launch="default" if bn is None else
-                           f"bn{bn}_w{warps}" + (f"_cap{cap}" if cap else ""))
+                           f"bn{bn}_w{warps}" + (f"_cap{cap}" if cap is not None else ""))
                 try:
                     fn = (lambda kw=kw, codes=codes, radii=radii, x=x: encode_into_triton(
                         x, rot, mids, codes, radii, cfg, exact=False, **kw))

@@ -253,7 +253,8 @@ def encode_into_triton(
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
     encoding tile after tile. ``block_rows``, ``num_warps``, ``maxnreg`` (a register cap, GPU
-    only): the launch (defaults below; no cap).
+    only; 0: no cap): the launch (defaults below; a 168-register cap for the bf16x2
+    rotation's default launch at head_dim 128, otherwise no cap).
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
@@ -261,8 +262,8 @@ def encode_into_triton(
                          "tensor-core dot over the tile's rows)")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps={num_warps}: use 1, 2, 4, 8 or 16")
-    if maxnreg is not None and not (24 <= maxnreg <= 255):
-        raise ValueError(f"maxnreg={maxnreg}: a register cap between 24 and 255")
+    if maxnreg is not None and maxnreg != 0 and not (24 <= maxnreg <= 255):
+        raise ValueError(f"maxnreg={maxnreg}: a register cap between 24 and 255, or 0 for none")
     interp = interpreting()
     exact = interp if exact is None else exact
     chosen = quantizer or os.environ.get("POLARTENSOR_ENCODE_QUANT", "cross")
@@ -329,7 +330,13 @@ def encode_into_triton(
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     # (under the interpreter two programs, so that each really loops over tiles)
     grid = (min(n_tiles, 2 if interp else 2 * _sm_count(x3.device)) if persist else n_tiles,)
-    caps = {} if maxnreg is None or interp else {"maxnreg": maxnreg}
+    if (maxnreg is None and d == 128 and block_rows == 64 and num_warps in (None, 4)
+            and rot_bf16x2 and not persist):
+        # H200 (results/bench/encode_launch_sweep.md, bfloat16 input): a 168-register cap ran
+        # 1.22x (paper) and 1.08x (polar-4) faster than no cap at d 128; at d 64 it was slower
+        # (0.86-0.97x), and 128 registers spilled (0.81x polar-4). Other paths: not measured.
+        maxnreg = 168
+    caps = {} if not maxnreg or interp else {"maxnreg": maxnreg}
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
         rot_arg, mids,

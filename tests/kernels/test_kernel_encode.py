@@ -323,11 +323,12 @@ def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
 
 
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
-                                                           (64, 4, 168), (32, 4, 128)])
+                                                           (64, 4, 168), (64, 4, 0),
+                                                           (32, 4, 128)])
 def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
     """Rows per program, warps and a register cap (the encode launch sweep's settings) change
     the tiling, not the arithmetic: codes and radii equal the default launch's bit for bit
-    (the cap applies on the GPU only)."""
+    (the cap applies on the GPU only; 0 lifts the default's cap at d 128)."""
     d = 128 if ON_GPU else 32
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(29)
