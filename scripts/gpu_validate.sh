@@ -9,7 +9,7 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention per SASS instruction (~1 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
@@ -104,6 +104,14 @@ profile_detail)
     step ncu_detail_details 120 ncu -i "$OUT/attention.ncu-rep" --page details \
         --print-details all
     step ncu_detail_source 120 ncu -i "$OUT/attention.ncu-rep" --page source --csv \
+        --print-source sass
+    # the same for the encode (it launches first in profile_decode.py)
+    step ncu_encode_detail 300 ncu --clock-control none --section MemoryWorkloadAnalysis_Tables \
+        --section SourceCounters --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --import-source no -o "$OUT/encode" \
+        -k regex:polar_encode --launch-skip 2 -c 1 "$PY" scripts/profile_decode.py
+    step ncu_encode_details 120 ncu -i "$OUT/encode.ncu-rep" --page details --print-details all
+    step ncu_encode_source 120 ncu -i "$OUT/encode.ncu-rep" --page source --csv \
         --print-source sass
     ;;
 compile)

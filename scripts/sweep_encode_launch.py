@@ -25,15 +25,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64)]
+MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256)]
 # (rows per program, warps, register cap; 0: none); d 256 keeps 16 rows by default
-# (registers). At 64 rows and no cap the encode compiles to 193 registers at d 128 (2 programs
-# per SM); offline (Triton 3.6) a 168 cap spills 12 bytes (paper) to 28 (polar-4) for 3
-# programs per SM, 128 spills 328-656 bytes for 4. The default launch caps d 128 at 168 (the
-# H200 sweep of 2026-11-29 15:00 UTC: 1.22x paper, 1.08x polar-4), so bn64_w4_cap0 times the
-# uncapped launch beside it.
-LAUNCHES = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 4, 0), (64, 8, None),
-            (128, 4, None), (128, 8, None), (64, 4, 168), (64, 4, 128), (32, 4, 128)]
+# (registers). With the columns in coordinate order and no cap the encode compiled to 193
+# registers at d 128 (2 programs per SM; a 168 cap spilled 12-28 bytes for 3, offline Triton
+# 3.6); the default launch caps d 128 at 168 (H200, 2026-11-29 15:00 UTC: 1.22x paper, 1.08x
+# polar-4). With the register-order columns paper takes 160 uncapped. cap0: no cap.
+# The last field is POLARTENSOR_ENCODE_PERM: "0" times the rotation's output columns in
+# coordinate order (the encode before the register-order columns) at the default launch,
+# capped as the default and uncapped.
+LAUNCHES = [(None, None, None, "0"), (None, None, 0, "0"), (None, None, 0, "1"),
+            (16, 4, None, "1"), (32, 4, None, "1"), (32, 8, None, "1"), (64, 8, None, "1"),
+            (128, 4, None, "1"), (128, 8, None, "1"), (64, 4, 168, "1"), (64, 4, 128, "1"),
+            (32, 4, 128, "1")]
 
 
 def main():
@@ -74,21 +78,31 @@ def main():
                   + ref_r.numel() * ref_r.element_size())
             encode_into_triton(x, rot, mids, ref_c, ref_r, cfg, exact=False)
             default_ms = None
-            for bn, warps, cap in [(None, None, None)] + LAUNCHES:
+            for bn, warps, cap, order in [(None, None, None, "1")] + LAUNCHES:
                 codes = torch.full_like(ref_c, 7)
                 radii = torch.zeros_like(ref_r)
                 kw = dict(block_rows=bn, num_warps=warps, maxnreg=cap)
-                row = dict(model=model, d=d, preset=preset,
-                           launch="default" if bn is None else
-                           f"bn{bn}_w{warps}" + (f"_cap{cap}" if cap is not None else ""))
+                name = ("default" if bn is None and cap is None else
+                        "" if bn is None else f"bn{bn}_w{warps}")
+                if cap is not None:
+                    name += f"_cap{cap}"
+                if order == "0":
+                    name += "_perm0"
+                row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 try:
-                    fn = (lambda kw=kw, codes=codes, radii=radii, x=x: encode_into_triton(
-                        x, rot, mids, codes, radii, cfg, exact=False, **kw))
+                    def fn(kw=kw, codes=codes, radii=radii, x=x, order=order):
+                        # (read per call: the CUDA graph captures the launch it gives)
+                        os.environ["POLARTENSOR_ENCODE_PERM"] = order
+                        try:
+                            return encode_into_triton(x, rot, mids, codes, radii, cfg,
+                                                      exact=False, **kw)
+                        finally:
+                            os.environ.pop("POLARTENSOR_ENCODE_PERM", None)
                     ms = bench(fn)
                     row.update(ms=ms, pct_copy=100 * io / (ms * 1e-3) / copy_bw,
                                same_codes=bool(torch.equal(codes, ref_c)),
                                same_radii=bool(torch.equal(radii, ref_r)))
-                    if bn is None:
+                    if name == "default":
                         default_ms = ms
                     row["x_vs_default"] = default_ms / ms
                 except Exception as exc:  # noqa: BLE001

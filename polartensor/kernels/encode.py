@@ -63,6 +63,41 @@ def _dot_bf16x2(x, s_hi, s_lo, acc):
     return acc
 
 
+@triton.constexpr_function
+def _ilog2(x):
+    return x.bit_length() - 1
+
+
+@triton.jit
+def _mma_cols(dd, D: tl.constexpr):
+    """The coordinate of y = S x that MMA output column c computes with ``PERM``: column bits
+    (c0, c3, c4, ..., c1, c2) become coordinate bits 0, 1, 2, ... An MMA accumulator (wgmma
+    and mma.sync alike) keeps column bit 0 and bits 3 and up in a thread's registers and
+    spreads bits 1-2 over lanes; this order puts the low coordinate bits, the ones the polar
+    transform pairs level by level, in registers."""
+    NBITS: tl.constexpr = _ilog2(D)
+    return (dd & 1) | ((dd >> 3) << 1) | (((dd >> 1) & 3) << (NBITS - 2))
+
+
+@triton.jit
+def _coord_order(y, BN: tl.constexpr, D: tl.constexpr):
+    """y [BN, D] whose column c holds coordinate _mma_cols(c) -> [BN, D] in coordinate
+    order: a relabelling of the index bits (reshape, permute, reshape), which moves no data."""
+    if D == 16:
+        y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2)), (0, 2, 3, 1, 4))
+    elif D == 32:
+        y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2, 2)), (0, 3, 4, 1, 2, 5))
+    elif D == 64:
+        y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2, 2, 2)), (0, 4, 5, 1, 2, 3, 6))
+    elif D == 128:
+        y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2, 2, 2, 2)), (0, 5, 6, 1, 2, 3, 4, 7))
+    else:
+        tl.static_assert(D == 256, "the encode's column order covers head_dim 16..256")
+        y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2, 2, 2, 2, 2)),
+                       (0, 6, 7, 1, 2, 3, 4, 5, 8))
+    return tl.reshape(y, (BN, D))
+
+
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
 def polar_encode_fwd_kernel(
     x_ptr, sx_l, sx_t,
@@ -77,7 +112,7 @@ def polar_encode_fwd_kernel(
     ROTATE: tl.constexpr, PREC: tl.constexpr, F64: tl.constexpr, VEC: tl.constexpr,
     CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
-    X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False,
+    X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -85,9 +120,14 @@ def polar_encode_fwd_kernel(
     S from L2."""
     pid = tl.program_id(0)
     dd = tl.arange(0, D)
+    # the coordinate each MMA output column computes (S's rows in that order; PERM)
+    if PERM:
+        jj = _mma_cols(dd, D)
+    else:
+        jj = dd
     if PERSIST:
-        s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
-        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
+        s_hi = tl.load(rot_ptr + jj[None, :] * D + dd[:, None])
+        s_lo = tl.load(rot_ptr + D * D + jj[None, :] * D + dd[:, None])
         step = tl.num_programs(0)
     else:
         step = tl.cdiv(n_rows, BN)
@@ -116,15 +156,17 @@ def polar_encode_fwd_kernel(
                              other=0.0)
                 if ROT_BF16X2:
                     # bfloat16 x against S's bfloat16 parts ([2, D, D] at rot_ptr)
-                    st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
-                    st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
+                    st_hi = tl.load(rot_ptr + jj[None, :] * D + kk[:, None])
+                    st_lo = tl.load(rot_ptr + D * D + jj[None, :] * D + kk[:, None])
                     y = _dot_bf16x2(xc, st_hi, st_lo, y)
                 else:
-                    st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                    st = tl.load(rot_ptr + jj[None, :] * D + kk[:, None])
                     y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
         else:
             y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
             y = y.to(tl.float64) if F64 else y.to(tl.float32)
+        if PERM and (PERSIST or ROTATE):
+            y = _coord_order(y, BN, D)
         rec_off = lead * sc_l + t * sc_t
         r = y
         r, tail = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
@@ -202,6 +244,14 @@ def _persistent(persistent: bool | None) -> bool:
         return bool(persistent)
     return env_flag("POLARTENSOR_ENCODE_PERSIST", False,
                     "persistent programs, S loaded once per program", "one program per tile")
+
+
+def _column_order() -> bool:
+    """POLARTENSOR_ENCODE_PERM (read per call): 1 (the default) computes the rotation's
+    output columns in the order that keeps the polar transform's pairs inside each thread
+    (``_mma_cols``); 0 in coordinate order. The codes and radii are the same either way."""
+    return env_flag("POLARTENSOR_ENCODE_PERM", True, "MMA columns in register order",
+                    "MMA columns in coordinate order")
 
 
 def _row_align(x3: torch.Tensor) -> int:
@@ -350,6 +400,7 @@ def encode_into_triton(
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
+        PERM=_column_order() and (rotate or persist),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM).

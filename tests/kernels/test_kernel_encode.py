@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polartensor import PolarQuantConfig, quantize
@@ -427,3 +427,50 @@ def test_persistent_setting_is_checked(monkeypatch):
     monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERSIST='yes'"):
         _persistent(None)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@settings(max_examples=2 if ON_GPU else 3, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), t=st.integers(1, 40))
+def test_encode_column_order_is_invisible(d, dtype, data, t, monkeypatch):
+    """The rotation's output columns in register order (POLARTENSOR_ENCODE_PERM=1, the
+    default: S's rows permuted, the result relabelled back) give the codes and radii of the
+    coordinate order (=0) bit for bit, for every configuration, with the bf16x2 (bfloat16
+    x) and the tf32x3 (float32 x) rotation, and the persistent launch."""
+    seen = _spy_launches(monkeypatch, "PERM")
+    cfg = data.draw(st.sampled_from([c for c in configs_for(d) if c.rotation != "none"]))
+    persistent = data.draw(st.booleans()) and dtype == torch.bfloat16 and d <= 128
+    g = torch.Generator().manual_seed(t + d)
+    x = (torch.randn(2, t, d, generator=g) * 2).to(dtype).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+
+    def run(order):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", order)
+        codes = torch.zeros(2, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  block_rows=16, persistent=persistent)
+        return codes, radii
+
+    want = run("0")
+    assert seen[-1] is False
+    got = run("1")
+    assert seen[-1] is True
+    assert torch.equal(got[0], want[0]), cfg
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
+
+
+def test_column_order_setting_is_checked(monkeypatch):
+    from polartensor.kernels.encode import _column_order
+
+    monkeypatch.delenv("POLARTENSOR_ENCODE_PERM", raising=False)
+    assert _column_order()
+    monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", "0")
+    assert not _column_order()
+    monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", "on")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERM='on'"):
+        _column_order()
