@@ -269,8 +269,7 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                 captured["args"] = (args, dict(kwargs))
             return launch
 
-    if block_rows is None:
-        block_rows = 64 if d <= 128 else 16  # encode_into_triton's GPU default
+    # block_rows None: encode_into_triton's GPU default launch (rows and warps)
     saved = encode._encode_kernel
     encode._encode_kernel = _Capture()
     interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes

@@ -43,7 +43,12 @@ LAUNCHES = [(None, None, None, "0"), (None, None, 0, "0"), (None, None, 0, "1"),
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="paper,polar-4")
+    ap.add_argument("--models", default=",".join(m for m, _, _ in MODELS),
+                    help="comma-separated subset of " + ", ".join(m for m, _, _ in MODELS))
     args = ap.parse_args()
+    models = [m for m in MODELS if m[0] in args.models.split(",")]
+    if not models:
+        ap.error(f"--models {args.models!r}: none of " + ", ".join(m for m, _, _ in MODELS))
     import triton
     from bench_attention import bench, copy_bandwidth
 
@@ -56,13 +61,14 @@ def main():
     out_dir = os.environ.get("OUT", "encode_sweep_out")
     os.makedirs(out_dir, exist_ok=True)
     copy_bw = copy_bandwidth()
-    meta = dict(command="python3 scripts/sweep_encode_launch.py --presets " + args.presets,
+    meta = dict(command=(f"python3 scripts/sweep_encode_launch.py --presets {args.presets} "
+                         f"--models {args.models}"),
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 copy_tbps=copy_bw / 1e12)
     rows = []
-    for model, hk, d in MODELS:
+    for model, hk, d in models:
         b, n = 8, 32768
         x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
         for preset in args.presets.split(","):

@@ -303,8 +303,9 @@ def encode_into_triton(
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
     encoding tile after tile. ``block_rows``, ``num_warps``, ``maxnreg`` (a register cap, GPU
-    only; 0: no cap): the launch (defaults below; a 168-register cap for the bf16x2
-    rotation's default launch at head_dim 128, otherwise no cap).
+    only; 0 or None: no cap): the launch (defaults below). (A 168-register cap ran 1.22x
+    faster at d 128 before the register-order columns; with them paper runs 1.04x faster
+    uncapped and polar-4 0.99x, so there is no default cap.)
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
@@ -356,11 +357,14 @@ def encode_into_triton(
     w = level_words(config, d)
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
-        # On the H200 (results/bench/encode_launch_sweep.md, 4 warps): 64 rows per program
-        # 1.08x faster than 32 at d 128 and 1.12-1.37x at d 64 (paper, polar-4); 128 rows or
-        # 8 warps slower. d 256 keeps 16 (its rotation tile's registers; not swept).
+        # On the H200 (results/bench/encode_launch_sweep.md): at d <= 128, 64 rows and 4 warps
+        # per program (1.08x faster than 32 rows at d 128, 1.12-1.37x at d 64; 128 rows or 8
+        # warps slower); at d 256, 128 rows and 8 warps (2.43x paper, 1.57x polar-4 against
+        # the 16 rows and 4 warps it had: each program reads all of S, 256 KB, from L2).
         block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
-                      else (64 if d <= 128 else 16))
+                      else (64 if d <= 128 else 128))
+        if num_warps is None and not interp and d > 128:
+            num_warps = 8
     kch = min(d, 64)
     rot_bf16x2 = False
     if rot is None:
@@ -380,12 +384,6 @@ def encode_into_triton(
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     # (under the interpreter two programs, so that each really loops over tiles)
     grid = (min(n_tiles, 2 if interp else 2 * _sm_count(x3.device)) if persist else n_tiles,)
-    if (maxnreg is None and d == 128 and block_rows == 64 and num_warps in (None, 4)
-            and rot_bf16x2 and not persist):
-        # H200 (results/bench/encode_launch_sweep.md, bfloat16 input): a 168-register cap ran
-        # 1.22x (paper) and 1.08x (polar-4) faster than no cap at d 128; at d 64 it was slower
-        # (0.86-0.97x), and 128 registers spilled (0.81x polar-4). Other paths: not measured.
-        maxnreg = 168
     caps = {} if not maxnreg or interp else {"maxnreg": maxnreg}
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
