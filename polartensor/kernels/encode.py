@@ -237,8 +237,8 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
 
 def _persistent(persistent: bool | None) -> bool:
     """``persistent``, else POLARTENSOR_ENCODE_PERSIST (read per call; opt-in: on the H200 it
-    measured no faster, 1.17 vs 1.16 ms at d 128 and 1.6x slower at d 64,
-    results/bench/bench_attention.md): 1 for the persistent encode launch, 0 (the default) for
+    measured slower, 0.91 vs 0.72 ms at d 128 and 0.21 vs 0.12 ms at d 64,
+    results/bench/bench_encode.md): 1 for the persistent encode launch, 0 (the default) for
     one program per tile."""
     if persistent is not None:
         return bool(persistent)
