@@ -438,7 +438,8 @@ def test_encode_column_order_is_invisible(d, dtype, data, t, monkeypatch):
     """The rotation's output columns in register order (POLARTENSOR_ENCODE_PERM=1, the
     default: S's rows permuted, the result relabelled back) give the codes and radii of the
     coordinate order (=0) bit for bit, for every configuration, with the bf16x2 (bfloat16
-    x) and the tf32x3 (float32 x) rotation, and the persistent launch."""
+    x) and the tf32x3 (float32 x) rotation, and the persistent launch (64-row tiles: the
+    order applies where each warp has 16 whole rows)."""
     seen = _spy_launches(monkeypatch, "PERM")
     cfg = data.draw(st.sampled_from([c for c in configs_for(d) if c.rotation != "none"]))
     persistent = data.draw(st.booleans()) and dtype == torch.bfloat16 and d <= 128
@@ -453,7 +454,7 @@ def test_encode_column_order_is_invisible(d, dtype, data, t, monkeypatch):
         radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
                             device=DEVICE)
         assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  block_rows=16, persistent=persistent)
+                                  block_rows=64, persistent=persistent)
         return codes, radii
 
     want = run("0")
@@ -474,3 +475,25 @@ def test_column_order_setting_is_checked(monkeypatch):
     monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", "on")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERM='on'"):
         _column_order()
+
+
+def test_column_order_needs_whole_rows_per_warp(monkeypatch):
+    """Tiles of fewer than 16 rows per warp keep coordinate order (measured slower offline
+    in register order), whatever POLARTENSOR_ENCODE_PERM says; the codes agree either way."""
+    seen = _spy_launches(monkeypatch, "PERM")
+    monkeypatch.delenv("POLARTENSOR_ENCODE_PERM", raising=False)
+    d = 64 if ON_GPU else 32
+    cfg = get_preset("paper", head_dim=d)
+    x = torch.randn(1, 40, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    out = []
+    for rows in (32, 64):
+        codes = torch.zeros(1, 40, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(1, 40, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  block_rows=rows, num_warps=4)
+        out.append((codes, radii))
+    assert seen == [False, True]
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
