@@ -316,6 +316,40 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 
 
 @triton.jit
+def _count_above(code, num, den, t_ptr, NT: tl.constexpr, BINARY: tl.constexpr):
+    """code + how many of the NT = 2^m - 1 ascending tangents t_ptr[k] have num > den * t[k]
+    (den >= 0), int32. ``BINARY`` (used from NT = 7 on): a binary search, m dependent
+    comparisons instead of NT independent ones. It gives the linear count bit for bit: with
+    den >= 0 and t ascending, the float products den * t[k] are non-decreasing in k, so the
+    tests passed form a prefix. Its first step compares against one scalar, the second
+    selects between two, later steps gather. (At NT = 3 the independent comparisons compiled
+    to as few or fewer instructions offline, so they stay.)"""
+    if BINARY and NT >= 7:
+        M: tl.constexpr = _ilog2(NT + 1)
+        lo = tl.zeros(num.shape, dtype=tl.int32)
+        for step in tl.static_range(M):
+            half = 1 << (M - 1 - step)  # (a compile-time value of each unrolled step)
+            if step == 0:
+                t = tl.load(t_ptr + half - 1)
+            elif step == 1:
+                t = tl.where(lo != 0, tl.load(t_ptr + 2 * half + half - 1),
+                             tl.load(t_ptr + half - 1))
+            else:
+                t = tl.load(t_ptr + lo + (half - 1))
+            lo = tl.where(num > den * t, lo + half, lo)
+        code = code + lo
+    else:
+        for k in tl.static_range(NT):
+            code += (num > den * tl.load(t_ptr + k)).to(tl.int32)
+    return code
+
+
+@triton.constexpr_function
+def _ilog2(x):
+    return x.bit_length() - 1
+
+
+@triton.jit
 def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr,
                   n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr,
                   F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
@@ -324,7 +358,8 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
 
-    ``CROSS`` (float32): no atan2. Above level 1 both coordinates are radii (>= 0), so the
+    ``CROSS`` (float32): no atan2 (2: the boundaries by binary search, 1: one by one; the
+    same codes). Above level 1 both coordinates are radii (>= 0), so the
     angle passes boundary m exactly when y > a tan(m) (``tan(m)`` at ``mids_ptr + TOFF``).
     Level 1 (only with a uniform codebook, boundaries k 2 pi / 2^b): the quadrant from the
     signs, then the same test against tan(k pi / 2^(b-1)) within it. Codes differ from the
@@ -346,12 +381,11 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         den = tl.where(swap, tl.abs(y), tl.abs(a))
         S: tl.constexpr = 1 << (b - 2) if b >= 2 else 1
         code = quad * S if b >= 2 else (quad >= 2).to(tl.int32)
-        for k in tl.static_range(1, S):
-            code += (num > den * tl.load(mids_ptr + TOFF + k - 1)).to(tl.int32)
+        if S > 1:
+            code = _count_above(code, num, den, mids_ptr + TOFF, S - 1, CROSS == 2)
     elif b > 0 and CROSS:
-        code = tl.zeros((BN, n), dtype=tl.int32)
-        for k in tl.static_range((1 << b) - 1):
-            code += (y > a * tl.load(mids_ptr + TOFF + k)).to(tl.int32)
+        code = _count_above(tl.zeros((BN, n), dtype=tl.int32), y, a, mids_ptr + TOFF,
+                            (1 << b) - 1, CROSS == 2)
     elif b > 0:
         if F64:
             psi = _atan2_f64(y, a)

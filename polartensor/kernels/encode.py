@@ -246,6 +246,23 @@ def _persistent(persistent: bool | None) -> bool:
                     "persistent programs, S loaded once per program", "one program per tile")
 
 
+_SEARCHES = ("binary", "linear")
+
+
+def _boundary_search() -> str:
+    """POLARTENSOR_ENCODE_SEARCH (read per call): how the atan2-free encode finds a level's
+    cell among its 2^b - 1 ascending boundaries: ``binary`` (the default; b comparisons) or
+    ``linear`` (each boundary in turn, as before). Same codes bit for bit (tested). The
+    search is binary only for levels of >= 7 boundaries (paper and polar-3 have none, so
+    they compile as before). Offline (Triton 3.6, sm_90, results/bench/kernel_ir_stats.md)
+    polar-4 took 6-9% fewer SASS instructions, polar-5 15-22%; not yet timed on a GPU."""
+    v = os.environ.get("POLARTENSOR_ENCODE_SEARCH", "binary")
+    if v not in _SEARCHES:
+        raise ValueError(f"POLARTENSOR_ENCODE_SEARCH={v!r}: use 'binary' (the default) or "
+                         "'linear'")
+    return v
+
+
 def _column_order() -> bool:
     """POLARTENSOR_ENCODE_PERM (read per call): 1 (the default) computes the rotation's
     output columns in the order that keeps the polar transform's pairs inside each thread
@@ -399,7 +416,8 @@ def encode_into_triton(
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
-        CROSS=cross, CROSS1=cross1, TOFF=toff, ROT_BF16X2=rot_bf16x2,
+        CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
+        TOFF=toff, ROT_BF16X2=rot_bf16x2,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
         # Triton splits the MMA's columns over warps, and offline the order cost instructions)

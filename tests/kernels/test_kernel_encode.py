@@ -318,7 +318,8 @@ def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
     assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
                               quantizer=quantizer, rotation_mma="bf16x2")
     # the split really ran (float32 radii keep tf32x3), with the quantizer asked for
-    assert seen[-1] == (cfg.radius_dtype != "float32", quantizer == "cross"), cfg
+    assert (seen[-1][0], bool(seen[-1][1])) == (cfg.radius_dtype != "float32",
+                                                quantizer == "cross"), cfg
     _check_encode(x, cfg, codes, radii, 0, 21)
 
 
@@ -497,3 +498,51 @@ def test_column_order_needs_whole_rows_per_warp(monkeypatch):
         out.append((codes, radii))
     assert seen == [False, True]
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@settings(max_examples=2 if ON_GPU else 3, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), t=st.integers(1, 40), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_boundary_search_is_invisible(d, data, t, scale, monkeypatch):
+    """The atan2-free encode's binary search over a level's boundaries
+    (POLARTENSOR_ENCODE_SEARCH=binary, the default) gives the codes of the one-by-one count
+    (=linear) bit for bit, for configurations with wide levels (3 to 8 bits), float32 and
+    bfloat16 x, three input scales."""
+    seen = _spy_launches(monkeypatch, "CROSS")
+    # configurations with a level of >= 7 boundaries, where the search is binary (level 1
+    # from 5 bits: 2^(b-2) - 1 per quadrant; above, from 3 bits)
+    wide = [c for c in configs_for(d)
+            if c.bits[0] >= 5 or any(b >= 3 for b in c.bits[1:])]
+    cfg = data.draw(st.sampled_from(wide))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    g = torch.Generator().manual_seed(t + 7 * d)
+    x = (torch.randn(2, t, d, generator=g) * scale).to(dtype).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
+
+    def run(search):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_SEARCH", search)
+        codes = torch.zeros(2, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  quantizer="cross")
+        return codes, radii
+
+    want = run("linear")
+    assert seen[-1] == 1
+    got = run("binary")
+    assert seen[-1] == 2
+    assert torch.equal(got[0], want[0]), cfg
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
+
+
+def test_boundary_search_setting_is_checked(monkeypatch):
+    from polartensor.kernels.encode import _boundary_search
+
+    monkeypatch.delenv("POLARTENSOR_ENCODE_SEARCH", raising=False)
+    assert _boundary_search() == "binary"
+    monkeypatch.setenv("POLARTENSOR_ENCODE_SEARCH", "bisect")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_SEARCH='bisect'"):
+        _boundary_search()
