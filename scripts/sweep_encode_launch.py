@@ -31,13 +31,17 @@ MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256
 # registers at d 128 (2 programs per SM; a 168 cap spilled 12-28 bytes for 3, offline Triton
 # 3.6); the default launch caps d 128 at 168 (H200, 2026-11-29 15:00 UTC: 1.22x paper, 1.08x
 # polar-4). With the register-order columns paper takes 160 uncapped. cap0: no cap.
-# The last field is POLARTENSOR_ENCODE_PERM: "0" times the rotation's output columns in
-# coordinate order (the encode before the register-order columns) at the default launch,
-# capped as the default and uncapped.
-LAUNCHES = [(None, None, None, "0"), (None, None, 0, "0"), (None, None, 0, "1"),
-            (16, 4, None, "1"), (32, 4, None, "1"), (32, 8, None, "1"), (64, 8, None, "1"),
-            (128, 4, None, "1"), (128, 8, None, "1"), (64, 4, 168, "1"), (64, 4, 128, "1"),
-            (32, 4, 128, "1")]
+# The last field sets environment settings for the call: POLARTENSOR_ENCODE_PERM=0 times the
+# rotation's output columns in coordinate order (the encode before the register-order
+# columns), POLARTENSOR_ENCODE_SEARCH=linear the one-by-one boundary count (before the binary
+# search), both at the default launch.
+_PERM0 = {"POLARTENSOR_ENCODE_PERM": "0"}
+_LINEAR = {"POLARTENSOR_ENCODE_SEARCH": "linear"}
+LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
+            (None, None, None, _LINEAR),
+            (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
+            (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
+            (32, 4, 128, {})]
 
 
 def main():
@@ -84,7 +88,7 @@ def main():
                   + ref_r.numel() * ref_r.element_size())
             encode_into_triton(x, rot, mids, ref_c, ref_r, cfg, exact=False)
             default_ms = None
-            for bn, warps, cap, order in [(None, None, None, "1")] + LAUNCHES:
+            for bn, warps, cap, env in [(None, None, None, {})] + LAUNCHES:
                 codes = torch.full_like(ref_c, 7)
                 radii = torch.zeros_like(ref_r)
                 kw = dict(block_rows=bn, num_warps=warps, maxnreg=cap)
@@ -92,18 +96,21 @@ def main():
                         "" if bn is None else f"bn{bn}_w{warps}")
                 if cap is not None:
                     name += f"_cap{cap}"
-                if order == "0":
+                if env.get("POLARTENSOR_ENCODE_PERM") == "0":
                     name += "_perm0"
+                if env.get("POLARTENSOR_ENCODE_SEARCH") == "linear":
+                    name += "_linear"
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 try:
-                    def fn(kw=kw, codes=codes, radii=radii, x=x, order=order):
-                        # (read per call: the CUDA graph captures the launch it gives)
-                        os.environ["POLARTENSOR_ENCODE_PERM"] = order
+                    def fn(kw=kw, codes=codes, radii=radii, x=x, env=env):
+                        # (read per call: the CUDA graph captures the launch they give)
+                        os.environ.update(env)
                         try:
                             return encode_into_triton(x, rot, mids, codes, radii, cfg,
                                                       exact=False, **kw)
                         finally:
-                            os.environ.pop("POLARTENSOR_ENCODE_PERM", None)
+                            for key in env:
+                                os.environ.pop(key, None)
                     ms = bench(fn)
                     row.update(ms=ms, pct_copy=100 * io / (ms * 1e-3) / copy_bw,
                                same_codes=bool(torch.equal(codes, ref_c)),
