@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from polartensor import PolarQuantConfig, quantize
 from polartensor.config import PRESETS, get_preset
 from polartensor.kernels import dispatch, ops  # noqa: F401  (ops registers the op)
+from polartensor.kernels import encode as _enc
 from polartensor.kernels.common import _atan2, boundary_table
 from polartensor.kernels.encode import encode_into_triton
 from polartensor.kv_buffer import PolarKVBuffer
@@ -418,16 +419,40 @@ def test_persistent_encode_matches_reference(preset, d, monkeypatch):
     assert seen[-1] is False
 
 
-def test_persistent_setting_is_checked(monkeypatch):
-    from polartensor.kernels.encode import _persistent
+@pytest.mark.parametrize("name,read,default", [
+    ("POLARTENSOR_ENCODE_PERSIST", lambda: _enc._persistent(None), False),
+    ("POLARTENSOR_ENCODE_PERM", lambda: _enc._column_order(), True)])
+def test_encode_flag_settings_are_checked(name, read, default, monkeypatch):
+    """The encode's 0/1 settings: their default, both values, and a clear error otherwise."""
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    for value in ("0", "1"):
+        monkeypatch.setenv(name, value)
+        assert read() is (value == "1")
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}='yes'"):
+        read()
+    if name == "POLARTENSOR_ENCODE_PERSIST":  # the argument wins over the setting
+        monkeypatch.setenv(name, "1")
+        assert not _enc._persistent(False)
 
-    monkeypatch.delenv("POLARTENSOR_ENCODE_PERSIST", raising=False)
-    assert not _persistent(None)
-    monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "1")
-    assert _persistent(None) and not _persistent(False)
-    monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "yes")
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERSIST='yes'"):
-        _persistent(None)
+
+def _encode_under(monkeypatch, env, x, rot, mids, cfg, **kw):
+    """Codes and radii of one fused encode (exact=False) of x [lead, t, d] under the
+    environment settings ``env``."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    lead, t, d = x.shape
+    codes = torch.zeros(lead, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+    radii = torch.zeros(lead, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                        device=DEVICE)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, **kw)
+    return codes, radii
+
+
+def _assert_same_encode(got, want, cfg):
+    assert torch.equal(got[0], want[0]), cfg
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -449,33 +474,12 @@ def test_encode_column_order_is_invisible(d, dtype, data, t, monkeypatch):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
 
-    def run(order):
-        monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", order)
-        codes = torch.zeros(2, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
-        radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                            device=DEVICE)
-        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  block_rows=64, persistent=persistent)
-        return codes, radii
-
-    want = run("0")
+    kw = dict(block_rows=64, persistent=persistent)
+    want = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_PERM": "0"}, x, rot, mids, cfg, **kw)
     assert seen[-1] is False
-    got = run("1")
+    got = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_PERM": "1"}, x, rot, mids, cfg, **kw)
     assert seen[-1] is True
-    assert torch.equal(got[0], want[0]), cfg
-    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
-
-
-def test_column_order_setting_is_checked(monkeypatch):
-    from polartensor.kernels.encode import _column_order
-
-    monkeypatch.delenv("POLARTENSOR_ENCODE_PERM", raising=False)
-    assert _column_order()
-    monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", "0")
-    assert not _column_order()
-    monkeypatch.setenv("POLARTENSOR_ENCODE_PERM", "on")
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERM='on'"):
-        _column_order()
+    _assert_same_encode(got, want, cfg)
 
 
 def test_column_order_needs_whole_rows_per_warp(monkeypatch):
@@ -521,21 +525,12 @@ def test_boundary_search_is_invisible(d, data, t, scale, monkeypatch):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     mids = boundary_table(quantize(x.float(), cfg).centroids, cfg, torch.float64)
 
-    def run(search):
-        monkeypatch.setenv("POLARTENSOR_ENCODE_SEARCH", search)
-        codes = torch.zeros(2, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
-        radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                            device=DEVICE)
-        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  quantizer="cross")
-        return codes, radii
-
-    want = run("linear")
+    key = "POLARTENSOR_ENCODE_SEARCH"
+    want = _encode_under(monkeypatch, {key: "linear"}, x, rot, mids, cfg, quantizer="cross")
     assert seen[-1] == 1
-    got = run("binary")
+    got = _encode_under(monkeypatch, {key: "binary"}, x, rot, mids, cfg, quantizer="cross")
     assert seen[-1] == 2
-    assert torch.equal(got[0], want[0]), cfg
-    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
+    _assert_same_encode(got, want, cfg)
 
 
 def test_boundary_search_setting_is_checked(monkeypatch):
