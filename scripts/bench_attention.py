@@ -163,6 +163,10 @@ def main():
     ap.add_argument("--joined", action="store_true", help="decode table: also time the "
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
+    ap.add_argument("--pv-transposed", action="store_true",
+                    help="decode table: also time P @ V as V^T P^T "
+                         "(POLARTENSOR_PV_TRANSPOSED=1, an experiment) beside the default, "
+                         "in the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
                     "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
                     "nowhere (=0) beside the default, in the same run")
@@ -487,22 +491,29 @@ def main():
                 decode_row(base, "polar_triton_per_sm_splits", preset, qbytes,
                            lambda kq=kq, vq=vq, cfg=cfg, q=q: (
                                ours_fn(q, kq, vq, cfg, scale, split_rule="per_sm"), {}))
-            if args.joint12:
-                def joint12_fn(kq=kq, vq=vq, cfg=cfg, q=q, value="1"):
-                    default = ours_fn(q, kq, vq, cfg, scale)()
-                    launch = ours_fn(q, kq, vq, cfg, scale)
+            def env_fn(kq=kq, vq=vq, cfg=cfg, q=q, name="", value="1"):
+                """Our decode with one setting forced (read per call: set while the graph
+                is captured), and its largest difference from the default's output."""
+                default = ours_fn(q, kq, vq, cfg, scale)()
+                launch = ours_fn(q, kq, vq, cfg, scale)
 
-                    def forced():  # the flag is read per call: set while the graph is captured
-                        os.environ["POLARTENSOR_JOINT12"] = value
-                        try:
-                            return launch()
-                        finally:
-                            os.environ.pop("POLARTENSOR_JOINT12", None)
-                    diff = (forced().float() - default.float()).abs().max().item()
-                    return forced, {"max_abs_diff_vs_default": diff}
-                decode_row(base, "polar_triton_joint12", preset, qbytes, joint12_fn)
-                decode_row(base, "polar_triton_joint12_off", preset, qbytes,
-                           lambda kq=kq, vq=vq, cfg=cfg, q=q: joint12_fn(kq, vq, cfg, q, "0"))
+                def forced():
+                    os.environ[name] = value
+                    try:
+                        return launch()
+                    finally:
+                        os.environ.pop(name, None)
+                diff = (forced().float() - default.float()).abs().max().item()
+                return forced, {"max_abs_diff_vs_default": diff}
+            if args.joint12:
+                for method, value in (("polar_triton_joint12", "1"),
+                                      ("polar_triton_joint12_off", "0")):
+                    decode_row(base, method, preset, qbytes,
+                               lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
+                                                          value=value))
+            if args.pv_transposed:
+                decode_row(base, "polar_triton_pv_t", preset, qbytes,
+                           lambda: env_fn(name="POLARTENSOR_PV_TRANSPOSED", value="1"))
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
@@ -617,6 +628,10 @@ def render_markdown(res) -> str:
          "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), same run:",
          ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
           "max abs diff vs ours"]),
+        ("polar_triton_pv_t",
+         "Default vs P @ V as V^T P^T with the accumulator transposed "
+         "(`POLARTENSOR_PV_TRANSPOSED=1`, an experiment), same run:",
+         ["V^T P^T ms", "× ours vs V^T P^T", "× V^T P^T vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "
          "(~8 programs per SM, `split_rule='per_sm'`), same run:",

@@ -31,7 +31,9 @@ _LOG2E = 1.4426950408889634
 def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, acc,
                    mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq, scale_log2,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, PV_T: tl.constexpr = False):
+    """One key tile of the online softmax. ``PV_T``: the accumulator is kept transposed,
+    [D, M], and P @ V runs as V^T P^T (see ``pv_transposed_setting``)."""
     s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
     keep = keep_kv[None, :] & row_valid[:, None]
     if CAUSAL:
@@ -50,7 +52,11 @@ def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, ac
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
+    if PV_T:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
+                                             input_precision=PREC)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -97,7 +103,7 @@ def polar_decode_attn_fwd_kernel(
     V_LV7: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
     SINGLE: tl.constexpr, ROTQ: tl.constexpr, UNROT: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr,
+    PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr, PV_T: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -137,7 +143,10 @@ def polar_decode_attn_fwd_kernel(
 
     m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M,), dtype=tl.float32)
-    acc = tl.zeros((M, D), dtype=tl.float32)
+    if PV_T:
+        acc = tl.zeros((D, M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((M, D), dtype=tl.float32)
 
     qend = tl.minimum(end, N)
     for n0 in range(start, qend, BN):
@@ -154,7 +163,7 @@ def polar_decode_attn_fwd_kernel(
                          V_LV6, V_LV7, PACK)
         m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
                                        l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
-                                       scale_log2, MASK_KIND, CAUSAL, DT, PREC)
+                                       scale_log2, MASK_KIND, CAUSAL, DT, PREC, PV_T)
     if HAS_TAIL:
         for n0 in range(tl.maximum(start, N), end, BN):
             pos = n0 + tl.arange(0, BN)
@@ -166,8 +175,11 @@ def polar_decode_attn_fwd_kernel(
                          mask=kv_ok[:, None], other=0.0).to(tl.float32)
             m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h,
                                            m_i, l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n,
-                                           total, Tq, scale_log2, MASK_KIND, CAUSAL, DT, PREC)
+                                           total, Tq, scale_log2, MASK_KIND, CAUSAL, DT, PREC,
+                                           PV_T)
 
+    if PV_T:
+        acc = tl.trans(acc)
     if SINGLE:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_row = b * so_b + h.to(tl.int64) * so_h + t_idx.to(tl.int64) * so_t
@@ -285,6 +297,19 @@ def joint12_setting() -> bool | None:
         return None
     return env_flag("POLARTENSOR_JOINT12", False, "joint table of levels 1 and 2 wherever "
                     "there is one", "one step per level; unset: where measured faster")
+
+
+def pv_transposed_setting() -> bool:
+    """POLARTENSOR_PV_TRANSPOSED (read per call; an experiment, off by default): 1 keeps the
+    decode's accumulator transposed and computes P @ V as V^T P^T. Offline (Triton 3.6,
+    sm_90, scripts/smem_bank_conflicts.py) the default P @ V reads V with a transposed
+    ldmatrix that conflicts 4-way in shared memory (16 wavefronts where 4 would do, as Nsight
+    measured on the H200) and stores P with a 4-way conflicting stmatrix; transposed, both
+    are conflict-free and a key tile's shared-memory wavefronts go from 332 to 240 per warp,
+    with 3% fewer loop instructions but more spills (1630 -> 1938 bytes at the 128-register
+    cap). The V^T P^T product compiles to a wgmma (M = D). Not yet run on a GPU."""
+    return env_flag("POLARTENSOR_PV_TRANSPOSED", False, "P @ V as V^T P^T, transposed "
+                    "accumulator", "P @ V")
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
@@ -428,7 +453,7 @@ def launch_attention(
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal),
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
-        PACK=pack, num_warps=warps,
+        PACK=pack, PV_T=pv_transposed_setting(), num_warps=warps,
     )
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).

@@ -540,6 +540,54 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
         _close(sdpa, got, dtype)
 
 
+@pytest.mark.parametrize("preset,tq,tail", [("paper", 1, 0), ("polar-4", 3, 5),
+                                             ("paper", 4, 0)])
+def test_pv_transposed_matches_default(preset, tq, tail, monkeypatch):
+    """POLARTENSOR_PV_TRANSPOSED=1 (an experiment: the accumulator kept transposed, P @ V as
+    V^T P^T): the same attention as the default within a bf16 SDPA's error, with a query
+    group, several queries, several splits and a full-precision tail."""
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg = get_preset(preset, head_dim=d)
+    b, hk, group, n = 2, 2, 4, 1300 if ON_GPU else 41
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    kt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
+    vt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids, cfg.bits)
+
+    from polartensor.kernels import decode_attention
+
+    seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["PV_T"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(decode_attention, "polar_decode_attn_fwd_kernel", _Spy())
+
+    def launch(setting):
+        monkeypatch.setenv("POLARTENSOR_PV_TRANSPOSED", setting)
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode",
+                                k_tail=kt if tail else None, v_tail=vt if tail else None,
+                                num_splits=3)
+
+    want = launch("0")
+    got = launch("1")
+    assert seen == [False, True]
+    _close(got, want, dtype)
+    monkeypatch.setenv("POLARTENSOR_PV_TRANSPOSED", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_PV_TRANSPOSED='yes'"):
+        launch("yes")
+
+
 def test_joint12_setting_is_checked(monkeypatch):
     from polartensor.kernels.decode_attention import joint12_setting
 
