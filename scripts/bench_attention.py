@@ -163,10 +163,10 @@ def main():
     ap.add_argument("--joined", action="store_true", help="decode table: also time the "
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
-    ap.add_argument("--pv-transposed", action="store_true",
-                    help="decode table: also time P @ V as V^T P^T "
-                         "(POLARTENSOR_PV_TRANSPOSED=1, an experiment) beside the default, "
-                         "in the same run")
+    ap.add_argument("--decode-mma", action="store_true",
+                    help="decode table: also time the transposed MMA orientations "
+                         "(POLARTENSOR_DECODE_MMA=vp and =kq, experiments) beside the "
+                         "default, in the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
                     "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
                     "nowhere (=0) beside the default, in the same run")
@@ -511,9 +511,11 @@ def main():
                     decode_row(base, method, preset, qbytes,
                                lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
                                                           value=value))
-            if args.pv_transposed:
-                decode_row(base, "polar_triton_pv_t", preset, qbytes,
-                           lambda: env_fn(name="POLARTENSOR_PV_TRANSPOSED", value="1"))
+            if args.decode_mma:
+                for value in ("vp", "kq"):
+                    decode_row(base, f"polar_triton_mma_{value}", preset, qbytes,
+                               lambda value=value: env_fn(name="POLARTENSOR_DECODE_MMA",
+                                                          value=value))
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
@@ -628,10 +630,14 @@ def render_markdown(res) -> str:
          "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), same run:",
          ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
           "max abs diff vs ours"]),
-        ("polar_triton_pv_t",
+        ("polar_triton_mma_vp",
          "Default vs P @ V as V^T P^T with the accumulator transposed "
-         "(`POLARTENSOR_PV_TRANSPOSED=1`, an experiment), same run:",
-         ["V^T P^T ms", "× ours vs V^T P^T", "× V^T P^T vs cuDNN", "max abs diff vs ours"]),
+         "(`POLARTENSOR_DECODE_MMA=vp`, an experiment), same run:",
+         ["vp ms", "× ours vs vp", "× vp vs cuDNN", "max abs diff vs ours"]),
+        ("polar_triton_mma_kq",
+         "Default vs both products transposed, S^T = K Q^T and O^T = V^T P^T "
+         "(`POLARTENSOR_DECODE_MMA=kq`, an experiment), same run:",
+         ["kq ms", "× ours vs kq", "× kq vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "
          "(~8 programs per SM, `split_rule='per_sm'`), same run:",

@@ -9,14 +9,14 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh pvt       # tests + decode bench of P @ V as V^T P^T (~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh mma       # tests + decode bench of the transposed MMAs (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|pvt|profile|profile_detail|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|mma|profile|profile_detail|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -77,14 +77,14 @@ encode)
         tests/kernels/test_kernel_encode.py
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
     ;;
-pvt)
-    # the experiment P @ V as V^T P^T (POLARTENSOR_PV_TRANSPOSED=1): the kernels' tests with
-    # it, then the decode table with it timed beside the default in the same run
-    POLARTENSOR_PV_TRANSPOSED=1 POLARTENSOR_FAILLOG="$OUT/failures_pvt.txt" \
-        step tests_pvt 250 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+mma)
+    # the transposed MMA orientations (POLARTENSOR_DECODE_MMA=kq, experiments): the kernels'
+    # tests with kq, then the decode table with vp and kq timed beside the default, same run
+    POLARTENSOR_DECODE_MMA=kq POLARTENSOR_FAILLOG="$OUT/failures_mma_kq.txt" \
+        step tests_mma_kq 250 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
-    step bench_pvt 300 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
-        --presets paper,polar-3,polar-4 --sections decode --pv-transposed
+    step bench_mma 300 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
+        --presets paper,polar-3,polar-4 --sections decode --decode-mma
     ;;
 joint12)
     # the kernels' tests with the joint table of levels 1 and 2 wherever a configuration has
@@ -128,7 +128,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, pvt, profile, profile_detail or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, mma, profile, profile_detail or compile" >&2
     exit 2
     ;;
 esac

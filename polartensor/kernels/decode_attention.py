@@ -31,9 +31,32 @@ _LOG2E = 1.4426950408889634
 def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, acc,
                    mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq, scale_log2,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr, PV_T: tl.constexpr = False):
-    """One key tile of the online softmax. ``PV_T``: the accumulator is kept transposed,
-    [D, M], and P @ V runs as V^T P^T (see ``pv_transposed_setting``)."""
+                   PREC: tl.constexpr, MMA_T: tl.constexpr = 0):
+    """One key tile of the online softmax. ``MMA_T`` (``decode_mma_setting``): 1, the
+    accumulator is kept transposed, [D, M], and P @ V runs as V^T P^T; 2, the scores too
+    (S^T = K Q^T, the softmax along axis 0)."""
+    if MMA_T == 2:
+        st = tl.dot(kt.to(DT), tl.trans(q), input_precision=PREC) * scale_log2
+        keep = keep_kv[:, None] & row_valid[None, :]
+        if CAUSAL:
+            keep = keep & (pos[:, None] <= (t_idx + (total - Tq))[None, :])
+        if MASK_KIND != 0:
+            mptr = (mask_ptr + b * sm_b + h[None, :] * sm_h
+                    + t_idx.to(tl.int64)[None, :] * sm_t + pos.to(tl.int64)[:, None] * sm_n)
+            mv = tl.load(mptr, mask=keep, other=0)
+            if MASK_KIND == 1:
+                keep = keep & (mv != 0)
+            else:
+                st = st + mv.to(tl.float32) * 1.4426950408889634
+        st = tl.where(keep, st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        pt = tl.exp2(st - m_use[None, :])
+        l_i = l_i * alpha + tl.sum(pt, 0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), pt.to(DT),
+                                             input_precision=PREC)
+        return m_new, l_i, acc
     s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
     keep = keep_kv[None, :] & row_valid[:, None]
     if CAUSAL:
@@ -52,7 +75,7 @@ def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, ac
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if PV_T:
+    if MMA_T == 1:
         acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
                                              input_precision=PREC)
     else:
@@ -103,7 +126,7 @@ def polar_decode_attn_fwd_kernel(
     V_LV7: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
     SINGLE: tl.constexpr, ROTQ: tl.constexpr, UNROT: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr, PV_T: tl.constexpr = False,
+    PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr, MMA_T: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -143,7 +166,7 @@ def polar_decode_attn_fwd_kernel(
 
     m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M,), dtype=tl.float32)
-    if PV_T:
+    if MMA_T:
         acc = tl.zeros((D, M), dtype=tl.float32)
     else:
         acc = tl.zeros((M, D), dtype=tl.float32)
@@ -163,7 +186,7 @@ def polar_decode_attn_fwd_kernel(
                          V_LV6, V_LV7, PACK)
         m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
                                        l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
-                                       scale_log2, MASK_KIND, CAUSAL, DT, PREC, PV_T)
+                                       scale_log2, MASK_KIND, CAUSAL, DT, PREC, MMA_T)
     if HAS_TAIL:
         for n0 in range(tl.maximum(start, N), end, BN):
             pos = n0 + tl.arange(0, BN)
@@ -176,9 +199,9 @@ def polar_decode_attn_fwd_kernel(
             m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h,
                                            m_i, l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n,
                                            total, Tq, scale_log2, MASK_KIND, CAUSAL, DT, PREC,
-                                           PV_T)
+                                           MMA_T)
 
-    if PV_T:
+    if MMA_T:
         acc = tl.trans(acc)
     if SINGLE:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -299,17 +322,28 @@ def joint12_setting() -> bool | None:
                     "there is one", "one step per level; unset: where measured faster")
 
 
-def pv_transposed_setting() -> bool:
-    """POLARTENSOR_PV_TRANSPOSED (read per call; an experiment, off by default): 1 keeps the
-    decode's accumulator transposed and computes P @ V as V^T P^T. Offline (Triton 3.6,
-    sm_90, scripts/smem_bank_conflicts.py) the default P @ V reads V with a transposed
-    ldmatrix that conflicts 4-way in shared memory (16 wavefronts where 4 would do, as Nsight
-    measured on the H200) and stores P with a 4-way conflicting stmatrix; transposed, both
-    are conflict-free and a key tile's shared-memory wavefronts go from 332 to 240 per warp,
-    with 3% fewer loop instructions but more spills (1630 -> 1938 bytes at the 128-register
-    cap). The V^T P^T product compiles to a wgmma (M = D). Not yet run on a GPU."""
-    return env_flag("POLARTENSOR_PV_TRANSPOSED", False, "P @ V as V^T P^T, transposed "
-                    "accumulator", "P @ V")
+_DECODE_MMAS = {"qk": 0, "vp": 1, "kq": 2}
+
+
+def decode_mma_setting() -> int:
+    """POLARTENSOR_DECODE_MMA (read per call): how the decode's two products meet the tensor
+    cores. ``qk`` (the default): S = Q K^T and O = P V, the query rows as the MMA's M (16 rows,
+    mma.sync). ``vp``: O^T = V^T P^T with the accumulator kept transposed. ``kq`` (both
+    transposed): S^T = K Q^T and O^T = V^T P^T, keys and head_dim as M (wgmma on sm_90),
+    the softmax over the key axis. Experiments, not yet run on a GPU.
+
+    Why (offline, Triton 3.6, sm_90, paper d 128, 64 keys per step under the 128-register
+    cap; scripts/smem_bank_conflicts.py, whose model reproduces Nsight's counts on the H200):
+    in ``qk`` V's transposed ldmatrix reads keys {0, 1, 8, 9, 16, 17, 24, 25} of the tile
+    per 8x8 matrix, which the swizzle maps onto two of eight bank groups (16 wavefronts where
+    4 would do), P's stmatrix conflicts 4-way and K's tile stores 2-way: 332 shared-memory
+    wavefronts per warp and key tile against 192 ideal. ``vp``: 208 (176 ideal), loop SASS
+    1098 -> 1065, spills 1630 -> 1938 bytes. ``kq``: 152, none of them conflicts (plus the
+    wgmma's own operand reads), loop SASS 1009, spills 1870 bytes."""
+    v = os.environ.get("POLARTENSOR_DECODE_MMA", "qk")
+    if v not in _DECODE_MMAS:
+        raise ValueError(f"POLARTENSOR_DECODE_MMA={v!r}: use 'qk' (the default), 'vp' or 'kq'")
+    return _DECODE_MMAS[v]
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
@@ -453,7 +487,7 @@ def launch_attention(
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal),
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
-        PACK=pack, PV_T=pv_transposed_setting(), num_warps=warps,
+        PACK=pack, MMA_T=decode_mma_setting(), num_warps=warps,
     )
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).

@@ -540,12 +540,16 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
         _close(sdpa, got, dtype)
 
 
-@pytest.mark.parametrize("preset,tq,tail", [("paper", 1, 0), ("polar-4", 3, 5),
-                                             ("paper", 4, 0)])
-def test_pv_transposed_matches_default(preset, tq, tail, monkeypatch):
-    """POLARTENSOR_PV_TRANSPOSED=1 (an experiment: the accumulator kept transposed, P @ V as
-    V^T P^T): the same attention as the default within a bf16 SDPA's error, with a query
-    group, several queries, several splits and a full-precision tail."""
+@pytest.mark.parametrize("mma", ["vp", "kq"])
+@pytest.mark.parametrize("preset,tq,tail,mask_kind", [("paper", 1, 0, 0), ("polar-4", 3, 5, 1),
+                                                       ("paper", 4, 0, 2)])
+def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind, monkeypatch):
+    """POLARTENSOR_DECODE_MMA=vp (P @ V as V^T P^T) and =kq (the scores as K Q^T too, the
+    softmax along the key axis), experiments: the same attention as the default within a
+    bf16 SDPA's error, with a query group, several queries, several splits, a
+    full-precision tail and boolean or additive masks."""
+    from polartensor.kernels import decode_attention
+
     d = 128 if ON_GPU else 32
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     cfg = get_preset(preset, head_dim=d)
@@ -556,36 +560,52 @@ def test_pv_transposed_matches_default(preset, tq, tail, monkeypatch):
     v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
     kt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
     vt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
+    mask = None
+    if mask_kind == 1:
+        mask = torch.rand(b, 1, tq, n + tail, generator=g) > 0.3
+        mask[..., -1] = True
+    elif mask_kind == 2:
+        mask = torch.randn(b, 1, tq, n + tail, generator=g).to(dtype)
+    if mask is not None:
+        mask = mask.to(DEVICE).expand(b, hk * group, tq, n + tail)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
     trig = trig_table(k.centroids, cfg.bits)
-
-    from polartensor.kernels import decode_attention
-
     seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
 
     class _Spy:
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                seen.append(kwargs["PV_T"])
+                seen.append(kwargs["MMA_T"])
                 return real[grid](*args, **kwargs)
             return run
 
     monkeypatch.setattr(decode_attention, "polar_decode_attn_fwd_kernel", _Spy())
 
     def launch(setting):
-        monkeypatch.setenv("POLARTENSOR_PV_TRANSPOSED", setting)
+        monkeypatch.setenv("POLARTENSOR_DECODE_MMA", setting)
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
-                                rot, rot, scale=1 / math.sqrt(d), mode="decode",
-                                k_tail=kt if tail else None, v_tail=vt if tail else None,
-                                num_splits=3)
+                                rot, rot, k_tail=kt if tail else None,
+                                v_tail=vt if tail else None, mask=mask,
+                                scale=1 / math.sqrt(d), mode="decode", num_splits=2,
+                                # several key tiles per split; the GPU's default tile
+                                block_n=None if ON_GPU else 16)
 
-    want = launch("0")
-    got = launch("1")
-    assert seen == [False, True]
+    want = launch("qk")
+    got = launch(mma)
+    assert seen == [0, {"vp": 1, "kq": 2}[mma]]
     _close(got, want, dtype)
-    monkeypatch.setenv("POLARTENSOR_PV_TRANSPOSED", "yes")
-    with pytest.raises(ValueError, match="POLARTENSOR_PV_TRANSPOSED='yes'"):
-        launch("yes")
+
+
+def test_decode_mma_setting_is_checked(monkeypatch):
+    from polartensor.kernels.decode_attention import decode_mma_setting
+
+    monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
+    assert decode_mma_setting() == 0
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "kq")
+    assert decode_mma_setting() == 2
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "1")
+    with pytest.raises(ValueError, match="POLARTENSOR_DECODE_MMA='1'"):
+        decode_mma_setting()
 
 
 def test_joint12_setting_is_checked(monkeypatch):
