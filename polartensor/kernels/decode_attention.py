@@ -56,30 +56,30 @@ def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, ac
         l_i = l_i * alpha + tl.sum(pt, 0)
         acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), pt.to(DT),
                                              input_precision=PREC)
-        return m_new, l_i, acc
-    s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
-    keep = keep_kv[None, :] & row_valid[:, None]
-    if CAUSAL:
-        keep = keep & (pos[None, :] <= (t_idx + (total - Tq))[:, None])
-    if MASK_KIND != 0:
-        mptr = (mask_ptr + b * sm_b + h[:, None] * sm_h + t_idx.to(tl.int64)[:, None] * sm_t
-                + pos.to(tl.int64)[None, :] * sm_n)
-        mv = tl.load(mptr, mask=keep, other=0)
-        if MASK_KIND == 1:
-            keep = keep & (mv != 0)
-        else:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MMA_T == 1:
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
-                                             input_precision=PREC)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
+        s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
+        keep = keep_kv[None, :] & row_valid[:, None]
+        if CAUSAL:
+            keep = keep & (pos[None, :] <= (t_idx + (total - Tq))[:, None])
+        if MASK_KIND != 0:
+            mptr = (mask_ptr + b * sm_b + h[:, None] * sm_h + t_idx.to(tl.int64)[:, None] * sm_t
+                    + pos.to(tl.int64)[None, :] * sm_n)
+            mv = tl.load(mptr, mask=keep, other=0)
+            if MASK_KIND == 1:
+                keep = keep & (mv != 0)
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MMA_T == 1:
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
+                                                 input_precision=PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
     return m_new, l_i, acc
 
 
