@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tree_decode import _ilog2
+
 MAX_LEVELS = 8
 _TWO_PI = 2.0 * math.pi
 
@@ -342,11 +344,6 @@ def _count_above(code, num, den, t_ptr, NT: tl.constexpr, BINARY: tl.constexpr):
         for k in tl.static_range(NT):
             code += (num > den * tl.load(t_ptr + k)).to(tl.int32)
     return code
-
-
-@triton.constexpr_function
-def _ilog2(x):
-    return x.bit_length() - 1
 
 
 @triton.jit

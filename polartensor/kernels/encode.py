@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import _encode_level, _sm_count, env_flag, interpreting, level_words, records_aligned16
-from .tree_decode import _level_word
+from .tree_decode import _ilog2, _level_word
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
@@ -61,11 +61,6 @@ def _dot_bf16x2(x, s_hi, s_lo, acc):
         acc = tl.dot(x, s_hi, acc)
         acc = tl.dot(x, s_lo, acc)
     return acc
-
-
-@triton.constexpr_function
-def _ilog2(x):
-    return x.bit_length() - 1
 
 
 @triton.jit
