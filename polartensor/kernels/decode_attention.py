@@ -28,58 +28,62 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _by_row(x, KEY: tl.constexpr):
+    """A per-row vector broadcast against a score tile whose key axis is KEY."""
+    if KEY == 1:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _by_key(x, KEY: tl.constexpr):
+    """A per-key vector broadcast against a score tile whose key axis is KEY."""
+    if KEY == 1:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
 def _scores_update(q, kt, vt, pos, keep_kv, t_idx, row_valid, b, h, m_i, l_i, acc,
                    mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq, scale_log2,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr, MMA_T: tl.constexpr = 0):
-    """One key tile of the online softmax. ``MMA_T`` (``decode_mma_setting``): 1, the
-    accumulator is kept transposed, [D, M], and P @ V runs as V^T P^T; 2, the scores too
-    (S^T = K Q^T, the softmax along axis 0)."""
+    """One key tile of the online softmax. ``MMA_T`` (``decode_mma_setting``): 0, S = Q K^T
+    [M, BN] and O += P V; 1, the accumulator kept transposed, [D, M], and P @ V as V^T P^T;
+    2, the scores transposed too (S^T = K Q^T, [BN, M]: the softmax runs along axis 0)."""
     if MMA_T == 2:
-        st = tl.dot(kt.to(DT), tl.trans(q), input_precision=PREC) * scale_log2
-        keep = keep_kv[:, None] & row_valid[None, :]
-        if CAUSAL:
-            keep = keep & (pos[:, None] <= (t_idx + (total - Tq))[None, :])
-        if MASK_KIND != 0:
-            mptr = (mask_ptr + b * sm_b + h[None, :] * sm_h
-                    + t_idx.to(tl.int64)[None, :] * sm_t + pos.to(tl.int64)[:, None] * sm_n)
-            mv = tl.load(mptr, mask=keep, other=0)
-            if MASK_KIND == 1:
-                keep = keep & (mv != 0)
-            else:
-                st = st + mv.to(tl.float32) * 1.4426950408889634
-        st = tl.where(keep, st, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        pt = tl.exp2(st - m_use[None, :])
-        l_i = l_i * alpha + tl.sum(pt, 0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), pt.to(DT),
+        KEY: tl.constexpr = 0
+        s = tl.dot(kt.to(DT), tl.trans(q), input_precision=PREC) * scale_log2
+    else:
+        KEY: tl.constexpr = 1
+        s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
+    keep = _by_key(keep_kv, KEY) & _by_row(row_valid, KEY)
+    if CAUSAL:
+        keep = keep & (_by_key(pos, KEY) <= _by_row(t_idx + (total - Tq), KEY))
+    if MASK_KIND != 0:
+        mptr = (mask_ptr + b * sm_b + _by_row(h * sm_h + t_idx.to(tl.int64) * sm_t, KEY)
+                + _by_key(pos.to(tl.int64) * sm_n, KEY))
+        mv = tl.load(mptr, mask=keep, other=0)
+        if MASK_KIND == 1:
+            keep = keep & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, KEY))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - _by_row(m_use, KEY))
+    l_i = l_i * alpha + tl.sum(p, KEY)
+    if MMA_T == 2:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), p.to(DT),
+                                             input_precision=PREC)
+    elif MMA_T == 1:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
                                              input_precision=PREC)
     else:
-        s = tl.dot(q, tl.trans(kt.to(DT)), input_precision=PREC) * scale_log2
-        keep = keep_kv[None, :] & row_valid[:, None]
-        if CAUSAL:
-            keep = keep & (pos[None, :] <= (t_idx + (total - Tq))[:, None])
-        if MASK_KIND != 0:
-            mptr = (mask_ptr + b * sm_b + h[:, None] * sm_h + t_idx.to(tl.int64)[:, None] * sm_t
-                    + pos.to(tl.int64)[None, :] * sm_n)
-            mv = tl.load(mptr, mask=keep, other=0)
-            if MASK_KIND == 1:
-                keep = keep & (mv != 0)
-            else:
-                s = s + mv.to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MMA_T == 1:
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(vt.to(DT)), tl.trans(p.to(DT)),
-                                                 input_precision=PREC)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt.to(DT), input_precision=PREC)
     return m_new, l_i, acc
 
 
