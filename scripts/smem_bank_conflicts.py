@@ -106,12 +106,8 @@ class Evaluator:
                 res = self._apply(name, parts, src)
             except (ZeroDivisionError, ValueError, IndexError):
                 res = None
-        if res is not None and res.dtype == bool:
-            pass
-        elif res is not None and not wide and name not in ("mul", "mad") or (
-                res is not None and name in ("mul", "mad") and "wide" not in parts
-                and not wide):
-            res = res & _MASK32
+        if res is not None and res.dtype != bool and not wide and "wide" not in parts:
+            res = res & _MASK32  # a 32-bit result (predicates and .wide products aside)
             if "s32" in parts:
                 res = np.where(res >= 1 << 31, res - (1 << 32), res)
         self.regs[dst] = res
