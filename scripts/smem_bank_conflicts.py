@@ -123,54 +123,23 @@ class Evaluator:
                 "ge": a >= b, "lo": a < b, "ls": a <= b, "hi": a > b,
                 "hs": a >= b}.get(cmp)
 
-    @staticmethod
-    def _apply(name, parts, s):
-        if "pred" in parts:
-            if name == "and":
-                return s[0] & s[1]
-            if name == "or":
-                return s[0] | s[1]
-            if name == "xor":
-                return s[0] ^ s[1]
-            if name == "not":
-                return ~s[0].astype(bool)
-            if name == "mov":
-                return s[0]
-            return None
-        if name == "selp":
-            return np.where(s[2].astype(bool), s[0], s[1])
-        if name in ("mov", "cvt", "cvta"):
-            return s[0]
-        if name == "add":
-            return s[0] + s[1]
-        if name == "sub":
-            return s[0] - s[1]
-        if name == "mul":
-            return s[0] * s[1]
-        if name == "mad":
-            return s[0] * s[1] + s[2]
-        if name == "shl":
-            return s[0] << s[1]
-        if name == "shr":
-            return s[0] >> s[1]
-        if name == "and":
-            return s[0] & s[1]
-        if name == "or":
-            return s[0] | s[1]
-        if name == "xor":
-            return s[0] ^ s[1]
-        if name == "not":
-            return ~s[0]
-        if name == "neg":
-            return -s[0]
-        if name == "min":
-            return np.minimum(s[0], s[1])
-        if name == "max":
-            return np.maximum(s[0], s[1])
-        if name == "div":
-            return s[0] // s[1]
-        if name == "rem":
-            return s[0] % s[1]
+    # PTX integer (and predicate: numpy's &, |, ^, ~ are logical on bool arrays) operations
+    _OPS = {
+        "mov": lambda s: s[0], "cvt": lambda s: s[0], "cvta": lambda s: s[0],
+        "add": lambda s: s[0] + s[1], "sub": lambda s: s[0] - s[1],
+        "mul": lambda s: s[0] * s[1], "mad": lambda s: s[0] * s[1] + s[2],
+        "shl": lambda s: s[0] << s[1], "shr": lambda s: s[0] >> s[1],
+        "and": lambda s: s[0] & s[1], "or": lambda s: s[0] | s[1],
+        "xor": lambda s: s[0] ^ s[1], "not": lambda s: ~s[0], "neg": lambda s: -s[0],
+        "min": lambda s: np.minimum(s[0], s[1]), "max": lambda s: np.maximum(s[0], s[1]),
+        "div": lambda s: s[0] // s[1], "rem": lambda s: s[0] % s[1],
+        "selp": lambda s: np.where(s[2].astype(bool), s[0], s[1]),
+    }
+
+    @classmethod
+    def _apply(cls, name, parts, s):
+        if name in cls._OPS:
+            return cls._OPS[name](s)
         if name == "bfe":
             field = (s[0] >> s[1]) & ((1 << s[2]) - 1)
             if "s32" in parts or "s64" in parts:  # sign-extended from the field's top bit
