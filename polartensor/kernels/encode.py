@@ -370,16 +370,6 @@ def encode_into_triton(
     if exact:
         r3 = torch.empty(r3.shape, dtype=torch.float64, device=r3.device)
     w = level_words(config, d)
-    if block_rows is None:
-        # The interpreter pays per op, not per element: one wide program is fastest there.
-        # On the H200 (results/bench/encode_launch_sweep.md): at d <= 128, 64 rows and 4 warps
-        # per program (1.08x faster than 32 rows at d 128, 1.12-1.37x at d 64; 128 rows or 8
-        # warps slower); at d 256, 128 rows and 8 warps (2.43x paper, 1.57x polar-4 against
-        # the 16 rows and 4 warps it had: each program reads all of S, 256 KB, from L2).
-        block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
-                      else (64 if d <= 128 else 128))
-        if num_warps is None and not interp and d > 128:
-            num_warps = 8
     kch = min(d, 64)
     rot_bf16x2 = False
     if rot is None:
@@ -390,6 +380,19 @@ def encode_into_triton(
         rot_arg, rotate, rot_bf16x2 = rotation_bf16x2(rot), True, True
     else:
         rot_arg, rotate = rot.contiguous(), True
+    if block_rows is None:
+        # The interpreter pays per op, not per element: one wide program is fastest there.
+        # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
+        # and 4 warps per program (1.08x faster than 32 rows at d 128, 1.12-1.37x at d 64; 128
+        # rows or 8 warps slower); at d 256 with the bf16x2 rotation, 128 rows and 8 warps
+        # (2.43x paper, 1.57x polar-4 against 16 rows and 4 warps: each program reads all of
+        # S, 256 KB, from L2). The tf32x3 rotation at d 256 keeps 16 rows and 4 warps: at 128
+        # rows it spills ~4 KB per thread offline (Triton 3.6), and it is not measured there.
+        wide = d > 128 and rot_bf16x2
+        block_rows = (min(256, triton.next_power_of_2(n_rows)) if interp
+                      else (64 if d <= 128 else 128 if wide else 16))
+        if num_warps is None and not interp and wide:
+            num_warps = 8
     prec = "ieee" if interp else "tf32x3"
     cross1, toff = False, 0
     if cross:
