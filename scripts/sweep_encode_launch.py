@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256)]
-# (rows per program, warps, register cap; 0: none); d 256 keeps 16 rows by default
-# (registers). With the columns in coordinate order and no cap the encode compiled to 193
-# registers at d 128 (2 programs per SM; a 168 cap spilled 12-28 bytes for 3, offline Triton
-# 3.6); the default launch caps d 128 at 168 (H200, 2026-11-29 15:00 UTC: 1.22x paper, 1.08x
-# polar-4). With the register-order columns paper takes 160 uncapped. cap0: no cap.
+# (rows per program, warps, register cap; 0: none). Defaults (bfloat16 x, as timed here): 64
+# rows and 4 warps at d <= 128, 128 rows and 8 warps at d 256, no cap. History: in coordinate
+# order the d-128 encode compiled to 193 registers uncapped, and a 168 cap was 1.22x faster
+# (H200, 2026-11-29 15:00 UTC); with the register-order columns paper takes 160 uncapped and
+# the cap stopped paying (encode_launch_sweep.md). cap0: no cap.
 # The last field sets environment settings for the call: POLARTENSOR_ENCODE_PERM=0 times the
 # rotation's output columns in coordinate order (the encode before the register-order
 # columns), POLARTENSOR_ENCODE_SEARCH=linear the one-by-one boundary count (before the binary
