@@ -155,6 +155,16 @@ def env_flag(name: str, default: bool, on: str, off: str) -> bool:
     return v == "1"
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default) read from the environment; anything
+    else is refused, naming the choices."""
+    v = os.environ.get(name, choices[0])
+    if v not in choices:
+        rest = " or ".join(repr(c) for c in choices[1:])
+        raise ValueError(f"{name}={v!r}: use {choices[0]!r} (the default) or {rest}")
+    return v
+
+
 _SM_COUNT: dict = {}
 
 

@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import PACKED_DECODE, _sm_count, decode_tile, env_flag, interpreting, level_words
+from .common import (
+    PACKED_DECODE,
+    _sm_count,
+    decode_tile,
+    env_choice,
+    env_flag,
+    interpreting,
+    level_words,
+)
 from .tree_decode import code16_aligned, decode_tile_joined
 
 __all__ = ["polar_decode_attn_fwd_kernel", "polar_attn_combine_kernel", "launch_attention"]
@@ -344,10 +352,7 @@ def decode_mma_setting() -> int:
     wavefronts per warp and key tile against 192 ideal. ``vp``: 208 (176 ideal), loop SASS
     1098 -> 1065, spills 1630 -> 1938 bytes. ``kq``: 152, none of them conflicts (plus the
     wgmma's own operand reads), loop SASS 1009, spills 1870 bytes."""
-    v = os.environ.get("POLARTENSOR_DECODE_MMA", "qk")
-    if v not in _DECODE_MMAS:
-        raise ValueError(f"POLARTENSOR_DECODE_MMA={v!r}: use 'qk' (the default), 'vp' or 'kq'")
-    return _DECODE_MMAS[v]
+    return _DECODE_MMAS[env_choice("POLARTENSOR_DECODE_MMA", tuple(_DECODE_MMAS))]
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:

@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _encode_level, _sm_count, env_flag, interpreting, level_words, records_aligned16
+from .common import (
+    _encode_level,
+    _sm_count,
+    env_choice,
+    env_flag,
+    interpreting,
+    level_words,
+    records_aligned16,
+)
 from .tree_decode import _ilog2, _level_word
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
@@ -251,11 +259,7 @@ def _boundary_search() -> str:
     search is binary only for levels of >= 7 boundaries (paper and polar-3 have none, so
     they compile as before). Offline (Triton 3.6, sm_90, results/bench/kernel_ir_stats.md)
     polar-4 took 6-9% fewer SASS instructions, polar-5 15-22%; not yet timed on a GPU."""
-    v = os.environ.get("POLARTENSOR_ENCODE_SEARCH", "binary")
-    if v not in _SEARCHES:
-        raise ValueError(f"POLARTENSOR_ENCODE_SEARCH={v!r}: use 'binary' (the default) or "
-                         "'linear'")
-    return v
+    return env_choice("POLARTENSOR_ENCODE_SEARCH", _SEARCHES)
 
 
 def _column_order() -> bool:
