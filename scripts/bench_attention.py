@@ -164,9 +164,10 @@ def main():
                     "float32 tile decode (launch_attention pack=False, POLARTENSOR_DECODE="
                     "joined) beside the default packed one, in the same run")
     ap.add_argument("--decode-mma", action="store_true",
-                    help="decode table: also time the transposed MMA orientations "
-                         "(POLARTENSOR_DECODE_MMA=vp and =kq, experiments) beside the "
-                         "default, in the same run")
+                    help="decode table: also time each MMA orientation "
+                         "(POLARTENSOR_DECODE_MMA=qk, =vp and =kq) beside the default "
+                         "(auto: the orientation measured fastest per configuration), in "
+                         "the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
                     "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
                     "nowhere (=0) beside the default, in the same run")
@@ -512,7 +513,7 @@ def main():
                                lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
                                                           value=value))
             if args.decode_mma:
-                for value in ("vp", "kq"):
+                for value in ("qk", "vp", "kq"):
                     decode_row(base, f"polar_triton_mma_{value}", preset, qbytes,
                                lambda value=value: env_fn(name="POLARTENSOR_DECODE_MMA",
                                                           value=value))
@@ -630,13 +631,17 @@ def render_markdown(res) -> str:
          "Default vs one step per level everywhere (`POLARTENSOR_JOINT12=0`), same run:",
          ["per-level ms", "× ours vs per-level", "× per-level vs cuDNN",
           "max abs diff vs ours"]),
+        ("polar_triton_mma_qk",
+         "Default (`POLARTENSOR_DECODE_MMA=auto`) vs S = Q K^T and O = P V, the query rows "
+         "as the MMA's M (`POLARTENSOR_DECODE_MMA=qk`), same run:",
+         ["qk ms", "× ours vs qk", "× qk vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_mma_vp",
          "Default vs P @ V as V^T P^T with the accumulator transposed "
-         "(`POLARTENSOR_DECODE_MMA=vp`, an experiment), same run:",
+         "(`POLARTENSOR_DECODE_MMA=vp`), same run:",
          ["vp ms", "× ours vs vp", "× vp vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_mma_kq",
          "Default vs both products transposed, S^T = K Q^T and O^T = V^T P^T "
-         "(`POLARTENSOR_DECODE_MMA=kq`, an experiment), same run:",
+         "(`POLARTENSOR_DECODE_MMA=kq`), same run:",
          ["kq ms", "× ours vs kq", "× kq vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "

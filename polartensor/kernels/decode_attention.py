@@ -337,12 +337,12 @@ def joint12_setting() -> bool | None:
 _DECODE_MMAS = {"qk": 0, "vp": 1, "kq": 2}
 
 
-def decode_mma_setting() -> int:
+def decode_mma_setting() -> int | None:
     """POLARTENSOR_DECODE_MMA (read per call): how the decode's two products meet the tensor
-    cores. ``qk`` (the default): S = Q K^T and O = P V, the query rows as the MMA's M (16 rows,
-    mma.sync). ``vp``: O^T = V^T P^T with the accumulator kept transposed. ``kq`` (both
-    transposed): S^T = K Q^T and O^T = V^T P^T, keys and head_dim as M (wgmma on sm_90),
-    the softmax over the key axis. Experiments, not yet run on a GPU.
+    cores. ``qk``: S = Q K^T and O = P V, the query rows as the MMA's M (16 rows, mma.sync).
+    ``vp``: O^T = V^T P^T with the accumulator kept transposed. ``kq`` (both transposed):
+    S^T = K Q^T and O^T = V^T P^T, keys and head_dim as M (wgmma on sm_90), the softmax over
+    the key axis. ``auto`` (the default; returns None): ``auto_decode_mma`` per launch.
 
     Why (offline, Triton 3.6, sm_90, paper d 128, 64 keys per step under the 128-register
     cap; scripts/smem_bank_conflicts.py, whose model reproduces Nsight's counts on the H200):
@@ -352,7 +352,28 @@ def decode_mma_setting() -> int:
     wavefronts per warp and key tile against 192 ideal. ``vp``: 208 (176 ideal), loop SASS
     1098 -> 1065, spills 1630 -> 1938 bytes. ``kq``: 152, none of them conflicts (plus the
     wgmma's own operand reads), loop SASS 1009, spills 1870 bytes."""
-    return _DECODE_MMAS[env_choice("POLARTENSOR_DECODE_MMA", tuple(_DECODE_MMAS))]
+    v = env_choice("POLARTENSOR_DECODE_MMA", ("auto",) + tuple(_DECODE_MMAS))
+    return None if v == "auto" else _DECODE_MMAS[v]
+
+
+def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
+                    v_cfg) -> int:
+    """The MMA orientation (``decode_mma_setting``) where the GPU measured it faster; the
+    same choice on every backend, so that the interpreter tests the kernel the GPU runs.
+
+    Measured on an H100 (results/bench/bench_decode_mma.md; bfloat16 queries, q_len 1, batch
+    1-32, 4K-128K keys, 54 rows): at d 64 (SmolLM2) ``kq`` was 1-16% faster than ``qk`` in
+    every row; at d 128 (Llama) ``vp`` was 4-14% faster for the presets with 4-bit level-1
+    angles (paper, polar-3; batch 8 / 32K paper: 0.451 vs 0.500 ms) in 11 of 12 rows, while
+    for polar-4 (5-bit level 1) both transposed orientations were up to 10% slower. Prefill
+    tiles (more than 16 query rows), other dtypes and d 256 were not measured: ``qk``."""
+    if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16:
+        return 0
+    if d == 64:
+        return _DECODE_MMAS["kq"]
+    if d == 128 and all(c.bits[0] <= 4 for c in (k_cfg, v_cfg)):
+        return _DECODE_MMAS["vp"]
+    return 0
 
 
 def _cfg_args(prefix: str, w: dict, kt: int) -> dict:
@@ -481,6 +502,9 @@ def launch_attention(
             and k_trig.shape[0] > 5 and v_trig.shape[0] > 5):
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
+    mma_t = decode_mma_setting()
+    if mma_t is None:
+        mma_t = auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg)
     has_tail = nt > 0
     kt = k_tail if has_tail else q
     vt = v_tail if has_tail else q
@@ -496,7 +520,7 @@ def launch_attention(
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal),
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
-        PACK=pack, MMA_T=decode_mma_setting(), num_warps=warps,
+        PACK=pack, MMA_T=mma_t, num_warps=warps,
     )
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).

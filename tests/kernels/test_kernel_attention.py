@@ -545,8 +545,7 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
                                                        ("paper", 4, 0, 2)])
 def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind, monkeypatch):
     """POLARTENSOR_DECODE_MMA=vp (P @ V as V^T P^T) and =kq (the scores as K Q^T too, the
-    softmax along the key axis), experiments: the same attention as the default within a
-    bf16 SDPA's error, with a query group, several queries, several splits, a
+    softmax along the key axis): the same attention as =qk within a bf16 SDPA's error, with a query group, several queries, several splits, a
     full-precision tail and boolean or additive masks."""
     from polartensor.kernels import decode_attention
 
@@ -600,12 +599,76 @@ def test_decode_mma_setting_is_checked(monkeypatch):
     from polartensor.kernels.decode_attention import decode_mma_setting
 
     monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
+    assert decode_mma_setting() is None  # auto: auto_decode_mma per launch
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "auto")
+    assert decode_mma_setting() is None
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
     assert decode_mma_setting() == 0
     monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "kq")
     assert decode_mma_setting() == 2
     monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "1")
     with pytest.raises(ValueError, match="POLARTENSOR_DECODE_MMA='1'"):
         decode_mma_setting()
+
+
+@pytest.mark.parametrize("mode,d,rows,dtype,preset,want", [
+    ("decode", 64, 16, torch.bfloat16, "paper", 2),      # d 64: kq
+    ("decode", 64, 16, torch.bfloat16, "polar-4", 2),
+    ("decode", 128, 16, torch.bfloat16, "paper", 1),     # d 128, 4-bit level 1: vp
+    ("decode", 128, 16, torch.bfloat16, "polar-3", 1),
+    ("decode", 128, 16, torch.bfloat16, "polar-4", 0),   # 5-bit level 1: qk
+    ("decode", 256, 16, torch.bfloat16, "paper", 0),     # not measured: qk
+    ("decode", 128, 16, torch.float16, "paper", 0),
+    ("decode", 128, 16, torch.float32, "paper", 0),
+    ("decode", 128, 32, torch.bfloat16, "paper", 0),     # more than 16 query rows
+    ("prefill", 64, 16, torch.bfloat16, "paper", 0),
+])
+def test_auto_decode_mma_follows_the_measured_rule(mode, d, rows, dtype, preset, want):
+    from polartensor.kernels.decode_attention import auto_decode_mma
+
+    cfg = get_preset(preset, head_dim=d)
+    assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == want
+    # one cache with 5-bit level-1 angles keeps qk
+    if want == 1:
+        assert auto_decode_mma(mode, d, rows, dtype, cfg, get_preset("polar-4", head_dim=d)) == 0
+
+
+def test_auto_decode_mma_is_what_launches(monkeypatch):
+    """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
+    kernel (bfloat16 queries, d 64: kq), and its output equals the qk launch's."""
+    from polartensor.kernels import decode_attention
+
+    d, dtype = 64, torch.bfloat16
+    cfg = get_preset("paper", head_dim=d)
+    b, hk, group, n = 1, 2, 3, 1300 if ON_GPU else 37
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
+    trig = trig_table(k.centroids, cfg.bits)
+    seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["MMA_T"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(decode_attention, "polar_decode_attn_fwd_kernel", _Spy())
+
+    def launch():
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode",
+                                num_splits=2, block_n=None if ON_GPU else 16)
+
+    monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
+    got = launch()
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
+    want = launch()
+    assert seen == [2, 0]
+    _close(got, want, dtype)
 
 
 def test_joint12_setting_is_checked(monkeypatch):
