@@ -545,8 +545,9 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
                                                        ("paper", 4, 0, 2)])
 def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind, monkeypatch):
     """POLARTENSOR_DECODE_MMA=vp (P @ V as V^T P^T) and =kq (the scores as K Q^T too, the
-    softmax along the key axis): the same attention as =qk within a bf16 SDPA's error, with a query group, several queries, several splits, a
-    full-precision tail and boolean or additive masks."""
+    softmax along the key axis): the same attention as =qk within a bf16 SDPA's error, with
+    a query group, several queries, several splits, a full-precision tail and boolean or
+    additive masks."""
     from polartensor.kernels import decode_attention
 
     d = 128 if ON_GPU else 32
