@@ -9,7 +9,7 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh mma       # tests + decode bench of the transposed MMAs (~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
@@ -78,8 +78,9 @@ encode)
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
     ;;
 mma)
-    # the transposed MMA orientations (POLARTENSOR_DECODE_MMA=kq, experiments): the kernels'
-    # tests with kq, then the decode table with vp and kq timed beside the default, same run
+    # the MMA orientations (POLARTENSOR_DECODE_MMA): the kernels' tests with kq forced (the
+    # default, auto, runs kq only at d 64), then the decode table with qk, vp and kq timed
+    # beside the default, same run
     POLARTENSOR_DECODE_MMA=kq POLARTENSOR_FAILLOG="$OUT/failures_mma_kq.txt" \
         step tests_mma_kq 250 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
