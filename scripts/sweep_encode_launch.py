@@ -49,12 +49,15 @@ def main():
     ap.add_argument("--presets", default="paper,polar-4")
     ap.add_argument("--models", default=",".join(m for m, _, _ in MODELS),
                     help="comma-separated subset of " + ", ".join(m for m, _, _ in MODELS))
+    ap.add_argument("--launches", default="",
+                    help="comma-separated launch names to time beside the default (e.g. "
+                         "default_linear,cap0); empty: all")
     args = ap.parse_args()
     models = [m for m in MODELS if m[0] in args.models.split(",")]
     if not models:
         ap.error(f"--models {args.models!r}: none of " + ", ".join(m for m, _, _ in MODELS))
     import triton
-    from bench_attention import bench, copy_bandwidth
+    from bench_attention import COPY_METHODS, bench, copy_bandwidth
 
     from polartensor.config import get_preset
     from polartensor.kernels.encode import encode_into_triton
@@ -66,11 +69,13 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     copy_bw = copy_bandwidth()
     meta = dict(command=(f"python3 scripts/sweep_encode_launch.py --presets {args.presets} "
-                         f"--models {args.models}"),
+                         f"--models {args.models}"
+                         + (f" --launches {args.launches}" if args.launches else "")),
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                copy_tbps=copy_bw / 1e12)
+                copy_tbps=copy_bw / 1e12,
+                copy_tbps_methods={k: v / 1e12 for k, v in COPY_METHODS.items()})
     rows = []
     for model, hk, d in models:
         b, n = 8, 32768
@@ -101,6 +106,9 @@ def main():
                 if env.get("POLARTENSOR_ENCODE_SEARCH") == "linear":
                     name += "_linear"
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
+                if (args.launches and row["launch"] != "default"
+                        and row["launch"] not in args.launches.split(",")):
+                    continue
                 try:
                     def fn(kw=kw, codes=codes, radii=radii, x=x, env=env):
                         # (read per call: the CUDA graph captures the launch they give)
@@ -130,7 +138,8 @@ def main():
              f"- command: `{meta['command']}`",
              f"- GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, "
              f"Python {meta['python']}; {meta['date']}",
-             f"- device copy bandwidth (read + write): {meta['copy_tbps']:.2f} TB/s",
+             f"- device copy bandwidth (read + write): {meta['copy_tbps']:.2f} TB/s, the faster of "
+             + ", ".join(f"{k} {v:.2f}" for k, v in meta["copy_tbps_methods"].items()),
              "- bfloat16 input, batch 8 x 32K tokens x KV heads; median of CUDA-graph replays; "
              "× vs default: the default launch's time over this one's, same run", "",
              "| model | d | preset | launch | ms | % of copy bandwidth | × vs default | "
