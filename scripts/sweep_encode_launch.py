@@ -33,12 +33,12 @@ MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256
 # the cap stopped paying (encode_launch_sweep.md). cap0: no cap.
 # The last field sets environment settings for the call: POLARTENSOR_ENCODE_PERM=0 times the
 # rotation's output columns in coordinate order (the encode before the register-order
-# columns), POLARTENSOR_ENCODE_SEARCH=linear the one-by-one boundary count (before the binary
-# search), both at the default launch.
+# columns), POLARTENSOR_ENCODE_SEARCH=binary the binary boundary search (the default counts
+# boundaries one by one), both at the default launch.
 _PERM0 = {"POLARTENSOR_ENCODE_PERM": "0"}
-_LINEAR = {"POLARTENSOR_ENCODE_SEARCH": "linear"}
+_BINARY = {"POLARTENSOR_ENCODE_SEARCH": "binary"}
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
-            (None, None, None, _LINEAR),
+            (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})]
@@ -51,7 +51,7 @@ def main():
                     help="comma-separated subset of " + ", ".join(m for m, _, _ in MODELS))
     ap.add_argument("--launches", default="",
                     help="comma-separated launch names to time beside the default (e.g. "
-                         "default_linear,cap0); empty: all")
+                         "default_binary,cap0); empty: all")
     args = ap.parse_args()
     models = [m for m in MODELS if m[0] in args.models.split(",")]
     if not models:
@@ -103,8 +103,8 @@ def main():
                     name += f"_cap{cap}"
                 if env.get("POLARTENSOR_ENCODE_PERM") == "0":
                     name += "_perm0"
-                if env.get("POLARTENSOR_ENCODE_SEARCH") == "linear":
-                    name += "_linear"
+                if env.get("POLARTENSOR_ENCODE_SEARCH") == "binary":
+                    name += "_binary"
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 if (args.launches and row["launch"] != "default"
                         and row["launch"] not in args.launches.split(",")):

@@ -249,16 +249,19 @@ def _persistent(persistent: bool | None) -> bool:
                     "persistent programs, S loaded once per program", "one program per tile")
 
 
-_SEARCHES = ("binary", "linear")
+_SEARCHES = ("linear", "binary")
 
 
 def _boundary_search() -> str:
     """POLARTENSOR_ENCODE_SEARCH (read per call): how the atan2-free encode finds a level's
-    cell among its 2^b - 1 ascending boundaries: ``binary`` (the default; b comparisons) or
-    ``linear`` (each boundary in turn, as before). Same codes bit for bit (tested). The
-    search is binary only for levels of >= 7 boundaries (paper and polar-3 have none, so
-    they compile as before). Offline (Triton 3.6, sm_90, results/bench/kernel_ir_stats.md)
-    polar-4 took 6-9% fewer SASS instructions, polar-5 15-22%; not yet timed on a GPU."""
+    cell among its 2^b - 1 ascending boundaries: ``linear`` (the default; each boundary in
+    turn, independent comparisons) or ``binary`` (b dependent comparisons). Same codes bit
+    for bit (tested). The search is binary only for levels of >= 7 boundaries (paper and
+    polar-3 have none). Offline (Triton 3.6, sm_90, results/bench/kernel_ir_stats.md) binary
+    took 6-9% fewer SASS instructions for polar-4 and 15-22% for polar-5, but on an H100
+    polar-4 at d 128 ran 1.02x faster linear (1.917 vs 1.955 ms, same run;
+    results/bench/encode_search_h100.md): the dependent steps cost more than the saved
+    instructions. polar-4.5 and polar-5 are not timed."""
     return env_choice("POLARTENSOR_ENCODE_SEARCH", _SEARCHES)
 
 

@@ -510,8 +510,8 @@ def test_column_order_needs_whole_rows_per_warp(monkeypatch):
 @given(data=st.data(), t=st.integers(1, 40), scale=st.sampled_from([1e-3, 1.0, 50.0]))
 def test_boundary_search_is_invisible(d, data, t, scale, monkeypatch):
     """The atan2-free encode's binary search over a level's boundaries
-    (POLARTENSOR_ENCODE_SEARCH=binary, the default) gives the codes of the one-by-one count
-    (=linear) bit for bit, for configurations with wide levels (3 to 8 bits), float32 and
+    (POLARTENSOR_ENCODE_SEARCH=binary) gives the codes of the one-by-one count (=linear, the
+    default) bit for bit, for configurations with wide levels (3 to 8 bits), float32 and
     bfloat16 x, three input scales."""
     seen = _spy_launches(monkeypatch, "CROSS")
     # configurations with a level of >= 7 boundaries, where the search is binary (level 1
@@ -537,6 +537,8 @@ def test_boundary_search_setting_is_checked(monkeypatch):
     from polartensor.kernels.encode import _boundary_search
 
     monkeypatch.delenv("POLARTENSOR_ENCODE_SEARCH", raising=False)
+    assert _boundary_search() == "linear"
+    monkeypatch.setenv("POLARTENSOR_ENCODE_SEARCH", "binary")
     assert _boundary_search() == "binary"
     monkeypatch.setenv("POLARTENSOR_ENCODE_SEARCH", "bisect")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_SEARCH='bisect'"):
