@@ -366,8 +366,9 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
     every row; at d 128 (Llama) ``vp`` was 4-14% faster for the presets with 4-bit level-1
     angles (paper, polar-3; batch 8 / 32K paper: 0.451 vs 0.500 ms) in 11 of 12 rows, while
     for polar-4 (5-bit level 1) both transposed orientations were up to 10% slower. Prefill
-    tiles (more than 16 query rows), other dtypes and d 256 were not measured: ``qk``."""
-    if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16:
+    tiles (more than 16 query rows), other dtypes, d 256 and the opt-out tile decodes
+    (POLARTENSOR_DECODE=joined or reshape) were not measured: ``qk``."""
+    if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16 or not PACKED_DECODE:
         return 0
     if d == 64:
         return _DECODE_MMAS["kq"]

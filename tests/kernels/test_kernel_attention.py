@@ -624,19 +624,26 @@ def test_decode_mma_setting_is_checked(monkeypatch):
     ("decode", 128, 32, torch.bfloat16, "paper", 0),     # more than 16 query rows
     ("prefill", 64, 16, torch.bfloat16, "paper", 0),
 ])
-def test_auto_decode_mma_follows_the_measured_rule(mode, d, rows, dtype, preset, want):
+def test_auto_decode_mma_follows_the_measured_rule(mode, d, rows, dtype, preset, want,
+                                                   monkeypatch):
+    from polartensor.kernels import decode_attention
     from polartensor.kernels.decode_attention import auto_decode_mma
 
     cfg = get_preset(preset, head_dim=d)
+    monkeypatch.setattr(decode_attention, "PACKED_DECODE", True)  # the measured tile decode
     assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == want
     # one cache with 5-bit level-1 angles keeps qk
     if want == 1:
         assert auto_decode_mma(mode, d, rows, dtype, cfg, get_preset("polar-4", head_dim=d)) == 0
+    # the opt-out tile decodes (POLARTENSOR_DECODE=joined or reshape) keep qk
+    monkeypatch.setattr(decode_attention, "PACKED_DECODE", False)
+    assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == 0
 
 
 def test_auto_decode_mma_is_what_launches(monkeypatch):
     """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
-    kernel (bfloat16 queries, d 64: kq), and its output equals the qk launch's."""
+    kernel (bfloat16 queries, d 64: kq with the default tile decode), and its output equals
+    the qk launch's."""
     from polartensor.kernels import decode_attention
 
     d, dtype = 64, torch.bfloat16
@@ -668,7 +675,7 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
     got = launch()
     monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
     want = launch()
-    assert seen == [2, 0]
+    assert seen == [2 if common.PACKED_DECODE else 0, 0]
     _close(got, want, dtype)
 
 
