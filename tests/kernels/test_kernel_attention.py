@@ -510,14 +510,8 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
 
     d = 128 if ON_GPU else 32
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    cfg = get_preset(preset, head_dim=d)
-    b, hk, group, n = 2, 2, 4, 1300 if ON_GPU else 41
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
-    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
-    trig = trig_table(k.centroids, cfg.bits)
+    cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 2, 2, 4, 1300 if ON_GPU else 41, 1,
+                                                7, dtype)
 
     def launch():
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
@@ -540,36 +534,22 @@ def test_joint12_decode_attention_matches_reference(preset, monkeypatch):
         _close(sdpa, got, dtype)
 
 
-@pytest.mark.parametrize("mma", ["vp", "kq"])
-@pytest.mark.parametrize("preset,tq,tail,mask_kind", [("paper", 1, 0, 0), ("polar-4", 3, 5, 1),
-                                                       ("paper", 4, 0, 2)])
-def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind, monkeypatch):
-    """POLARTENSOR_DECODE_MMA=vp (P @ V as V^T P^T) and =kq (the scores as K Q^T too, the
-    softmax along the key axis): the same attention as =qk within a bf16 SDPA's error, with
-    a query group, several queries, several splits, a full-precision tail and boolean or
-    additive masks."""
-    from polartensor.kernels import decode_attention
-
-    d = 128 if ON_GPU else 32
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
+def _decode_inputs(preset, d, b, hk, group, n, tq, seed, dtype):
+    """A decode case: the configuration, queries [b, hk * group, tq, d] in ``dtype``, K and V
+    quantized ([b, hk, n, d]), the rotation, the trig table, and the generator (for more)."""
     cfg = get_preset(preset, head_dim=d)
-    b, hk, group, n = 2, 2, 4, 1300 if ON_GPU else 41
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hk * group, tq, d, generator=g).to(DEVICE, dtype)
     k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
     v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    kt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
-    vt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
-    mask = None
-    if mask_kind == 1:
-        mask = torch.rand(b, 1, tq, n + tail, generator=g) > 0.3
-        mask[..., -1] = True
-    elif mask_kind == 2:
-        mask = torch.randn(b, 1, tq, n + tail, generator=g).to(dtype)
-    if mask is not None:
-        mask = mask.to(DEVICE).expand(b, hk * group, tq, n + tail)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
-    trig = trig_table(k.centroids, cfg.bits)
+    return cfg, q, k, v, rot, trig_table(k.centroids, cfg.bits), g
+
+
+def _spy_mma(monkeypatch) -> list:
+    """The MMA_T of every attention-kernel launch from now on, in order (launches still run)."""
+    from polartensor.kernels import decode_attention
+
     seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
 
     class _Spy:
@@ -580,6 +560,32 @@ def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind,
             return run
 
     monkeypatch.setattr(decode_attention, "polar_decode_attn_fwd_kernel", _Spy())
+    return seen
+
+
+@pytest.mark.parametrize("mma", ["vp", "kq"])
+@pytest.mark.parametrize("preset,tq,tail,mask_kind", [("paper", 1, 0, 0), ("polar-4", 3, 5, 1),
+                                                       ("paper", 4, 0, 2)])
+def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind, monkeypatch):
+    """POLARTENSOR_DECODE_MMA=vp (P @ V as V^T P^T) and =kq (the scores as K Q^T too, the
+    softmax along the key axis): the same attention as =qk within a bf16 SDPA's error, with
+    a query group, several queries, several splits, a full-precision tail and boolean or
+    additive masks."""
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    b, hk, group, n = 2, 2, 4, 1300 if ON_GPU else 41
+    cfg, q, k, v, rot, trig, g = _decode_inputs(preset, d, b, hk, group, n, tq, 11, dtype)
+    kt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
+    vt = torch.randn(b, hk, tail, d, generator=g).to(DEVICE, dtype)
+    mask = None
+    if mask_kind == 1:
+        mask = torch.rand(b, 1, tq, n + tail, generator=g) > 0.3
+        mask[..., -1] = True
+    elif mask_kind == 2:
+        mask = torch.randn(b, 1, tq, n + tail, generator=g).to(dtype)
+    if mask is not None:
+        mask = mask.to(DEVICE).expand(b, hk * group, tq, n + tail)
+    seen = _spy_mma(monkeypatch)
 
     def launch(setting):
         monkeypatch.setenv("POLARTENSOR_DECODE_MMA", setting)
@@ -644,27 +650,10 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
     """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
     kernel (bfloat16 queries, d 64: kq with the default tile decode), and its output equals
     the qk launch's."""
-    from polartensor.kernels import decode_attention
-
     d, dtype = 64, torch.bfloat16
-    cfg = get_preset("paper", head_dim=d)
-    b, hk, group, n = 1, 2, 3, 1300 if ON_GPU else 37
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
-    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
-    trig = trig_table(k.centroids, cfg.bits)
-    seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen.append(kwargs["MMA_T"])
-                return real[grid](*args, **kwargs)
-            return run
-
-    monkeypatch.setattr(decode_attention, "polar_decode_attn_fwd_kernel", _Spy())
+    cfg, q, k, v, rot, trig, _ = _decode_inputs("paper", d, 1, 2, 3, 1300 if ON_GPU else 37, 1,
+                                                5, dtype)
+    seen = _spy_mma(monkeypatch)
 
     def launch():
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
@@ -701,14 +690,8 @@ def test_joint12_default_where_measured_faster(preset, joint, monkeypatch):
     """POLARTENSOR_JOINT12 unset: in the launch of 64 keys per step (batch 8, 8 KV heads, 8K
     keys, d 128) the paper preset takes the joint table (its output differs from =0's and
     equals =1's bit for bit), polar-3 does not (equal to =0's); both match the reference."""
-    d, b, hk, group, n = 128, 8, 8, 4, 8192
-    cfg = get_preset(preset, head_dim=d)
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, torch.bfloat16)
-    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), cfg)
-    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32).contiguous()
-    trig = trig_table(k.centroids, cfg.bits)
+    d = 128
+    cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 8, 8, 4, 8192, 1, 11, torch.bfloat16)
 
     def launch(setting):
         if setting is None:
