@@ -362,10 +362,11 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
     same choice on every backend, so that the interpreter tests the kernel the GPU runs.
 
     Measured on an H100 (results/bench/bench_decode_mma.md; bfloat16 queries, q_len 1, batch
-    1-32, 4K-128K keys, 54 rows): at d 64 (SmolLM2) ``kq`` was 1-16% faster than ``qk`` in
-    every row; at d 128 (Llama) ``vp`` was 4-14% faster for the presets with 4-bit level-1
-    angles (paper, polar-3; batch 8 / 32K paper: 0.451 vs 0.500 ms) in 11 of 12 rows, while
-    for polar-4 (5-bit level 1) both transposed orientations were up to 10% slower. Prefill
+    1-32, 4K-128K keys, 54 rows): at d 64 (SmolLM2) ``kq`` ran 1.03-1.19x as fast as ``qk``
+    in all 27 rows; at d 128 (Llama) ``vp`` ran faster for the presets with 4-bit level-1
+    angles (paper, polar-3) in 17 of 18 rows, up to 1.16x (batch 8 / 32K paper: 0.451 vs
+    0.500 ms; the other row 0.98x), while for polar-4 (5-bit level 1) ``vp`` ran 0.91-1.00x
+    and ``kq`` 0.70-1.04x. Prefill
     tiles (more than 16 query rows), other dtypes, d 256 and the opt-out tile decodes
     (POLARTENSOR_DECODE=joined or reshape) were not measured: ``qk``."""
     if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16 or not PACKED_DECODE:
