@@ -179,6 +179,9 @@ def main():
                          "(POLARTENSOR_DECODE_MMA=qk, =vp and =kq) beside the default "
                          "(auto: the orientation measured fastest per configuration), in "
                          "the same run")
+    ap.add_argument("--shfl", action="store_true", help="decode table: also time the "
+                    "per-level tables read by warp shuffles (POLARTENSOR_DECODE_SHFL=1, an "
+                    "experiment) beside the default, in the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
                     "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
                     "nowhere (=0) beside the default, in the same run")
@@ -524,6 +527,9 @@ def main():
                     decode_row(base, method, preset, qbytes,
                                lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
                                                           value=value))
+            if args.shfl:
+                decode_row(base, "polar_triton_shfl", preset, qbytes,
+                           lambda: env_fn(name="POLARTENSOR_DECODE_SHFL", value="1"))
             if args.decode_mma:
                 for value in ("qk", "vp", "kq"):
                     decode_row(base, f"polar_triton_mma_{value}", preset, qbytes,
@@ -657,6 +663,10 @@ def render_markdown(res) -> str:
          "Default vs both products transposed, S^T = K Q^T and O^T = V^T P^T "
          "(`POLARTENSOR_DECODE_MMA=kq`), same run:",
          ["kq ms", "× ours vs kq", "× kq vs cuDNN", "max abs diff vs ours"]),
+        ("polar_triton_shfl",
+         "Default vs the per-level tables read by warp shuffles "
+         "(`POLARTENSOR_DECODE_SHFL=1`, an experiment), same run:",
+         ["shfl ms", "× ours vs shfl", "× shfl vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "
          "(~8 programs per SM, `split_rule='per_sm'`), same run:",

@@ -11,12 +11,13 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench of the shuffle tables (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|mma|profile|profile_detail|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|mma|shfl|profile|profile_detail|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -87,6 +88,15 @@ mma)
     step bench_mma 300 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
         --presets paper,polar-3,polar-4 --sections decode --decode-mma
     ;;
+shfl)
+    # the per-level tables read by warp shuffles (POLARTENSOR_DECODE_SHFL=1, an experiment):
+    # the kernels' tests with it, then the decode table with it timed beside the default
+    POLARTENSOR_DECODE_SHFL=1 POLARTENSOR_FAILLOG="$OUT/failures_shfl.txt" \
+        step tests_shfl 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    step bench_shfl 300 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
+        --presets paper,polar-3,polar-4 --sections decode --shfl
+    ;;
 joint12)
     # the kernels' tests with the joint table of levels 1 and 2 wherever a configuration has
     # one (the default takes it only where the H200 measured it faster)
@@ -129,7 +139,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, mma, profile, profile_detail or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, mma, shfl, profile, profile_detail or compile" >&2
     exit 2
     ;;
 esac

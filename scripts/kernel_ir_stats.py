@@ -35,7 +35,7 @@ SPECIALIZE = True
 # too, or it misses what the software pipeliner does to a kernel's loops (it did: the encode's
 # tile loop double-buffered S, 536 KB of shared memory at d 256, which only the H200 showed).
 _DEFAULT_STAGES = 3
-PACKED_DECODES = ("packed", "joint12")
+PACKED_DECODES = ("packed", "joint12", "shfl", "joint12_shfl")
 
 
 def _signature(fn, args, kwargs):
@@ -97,8 +97,12 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
              decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
     # packed: the joined decode, pack=True; joint12: and levels 1 and 2 through the joint
     # table (each set explicitly, so that the library's default rule cannot blur the rows)
+    # shfl: per-level tables by warp shuffles (POLARTENSOR_DECODE_SHFL=1, no joint table)
     env = {"packed": {"POLARTENSOR_JOINT12": "0"},
-           "joint12": {"POLARTENSOR_JOINT12": "1"}}.get(decode, {})
+           "joint12": {"POLARTENSOR_JOINT12": "1"},
+           "shfl": {"POLARTENSOR_JOINT12": "0", "POLARTENSOR_DECODE_SHFL": "1"},
+           "joint12_shfl": {"POLARTENSOR_JOINT12": "1", "POLARTENSOR_DECODE_SHFL": "1"}
+           }.get(decode, {})
     env_saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     if decode in ("joined", *PACKED_DECODES):

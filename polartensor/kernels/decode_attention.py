@@ -334,6 +334,19 @@ def joint12_setting() -> bool | None:
                     "there is one", "one step per level; unset: where measured faster")
 
 
+def decode_shfl_setting() -> bool:
+    """POLARTENSOR_DECODE_SHFL (read per call; opt-in experiment, not yet run on a GPU): 1,
+    the packed decode reads its per-level tables of at most 32 words (level 1's packed
+    bf16x2 words up to 5 bits, the (cos, sin) pairs of levels up to 4 bits) from registers,
+    one word per lane, by warp shuffles instead of global gathers, and takes no joint table
+    (PACK == 3); 0 (the default), gathers. The same values either way. Why: Nsight on the
+    H200 counted ~45 M of the attention's ~96 M L1 wavefronts as global loads, the table
+    gathers among them with up to ~25 tag look-ups per instruction (results/bench/
+    ncu_decode.md); a shuffle needs neither L1 nor a 64-bit address."""
+    return env_flag("POLARTENSOR_DECODE_SHFL", False, "per-level tables by warp shuffles",
+                    "table gathers from global memory")
+
+
 _DECODE_MMAS = {"qk": 0, "vp": 1, "kq": 2}
 
 
@@ -504,6 +517,9 @@ def launch_attention(
             and k_trig.shape[0] > 5 and v_trig.shape[0] > 5):
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
+    if pack and decode_shfl_setting():
+        # per-level tables by warp shuffles (PACK == 3; 4 with the joint table)
+        pack = 4 if pack == 2 else 3
     mma_t = decode_mma_setting()
     if mma_t is None:
         mma_t = auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg)

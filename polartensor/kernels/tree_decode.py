@@ -161,6 +161,53 @@ def _ldg2(base, i):
         return tl.load(base + 2 * i), tl.load(base + 2 * i + 1)
 
 
+@triton.constexpr_function
+def _lane_table_asm(n):
+    """PTX: lane l reads 32-bit word l mod n of the table at $1 (n a power of two <= 32)."""
+    return ("{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; and.b32 l, l, " + str(n - 1)
+            + "; mad.wide.u32 a, l, 4, $1; ld.global.nc.b32 $0, [a]; }")
+
+
+@triton.jit
+def _lane_word(base, like, N: tl.constexpr):
+    """Word (lane id mod N) of the 32-bit table at ``base``, in the shape of ``like``: one
+    load per thread, not per element (the asm is pure and its operand the same for every
+    element, so the compiler keeps one; loop-invariant, so it leaves the key loop)."""
+    return tl.inline_asm_elementwise(_lane_table_asm(N), "=r,l",
+                                     [tl.broadcast_to(base, like.shape)], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl(t, i):
+    """The value that lane i of the warp holds in t (shfl.sync.idx over the full warp)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;",
+                                     "=r,r,r", [t, i], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl_b32(base, i, N: tl.constexpr):
+    """The 32-bit word base[i] (i < N <= 32) like _ldg_b32, but from a table that the warp
+    holds one word per lane: a register shuffle per look-up instead of a global gather (no
+    L1 traffic, no 64-bit address). The interpreter reads the table directly."""
+    if _ASM:
+        return _shfl(_lane_word(base, i, N), i)
+    else:
+        return tl.load(base + i).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _shfl2(base, i, N: tl.constexpr):
+    """(cos, sin) = base[2 i], base[2 i + 1] like _ldg2 (i < N, 2 N <= 32), by two shuffles
+    from the table held one word per lane."""
+    if _ASM:
+        t = _lane_word(base, i, 2 * N)
+        return (_shfl(t, 2 * i).to(tl.float32, bitcast=True),
+                _shfl(t, 2 * i + 1).to(tl.float32, bitcast=True))
+    else:
+        return tl.load(base + 2 * i), tl.load(base + 2 * i + 1)
+
+
 @triton.jit
 def _ld_nc(base, off):
     """base[off] as float32 (base: float16, bfloat16 or float32), layout-agnostic."""
@@ -331,18 +378,24 @@ def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
 @triton.jit
 def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.constexpr,
               P: tl.constexpr, LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
-              PK: tl.constexpr, pk_ptr, PAIRS: tl.constexpr, pair_ptr):
+              PK: tl.constexpr, pk_ptr, PAIRS: tl.constexpr, pair_ptr,
+              SHFL: tl.constexpr = False):
     """One level: r [BN, NB, 2 (x m)] (P = 2**m nodes per block) -> [BN, NB, 2 (x m+1)].
     ``PK`` (level 1 only): bfloat16 out, wide levels through the packed bf16x2 table.
     ``PAIRS``: (cos, sin) with one 64-bit gather from ``pair_ptr`` ([K, 2] float32) instead
-    of selects (narrow levels) or two gathers (wide levels); the same float32 values."""
+    of selects (narrow levels) or two gathers (wide levels); the same float32 values.
+    ``SHFL`` (PACK == 3): those tables, where they fit in 32 words, held one word per lane
+    and read by warp shuffles instead of gathers; the same values."""
     b: tl.constexpr = LV & 15
     if b == 0:
         out = _split(r, tl.load(cos_ptr), tl.load(sin_ptr), PK)
     else:
         c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R)
         if PAIRS and not (PK and b >= 3):
-            cs, sn = _ldg2(pair_ptr, c & ((1 << b) - 1))
+            if SHFL and b <= 4:
+                cs, sn = _shfl2(pair_ptr, c & ((1 << b) - 1), 1 << b)
+            else:
+                cs, sn = _ldg2(pair_ptr, c & ((1 << b) - 1))
             out = _split(r, cs, sn, PK)
         elif b == 1:
             c0 = tl.load(cos_ptr)
@@ -370,7 +423,11 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         else:
             ci = c & ((1 << b) - 1)
             if PK:
-                lo, hi = _mul_bf16x2(r, _ldg_b32(pk_ptr, ci))
+                if SHFL and b <= 5:
+                    w = _shfl_b32(pk_ptr, ci, 1 << b)
+                else:
+                    w = _ldg_b32(pk_ptr, ci)
+                lo, hi = _mul_bf16x2(r, w)
                 out = tl.join(lo, hi)
             else:
                 out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
@@ -451,7 +508,8 @@ def _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
     else:
         out = _level_v2(codes_ptr, rec_base, u, valid2, r, cos_ptr, cos_ptr + SO, NBB,
                         1 << (L0 - LVL), LV, TAIL_BYTE, R, PACK and LVL == 1,
-                        cos_ptr + 2 * SO, PACK, trig_ptr + 3 * SO + 2 * (LVL - 1) * KT)
+                        cos_ptr + 2 * SO, PACK, trig_ptr + 3 * SO + 2 * (LVL - 1) * KT,
+                        PACK >= 3)
     return out
 
 
@@ -465,7 +523,7 @@ def _level_word(lvl, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7):
 def _joint_at(pack, L, l0, lv0, lv1):
     """Levels 2 and 1 go through the joint table: PACK == 2, both decoded below the tree
     root, and a table for their bits."""
-    return pack == 2 and L >= 2 and l0 >= 2 and _joint_ok(lv0, lv1)
+    return (pack == 2 or pack == 4) and L >= 2 and l0 >= 2 and _joint_ok(lv0, lv1)
 
 
 @triton.constexpr_function

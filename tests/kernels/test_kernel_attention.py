@@ -546,8 +546,9 @@ def _decode_inputs(preset, d, b, hk, group, n, tq, seed, dtype):
     return cfg, q, k, v, rot, trig_table(k.centroids, cfg.bits), g
 
 
-def _spy_mma(monkeypatch) -> list:
-    """The MMA_T of every attention-kernel launch from now on, in order (launches still run)."""
+def _spy_kwarg(monkeypatch, key="MMA_T") -> list:
+    """The constexpr ``key`` of every attention-kernel launch from now on, in order
+    (launches still run)."""
     from polartensor.kernels import decode_attention
 
     seen, real = [], decode_attention.polar_decode_attn_fwd_kernel
@@ -555,7 +556,7 @@ def _spy_mma(monkeypatch) -> list:
     class _Spy:
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                seen.append(kwargs["MMA_T"])
+                seen.append(kwargs[key])
                 return real[grid](*args, **kwargs)
             return run
 
@@ -585,7 +586,7 @@ def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind,
         mask = torch.randn(b, 1, tq, n + tail, generator=g).to(dtype)
     if mask is not None:
         mask = mask.to(DEVICE).expand(b, hk * group, tq, n + tail)
-    seen = _spy_mma(monkeypatch)
+    seen = _spy_kwarg(monkeypatch)
 
     def launch(setting):
         monkeypatch.setenv("POLARTENSOR_DECODE_MMA", setting)
@@ -600,6 +601,46 @@ def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind,
     got = launch(mma)
     assert seen == [0, {"vp": 1, "kq": 2}[mma]]
     _close(got, want, dtype)
+
+
+@_RESHAPE
+@pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
+@pytest.mark.parametrize("joint", ["0", "1"])
+def test_shuffle_tables_equal_gathers(preset, joint, monkeypatch):
+    """POLARTENSOR_DECODE_SHFL=1 (an experiment): the packed decode's per-level tables read
+    by warp shuffles from one word per lane (PACK 3; 4 with the joint table) give the
+    attention of the gathers (PACK 1 / 2) bit for bit: the same table words, the same
+    arithmetic. On the GPU this checks the shuffles; the interpreter reads the tables."""
+    d = 128 if ON_GPU else 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 2, 2, 4, 1300 if ON_GPU else 41,
+                                                3, 17, dtype)
+    trig = trig_table(k.centroids, cfg.bits)
+    seen = _spy_kwarg(monkeypatch, "PACK")
+    monkeypatch.setenv("POLARTENSOR_JOINT12", joint)
+
+    def launch(shfl):
+        monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", shfl)
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode", pack=True,
+                                num_splits=2, block_n=None if ON_GPU else 16)
+
+    want, got = launch("0"), launch("1")
+    gathers = 2 if joint == "1" and preset != "polar-4" else 1
+    assert seen == [gathers, gathers + 2]
+    assert torch.equal(got, want)
+
+
+def test_decode_shfl_setting_is_checked(monkeypatch):
+    from polartensor.kernels.decode_attention import decode_shfl_setting
+
+    monkeypatch.delenv("POLARTENSOR_DECODE_SHFL", raising=False)
+    assert decode_shfl_setting() is False
+    monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", "1")
+    assert decode_shfl_setting() is True
+    monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_DECODE_SHFL='yes'"):
+        decode_shfl_setting()
 
 
 def test_decode_mma_setting_is_checked(monkeypatch):
@@ -653,7 +694,7 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
     d, dtype = 64, torch.bfloat16
     cfg, q, k, v, rot, trig, _ = _decode_inputs("paper", d, 1, 2, 3, 1300 if ON_GPU else 37, 1,
                                                 5, dtype)
-    seen = _spy_mma(monkeypatch)
+    seen = _spy_kwarg(monkeypatch)
 
     def launch():
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
