@@ -338,11 +338,12 @@ def decode_shfl_setting() -> bool:
     """POLARTENSOR_DECODE_SHFL (read per call; opt-in experiment, not yet run on a GPU): 1,
     the packed decode reads its per-level tables of at most 32 words (level 1's packed
     bf16x2 words up to 5 bits, the (cos, sin) pairs of levels up to 4 bits) from registers,
-    one word per lane, by warp shuffles instead of global gathers, and takes no joint table
-    (PACK == 3); 0 (the default), gathers. The same values either way. Why: Nsight on the
-    H200 counted ~45 M of the attention's ~96 M L1 wavefronts as global loads, the table
-    gathers among them with up to ~25 tag look-ups per instruction (results/bench/
-    ncu_decode.md); a shuffle needs neither L1 nor a 64-bit address."""
+    one word per lane, by warp shuffles instead of global gathers (PACK 3; 4 where the joint
+    table of levels 1 and 2 is on, whose 8 KB stay a gather); 0 (the default), gathers. The
+    same values either way. Why: Nsight on the H200 counted ~45 M of the attention's ~96 M
+    L1 wavefronts as global loads, the table gathers among them with up to ~25 tag look-ups
+    per instruction (results/bench/ncu_decode.md); a shuffle needs neither L1 nor a 64-bit
+    address."""
     return env_flag("POLARTENSOR_DECODE_SHFL", False, "per-level tables by warp shuffles",
                     "table gathers from global memory")
 
@@ -379,9 +380,9 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
     in all 27 rows; at d 128 (Llama) ``vp`` ran faster for the presets with 4-bit level-1
     angles (paper, polar-3) in 17 of 18 rows, up to 1.16x (batch 8 / 32K paper: 0.451 vs
     0.500 ms; the other row 0.98x), while for polar-4 (5-bit level 1) ``vp`` ran 0.91-1.00x
-    and ``kq`` 0.70-1.04x. Prefill
-    tiles (more than 16 query rows), other dtypes, d 256 and the opt-out tile decodes
-    (POLARTENSOR_DECODE=joined or reshape) were not measured: ``qk``."""
+    and ``kq`` 0.70-1.04x. Prefill tiles (more than 16 query rows), other dtypes, d 256 and
+    the opt-out tile decodes (POLARTENSOR_DECODE=joined or reshape) were not measured:
+    ``qk``."""
     if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16 or not PACKED_DECODE:
         return 0
     if d == 64:

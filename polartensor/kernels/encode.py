@@ -260,8 +260,9 @@ def _boundary_search() -> str:
     polar-3 have none). Offline (Triton 3.6, sm_90, results/bench/kernel_ir_stats.md) binary
     took 6-9% fewer SASS instructions for polar-4 and 15-22% for polar-5, but on an H100
     polar-4 at d 128 ran 1.02x faster linear (1.917 vs 1.955 ms, same run;
-    results/bench/encode_search_h100.md): the dependent steps cost more than the saved
-    instructions. polar-4.5 and polar-5 are not timed."""
+    results/bench/encode_search_h100.md), probably because the dependent steps cost more
+    latency than the saved instructions (not profiled). polar-4.5 and polar-5 are not
+    timed."""
     return env_choice("POLARTENSOR_ENCODE_SEARCH", _SEARCHES)
 
 

@@ -384,7 +384,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
     ``PK`` (level 1 only): bfloat16 out, wide levels through the packed bf16x2 table.
     ``PAIRS``: (cos, sin) with one 64-bit gather from ``pair_ptr`` ([K, 2] float32) instead
     of selects (narrow levels) or two gathers (wide levels); the same float32 values.
-    ``SHFL`` (PACK == 3): those tables, where they fit in 32 words, held one word per lane
+    ``SHFL`` (PACK 3 or 4): those tables, where they fit in 32 words, held one word per lane
     and read by warp shuffles instead of gathers; the same values."""
     b: tl.constexpr = LV & 15
     if b == 0:
@@ -521,8 +521,8 @@ def _level_word(lvl, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7):
 
 @triton.constexpr_function
 def _joint_at(pack, L, l0, lv0, lv1):
-    """Levels 2 and 1 go through the joint table: PACK == 2, both decoded below the tree
-    root, and a table for their bits."""
+    """Levels 2 and 1 go through the joint table: PACK 2 (or 4, with shuffles for the other
+    tables), both decoded below the tree root, and a table for their bits."""
     return (pack == 2 or pack == 4) and L >= 2 and l0 >= 2 and _joint_ok(lv0, lv1)
 
 
@@ -561,7 +561,9 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     ``PACK``: bfloat16 out instead, level 1 decoded with packed bf16x2 table words and
     multiplies (one gather and one multiply per angle instead of two each). ``PACK == 2``:
     also levels 2 and 1 in one step through the joint table that ``trig_table(centroids,
-    bits)`` appends (planes 5 on) where the configuration has one; elsewhere as ``PACK``."""
+    bits)`` appends (planes 5 on) where the configuration has one; elsewhere as ``PACK``.
+    ``PACK == 3`` (4 with the joint table): the per-level tables of at most 32 words read by
+    warp shuffles (``_shfl_b32``, ``_shfl2``) instead of gathers; the same values."""
     R: tl.constexpr = TAIL_BYTE + TAIL_NB
     T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
     NBB: tl.constexpr = NB << T
