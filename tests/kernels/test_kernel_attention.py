@@ -631,32 +631,28 @@ def test_shuffle_tables_equal_gathers(preset, joint, monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_decode_shfl_setting_is_checked(monkeypatch):
-    from polartensor.kernels.decode_attention import decode_shfl_setting
+@pytest.mark.parametrize("getter,name,cases,bad", [
+    ("decode_mma_setting", "POLARTENSOR_DECODE_MMA",
+     [(None, None), ("auto", None), ("qk", 0), ("kq", 2)], "1"),   # None: auto_decode_mma
+    ("joint12_setting", "POLARTENSOR_JOINT12", [(None, None), ("1", True), ("0", False)], "on"),
+    ("decode_shfl_setting", "POLARTENSOR_DECODE_SHFL", [(None, False), ("1", True)], "yes"),
+])
+def test_decode_settings_are_checked(getter, name, cases, bad, monkeypatch):
+    """Each per-call decode setting: unset and every accepted value read as documented; any
+    other value is refused with an error that names the variable and the value."""
+    from polartensor.kernels import decode_attention
 
-    monkeypatch.delenv("POLARTENSOR_DECODE_SHFL", raising=False)
-    assert decode_shfl_setting() is False
-    monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", "1")
-    assert decode_shfl_setting() is True
-    monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", "yes")
-    with pytest.raises(ValueError, match="POLARTENSOR_DECODE_SHFL='yes'"):
-        decode_shfl_setting()
-
-
-def test_decode_mma_setting_is_checked(monkeypatch):
-    from polartensor.kernels.decode_attention import decode_mma_setting
-
-    monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
-    assert decode_mma_setting() is None  # auto: auto_decode_mma per launch
-    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "auto")
-    assert decode_mma_setting() is None
-    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
-    assert decode_mma_setting() == 0
-    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "kq")
-    assert decode_mma_setting() == 2
-    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "1")
-    with pytest.raises(ValueError, match="POLARTENSOR_DECODE_MMA='1'"):
-        decode_mma_setting()
+    read = getattr(decode_attention, getter)
+    for value, want in cases:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        got = read()
+        assert got == want and type(got) is type(want), (value, got)
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=f"{name}='{bad}'"):
+        read()
 
 
 @pytest.mark.parametrize("mode,d,rows,dtype,preset,want", [
@@ -707,20 +703,6 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
     want = launch()
     assert seen == [2 if common.PACKED_DECODE else 0, 0]
     _close(got, want, dtype)
-
-
-def test_joint12_setting_is_checked(monkeypatch):
-    from polartensor.kernels.decode_attention import joint12_setting
-
-    monkeypatch.delenv("POLARTENSOR_JOINT12", raising=False)
-    assert joint12_setting() is None
-    monkeypatch.setenv("POLARTENSOR_JOINT12", "1")
-    assert joint12_setting() is True
-    monkeypatch.setenv("POLARTENSOR_JOINT12", "0")
-    assert joint12_setting() is False
-    monkeypatch.setenv("POLARTENSOR_JOINT12", "on")
-    with pytest.raises(ValueError, match="POLARTENSOR_JOINT12='on'"):
-        joint12_setting()
 
 
 @_RESHAPE
