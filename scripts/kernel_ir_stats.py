@@ -97,9 +97,10 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
              decode_attention.polar_attn_combine_kernel, decode_attention.decode_tile)
     # packed: the joined decode, pack=True; joint12: and levels 1 and 2 through the joint
     # table (each set explicitly, so that the library's default rule cannot blur the rows)
-    # shfl: per-level tables by warp shuffles (POLARTENSOR_DECODE_SHFL=1, no joint table)
-    env = {"packed": {"POLARTENSOR_JOINT12": "0"},
-           "joint12": {"POLARTENSOR_JOINT12": "1"},
+    # shfl: per-level tables by warp shuffles (POLARTENSOR_DECODE_SHFL=1, no joint table);
+    # joint12_shfl: the joint table and shuffles for the other levels
+    env = {"packed": {"POLARTENSOR_JOINT12": "0", "POLARTENSOR_DECODE_SHFL": "0"},
+           "joint12": {"POLARTENSOR_JOINT12": "1", "POLARTENSOR_DECODE_SHFL": "0"},
            "shfl": {"POLARTENSOR_JOINT12": "0", "POLARTENSOR_DECODE_SHFL": "1"},
            "joint12_shfl": {"POLARTENSOR_JOINT12": "1", "POLARTENSOR_DECODE_SHFL": "1"}
            }.get(decode, {})
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--decodes", default="reshape,joined",
                     help="reshape, joined, packed (joined with packed bf16x2 level 1), "
-                    "joint12 (packed, levels 1 and 2 through the joint table)")
+                    "joint12 (packed, levels 1 and 2 through the joint table), shfl (packed, "
+                    "per-level tables by warp shuffles), joint12_shfl (both)")
     ap.add_argument("--kernel", choices=("attention", "encode"), default="attention")
     ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
