@@ -615,7 +615,6 @@ def test_shuffle_tables_equal_gathers(preset, joint, monkeypatch):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 2, 2, 4, 1300 if ON_GPU else 41,
                                                 3, 17, dtype)
-    trig = trig_table(k.centroids, cfg.bits)
     seen = _spy_kwarg(monkeypatch, "PACK")
     monkeypatch.setenv("POLARTENSOR_JOINT12", joint)
 
