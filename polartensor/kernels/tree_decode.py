@@ -193,7 +193,7 @@ def _shfl_b32(base, i, N: tl.constexpr):
     if _ASM:
         return _shfl(_lane_word(base, i, N), i)
     else:
-        return tl.load(base + i).to(tl.int32, bitcast=True)
+        return _ldg_b32(base, i)
 
 
 @triton.jit
@@ -205,7 +205,7 @@ def _shfl2(base, i, N: tl.constexpr):
         return (_shfl(t, 2 * i).to(tl.float32, bitcast=True),
                 _shfl(t, 2 * i + 1).to(tl.float32, bitcast=True))
     else:
-        return tl.load(base + 2 * i), tl.load(base + 2 * i + 1)
+        return _ldg2(base, i)
 
 
 @triton.jit
@@ -392,10 +392,11 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
     else:
         c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R)
         if PAIRS and not (PK and b >= 3):
+            ci = c & ((1 << b) - 1)
             if SHFL and b <= 4:
-                cs, sn = _shfl2(pair_ptr, c & ((1 << b) - 1), 1 << b)
+                cs, sn = _shfl2(pair_ptr, ci, 1 << b)
             else:
-                cs, sn = _ldg2(pair_ptr, c & ((1 << b) - 1))
+                cs, sn = _ldg2(pair_ptr, ci)
             out = _split(r, cs, sn, PK)
         elif b == 1:
             c0 = tl.load(cos_ptr)
