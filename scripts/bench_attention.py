@@ -180,8 +180,8 @@ def main():
                          "(auto: the orientation measured fastest per configuration), in "
                          "the same run")
     ap.add_argument("--shfl", action="store_true", help="decode table: also time the "
-                    "per-level tables read by warp shuffles (POLARTENSOR_DECODE_SHFL=1, an "
-                    "experiment) beside the default, in the same run")
+                    "per-level tables read by warp shuffles everywhere (POLARTENSOR_DECODE_SHFL"
+                    "=1) and nowhere (=0) beside the default, in the same run")
     ap.add_argument("--joint12", action="store_true", help="decode table: also time the "
                     "joint table of levels 1 and 2 everywhere (POLARTENSOR_JOINT12=1) and "
                     "nowhere (=0) beside the default, in the same run")
@@ -528,8 +528,11 @@ def main():
                                lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
                                                           value=value))
             if args.shfl:
-                decode_row(base, "polar_triton_shfl", preset, qbytes,
-                           lambda: env_fn(name="POLARTENSOR_DECODE_SHFL", value="1"))
+                for method, value in (("polar_triton_shfl", "1"),
+                                      ("polar_triton_shfl_off", "0")):
+                    decode_row(base, method, preset, qbytes,
+                               lambda value=value: env_fn(name="POLARTENSOR_DECODE_SHFL",
+                                                          value=value))
             if args.decode_mma:
                 for value in ("qk", "vp", "kq"):
                     decode_row(base, f"polar_triton_mma_{value}", preset, qbytes,
@@ -664,9 +667,13 @@ def render_markdown(res) -> str:
          "(`POLARTENSOR_DECODE_MMA=kq`), same run:",
          ["kq ms", "× ours vs kq", "× kq vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_shfl",
-         "Default vs the per-level tables read by warp shuffles "
-         "(`POLARTENSOR_DECODE_SHFL=1`, an experiment), same run:",
+         "Default (the per-level tables read by warp shuffles where measured faster: "
+         "POLARTENSOR_DECODE_SHFL unset) vs shuffles everywhere (`POLARTENSOR_DECODE_SHFL=1`; "
+         "beside the joint table too), same run:",
          ["shfl ms", "× ours vs shfl", "× shfl vs cuDNN", "max abs diff vs ours"]),
+        ("polar_triton_shfl_off",
+         "Default vs table gathers everywhere (`POLARTENSOR_DECODE_SHFL=0`), same run:",
+         ["gathers ms", "× ours vs gathers", "× gathers vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "
          "(~8 programs per SM, `split_rule='per_sm'`), same run:",

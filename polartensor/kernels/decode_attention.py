@@ -334,18 +334,36 @@ def joint12_setting() -> bool | None:
                     "there is one", "one step per level; unset: where measured faster")
 
 
-def decode_shfl_setting() -> bool:
-    """POLARTENSOR_DECODE_SHFL (read per call; opt-in experiment, not yet run on a GPU): 1,
-    the packed decode reads its per-level tables of at most 32 words (level 1's packed
-    bf16x2 words up to 5 bits, the (cos, sin) pairs of levels up to 4 bits) from registers,
-    one word per lane, by warp shuffles instead of global gathers (PACK 3; 4 where the joint
-    table of levels 1 and 2 is on, whose 8 KB stay a gather); 0 (the default), gathers. The
-    same values either way. Why: Nsight on the H200 counted ~45 M of the attention's ~96 M
-    L1 wavefronts as global loads, the table gathers among them with up to ~25 tag look-ups
-    per instruction (results/bench/ncu_decode.md); a shuffle needs neither L1 nor a 64-bit
-    address."""
+def decode_shfl_setting() -> bool | None:
+    """POLARTENSOR_DECODE_SHFL (read per call): 1, the packed decode reads its per-level
+    tables of at most 32 words (level 1's packed bf16x2 words up to 5 bits, the (cos, sin)
+    pairs of levels up to 4 bits) from registers, one word per lane, by warp shuffles instead
+    of global gathers (PACK 3; 4 where the joint table of levels 1 and 2 is on, whose 8 KB
+    stay a gather); 0, gathers; unset (None), ``auto_decode_shfl``. The same values either
+    way. Why: Nsight on the H200 counted ~45 M of the attention's ~96 M L1 wavefronts as
+    global loads, the table gathers among them with up to ~25 tag look-ups per instruction
+    (results/bench/ncu_decode.md); a shuffle needs neither L1 nor a 64-bit address."""
+    v = os.environ.get("POLARTENSOR_DECODE_SHFL")
+    if v is None:
+        return None
     return env_flag("POLARTENSOR_DECODE_SHFL", False, "per-level tables by warp shuffles",
-                    "table gathers from global memory")
+                    "table gathers from global memory; unset: where measured faster")
+
+
+def auto_decode_shfl(mode: str, d: int, rows: int, q_dtype: torch.dtype, pack) -> bool:
+    """Whether the packed decode reads its small tables by warp shuffles
+    (``decode_shfl_setting``) where the GPU measured it faster; the same choice on every
+    backend.
+
+    Measured on an H100 (results/bench/bench_decode_shfl.md; bfloat16 queries, q_len 1,
+    batch 1-32, 4K-128K keys, against the gathers in the same run): at d 128 without the
+    joint table (PACK 1) the shuffles ran 1.003-1.50x as fast in 21 of 22 rows (paper batch
+    8 / 4K: 0.063 vs 0.094 ms, polar-3 batch 8 / 32K: 0.429 vs 0.464 ms) and 0.95x in the
+    other (polar-4 batch 1 / 4K); beside the joint table (PACK 2 -> 4: the paper preset at
+    batch >= 8 with long contexts) 0.92-0.95x; at d 64 (kq) 0.89-1.03x. Prefill tiles,
+    other dtypes and d 256 were not measured: gathers."""
+    return (mode == "decode" and rows <= 16 and q_dtype == torch.bfloat16 and d == 128
+            and pack == 1)
 
 
 _DECODE_MMAS = {"qk": 0, "vp": 1, "kq": 2}
@@ -518,7 +536,10 @@ def launch_attention(
             and k_trig.shape[0] > 5 and v_trig.shape[0] > 5):
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
-    if pack and decode_shfl_setting():
+    shfl = decode_shfl_setting()
+    if shfl is None:
+        shfl = auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)
+    if pack and shfl:
         # per-level tables by warp shuffles (PACK == 3; 4 with the joint table)
         pack = 4 if pack == 2 else 3
     mma_t = decode_mma_setting()

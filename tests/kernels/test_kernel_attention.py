@@ -607,7 +607,7 @@ def test_decode_mma_orientations_match_default(mma, preset, tq, tail, mask_kind,
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 @pytest.mark.parametrize("joint", ["0", "1"])
 def test_shuffle_tables_equal_gathers(preset, joint, monkeypatch):
-    """POLARTENSOR_DECODE_SHFL=1 (an experiment): the packed decode's per-level tables read
+    """POLARTENSOR_DECODE_SHFL=1: the packed decode's per-level tables read
     by warp shuffles from one word per lane (PACK 3; 4 with the joint table) give the
     attention of the gathers (PACK 1 / 2) bit for bit: the same table words, the same
     arithmetic. On the GPU this checks the shuffles; the interpreter reads the tables."""
@@ -634,7 +634,8 @@ def test_shuffle_tables_equal_gathers(preset, joint, monkeypatch):
     ("decode_mma_setting", "POLARTENSOR_DECODE_MMA",
      [(None, None), ("auto", None), ("qk", 0), ("kq", 2)], "1"),   # None: auto_decode_mma
     ("joint12_setting", "POLARTENSOR_JOINT12", [(None, None), ("1", True), ("0", False)], "on"),
-    ("decode_shfl_setting", "POLARTENSOR_DECODE_SHFL", [(None, False), ("1", True)], "yes"),
+    ("decode_shfl_setting", "POLARTENSOR_DECODE_SHFL",
+     [(None, None), ("1", True), ("0", False)], "yes"),           # None: auto_decode_shfl
 ])
 def test_decode_settings_are_checked(getter, name, cases, bad, monkeypatch):
     """Each per-call decode setting: unset and every accepted value read as documented; any
@@ -680,6 +681,52 @@ def test_auto_decode_mma_follows_the_measured_rule(mode, d, rows, dtype, preset,
     # the opt-out tile decodes (POLARTENSOR_DECODE=joined or reshape) keep qk
     monkeypatch.setattr(decode_attention, "PACKED_DECODE", False)
     assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == 0
+
+
+@pytest.mark.parametrize("mode,d,rows,dtype,pack,want", [
+    ("decode", 128, 16, torch.bfloat16, True, True),    # d 128, per-level gathers: shuffles
+    ("decode", 128, 4, torch.bfloat16, 1, True),
+    ("decode", 128, 16, torch.bfloat16, 2, False),      # beside the joint table: gathers
+    ("decode", 128, 16, torch.bfloat16, False, False),  # float32 tile decode: no tables
+    ("decode", 64, 16, torch.bfloat16, True, False),    # d 64: gathers
+    ("decode", 256, 16, torch.bfloat16, True, False),   # not measured
+    ("decode", 128, 16, torch.float16, True, False),
+    ("decode", 128, 32, torch.bfloat16, True, False),   # more than 16 query rows
+    ("prefill", 128, 16, torch.bfloat16, True, False),
+])
+def test_auto_decode_shfl_follows_the_measured_rule(mode, d, rows, dtype, pack, want):
+    from polartensor.kernels.decode_attention import auto_decode_shfl
+
+    assert auto_decode_shfl(mode, d, rows, dtype, pack) is want
+
+
+@_RESHAPE
+@pytest.mark.parametrize("joint,want", [("0", 3), ("1", 2)])
+def test_auto_decode_shfl_is_what_launches(joint, want, monkeypatch):
+    """Unset POLARTENSOR_DECODE_SHFL at d 128 with bfloat16 queries: the packed decode
+    without the joint table launches with the shuffles (PACK 3), beside the joint table with
+    the gathers (PACK 2); either way the output equals the gathers' bit for bit."""
+    d = 128
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg, q, k, v, rot, trig, _ = _decode_inputs("paper", d, 1, 2, 2, 1300 if ON_GPU else 37,
+                                                1, 23, dtype)
+    if not ON_GPU:
+        q = q.to(torch.bfloat16)    # the rule reads the queries' dtype
+    seen = _spy_kwarg(monkeypatch, "PACK")
+    monkeypatch.setenv("POLARTENSOR_JOINT12", joint)
+
+    def launch(shfl):
+        if shfl is None:
+            monkeypatch.delenv("POLARTENSOR_DECODE_SHFL", raising=False)
+        else:
+            monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", shfl)
+        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+                                rot, rot, scale=1 / math.sqrt(d), mode="decode", pack=True,
+                                num_splits=2, block_n=None if ON_GPU else 16)
+
+    got, gathers = launch(None), launch("0")
+    assert seen == [want, want if want == 2 else 1]
+    assert torch.equal(got, gathers)
 
 
 def test_auto_decode_mma_is_what_launches(monkeypatch):
