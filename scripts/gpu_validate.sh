@@ -11,7 +11,7 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench of the shuffle tables (~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench, shuffle tables on/off (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
@@ -89,8 +89,9 @@ mma)
         --presets paper,polar-3,polar-4 --sections decode --decode-mma
     ;;
 shfl)
-    # the per-level tables read by warp shuffles (POLARTENSOR_DECODE_SHFL=1, an experiment):
-    # the kernels' tests with it, then the decode table with it timed beside the default
+    # the per-level tables read by warp shuffles (the default at d 128 where measured faster):
+    # the kernels' tests with them everywhere (POLARTENSOR_DECODE_SHFL=1, beside the joint
+    # table too), then the decode table with =1 and =0 timed beside the default
     POLARTENSOR_DECODE_SHFL=1 POLARTENSOR_FAILLOG="$OUT/failures_shfl.txt" \
         step tests_shfl 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py

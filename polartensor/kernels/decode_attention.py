@@ -322,11 +322,14 @@ def _wave_splits(want: int, max_splits: int, progs: int, slots: int, total: int,
 def joint12_setting() -> bool | None:
     """POLARTENSOR_JOINT12 (read per call): 1, the packed decode takes levels 1 and 2 in one
     step through a joint table wherever the configuration has one (common.joint12_bits: paper,
-    polar-3, polar-3.25); 0, never; unset (None), where the H200 measured it faster. There
+    polar-3, polar-3.25); 0, never; unset (None), where measured faster. On the H200
     (results/bench/bench_joint12.md), at d 128 in the launch of 64 keys per step under a
-    128-register cap (batch 8-32, 8 KV heads), the paper preset was 5-6% faster with it
-    (batch 8 / 32K: 0.511 vs 0.539 ms) but slower under the 168-register cap (batch 1, 7-8%)
-    and at d 64 (up to 11%), and polar-3 was 3-12% slower everywhere."""
+    128-register cap (batch 8-32, 8 KV heads), the paper preset was 5-6% faster with it than
+    with the per-level gathers (batch 8 / 32K: 0.511 vs 0.539 ms) but slower under the
+    168-register cap (batch 1, 7-8%) and at d 64 (up to 11%), and polar-3 was 3-12% slower
+    everywhere. The per-level tables by warp shuffles (``auto_decode_shfl``) beat it in turn
+    (H100, results/bench/bench_decode_shfl.md: 1.10-1.12x in all five such rows), so unset
+    takes it only where the shuffles are off (POLARTENSOR_DECODE_SHFL=0)."""
     v = os.environ.get("POLARTENSOR_JOINT12")
     if v is None:
         return None
@@ -360,8 +363,11 @@ def auto_decode_shfl(mode: str, d: int, rows: int, q_dtype: torch.dtype, pack) -
     joint table (PACK 1) the shuffles ran 1.003-1.50x as fast in 21 of 22 rows (paper batch
     8 / 4K: 0.063 vs 0.094 ms, polar-3 batch 8 / 32K: 0.429 vs 0.464 ms) and 0.95x in the
     other (polar-4 batch 1 / 4K); beside the joint table (PACK 2 -> 4: the paper preset at
-    batch >= 8 with long contexts) 0.92-0.95x; at d 64 (kq) 0.89-1.03x. Prefill tiles,
-    other dtypes and d 256 were not measured: gathers."""
+    batch >= 8 with long contexts) 0.92-0.95x, but without it (PACK 3) 1.10-1.12x faster
+    than the joint table's gathers there, so the joint table now gives way where this rule
+    holds (``joint12_setting``); at d 64 (kq) 0.89-1.03x. Prefill tiles, other dtypes and
+    d 256 were not measured: gathers. A second run (after the rule) agreed: the default ran
+    1.02-1.46x as fast as the gathers in 19 of 22 such rows, 0.98-0.99x in the other three."""
     return (mode == "decode" and rows <= 16 and q_dtype == torch.bfloat16 and d == 128
             and pack == 1)
 
@@ -531,12 +537,15 @@ def launch_attention(
             raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
                              f"x {bt} queries) does not compile with Triton 3.6; pass "
                              "block_t <= 32 // group, or pack=None for the float32 decode")
-    joint12 = joint12_setting()
-    if (pack and (joint12_auto if joint12 is None else joint12)
-            and k_trig.shape[0] > 5 and v_trig.shape[0] > 5):
+    joint12, shfl = joint12_setting(), decode_shfl_setting()
+    if joint12 is None:
+        # where the shuffles would serve the per-level tables, they beat the joint table
+        # (H100, results/bench/bench_decode_shfl.md: paper batch 8 / 32K 0.406 vs 0.452 ms)
+        joint12 = joint12_auto and not (
+            shfl or (shfl is None and auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)))
+    if pack and joint12 and k_trig.shape[0] > 5 and v_trig.shape[0] > 5:
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
-    shfl = decode_shfl_setting()
     if shfl is None:
         shfl = auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)
     if pack and shfl:

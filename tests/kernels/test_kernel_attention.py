@@ -754,13 +754,19 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
 @_RESHAPE
 @pytest.mark.skipif(not ON_GPU, reason="the rule picks among GPU launches (64 keys per step "
                     "under a 128-register cap at d 128); the interpreter takes neither")
-@pytest.mark.parametrize("preset,joint", [("paper", True), ("polar-3", False)])
-def test_joint12_default_where_measured_faster(preset, joint, monkeypatch):
-    """POLARTENSOR_JOINT12 unset: in the launch of 64 keys per step (batch 8, 8 KV heads, 8K
-    keys, d 128) the paper preset takes the joint table (its output differs from =0's and
-    equals =1's bit for bit), polar-3 does not (equal to =0's); both match the reference."""
+@pytest.mark.parametrize("preset,shfl,want", [("paper", None, 3), ("paper", "0", 2),
+                                              ("polar-3", None, 3), ("polar-3", "0", 1)])
+def test_joint12_default_where_measured_faster(preset, shfl, want, monkeypatch):
+    """POLARTENSOR_JOINT12 unset, in the launch of 64 keys per step (batch 8, 8 KV heads, 8K
+    keys, d 128): with the shuffles at their default both presets read the per-level tables
+    by shuffles (PACK 3); with them off (POLARTENSOR_DECODE_SHFL=0) the paper preset takes the
+    joint table (PACK 2), polar-3 the gathers (PACK 1). The output equals the launch that
+    forces the same kernel, bit for bit, and matches the reference."""
     d = 128
     cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 8, 8, 4, 8192, 1, 11, torch.bfloat16)
+    if shfl is not None:
+        monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", shfl)
+    seen = _spy_kwarg(monkeypatch, "PACK")
 
     def launch(setting):
         if setting is None:
@@ -770,9 +776,9 @@ def test_joint12_default_where_measured_faster(preset, joint, monkeypatch):
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                 rot, rot, scale=1 / math.sqrt(d), mode="decode")
 
-    got, off, on = launch(None), launch("0"), launch("1")
-    assert torch.equal(got, on if joint else off)
-    assert not torch.equal(got, off if joint else on)
+    got, forced = launch(None), launch("1" if want == 2 else "0")
+    assert seen == [want, want]
+    assert torch.equal(got, forced)
     ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
     err = (got.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 1e-2, f"relative error {err:.2e}"
