@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 # ruff: noqa: B023  (the timed closures run inside the loop iteration that makes them)
 """Decode launch settings (keys per step, warps, register cap) against cuDNN bf16 SDPA in the
-same run, paper preset, q_len 1 (results: results/bench/decode_launch_sweep.{json,md}):
+same run, q_len 1 (results: results/bench/decode_launch_sweep*.{json,md}):
 
-    OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed]
+    OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed] [--presets paper]
+        [--shapes llama3.1-8b:8:32768,...] [--settings 64:4:128,128:4:168,...]
 
 ``--splits waves`` (the default) lets each launch pick its split count as the library does
 (whole waves of the compiled kernel's resident programs, which depend on warps and the
@@ -32,7 +33,28 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--splits", choices=("waves", "fixed"), default="waves")
+    ap.add_argument("--shapes", default=None, help="model:batch:context,... (default: the "
+                    "built-in list), e.g. llama3.1-8b:8:32768,llama3.1-8b:32:131072")
+    ap.add_argument("--presets", default="paper", help="comma-separated presets")
+    ap.add_argument("--settings", default=None, help="block_n:warps:maxnreg,... to time "
+                    "(maxnreg 0: no cap; 'default': the launch without explicit settings; "
+                    "unset: 64/128 keys x 4/8 warps x no/128/168 cap)")
     args = ap.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        dims = {m: (hq, hk, d) for m, hq, hk, d, _ in SHAPES}
+        picked: dict = {}
+        for item in args.shapes.split(","):
+            m, b, n = item.split(":")
+            if m not in dims:
+                raise SystemExit(f"--shapes: unknown model {m!r}; use one of {sorted(dims)}")
+            picked.setdefault(m, []).append((int(b), int(n)))
+        shapes = [(m, *dims[m], bn) for m, bn in picked.items()]
+    settings = [(bn, w, r) for bn in (64, 128) for w in (4, 8) for r in (None, 128, 168)]
+    if args.settings:
+        settings = [(None, None, None) if x == "default" else
+                    tuple(int(v) or None for v in x.split(":"))
+                    for x in args.settings.split(",")]
     import triton.testing
     from profile_decode import quantized
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,9 +70,10 @@ def main():
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []
-    for model, hq, hk, d, shapes in SHAPES:
-        cfg = get_preset("paper", head_dim=d)
-        for b, n in shapes:
+    for model, hq, hk, d, sizes, preset in ((*s, p) for s in shapes
+                                            for p in args.presets.split(",")):
+        cfg = get_preset(preset, head_dim=d)
+        for b, n in sizes:
             k = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
             v = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
@@ -68,27 +91,24 @@ def main():
                                                 vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
 
             ref = ours()()
-            for bn in (64, 128):
-                for warps in (4, 8):
-                    for maxnreg in (None, 128, 168):
-                        splits = None  # the library's choice
-                        if args.splits == "fixed":
-                            mul = 8 if b * hk * 8 < sms * 8 else 4
-                            splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
-                        fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
-                                  maxnreg=maxnreg)
-                        try:
-                            diff = (fn().float() - ref.float()).abs().max().item()
-                            ms = bench(fn)
-                        except Exception as exc:  # noqa: BLE001
-                            print("ERROR", model, b, n, bn, warps, maxnreg, str(exc)[:200])
-                            continue
-                        row = dict(model=model, batch=b, context=n, block_n=bn, warps=warps,
-                                   maxnreg=maxnreg, splits=splits or "waves", ms=ms,
-                                   cudnn_ms=base,
-                                   x_vs_cudnn=base / ms, max_diff=diff)
-                        rows.append(row)
-                        print(row, flush=True)
+            for bn, warps, maxnreg in settings:
+                splits = None  # the library's choice
+                if args.splits == "fixed":
+                    mul = 8 if b * hk * 8 < sms * 8 else 4
+                    splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
+                fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
+                          maxnreg=maxnreg)
+                try:
+                    diff = (fn().float() - ref.float()).abs().max().item()
+                    ms = bench(fn)
+                except Exception as exc:  # noqa: BLE001
+                    print("ERROR", model, b, n, bn, warps, maxnreg, str(exc)[:200])
+                    continue
+                row = dict(model=model, preset=preset, batch=b, context=n, block_n=bn,
+                           warps=warps, maxnreg=maxnreg, splits=splits or "waves", ms=ms,
+                           cudnn_ms=base, x_vs_cudnn=base / ms, max_diff=diff)
+                rows.append(row)
+                print(row, flush=True)
             k = v = kq = vq = None  # free before the next shape
             torch.cuda.empty_cache()
     out = os.environ.get("OUT", ".")
