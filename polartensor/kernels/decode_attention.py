@@ -486,7 +486,18 @@ def launch_attention(
         progs = bsz * hk * triton.cdiv(tq, bt)
         if (not interp and block_n is None and maxnreg is None and num_warps is None
                 and d == 128 and gp * bt <= 16):
-            if progs >= 64 and (total >= 8192 or progs >= 256):
+            mma_env = decode_mma_setting()
+            vp = (auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg) if mma_env is None
+                  else mma_env) == _DECODE_MMAS["vp"]
+            if progs >= 64 and total >= 8192 and vp and decode_shfl_setting() is not False:
+                # Many programs with the vp orientation and the shuffle tables (paper,
+                # polar-3): 128 keys per step under a 168-register cap. On an H100
+                # (results/bench/decode_launch_sweep_shfl.md) 1.05-1.11x as fast as 64 keys
+                # under a 128 cap in all 12 rows (batch 8-32, 8K-128K keys; paper batch 8 /
+                # 32K: 0.369 vs 0.406 ms), but 0.89-0.91x at batch 32 / 4K, and 0.99-1.01x
+                # for polar-4 (qk), which keep the rule below.
+                maxnreg = 168
+            elif progs >= 64 and (total >= 8192 or progs >= 256):
                 # Many (batch, KV head) programs: 64 keys per step under a 128-register cap
                 # (16 warps per SM instead of 8). On the H200 (paper preset): 0.70 vs 0.80 ms
                 # at Llama batch 8 / 32K, 9-10% faster at batch 8 / 128K and batch 32 /

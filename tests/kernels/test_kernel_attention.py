@@ -441,23 +441,33 @@ def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
     _close(launch(), ref.to(dtype), dtype)
 
 
-@pytest.mark.parametrize("b,hk,n", [(16, 4, 8500), (64, 4, 1000), (1, 8, 8500)],
-                         ids=["many-long", "many-short", "few"])
-def test_decode_default_launch_by_program_count(b, hk, n, no_reference):
-    """On the GPU at d 128 the decode's launch follows the (batch, KV head) program count:
-    >= 64 programs over >= 8K tokens, or >= 256 programs, take 64 keys per step under a
-    128-register cap; < 64 programs a 168-register cap. Through
-    F.scaled_dot_product_attention each must still equal the reference."""
+@pytest.mark.parametrize("b,hk,n,preset,want", [
+    (16, 4, 8500, "paper", (128, 168)), (16, 4, 8500, "polar-4", (64, 128)),
+    (64, 4, 1000, "paper", (64, 128)), (1, 8, 8500, "paper", (128, 168))],
+    ids=["many-long", "many-long-polar4", "many-short", "few"])
+def test_decode_default_launch_by_program_count(b, hk, n, preset, want, no_reference,
+                                                monkeypatch):
+    """On the GPU at d 128 the decode's launch (keys per step, register cap) follows the
+    (batch, KV head) program count: >= 64 programs over >= 8K tokens take 128 keys under a
+    168-register cap where the vp orientation and the shuffle tables serve (paper), else 64
+    keys under a 128 cap (polar-4), as do >= 256 programs over fewer tokens; < 64 programs
+    128 keys under a 168 cap. Through F.scaled_dot_product_attention each must still equal
+    the reference."""
     d = 128 if ON_GPU else 32
     if not ON_GPU:
         b, n = min(b, 2), 30
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, hk * 4, 1, d, generator=g).to(DEVICE, dtype)
-    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), "paper")
-    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), "paper")
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), preset)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), preset)
+    bn_seen = _spy_kwarg(monkeypatch, "BN")
     out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     _close(out, polar_sdpa(q.float(), k, v, enable_gqa=True).to(dtype), dtype)
+    if ON_GPU:
+        reg_seen = _spy_kwarg(monkeypatch, "maxnreg")
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert (bn_seen[0], reg_seen[0]) == want
 
 
 _RESHAPE = pytest.mark.skipif(
