@@ -574,6 +574,14 @@ def _spy_kwarg(monkeypatch, key="MMA_T") -> list:
     return seen
 
 
+def _set_env(monkeypatch, name: str, value: str | None) -> None:
+    """Set ``name`` to ``value`` for the test, or unset it where ``value`` is None."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("mma", ["vp", "kq"])
 @pytest.mark.parametrize("preset,tq,tail,mask_kind", [("paper", 1, 0, 0), ("polar-4", 3, 5, 1),
                                                        ("paper", 4, 0, 2)])
@@ -654,10 +662,7 @@ def test_decode_settings_are_checked(getter, name, cases, bad, monkeypatch):
 
     read = getattr(decode_attention, getter)
     for value, want in cases:
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+        _set_env(monkeypatch, name, value)
         got = read()
         assert got == want and type(got) is type(want), (value, got)
     monkeypatch.setenv(name, bad)
@@ -726,10 +731,7 @@ def test_auto_decode_shfl_is_what_launches(joint, want, monkeypatch):
     monkeypatch.setenv("POLARTENSOR_JOINT12", joint)
 
     def launch(shfl):
-        if shfl is None:
-            monkeypatch.delenv("POLARTENSOR_DECODE_SHFL", raising=False)
-        else:
-            monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", shfl)
+        _set_env(monkeypatch, "POLARTENSOR_DECODE_SHFL", shfl)
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                 rot, rot, scale=1 / math.sqrt(d), mode="decode", pack=True,
                                 num_splits=2, block_n=None if ON_GPU else 16)
@@ -762,27 +764,23 @@ def test_auto_decode_mma_is_what_launches(monkeypatch):
 
 
 @_RESHAPE
-@pytest.mark.skipif(not ON_GPU, reason="the rule picks among GPU launches (64 keys per step "
-                    "under a 128-register cap at d 128); the interpreter takes neither")
+@pytest.mark.skipif(not ON_GPU, reason="the rule picks among GPU launches (keys per step and "
+                    "register caps at d 128); the interpreter takes none of them")
 @pytest.mark.parametrize("preset,shfl,want", [("paper", None, 3), ("paper", "0", 2),
                                               ("polar-3", None, 3), ("polar-3", "0", 1)])
 def test_joint12_default_where_measured_faster(preset, shfl, want, monkeypatch):
-    """POLARTENSOR_JOINT12 unset, in the launch of 64 keys per step (batch 8, 8 KV heads, 8K
+    """POLARTENSOR_JOINT12 unset, in the launch for many programs (batch 8, 8 KV heads, 8K
     keys, d 128): with the shuffles at their default both presets read the per-level tables
     by shuffles (PACK 3); with them off (POLARTENSOR_DECODE_SHFL=0) the paper preset takes the
     joint table (PACK 2), polar-3 the gathers (PACK 1). The output equals the launch that
     forces the same kernel, bit for bit, and matches the reference."""
     d = 128
     cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 8, 8, 4, 8192, 1, 11, torch.bfloat16)
-    if shfl is not None:
-        monkeypatch.setenv("POLARTENSOR_DECODE_SHFL", shfl)
+    _set_env(monkeypatch, "POLARTENSOR_DECODE_SHFL", shfl)
     seen = _spy_kwarg(monkeypatch, "PACK")
 
     def launch(setting):
-        if setting is None:
-            monkeypatch.delenv("POLARTENSOR_JOINT12", raising=False)
-        else:
-            monkeypatch.setenv("POLARTENSOR_JOINT12", setting)
+        _set_env(monkeypatch, "POLARTENSOR_JOINT12", setting)
         return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                 rot, rot, scale=1 / math.sqrt(d), mode="decode")
 
