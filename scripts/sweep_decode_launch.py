@@ -93,7 +93,7 @@ def main():
             ref = ours()()
             for bn, warps, maxnreg in settings:
                 splits = None  # the library's choice
-                if args.splits == "fixed":
+                if args.splits == "fixed" and bn is not None:
                     mul = 8 if b * hk * 8 < sms * 8 else 4
                     splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
                 fn = ours(block_n=bn, num_warps=warps, num_splits=splits,

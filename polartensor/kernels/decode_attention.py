@@ -464,6 +464,8 @@ def launch_attention(
                             v_cfg, rot_k, rot_v, k_tail, v_tail, mask, is_causal, scale, out)
     k_codes = code16_aligned(k_codes)
     v_codes = code16_aligned(v_codes)
+    # the per-call settings, read once (None: the measured rules below)
+    mma_t, shfl, joint12 = decode_mma_setting(), decode_shfl_setting(), joint12_setting()
     gp = _next_pow2(group)
     if interp:
         dt, prec, rprec = tl.float32, "ieee", "ieee"
@@ -486,10 +488,10 @@ def launch_attention(
         progs = bsz * hk * triton.cdiv(tq, bt)
         if (not interp and block_n is None and maxnreg is None and num_warps is None
                 and d == 128 and gp * bt <= 16):
-            mma_env = decode_mma_setting()
-            vp = (auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg) if mma_env is None
-                  else mma_env) == _DECODE_MMAS["vp"]
-            if progs >= 64 and total >= 8192 and vp and decode_shfl_setting() is not False:
+            if mma_t is None:
+                mma_t = auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg)
+            if (progs >= 64 and total >= 8192 and mma_t == _DECODE_MMAS["vp"]
+                    and shfl is not False):
                 # Many programs with the vp orientation and the shuffle tables (paper,
                 # polar-3): 128 keys per step under a 168-register cap. On an H100
                 # (results/bench/decode_launch_sweep_shfl.md) 1.05-1.11x as fast as 64 keys
@@ -548,21 +550,21 @@ def launch_attention(
             raise ValueError(f"pack=True with {gp * bt} query rows per program (group {group} "
                              f"x {bt} queries) does not compile with Triton 3.6; pass "
                              "block_t <= 32 // group, or pack=None for the float32 decode")
-    joint12, shfl = joint12_setting(), decode_shfl_setting()
+    has_joint = pack and k_trig.shape[0] > 5 and v_trig.shape[0] > 5
+    if shfl is None:
+        # beside a joint table forced on, the shuffles measured slower (auto_decode_shfl)
+        shfl = (auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)
+                and not (joint12 and has_joint))
     if joint12 is None:
-        # where the shuffles would serve the per-level tables, they beat the joint table
-        # (H100, results/bench/bench_decode_shfl.md: paper batch 8 / 32K 0.406 vs 0.452 ms)
-        joint12 = joint12_auto and not (
-            shfl or (shfl is None and auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)))
-    if pack and joint12 and k_trig.shape[0] > 5 and v_trig.shape[0] > 5:
+        # where the shuffles serve the per-level tables, they beat the joint table (H100,
+        # results/bench/bench_decode_shfl_joint12.md: paper batch 8 / 32K 0.406 vs 0.452 ms)
+        joint12 = joint12_auto and not shfl
+    if joint12 and has_joint:
         # levels 1 and 2 through the joint tables the trig tables carry (PACK == 2)
         pack = 2
-    if shfl is None:
-        shfl = auto_decode_shfl(mode, d, gp * bt, q.dtype, pack)
     if pack and shfl:
         # per-level tables by warp shuffles (PACK == 3; 4 with the joint table)
         pack = 4 if pack == 2 else 3
-    mma_t = decode_mma_setting()
     if mma_t is None:
         mma_t = auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg)
     has_tail = nt > 0
