@@ -6,6 +6,7 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh optin     # kernel tests with opt-out decodes  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, joint table on/off (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
@@ -17,7 +18,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|encode|joint12|mma|shfl|profile|profile_detail|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -68,6 +69,21 @@ bench)
     ;;
 sweep)
     OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py
+    ;;
+sweep2)
+    # what the 2026-12-05 defaults left unmeasured: polar-4 at d 128 (qk by default) with vp,
+    # which with the shuffles would take 128 keys under a 168 cap; and d 64 (SmolLM2) with
+    # the shuffles, which are off there, under each launch
+    OUT="$OUT" step sweep2_polar4 250 "$PY" scripts/sweep_decode_launch.py \
+        --presets polar-4 --env POLARTENSOR_DECODE_MMA=qk,vp \
+        --shapes llama3.1-8b:1:32768,llama3.1-8b:8:32768,llama3.1-8b:8:131072,llama3.1-8b:32:32768 \
+        --settings default,64:4:128,128:4:168
+    mv "$OUT/decode_launch_sweep.json" "$OUT/sweep2_polar4.json"
+    OUT="$OUT" step sweep2_d64 200 "$PY" scripts/sweep_decode_launch.py \
+        --presets paper,polar-3,polar-4 --env POLARTENSOR_DECODE_SHFL=unset,1 \
+        --shapes smollm2-135m:8:32768,smollm2-135m:32:32768 \
+        --settings default,128:4:128,128:4:168,64:4:128
+    mv "$OUT/decode_launch_sweep.json" "$OUT/sweep2_d64.json"
     ;;
 encode)
     # the encode kernel's tests at the default launch, then rows per program x warps x
@@ -140,7 +156,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, encode, joint12, mma, shfl, profile, profile_detail or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail or compile" >&2
     exit 2
     ;;
 esac

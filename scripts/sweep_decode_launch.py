@@ -5,6 +5,7 @@ same run, q_len 1 (results: results/bench/decode_launch_sweep*.{json,md}):
 
     OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed] [--presets paper]
         [--shapes llama3.1-8b:8:32768,...] [--settings 64:4:128,128:4:168,...]
+        [--env POLARTENSOR_DECODE_MMA=qk,vp]
 
 ``--splits waves`` (the default) lets each launch pick its split count as the library does
 (whole waves of the compiled kernel's resident programs, which depend on warps and the
@@ -15,6 +16,7 @@ changes with the step size and the split count, so small differences are expecte
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -28,6 +30,28 @@ SHAPES = [("llama3.1-8b", 32, 8, 128, [(8, 32768), (1, 32768), (1, 131072), (32,
           ("smollm2-135m", 9, 3, 64, [(8, 32768)])]
 
 
+def with_env(name: str | None, value: str | None, fn):
+    """``fn`` run with the per-call setting ``name`` at ``value`` (None: unset), restored
+    after; a CUDA graph captured around it keeps the kernel the setting chose."""
+    if name is None:
+        return fn
+
+    def run():
+        saved = os.environ.get(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
+    return run
+
+
 def main():
     import argparse
 
@@ -39,7 +63,14 @@ def main():
     ap.add_argument("--settings", default=None, help="block_n:warps:maxnreg,... to time "
                     "(maxnreg 0: no cap; 'default': the launch without explicit settings; "
                     "unset: 64/128 keys x 4/8 warps x no/128/168 cap)")
+    ap.add_argument("--env", default=None, help="NAME=v1,v2,...: also vary one per-call "
+                    "setting, every value with every launch setting ('unset': the library's "
+                    "rule), e.g. POLARTENSOR_DECODE_MMA=qk,vp")
     args = ap.parse_args()
+    env_name, env_values = None, [None]
+    if args.env:
+        env_name, _, values = args.env.partition("=")
+        env_values = [None if v == "unset" else v for v in values.split(",")]
     shapes = SHAPES
     if args.shapes:
         dims = {m: (hq, hk, d) for m, hq, hk, d, _ in SHAPES}
@@ -91,28 +122,35 @@ def main():
                                                 vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
 
             ref = ours()()
-            for bn, warps, maxnreg in settings:
+            for (bn, warps, maxnreg), env_value in itertools.product(settings, env_values):
                 splits = None  # the library's choice
                 if args.splits == "fixed" and bn is not None:
                     mul = 8 if b * hk * 8 < sms * 8 else 4
                     splits = max(1, min(-(-mul * sms // (b * hk)), n // (bn * 4)))
-                fn = ours(block_n=bn, num_warps=warps, num_splits=splits,
-                          maxnreg=maxnreg)
+                fn = with_env(env_name, env_value, ours(block_n=bn, num_warps=warps,
+                                                        num_splits=splits, maxnreg=maxnreg))
                 try:
                     diff = (fn().float() - ref.float()).abs().max().item()
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001
-                    print("ERROR", model, b, n, bn, warps, maxnreg, str(exc)[:200])
+                    print("ERROR", model, preset, b, n, bn, warps, maxnreg, env_value,
+                          str(exc)[:200])
                     continue
                 row = dict(model=model, preset=preset, batch=b, context=n, block_n=bn,
                            warps=warps, maxnreg=maxnreg, splits=splits or "waves", ms=ms,
                            cudnn_ms=base, x_vs_cudnn=base / ms, max_diff=diff)
+                if env_name:
+                    row[env_name] = env_value or "unset"
                 rows.append(row)
                 print(row, flush=True)
+                save(rows)  # after every row: a run cut off by a time limit keeps its rows
             k = v = kq = vq = None  # free before the next shape
             torch.cuda.empty_cache()
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "decode_launch_sweep.json"), "w") as fh:
+    save(rows)
+
+
+def save(rows: list) -> None:
+    with open(os.path.join(os.environ.get("OUT", "."), "decode_launch_sweep.json"), "w") as fh:
         json.dump(rows, fh, indent=0)
 
 
