@@ -342,9 +342,11 @@ def decode_shfl_setting() -> bool | None:
     tables of at most 32 words (level 1's packed bf16x2 words up to 5 bits, the (cos, sin)
     pairs of levels up to 4 bits) from registers, one word per lane, by warp shuffles instead
     of global gathers (PACK 3; 4 where the joint table of levels 1 and 2 is on, whose 8 KB
-    stay a gather); 0, gathers; unset (None), ``auto_decode_shfl``. The same values either
-    way. Why: Nsight on the H200 counted ~45 M of the attention's ~96 M L1 wavefronts as
-    global loads, the table gathers among them with up to ~25 tag look-ups per instruction
+    stay a gather); 0, gathers; unset (None), ``auto_decode_shfl``. The same table words
+    either way: on an H100 the attention was bit-equal at d 128 and, in a few d-64 rows
+    (kq), one bf16 rounding apart (results/bench/bench_decode_shfl.md). Why: Nsight on the
+    H200 counted ~45 M of the attention's ~96 M L1 wavefronts as global loads, the table
+    gathers among them with up to ~25 tag look-ups per instruction
     (results/bench/ncu_decode.md); a shuffle needs neither L1 nor a 64-bit address."""
     v = os.environ.get("POLARTENSOR_DECODE_SHFL")
     if v is None:
