@@ -521,23 +521,19 @@ def main():
                         os.environ.pop(name, None)
                 diff = (forced().float() - default.float()).abs().max().item()
                 return forced, {"max_abs_diff_vs_default": diff}
-            if args.joint12:
-                for method, value in (("polar_triton_joint12", "1"),
-                                      ("polar_triton_joint12_off", "0")):
+            # one row per forced value of a per-call setting: (flag, variable, rows)
+            forced_rows = [
+                (args.joint12, "POLARTENSOR_JOINT12",
+                 (("polar_triton_joint12", "1"), ("polar_triton_joint12_off", "0"))),
+                (args.shfl, "POLARTENSOR_DECODE_SHFL",
+                 (("polar_triton_shfl", "1"), ("polar_triton_shfl_off", "0"))),
+                (args.decode_mma, "POLARTENSOR_DECODE_MMA",
+                 tuple((f"polar_triton_mma_{v}", v) for v in ("qk", "vp", "kq"))),
+            ]
+            for wanted, name, methods in forced_rows:
+                for method, value in methods if wanted else ():
                     decode_row(base, method, preset, qbytes,
-                               lambda value=value: env_fn(name="POLARTENSOR_JOINT12",
-                                                          value=value))
-            if args.shfl:
-                for method, value in (("polar_triton_shfl", "1"),
-                                      ("polar_triton_shfl_off", "0")):
-                    decode_row(base, method, preset, qbytes,
-                               lambda value=value: env_fn(name="POLARTENSOR_DECODE_SHFL",
-                                                          value=value))
-            if args.decode_mma:
-                for value in ("qk", "vp", "kq"):
-                    decode_row(base, f"polar_triton_mma_{value}", preset, qbytes,
-                               lambda value=value: env_fn(name="POLARTENSOR_DECODE_MMA",
-                                                          value=value))
+                               lambda name=name, value=value: env_fn(name=name, value=value))
             if args.joined:
                 def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
                     default = ours_fn(q, kq, vq, cfg, scale)()
