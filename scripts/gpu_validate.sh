@@ -14,11 +14,14 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench, shuffle tables on/off (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh ab        # kernel tests, then the working tree's
+#       decode / encode timed against each revision under _ab/ in one process (make them here
+#       with `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~8 min)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile|ab}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -152,11 +155,24 @@ profile_detail)
     step ncu_encode_source 120 ncu -i "$OUT/encode.ncu-rep" --page source --csv \
         --print-source sass
     ;;
+ab)
+    REVS=()
+    for dir in _ab/*/; do
+        [ -d "$dir/polartensor" ] && REVS+=(--rev "$(basename "$dir")=${dir%/}")
+    done
+    [ ${#REVS[@]} -gt 0 ] || { echo "no revisions under _ab/: make them with" \
+        "python3 scripts/ab_kernels.py --snapshot REV and carry _ab" >&2; exit 2; }
+    POLARTENSOR_FAILLOG="$OUT/failures_ab.txt" \
+        step tests_kernels 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py \
+        tests/kernels/test_kernel_encode.py
+    step ab 400 "$PY" scripts/ab_kernels.py "${REVS[@]}" --out "$OUT/ab"
+    ;;
 compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail or compile" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail, compile or ab" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,71 @@
+"""scripts/ab_kernels.py imports another revision's kernels beside the working tree's and
+compares their outputs: a copy of the package must give the same outputs bit for bit, and a
+copy whose kernels were changed must be seen as different (decode outputs, encode codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# appended to the changed copy's modules: wrappers that alter what the kernels return
+_BAD_DECODE = """
+_ab_launch = launch_attention
+
+
+def launch_attention(*args, **kwargs):
+    return _ab_launch(*args, **kwargs) * 2
+"""
+_BAD_ENCODE = """
+_ab_encode = encode_into_triton
+
+
+def encode_into_triton(x, rot, mids, codes_out, *args, **kwargs):
+    ok = _ab_encode(x, rot, mids, codes_out, *args, **kwargs)
+    codes_out.bitwise_xor_(1)
+    return ok
+"""
+
+
+def test_revisions_load_beside_the_working_tree(tmp_path):
+    pytest.importorskip("triton")
+    same, bad = tmp_path / "same", tmp_path / "bad"
+    for dest in (same, bad):
+        shutil.copytree(ROOT / "polartensor", dest / "polartensor",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    with open(bad / "polartensor" / "kernels" / "decode_attention.py", "a") as fh:
+        fh.write(_BAD_DECODE)
+    with open(bad / "polartensor" / "kernels" / "encode.py", "a") as fh:
+        fh.write(_BAD_ENCODE)
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "ab_kernels.py"), "--check",
+                    "--rev", f"same={same}", "--rev", f"bad={bad}", "--presets", "paper",
+                    "--decode", "smollm2-135m:1:40", "--encode", "smollm2-135m:1:16",
+                    "--out", str(tmp_path / "out")], check=True, env=env,
+                   capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "out" / "ab_kernels.json").read_text())["rows"]
+    by = {(r["kind"], r["variant"]): r for r in rows}
+    assert set(by) == {(k, v) for k in ("decode", "encode") for v in ("work", "same", "bad")}
+    assert by["decode", "same"]["bit_equal"] and by["decode", "same"]["max_abs_diff"] == 0
+    assert not by["decode", "bad"]["bit_equal"] and by["decode", "bad"]["max_abs_diff"] > 0
+    assert by["encode", "same"]["codes_equal"] == 1.0
+    assert by["encode", "same"]["radii_equal"] == 1.0
+    assert by["encode", "bad"]["codes_equal"] == 0.0
+    assert by["encode", "bad"]["radii_equal"] == 1.0
+
+
+def test_revision_without_kernels_is_refused(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ab_kernels.py"), "--check",
+                           "--rev", f"empty={tmp_path}", "--decode", "", "--encode", ""],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no polartensor/kernels under it" in proc.stderr
