@@ -155,7 +155,8 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     writes, the ``.version`` line is lowered to the newest it names, which these kernels
     tolerate).
     ``maxnreg`` caps registers as Triton's ``maxnreg`` launch option does (a ``.maxnreg``
-    directive; ptxas ignores -maxrregcount for kernels with ``.reqntid``)."""
+    directive; ptxas ignores -maxrregcount for kernels with ``.reqntid``).
+    KERNEL_IR_SASS_DIR (environment): also write each kernel's SASS there, numbered in order."""
     import subprocess
     import tempfile
 
@@ -186,6 +187,13 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
             raise RuntimeError(f"ptxas failed: {log[-500:]}")
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin],
                               capture_output=True, text=True).stdout
+    if os.environ.get("KERNEL_IR_SASS_DIR"):
+        # (for reading the instructions themselves: one file per assembled kernel)
+        out_dir = os.environ["KERNEL_IR_SASS_DIR"]
+        os.makedirs(out_dir, exist_ok=True)
+        n = len(os.listdir(out_dir))
+        with open(os.path.join(out_dir, f"k{n:03d}_cap{maxnreg or 0}.sass"), "w") as fh:
+            fh.write(sass)
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(registers=int(regs[0]) if regs else None,
