@@ -2,10 +2,11 @@
 """Time the working tree's decode-attention and encode kernels against other revisions' in
 one process, interleaved, on the same inputs (a benchmark, not a test):
 
-    python3 scripts/ab_kernels.py --snapshot main            # here: writes _ab/main/polartensor
+    python3 scripts/ab_kernels.py --snapshot main            # here: writes _ab/main/
     python3 scripts/ab_kernels.py --rev main=_ab/main --out <dir>   # on the GPU
 
-(``gpu_validate.sh ab`` runs the second; carry ``_ab`` to the device, it is ignored by git.)
+(``gpu_validate.sh ab`` runs the second for every revision under _ab/, ``ab_tests`` each
+revision's own kernel tests; carry ``_ab`` to the device, it is ignored by git.)
 
 Why: a device session may allow only a call or two, and two benchmark processes, one per
 revision, compare across processes. Here every revision's kernels are imported side by side
@@ -48,13 +49,14 @@ SHARED = ("attention", "config", "polar_quant_tensor", "rotation", "packing", "c
 
 
 def snapshot(rev: str, dest: str | None = None) -> str:
-    """git archive REV's package into _ab/<rev>/polartensor (run where the git history is)."""
+    """git archive REV's package, tests and pyproject.toml into _ab/<rev>/ (run where the git
+    history is; the tests let the GPU run each revision's own kernel tests)."""
     name = re.sub(r"\W", "_", rev)
     name = name if name.isidentifier() else "r_" + name
     dest = os.path.normpath(dest or os.path.join(ROOT, "_ab", name))
     os.makedirs(dest, exist_ok=True)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "polartensor"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "polartensor", "tests",
+                              "pyproject.toml"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True,
                          capture_output=True, text=True).stdout.strip()

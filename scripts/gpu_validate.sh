@@ -14,16 +14,19 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench, shuffle tables on/off (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh ab        # kernel tests, then the working tree's
-#       decode / encode timed against each revision under _ab/ in one process (make them here
-#       with `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh ab        # the working tree's decode / encode
+#       timed against each revision under _ab/ in one process (make them here with
+#       `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~5 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
+#       (~2.5 min a revision)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile|ab}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
 PY=${PYTHON:-python3}
 step() {  # step <name> <timeout seconds> <command...>
     local name=$1 limit=$2
@@ -155,24 +158,34 @@ profile_detail)
     step ncu_encode_source 120 ncu -i "$OUT/encode.ncu-rep" --page source --csv \
         --print-source sass
     ;;
-ab)
+ab|ab_tests)
     REVS=()
     for dir in _ab/*/; do
-        [ -d "$dir/polartensor" ] && REVS+=(--rev "$(basename "$dir")=${dir%/}")
+        [ -d "$dir/polartensor" ] && REVS+=("${dir%/}")
     done
     [ ${#REVS[@]} -gt 0 ] || { echo "no revisions under _ab/: make them with" \
         "python3 scripts/ab_kernels.py --snapshot REV and carry _ab" >&2; exit 2; }
-    POLARTENSOR_FAILLOG="$OUT/failures_ab.txt" \
-        step tests_kernels 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py \
-        tests/kernels/test_kernel_encode.py
-    step ab 400 "$PY" scripts/ab_kernels.py "${REVS[@]}" --out "$OUT/ab"
+    if [ "$stage" = ab ]; then
+        ARGS=()
+        for dir in "${REVS[@]}"; do ARGS+=(--rev "$(basename "$dir")=$dir"); done
+        step ab 420 "$PY" scripts/ab_kernels.py "${ARGS[@]}" --out "$OUT/ab"
+    else
+        # each revision's kernel tests against its own package (first on the path)
+        for dir in "${REVS[@]}"; do
+            name=$(basename "$dir")
+            (cd "$dir" && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+                POLARTENSOR_FAILLOG="$OUT/failures_$name.txt" \
+                step "tests_$name" 180 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+                tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py \
+                tests/kernels/test_kernel_encode.py)
+        done
+    fi
     ;;
 compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail, compile or ab" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail, compile, ab or ab_tests" >&2
     exit 2
     ;;
 esac

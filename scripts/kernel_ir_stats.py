@@ -156,7 +156,8 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     tolerate).
     ``maxnreg`` caps registers as Triton's ``maxnreg`` launch option does (a ``.maxnreg``
     directive; ptxas ignores -maxrregcount for kernels with ``.reqntid``).
-    KERNEL_IR_SASS_DIR (environment): also write each kernel's SASS there, numbered in order."""
+    KERNEL_IR_SASS_DIR (environment): also write each kernel's SASS there, numbered in order
+    (and its TTGIR, LLVM IR and PTX, see ``_counts``)."""
     import subprocess
     import tempfile
 
@@ -191,7 +192,7 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
         # (for reading the instructions themselves: one file per assembled kernel)
         out_dir = os.environ["KERNEL_IR_SASS_DIR"]
         os.makedirs(out_dir, exist_ok=True)
-        n = len(os.listdir(out_dir))
+        n = len([f for f in os.listdir(out_dir) if f.endswith(".sass")])
         with open(os.path.join(out_dir, f"k{n:03d}_cap{maxnreg or 0}.sass"), "w") as fh:
             fh.write(sass)
     regs = re.findall(r"Used (\d+) registers", log)
@@ -237,6 +238,14 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
 
 def _counts(compiled) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    if os.environ.get("KERNEL_IR_SASS_DIR"):
+        out_dir = os.environ["KERNEL_IR_SASS_DIR"]
+        os.makedirs(out_dir, exist_ok=True)
+        n = len([f for f in os.listdir(out_dir) if f.endswith(".ttgir")])
+        for ext in ("ttgir", "llir", "ptx"):
+            if ext in compiled.asm:
+                with open(os.path.join(out_dir, f"k{n:03d}.{ext}"), "w") as fh:
+                    fh.write(compiled.asm[ext])
     return dict(
         convert_layout=len(re.findall(r"ttg\.convert_layout", ttgir)),
         local_alloc=len(re.findall(r"ttg\.local_alloc", ttgir)),
