@@ -73,7 +73,12 @@ def load_revision(alias: str, root: str):
         raise SystemExit(f"--rev {alias}={root}: no polartensor/kernels under it; make it "
                          "with --snapshot REV")
     if alias in sys.modules:
-        raise SystemExit(f"--rev {alias}: the name is taken; pick another")
+        known = getattr(sys.modules[alias], "__path__", None)
+        if known != [pkg_dir]:
+            raise SystemExit(f"--rev {alias}: the name is taken; pick another")
+        # (loaded before in this process, e.g. a warm-up worker's earlier task)
+        return (importlib.import_module(f"{alias}.kernels.decode_attention"),
+                importlib.import_module(f"{alias}.kernels.encode"))
     pkg = types.ModuleType(alias)
     pkg.__path__ = [pkg_dir]
     sys.modules[alias] = pkg
@@ -244,7 +249,7 @@ def _warm(task):
             from polartensor.kernels import encode as enc
         else:
             attn, enc = load_revision(alias, root)
-        dev = torch.device("cuda")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         hq, hk, d = MODELS[model]
         cfg = get_preset(preset, head_dim=d)
         mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
@@ -259,7 +264,8 @@ def _warm(task):
         else:
             x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
             enc.encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
-        torch.cuda.synchronize()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001
         return f"warm {task}: {type(exc).__name__}: {str(exc)[:300]}"
@@ -347,8 +353,8 @@ def main(argv=None):
     ap.add_argument("--encode", default=ENCODE_SHAPES, help="model:batch:context,... ('' none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=float, default=25)
-    ap.add_argument("--no-warm", dest="warm", action="store_false",
-                    help="skip the parallel compile in worker processes")
+    ap.add_argument("--warm", choices=("auto", "on", "off"), default="auto",
+                    help="compile first in parallel worker processes (auto: when timing)")
     ap.add_argument("--check", action="store_true",
                     help="no timing: one call each, outputs compared (any device)")
     ap.add_argument("--out", default=None,
@@ -369,7 +375,8 @@ def main(argv=None):
     if not args.check and dev.type != "cuda":
         raise SystemExit("timing needs CUDA; --check compares outputs on any device")
     t0 = time.time()
-    warm_errors = warm(revs, args) if not args.check and args.warm else []
+    do_warm = args.warm == "on" or (args.warm == "auto" and not args.check)
+    warm_errors = warm(revs, args) if do_warm else []
     rows = run(revs, args, dev)
     at = {}
     for alias, root in revs:

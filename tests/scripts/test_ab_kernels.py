@@ -48,9 +48,12 @@ def test_revisions_load_beside_the_working_tree(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "ab_kernels.py"), "--check",
                     "--rev", f"same={same}", "--rev", f"bad={bad}", "--presets", "paper",
                     "--decode", "smollm2-135m:1:40", "--encode", "smollm2-135m:1:16",
-                    "--out", str(tmp_path / "out")], check=True, env=env,
+                    "--warm", "on", "--out", str(tmp_path / "out")], check=True, env=env,
                    capture_output=True, timeout=600)
-    rows = json.loads((tmp_path / "out" / "ab_kernels.json").read_text())["rows"]
+    res = json.loads((tmp_path / "out" / "ab_kernels.json").read_text())
+    # the warm-up workers ran every revision's kernels (twice per worker for some)
+    assert res["warm_errors"] == []
+    rows = res["rows"]
     by = {(r["kind"], r["variant"]): r for r in rows}
     assert set(by) == {(k, v) for k in ("decode", "encode") for v in ("work", "same", "bad")}
     assert by["decode", "same"]["bit_equal"] and by["decode", "same"]["max_abs_diff"] == 0
