@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (bench_attention's timing)
 
 # (model, query heads, KV heads, head_dim)
 MODELS = {"llama3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
@@ -72,21 +74,15 @@ def load_revision(alias: str, root: str):
     if not os.path.isdir(os.path.join(pkg_dir, "kernels")):
         raise SystemExit(f"--rev {alias}={root}: no polartensor/kernels under it; make it "
                          "with --snapshot REV")
-    if alias in sys.modules:
-        known = getattr(sys.modules[alias], "__path__", None)
-        if known != [pkg_dir]:
-            raise SystemExit(f"--rev {alias}: the name is taken; pick another")
-        # (loaded before in this process, e.g. a warm-up worker's earlier task)
-        return (importlib.import_module(f"{alias}.kernels.decode_attention"),
-                importlib.import_module(f"{alias}.kernels.encode"))
-    pkg = types.ModuleType(alias)
-    pkg.__path__ = [pkg_dir]
-    sys.modules[alias] = pkg
-    for name in SHARED:
-        try:
+    if alias not in sys.modules:
+        pkg = types.ModuleType(alias)
+        pkg.__path__ = [pkg_dir]
+        sys.modules[alias] = pkg
+        for name in SHARED:
             sys.modules[f"{alias}.{name}"] = importlib.import_module(f"polartensor.{name}")
-        except ImportError:
-            pass
+    elif getattr(sys.modules[alias], "__path__", None) != [pkg_dir]:
+        raise SystemExit(f"--rev {alias}: the name is taken; pick another")
+    # (else loaded before in this process, e.g. by a warm-up worker's earlier task)
     return (importlib.import_module(f"{alias}.kernels.decode_attention"),
             importlib.import_module(f"{alias}.kernels.encode"))
 
@@ -101,31 +97,20 @@ def _shapes(spec):
     return out
 
 
-def _bench(fn, rep_ms):
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
-
 def _timed(fns, rounds, rep_ms, timing):
     """{name: median ms over rounds}; each round times every callable, the order rotated."""
     if not timing:
         for fn in fns.values():
             fn()
         return {name: None for name in fns}
+    from bench_attention import bench
+
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(_bench(fns[name], rep_ms))
-    return {name: _median(ts) for name, ts in times.items()}
+            times[name].append(bench(fns[name], rep_ms))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _decode_rows(kernels, model, b, n, presets, args, dev):
@@ -142,12 +127,12 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
     q = torch.randn(b, hq, 1, d, device=dev, generator=g, dtype=torch.bfloat16)
     cudnn_ms = None
     if timing:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from bench_attention import sdpa_backend
 
         kx, vx = (t.repeat_interleave(hq // hk, dim=1) for t in (k, v))
 
         def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            with sdpa_backend("cudnn"):
                 return torch.nn.functional.scaled_dot_product_attention(q, kx, vx)
         cudnn_ms = _timed({"cudnn": cudnn}, 1, args.rep_ms, True)["cudnn"]
         del kx, vx
@@ -229,6 +214,7 @@ def _encode_rows(kernels, model, b, n, presets, args, dev):
             if timing:
                 row["x_vs_work"] = ms["work"] / ms[name]
                 row["gbps"] = io / (ms[name] * 1e-3) / 1e9
+                row["pct_copy"] = 100 * row["gbps"] * 1e9 / args.copy_bw
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -331,13 +317,15 @@ def render(res) -> str:
     enc = [r for r in res["rows"] if r["kind"] == "encode"]
     if enc:
         lines += ["## Encode (bf16 in)", "",
-                  "| model | batch | context | preset | variant | ms | × vs work | GB/s | codes "
-                  "equal | radii equal | radii max rel diff |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"device copy bandwidth (read + write): {res['copy_bw'] / 1e12:.2f} TB/s", "",
+                  "| model | batch | context | preset | variant | ms | × vs work | GB/s "
+                  "| % of copy | codes equal | radii equal | radii max rel diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in enc:
             lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['preset']} | "
                          f"{r['variant']} | {r['ms']:.4f} | {r['x_vs_work']:.3f} | "
-                         f"{r['gbps']:.0f} | {r['codes_equal']:.6f} | {r['radii_equal']:.6f} | "
+                         f"{r['gbps']:.0f} | {r['pct_copy']:.1f} | {r['codes_equal']:.6f} | "
+                         f"{r['radii_equal']:.6f} | "
                          f"{r['radii_max_rel_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
@@ -375,6 +363,11 @@ def main(argv=None):
     if not args.check and dev.type != "cuda":
         raise SystemExit("timing needs CUDA; --check compares outputs on any device")
     t0 = time.time()
+    args.copy_bw = None
+    if not args.check and args.encode:
+        from bench_attention import copy_bandwidth
+
+        args.copy_bw = copy_bandwidth()  # (bytes read + written per second, the faster way)
     do_warm = args.warm == "on" or (args.warm == "auto" and not args.check)
     warm_errors = warm(revs, args) if do_warm else []
     rows = run(revs, args, dev)
@@ -390,6 +383,7 @@ def main(argv=None):
                versions=f"torch {torch.__version__}, triton {triton.__version__}, Python "
                         f"{platform.python_version()}",
                revisions=[a for a, _ in revs], revisions_at=at, rounds=args.rounds,
+               copy_bw=args.copy_bw,
                seconds=time.time() - t0, warm_errors=warm_errors, rows=rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -72,3 +72,21 @@ def test_revision_without_kernels_is_refused(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "no polartensor/kernels under it" in proc.stderr
+
+
+def test_render_lists_every_row(load_script):
+    ab = load_script("ab_kernels")
+    dec = dict(kind="decode", model="llama3.1-8b", batch=8, context=32768, d=128,
+               preset="paper", cudnn_ms=0.37, bit_equal=True, max_abs_diff=0.0)
+    enc = dict(kind="encode", model="llama3.1-8b", batch=8, context=32768, d=128,
+               preset="paper", codes_equal=1.0, radii_equal=1.0, radii_max_rel_diff=0.0)
+    rows = [dict(dec, variant="work", ms=0.40, x_vs_work=1.0, x_vs_cudnn=0.925),
+            dict(dec, variant="main", ms=0.50, x_vs_work=0.8, x_vs_cudnn=0.74),
+            dict(enc, variant="work", ms=0.60, x_vs_work=1.0, gbps=1111.0, pct_copy=36.8),
+            dict(enc, variant="main", ms=0.72, x_vs_work=0.833, gbps=926.0, pct_copy=30.7)]
+    md = ab.render(dict(command="c", device="GPU", versions="v", revisions=["main"],
+                        revisions_at={"main": "main 123"}, rounds=3, copy_bw=3.02e12,
+                        rows=rows))
+    assert "| llama3.1-8b | 8 | 32768 | paper | main | 0.5000 | 0.800 | 0.74 | True |" in md
+    assert "| llama3.1-8b | 8 | 32768 | paper | main | 0.7200 | 0.833 | 926 | 30.7 |" in md
+    assert "3.02 TB/s" in md
