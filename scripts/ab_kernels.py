@@ -127,15 +127,16 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
     q = torch.randn(b, hq, 1, d, device=dev, generator=g, dtype=torch.bfloat16)
     cudnn_ms = None
     if timing:
-        from bench_attention import sdpa_backend
+        from bench_attention import fold_gqa, sdpa_backend
 
-        kx, vx = (t.repeat_interleave(hq // hk, dim=1) for t in (k, v))
+        # (as bench_attention: the query group folded onto the KV heads, K/V read once; until
+        # 2026-12-05 22:40 UTC this expanded K/V to every query head, 4x the bytes at Llama)
+        qf = fold_gqa(q, hk)
 
         def cudnn():
             with sdpa_backend("cudnn"):
-                return torch.nn.functional.scaled_dot_product_attention(q, kx, vx)
+                return torch.nn.functional.scaled_dot_product_attention(qf, k, v)
         cudnn_ms = _timed({"cudnn": cudnn}, 1, args.rep_ms, True)["cudnn"]
-        del kx, vx
     rows = []
     for preset in presets:
         cfg = get_preset(preset, head_dim=d)
