@@ -188,13 +188,7 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
             raise RuntimeError(f"ptxas failed: {log[-500:]}")
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin],
                               capture_output=True, text=True).stdout
-    if os.environ.get("KERNEL_IR_SASS_DIR"):
-        # (for reading the instructions themselves: one file per assembled kernel)
-        out_dir = os.environ["KERNEL_IR_SASS_DIR"]
-        os.makedirs(out_dir, exist_ok=True)
-        n = len([f for f in os.listdir(out_dir) if f.endswith(".sass")])
-        with open(os.path.join(out_dir, f"k{n:03d}_cap{maxnreg or 0}.sass"), "w") as fh:
-            fh.write(sass)
+    _dump_ir({"sass": sass}, f"_cap{maxnreg or 0}")
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(registers=int(regs[0]) if regs else None,
@@ -236,16 +230,24 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
                 kernel_ops=kernel_ops)
 
 
+def _dump_ir(texts: dict, suffix: str = "") -> None:
+    """With KERNEL_IR_SASS_DIR set, write each text as k<NNN><suffix>.<ext> there, numbered by
+    the files of the first extension already written (for reading the instructions behind the
+    counts)."""
+    out_dir = os.environ.get("KERNEL_IR_SASS_DIR")
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    first = next(iter(texts))
+    n = len([f for f in os.listdir(out_dir) if f.endswith("." + first)])
+    for ext, text in texts.items():
+        with open(os.path.join(out_dir, f"k{n:03d}{suffix}.{ext}"), "w") as fh:
+            fh.write(text)
+
+
 def _counts(compiled) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
-    if os.environ.get("KERNEL_IR_SASS_DIR"):
-        out_dir = os.environ["KERNEL_IR_SASS_DIR"]
-        os.makedirs(out_dir, exist_ok=True)
-        n = len([f for f in os.listdir(out_dir) if f.endswith(".ttgir")])
-        for ext in ("ttgir", "llir", "ptx"):
-            if ext in compiled.asm:
-                with open(os.path.join(out_dir, f"k{n:03d}.{ext}"), "w") as fh:
-                    fh.write(compiled.asm[ext])
+    _dump_ir({ext: compiled.asm[ext] for ext in ("ttgir", "llir", "ptx") if ext in compiled.asm})
     return dict(
         convert_layout=len(re.findall(r"ttg\.convert_layout", ttgir)),
         local_alloc=len(re.findall(r"ttg\.local_alloc", ttgir)),
