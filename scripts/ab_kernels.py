@@ -113,6 +113,12 @@ def _timed(fns, rounds, rep_ms, timing):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _storage(cfg, b, hk, n, d, dev):
+    """Empty (codes, radii) storage for [b, hk, n] head vectors of ``cfg``."""
+    return (torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev),
+            torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype, device=dev))
+
+
 def _decode_rows(kernels, model, b, n, presets, args, dev):
     """Rows of one decode shape: every revision's attention on the working tree's caches."""
     from polartensor.config import get_preset
@@ -144,9 +150,7 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
         rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
         cache = []
         for x in (k, v):
-            codes = torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8, device=dev)
-            radii = torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                                device=dev)
+            codes, radii = _storage(cfg, b, hk, n, d, dev)
             assert kernels["work"][1].encode_into_triton(x, rot, mids, codes, radii, cfg,
                                                          exact=False)
             cache += [codes, radii]
@@ -192,11 +196,7 @@ def _encode_rows(kernels, model, b, n, presets, args, dev):
         cfg = get_preset(preset, head_dim=d)
         mids, _ = tables_for(codebook_for(cfg, device=dev), cfg)
         rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-        bufs = {name: (torch.empty(b, hk, n, cfg.record_bytes(d), dtype=torch.uint8,
-                                   device=dev),
-                       torch.empty(b, hk, n, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
-                                   device=dev))
-                for name in kernels}
+        bufs = {name: _storage(cfg, b, hk, n, d, dev) for name in kernels}
 
         def make(mod, name, cfg=cfg, mids=mids, rot=rot, bufs=bufs):
             codes, radii = bufs[name]
