@@ -43,11 +43,12 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
     if LVL == 1:
         # level 1: the closed-form quantizer where the codebook allows (CROSS1)
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV,
-                                True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS)
+                                True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS, False,
+                                CROSS and L > 1)
     else:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid,
                                 mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False, KT,
-                                F64, VEC, CROSS, TOFF, STORE16)
+                                F64, VEC, CROSS, TOFF, STORE16, CROSS, CROSS and LVL < L)
     if LVL < L:
         r, tail = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT, F64,
                                  VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0, LV1, LV2,
@@ -232,7 +233,9 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
                     k = torch.arange(1, 1 << (b - 2), dtype=torch.float64)
                     tans[0, : k.numel()] = torch.tan(k * math.pi / (1 << (b - 1)))
             else:
-                tans[lvl, :nb] = torch.tan(m64[lvl, :nb])
+                # squared (the encode carries squared radii above level 1), sign kept
+                t = torch.tan(m64[lvl, :nb])
+                tans[lvl, :nb] = t * t.abs()
         return torch.cat([m64, tans]).to(mids.device, torch.float32).contiguous(), uniform
 
     return _cached("cross", mids, tuple(config.bits), build)
