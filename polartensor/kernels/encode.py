@@ -213,9 +213,10 @@ def rotation_bf16x2(rot: torch.Tensor) -> torch.Tensor:
 
 def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
     """[2 L, K + 1] float32: the boundaries, then the tangents the atan2-free encode compares
-    against (tan of each boundary above level 1; tan(k pi / 2^(b-1)) within a quadrant at level
-    1), and whether level 1's boundaries are the uniform k 2 pi / 2^b that its closed form
-    needs. Cached with the boundary tensor."""
+    against (tan^2 with tan's sign of each boundary above level 1, where the encode carries
+    squared radii; tan(k pi / 2^(b-1)) within a quadrant at level 1), and whether level 1's
+    boundaries are the uniform k 2 pi / 2^b that its closed form needs. Cached with the
+    boundary tensor."""
     from .dispatch import _cached
 
     def build():
