@@ -328,14 +328,24 @@ def decode_tile_reshape(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
 
 
 @triton.jit
+def _passes(num, den, t):
+    """num > den * t, read off the sign bit of fma(den, t, -num) as an int32 (1: passes),
+    where the fused multiply-add rounds once: the test of the exact product (the float
+    product den * t can round either way only on a tie). On sm_90 an FFMA and a shift or
+    LEA.HI per test instead of FMUL, FSETP and selects on the predicate: offline (Triton 3.6,
+    sm_90) paper d 128 1784 -> 1464 SASS instructions, polar-4 3016 -> 2256."""
+    return (tl.fma(den, t, -num).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+
+
+@triton.jit
 def _count_above(code, num, den, t_ptr, NT: tl.constexpr, BINARY: tl.constexpr):
     """code + how many of the NT = 2^m - 1 ascending tangents t_ptr[k] have num > den * t[k]
-    (den >= 0), int32. ``BINARY`` (used from NT = 7 on): a binary search, m dependent
-    comparisons instead of NT independent ones. It gives the linear count bit for bit: with
-    den >= 0 and t ascending, the float products den * t[k] are non-decreasing in k, so the
-    tests passed form a prefix. Its first step compares against one scalar, the second
-    selects between two, later steps gather. (At NT = 3 the independent comparisons compiled
-    to as few or fewer instructions offline, so they stay.)"""
+    (den >= 0; ``_passes``), int32. ``BINARY`` (used from NT = 7 on): a binary search, m
+    dependent comparisons instead of NT independent ones. It gives the linear count bit for
+    bit: with den >= 0 and t ascending, the exact products den * t[k] are non-decreasing in
+    k, so the tests passed form a prefix. Its first step compares against one scalar, the
+    second selects between two, later steps gather. (At NT = 3 the independent comparisons
+    compiled to as few or fewer instructions offline, so they stay.)"""
     if BINARY and NT >= 7:
         M: tl.constexpr = _ilog2(NT + 1)
         lo = tl.zeros(num.shape, dtype=tl.int32)
@@ -348,11 +358,11 @@ def _count_above(code, num, den, t_ptr, NT: tl.constexpr, BINARY: tl.constexpr):
                              tl.load(t_ptr + half - 1))
             else:
                 t = tl.load(t_ptr + lo + (half - 1))
-            lo = tl.where(num > den * t, lo + half, lo)
+            lo = tl.where(_passes(num, den, t) != 0, lo + half, lo)
         code = code + lo
     else:
         for k in tl.static_range(NT):
-            code += (num > den * tl.load(t_ptr + k)).to(tl.int32)
+            code += _passes(num, den, tl.load(t_ptr + k))
     return code
 
 
