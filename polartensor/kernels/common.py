@@ -333,8 +333,10 @@ def _passes(num, den, t):
     where the fused multiply-add rounds once: the test of the exact product (the float
     product den * t can round either way only on a tie). On sm_90 an FFMA and a shift or
     LEA.HI per test instead of FMUL, FSETP and selects on the predicate: offline (Triton 3.6,
-    sm_90) paper d 128 1784 -> 1464 SASS instructions, polar-4 3016 -> 2256."""
-    return (tl.fma(den, t, -num).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+    sm_90) paper d 128 1784 -> 1464 SASS instructions, polar-4 3016 -> 2256. ``num * -1.0``
+    is an exact negation that ptxas folds into the FFMA (``-num`` lowers to 0 - num, which
+    differs on +0 and stays a separate FADD per pair: 1464 -> 1408)."""
+    return (tl.fma(den, t, num * -1.0).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
 
 
 @triton.jit
@@ -410,19 +412,22 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
     if b > 0 and CROSS and LEVEL1:
         # quadrant Q = 2 sy + sw from the sign bits (sy: y's; sw: a's xor y's, set in
         # quadrants 1 and 3), then the cell within it: count the tangents below |y| / |a|,
-        # reversed (xor S - 1 = S - 1 - count) in quadrants 1 and 3.
+        # reversed (xor S - 1 = S - 1 - count) in quadrants 1 and 3. With all-ones masks
+        # (arithmetic shifts), code = Q S + cell = (count ^ (sw-mask & (2 S - 1))) |
+        # (sy-mask & 2 S): the sw bit lands above the count for free.
         yb = y.to(tl.int32, bitcast=True)
-        swm = (a.to(tl.int32, bitcast=True) ^ yb) >> 31   # -1 in quadrants 1 and 3, else 0
-        quad = ((yb >> 30) & 2) | (swm & 1)
+        sym = yb >> 31                                      # -1 where y < 0 (sign bit)
+        swm = (a.to(tl.int32, bitcast=True) ^ yb) >> 31     # -1 in quadrants 1 and 3
         if b >= 2:
             S: tl.constexpr = 1 << (b - 2)
-            code = quad << (b - 2)
             if S > 1:
                 cnt = _count_above(tl.zeros((BN, n), dtype=tl.int32), tl.abs(y), tl.abs(a),
                                    mids_ptr + TOFF, S - 1, CROSS == 2)
-                code = code | (cnt ^ (swm & (S - 1)))
+                code = (cnt ^ (swm & (2 * S - 1))) | (sym & (2 * S))
+            else:
+                code = (swm & 1) | (sym & 2)
         else:
-            code = quad >> 1
+            code = sym & 1
     elif b > 0 and CROSS:
         code = _count_above(tl.zeros((BN, n), dtype=tl.int32), y, a, mids_ptr + TOFF,
                             (1 << b) - 1, CROSS == 2)
