@@ -469,8 +469,12 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                 tl.pointer_type(tl.uint16))
             tl.store(p16, word.to(tl.uint16), mask=valid[:, None])
         elif n >= 8:
-            c3 = tl.reshape(code, (BN, NW, G)).to(tl.int64)
-            sh = (b * tl.arange(0, G)).to(tl.int64)
+            # (int32 words up to 4 bytes: disjoint bit fields, so the sum is exact)
+            c3 = tl.reshape(code, (BN, NW, G))
+            sh = b * tl.arange(0, G)
+            if WB > 4:
+                c3 = c3.to(tl.int64)
+                sh = sh.to(tl.int64)
             word = tl.sum(c3 << sh[None, None, :], axis=2)
             ww = tl.arange(0, NW)
             base = codes_ptr + rec_off[:, None] + pos + ww[None, :] * WB
