@@ -267,8 +267,8 @@ def _boundary_search() -> str:
     results/bench/encode_search_h100.md), probably because the dependent steps cost more
     latency than the saved instructions (not profiled). polar-4.5 and polar-5 are not
     timed. Since the tests are fma sign bits (common._passes) the linear count is cheaper
-    and binary saves less offline: 0% (d 128) and 2% (d 64) for polar-4, 9-14% for
-    polar-4.5, 8-11% for polar-5."""
+    and binary saves less offline: polar-4 0.4% more (d 128) and 1.3% fewer (d 64),
+    polar-4.5 11-14% fewer, polar-5 10-11% fewer."""
     return env_choice("POLARTENSOR_ENCODE_SEARCH", _SEARCHES)
 
 
