@@ -117,6 +117,7 @@ def polar_encode_fwd_kernel(
     CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
+    R_ALIGN: tl.constexpr = 1,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -181,6 +182,11 @@ def polar_encode_fwd_kernel(
                      mask=valid)
         nb = tl.arange(0, NB)
         rad_off = lead * sr_l + t * sr_t
+        if R_ALIGN > 1:
+            # as X_ALIGN: radii rows start at multiples of R_ALIGN elements (vector stores);
+            # offline (Triton 3.6, sm_90, paper) d 128 1312 -> 1272 SASS instructions, d 256
+            # 2408 -> 2152
+            rad_off = tl.multiple_of(rad_off, R_ALIGN)
         # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
         tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
                  r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
@@ -431,6 +437,7 @@ def encode_into_triton(
         CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
         TOFF=toff, ROT_BF16X2=rot_bf16x2,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
+        R_ALIGN=_row_align(r3),
         # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
         # Triton splits the MMA's columns over warps, and offline the order cost instructions)
         PERM=_column_order() and (rotate or persist) and block_rows >= 16 * (num_warps or 4),

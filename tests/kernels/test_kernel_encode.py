@@ -388,6 +388,26 @@ def test_encode_row_alignment_hint(pad, want):
     _check_encode(x, cfg, codes, radii, 0, 7)
 
 
+@pytest.mark.parametrize("pad,want", [(0, 8), (4, 4), (2, 2), (1, 1)])
+def test_encode_radii_alignment_hint(pad, want, monkeypatch):
+    """Radii rows (views into a wider buffer) start at multiples of 8, 4, 2 or 1 elements:
+    the kernel is told only what holds, and the radii equal the reference."""
+    seen = _spy_launches(monkeypatch, "R_ALIGN")
+    d = 128
+    cfg = get_preset("paper", head_dim=d)
+    nb = cfg.num_blocks(d)
+    g = torch.Generator().manual_seed(pad + 5)
+    x = (torch.randn(2, 7, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    wide = torch.zeros(2, 7, nb + pad, dtype=cfg.torch_radius_dtype, device=DEVICE)
+    radii = wide[..., pad:]
+    codes = torch.zeros(2, 7, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
+    assert seen[-1] == want
+    _check_encode(x, cfg, codes, radii, 0, 7)
+
+
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 @pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d <= 128])
 def test_persistent_encode_matches_reference(preset, d, monkeypatch):
