@@ -475,6 +475,48 @@ def _assert_same_encode(got, want, cfg):
     assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8)), cfg
 
 
+@pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d <= 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead,t", [(3, 5), (2, 40), (1, 37)])
+def test_encode_index_width_is_invisible(d, dtype, lead, t, monkeypatch):
+    """int32 row indices and offsets (IDX32, where every offset fits; head_dim <= 128) give
+    the codes and radii of the int64 ones bit for bit: lead dims, T below and above the
+    16-row tile and not a multiple of it, and the persistent launch."""
+    from polartensor.kernels import encode
+
+    seen = _spy_launches(monkeypatch, "IDX32")
+    cfg = get_preset("polar-4", head_dim=d)
+    g = torch.Generator().manual_seed(lead * t + d)
+    x = (torch.randn(lead, t, d, generator=g) * 2).to(dtype).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    for persistent in (False, True):
+        kw = dict(block_rows=16, persistent=persistent)
+        got = _encode_under(monkeypatch, {}, x, rot, mids, cfg, **kw)
+        assert seen[-1] is True
+        monkeypatch.setattr(encode, "_IDX32_LIMIT", 0)
+        want = _encode_under(monkeypatch, {}, x, rot, mids, cfg, **kw)
+        assert seen[-1] is False
+        monkeypatch.undo()
+        seen = _spy_launches(monkeypatch, "IDX32")
+        _assert_same_encode(got, want, cfg)
+
+
+def test_encode_index_width_needs_offsets_below_2_31():
+    """int32 indices only where every row (past the last tile's end too) and every element
+    offset of the views fits in int32."""
+    from polartensor.kernels.encode import _index32
+
+    def view(shape, stride):
+        return torch.empty_strided(shape, stride, device="meta")
+
+    small = view((4, 8, 16), (128, 16, 1))
+    assert _index32(64, small, small)
+    assert not _index32(2**31, small)
+    assert not _index32(64, small, view((2, 8, 16), (2**31 - 64, 16, 1)))
+    assert _index32(64, view((1, 8, 16), (2**40, 16, 1)))  # (one lead: its stride unused)
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @settings(max_examples=2 if ON_GPU else 3, deadline=None,
