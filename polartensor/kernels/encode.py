@@ -117,7 +117,7 @@ def polar_encode_fwd_kernel(
     CROSS: tl.constexpr = False, CROSS1: tl.constexpr = False, TOFF: tl.constexpr = 0,
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
-    R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False,
+    R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -144,7 +144,18 @@ def polar_encode_fwd_kernel(
         else:
             rows = tl.full((), BN, tl.int64) * tile + tl.arange(0, BN)
         valid = rows < n_rows
-        if IDX32:
+        if WRAP1:
+            # (with IDX32) T >= BN, or one lead: a tile's rows cross at most one lead
+            # boundary, so one scalar division per tile and a compare per row replace the
+            # per-row division (offline, Triton 3.6, sm_90: paper d 128 1232 -> 1216 SASS
+            # instructions, d 64 944 -> 880)
+            r0 = tile * BN
+            lead0 = (r0.to(tl.uint32) // T.to(tl.uint32)).to(tl.int32)
+            tt = (r0 - lead0 * T) + tl.arange(0, BN)
+            w = (tt >= T).to(tl.int32)
+            lead = lead0 + w
+            t = tt - w * T
+        elif IDX32:
             # (unsigned: no sign fix-ups)
             lead = (rows.to(tl.uint32) // T.to(tl.uint32)).to(tl.int32)
             t = rows - lead * T
@@ -465,7 +476,7 @@ def encode_into_triton(
         TOFF=toff, ROT_BF16X2=rot_bf16x2,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
-        IDX32=idx32,
+        IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
         # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
         # Triton splits the MMA's columns over warps, and offline the order cost instructions)
         PERM=_column_order() and (rotate or persist) and block_rows >= 16 * (num_warps or 4),

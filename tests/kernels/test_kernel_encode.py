@@ -481,10 +481,12 @@ def _assert_same_encode(got, want, cfg):
 def test_encode_index_width_is_invisible(d, dtype, lead, t, monkeypatch):
     """int32 row indices and offsets (IDX32, where every offset fits; head_dim <= 128) give
     the codes and radii of the int64 ones bit for bit: lead dims, T below and above the
-    16-row tile and not a multiple of it, and the persistent launch."""
+    16-row tile and not a multiple of it (at or above it, or one lead, WRAP1: one division
+    per tile), and the persistent launch."""
     from polartensor.kernels import encode
 
-    seen = _spy_launches(monkeypatch, "IDX32")
+    seen = _spy_launches(monkeypatch, "IDX32", "WRAP1")
+    wrap1 = t >= 16 or lead == 1
     cfg = get_preset("polar-4", head_dim=d)
     g = torch.Generator().manual_seed(lead * t + d)
     x = (torch.randn(lead, t, d, generator=g) * 2).to(dtype).to(DEVICE)
@@ -493,12 +495,12 @@ def test_encode_index_width_is_invisible(d, dtype, lead, t, monkeypatch):
     for persistent in (False, True):
         kw = dict(block_rows=16, persistent=persistent)
         got = _encode_under(monkeypatch, {}, x, rot, mids, cfg, **kw)
-        assert seen[-1] is True
+        assert seen[-1] == (True, wrap1)
         monkeypatch.setattr(encode, "_IDX32_LIMIT", 0)
         want = _encode_under(monkeypatch, {}, x, rot, mids, cfg, **kw)
-        assert seen[-1] is False
+        assert seen[-1] == (False, False)
         monkeypatch.undo()
-        seen = _spy_launches(monkeypatch, "IDX32")
+        seen = _spy_launches(monkeypatch, "IDX32", "WRAP1")
         _assert_same_encode(got, want, cfg)
 
 
