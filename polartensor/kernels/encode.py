@@ -22,7 +22,7 @@ from .common import (
     level_words,
     records_aligned16,
 )
-from .tree_decode import _ilog2, _level_word
+from .tree_decode import _level_word
 
 __all__ = ["polar_encode_fwd_kernel", "encode_into_triton", "encode_supported"]
 
@@ -72,20 +72,21 @@ def _dot_bf16x2(x, s_hi, s_lo, acc):
     return acc
 
 
-@triton.jit
-def _mma_cols(dd, D: tl.constexpr):
-    """The coordinate of y = S x that MMA output column c computes with ``PERM``: column bits
-    (c0, c3, c4, ..., c1, c2) become coordinate bits 0, 1, 2, ... An MMA accumulator (wgmma
-    and mma.sync alike) keeps column bit 0 and bits 3 and up in a thread's registers and
-    spreads bits 1-2 over lanes; this order puts the low coordinate bits, the ones the polar
-    transform pairs level by level, in registers."""
-    NBITS: tl.constexpr = _ilog2(D)
-    return (dd & 1) | ((dd >> 3) << 1) | (((dd >> 1) & 3) << (NBITS - 2))
+def mma_order(d: int) -> torch.Tensor:
+    """[d] int64: the coordinate of y = S x that MMA output column c computes with ``PERM``
+    (S's rows are passed in this order): column bits (c0, c3, c4, ..., c1, c2) become
+    coordinate bits 0, 1, 2, ... An MMA accumulator (wgmma and mma.sync alike) keeps column
+    bit 0 and bits 3 and up in a thread's registers and spreads bits 1-2 over lanes; this
+    order puts the low coordinate bits, the ones the polar transform pairs level by level, in
+    registers. (Permuted on the host rather than by the kernel's S addresses: offline,
+    Triton 3.6, sm_90, paper d 128 1216 -> 1200 SASS instructions, d 64 880 -> 864.)"""
+    c = torch.arange(d)
+    return (c & 1) | ((c >> 3) << 1) | (((c >> 1) & 3) << (d.bit_length() - 3))
 
 
 @triton.jit
 def _coord_order(y, BN: tl.constexpr, D: tl.constexpr):
-    """y [BN, D] whose column c holds coordinate _mma_cols(c) -> [BN, D] in coordinate
+    """y [BN, D] whose column c holds coordinate mma_order(D)[c] -> [BN, D] in coordinate
     order: a relabelling of the index bits (reshape, permute, reshape), which moves no data."""
     if D == 16:
         y = tl.permute(tl.reshape(y, (BN, 2, 2, 2, 2)), (0, 2, 3, 1, 4))
@@ -125,14 +126,10 @@ def polar_encode_fwd_kernel(
     S from L2."""
     pid = tl.program_id(0)
     dd = tl.arange(0, D)
-    # the coordinate each MMA output column computes (S's rows in that order; PERM)
-    if PERM:
-        jj = _mma_cols(dd, D)
-    else:
-        jj = dd
+    # (PERM: S's rows come in mma_order, the coordinate each MMA output column computes)
     if PERSIST:
-        s_hi = tl.load(rot_ptr + jj[None, :] * D + dd[:, None])
-        s_lo = tl.load(rot_ptr + D * D + jj[None, :] * D + dd[:, None])
+        s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
+        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
         step = tl.num_programs(0)
     else:
         step = tl.cdiv(n_rows, BN)
@@ -182,11 +179,11 @@ def polar_encode_fwd_kernel(
                              other=0.0)
                 if ROT_BF16X2:
                     # bfloat16 x against S's bfloat16 parts ([2, D, D] at rot_ptr)
-                    st_hi = tl.load(rot_ptr + jj[None, :] * D + kk[:, None])
-                    st_lo = tl.load(rot_ptr + D * D + jj[None, :] * D + kk[:, None])
+                    st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
+                    st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
                     y = _dot_bf16x2(xc, st_hi, st_lo, y)
                 else:
-                    st = tl.load(rot_ptr + jj[None, :] * D + kk[:, None])
+                    st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
                     y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
         else:
             y = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
@@ -225,17 +222,28 @@ _QUANTIZERS = ("atan2", "cross")
 _ROT_MMAS = ("tf32x3", "bf16x2")
 
 
-def rotation_bf16x2(rot: torch.Tensor) -> torch.Tensor:
+def rotation_bf16x2(rot: torch.Tensor, mma_rows: bool = False) -> torch.Tensor:
     """[2, D, D] bfloat16: S rounded to bfloat16, then the rounded remainder (cached with the
-    rotation tensor, as the other kernel tables are)."""
+    rotation tensor, as the other kernel tables are); ``mma_rows``: S's rows in
+    :func:`mma_order`."""
     from .dispatch import _cached
 
     def split():
         s32 = rot.detach().to(torch.float32)
+        if mma_rows:
+            s32 = s32[mma_order(s32.shape[0]).to(s32.device)]
         hi = s32.to(torch.bfloat16)
         return torch.stack([hi, (s32 - hi.to(torch.float32)).to(torch.bfloat16)]).contiguous()
 
-    return _cached("rot_bf16x2", rot, None, split)
+    return _cached("rot_bf16x2", rot, bool(mma_rows), split)
+
+
+def _rows_in_mma_order(rot: torch.Tensor) -> torch.Tensor:
+    """S with its rows in :func:`mma_order` (cached with the rotation tensor)."""
+    from .dispatch import _cached
+
+    return _cached("rot_mma_rows", rot, None,
+                   lambda: rot.detach()[mma_order(rot.shape[0]).to(rot.device)].contiguous())
 
 
 def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
@@ -302,7 +310,7 @@ def _boundary_search() -> str:
 def _column_order() -> bool:
     """POLARTENSOR_ENCODE_PERM (read per call): 1 (the default) computes the rotation's
     output columns in the order that keeps the polar transform's pairs inside each thread
-    (``_mma_cols``), where a launch gives each warp at least 16 whole rows (the defaults
+    (``mma_order``), where a launch gives each warp at least 16 whole rows (the defaults
     do); 0 in coordinate order. The codes and radii are the same either way. Offline
     (Triton 3.6, sm_90, paper) 16- and 32-row tiles with 4 warps compiled to 8-17% more
     SASS instructions in register order, 64- and 128-row tiles to 8-29% fewer."""
@@ -429,9 +437,9 @@ def encode_into_triton(
     elif (rot_mma == "bf16x2" and x3.dtype == torch.bfloat16
             and config.radius_dtype != "float32"):
         # (float32 radii would show its ~2^-16 relative error; 16-bit radii round coarser)
-        rot_arg, rotate, rot_bf16x2 = rotation_bf16x2(rot), True, True
+        rotate, rot_bf16x2 = True, True
     else:
-        rot_arg, rotate = rot.contiguous(), True
+        rotate = True
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
         # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
@@ -445,6 +453,13 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
+    # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
+    # Triton splits the MMA's columns over warps, and offline the order cost instructions)
+    perm = _column_order() and rotate and block_rows >= 16 * (num_warps or 4)
+    if rot_bf16x2:
+        rot_arg = rotation_bf16x2(rot, perm)
+    elif rotate:
+        rot_arg = _rows_in_mma_order(rot) if perm else rot.contiguous()
     prec = "ieee" if interp else "tf32x3"
     cross1, toff = False, 0
     if cross:
@@ -477,9 +492,7 @@ def encode_into_triton(
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
-        # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
-        # Triton splits the MMA's columns over warps, and offline the order cost instructions)
-        PERM=_column_order() and (rotate or persist) and block_rows >= 16 * (num_warps or 4),
+        PERM=perm,
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM).
