@@ -407,7 +407,9 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
     if SQ_IN:
         rr = a + y
     else:
-        rr = a * a + y * y
+        # one explicit fma: left to the compiler, the contraction differed between tile
+        # layouts (H100: float32 radii one ulp apart between the two column orders)
+        rr = a * a + y * y if F64 else tl.fma(a, a, y * y)
     if not SQ_OUT:
         rr = tl.sqrt(rr)
     if b > 0 and CROSS and LEVEL1:
