@@ -187,25 +187,28 @@ def _shfl(t, i):
 
 @triton.jit
 def _shfl_b32(base, i, N: tl.constexpr):
-    """The 32-bit word base[i] (i < N <= 32) like _ldg_b32, but from a table that the warp
-    holds one word per lane: a register shuffle per look-up instead of a global gather (no
-    L1 traffic, no 64-bit address). The interpreter reads the table directly."""
+    """The 32-bit word base[i mod N] (N <= 32, a power of two) like _ldg_b32, but from a
+    table that the warp holds one word per lane: a register shuffle per look-up instead of a
+    global gather (no L1 traffic, no 64-bit address). Only i's low bits count: a shuffle
+    reads its index's low 5, and lane l holds word l mod N, so codes need no masking. The
+    interpreter reads the table directly."""
     if _ASM:
         return _shfl(_lane_word(base, i, N), i)
     else:
-        return _ldg_b32(base, i)
+        return _ldg_b32(base, i & (N - 1))
 
 
 @triton.jit
-def _shfl2(base, i, N: tl.constexpr):
-    """(cos, sin) = base[2 i], base[2 i + 1] like _ldg2 (i < N, 2 N <= 32), by two shuffles
-    from the table held one word per lane."""
+def _shfl_cs(cos_ptr, sin_ptr, i, N: tl.constexpr):
+    """(cos, sin) = cos_ptr[i], sin_ptr[i] (i's low bits, N <= 32 entries each) by two
+    shuffles from two tables held one word per lane each. Two tables rather than one of
+    interleaved pairs cost a register but need no index arithmetic (2 i, 2 i + 1): offline
+    (Triton 3.6, sm_90) that and the unmasked codes took 6-10% off the loop."""
     if _ASM:
-        t = _lane_word(base, i, 2 * N)
-        return (_shfl(t, 2 * i).to(tl.float32, bitcast=True),
-                _shfl(t, 2 * i + 1).to(tl.float32, bitcast=True))
+        return (_shfl(_lane_word(cos_ptr, i, N), i).to(tl.float32, bitcast=True),
+                _shfl(_lane_word(sin_ptr, i, N), i).to(tl.float32, bitcast=True))
     else:
-        return _ldg2(base, i)
+        return tl.load(cos_ptr + (i & (N - 1))), tl.load(sin_ptr + (i & (N - 1)))
 
 
 @triton.jit
@@ -365,14 +368,17 @@ def _word_tree(codes_ptr, rec_base, blk, valid2, base: tl.constexpr, stride: tl.
 
 
 @triton.jit
-def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
-    """Split every word of CW codes into [..., 2 (x log2 CW)] codes (MSB of index first)."""
+def _split_words(x, b: tl.constexpr, CW: tl.constexpr, MASK: tl.constexpr = True):
+    """Split every word of CW codes into [..., 2 (x log2 CW)] codes (MSB of index first).
+    ``MASK`` False: each code's bits above its b low ones are left as they are (for
+    consumers that read only the low bits, such as the shuffles)."""
     if CW == 1:
         return x
     else:
         HALF: tl.constexpr = (CW // 2) * b
-        y = tl.join(x & ((1 << HALF) - 1), x >> HALF)
-        return _split_words(y, b, CW // 2)
+        lo = x & ((1 << HALF) - 1) if MASK else x
+        y = tl.join(lo, x >> HALF)
+        return _split_words(y, b, CW // 2, MASK)
 
 
 @triton.jit
@@ -390,11 +396,17 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
     if b == 0:
         out = _split(r, tl.load(cos_ptr), tl.load(sin_ptr), PK)
     else:
-        c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R)
-        if PAIRS and not (PK and b >= 3):
+        PAIR_PATH: tl.constexpr = PAIRS and not (PK and b >= 3)
+        # a shuffle reads only its index's low 5 bits, and the lane tables repeat every
+        # 2**b words, so the codes need no masking there
+        BY_SHFL: tl.constexpr = SHFL and ((PAIR_PATH and b <= 4)
+                                          or (not PAIR_PATH and PK and 3 <= b and b <= 5))
+        c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R,
+                         not BY_SHFL)
+        if PAIR_PATH:
             ci = c & ((1 << b) - 1)
-            if SHFL and b <= 4:
-                cs, sn = _shfl2(pair_ptr, ci, 1 << b)
+            if BY_SHFL:
+                cs, sn = _shfl_cs(cos_ptr, sin_ptr, c, 1 << b)
             else:
                 cs, sn = _ldg2(pair_ptr, ci)
             out = _split(r, cs, sn, PK)
@@ -424,8 +436,8 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         else:
             ci = c & ((1 << b) - 1)
             if PK:
-                if SHFL and b <= 5:
-                    w = _shfl_b32(pk_ptr, ci, 1 << b)
+                if BY_SHFL:
+                    w = _shfl_b32(pk_ptr, c, 1 << b)
                 else:
                     w = _ldg_b32(pk_ptr, ci)
                 lo, hi = _mul_bf16x2(r, w)
@@ -437,7 +449,8 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
 
 @triton.jit
 def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.constexpr,
-                 LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+                 LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
+                 MASK: tl.constexpr = True):
     """The codes of one level (b > 0 bits), shaped as that level's input r: [BN, NB, 2 (x m)]
     for P = 2**m nodes per block."""
     b: tl.constexpr = LV & 15
@@ -452,7 +465,7 @@ def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.const
     CW: tl.constexpr = _word_codes(b, P, BITOFF)
     K: tl.constexpr = _ilog2(P // CW)
     words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
-    return _split_words(words, b, CW)
+    return _split_words(words, b, CW, MASK)
 
 
 @triton.jit
@@ -564,7 +577,7 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     also levels 2 and 1 in one step through the joint table that ``trig_table(centroids,
     bits)`` appends (planes 5 on) where the configuration has one; elsewhere as ``PACK``.
     ``PACK == 3`` (4 with the joint table): the per-level tables of at most 32 words read by
-    warp shuffles (``_shfl_b32``, ``_shfl2``) instead of gathers; the same values."""
+    warp shuffles (``_shfl_b32``, ``_shfl_cs``) instead of gathers; the same values."""
     R: tl.constexpr = TAIL_BYTE + TAIL_NB
     T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
     NBB: tl.constexpr = NB << T
