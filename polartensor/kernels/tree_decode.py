@@ -240,11 +240,13 @@ def _ld16(codes_ptr, off, IMM: tl.constexpr = 0):
     radii are 0, so what they read never shows."""
     p = (codes_ptr + off).to(tl.pointer_type(tl.uint16))
     if _ASM:
-        w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=h,l", [p], dtype=tl.uint16,
+        # straight into a 32-bit register, zero-extended by the load itself (a 16-bit
+        # register and a conversion cost a mask or byte permute per word)
+        w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=r,l", [p], dtype=tl.int32,
                                       is_pure=True, pack=1)
     else:
-        w = tl.load(p + IMM // 2)
-    return w.to(tl.int32)
+        w = tl.load(p + IMM // 2).to(tl.int32)
+    return w
 
 
 @triton.jit
@@ -311,9 +313,12 @@ def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
 
 @triton.jit
 def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexpr,
-               b: tl.constexpr, CW: tl.constexpr, BITOFF: tl.constexpr, R: tl.constexpr):
+               b: tl.constexpr, CW: tl.constexpr, BITOFF: tl.constexpr, R: tl.constexpr,
+               MASK: tl.constexpr = True):
     """Word ``w`` (CW codes) of every block's level chunk: [BN, NB] int32, code 0 in the low
-    bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index."""
+    bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index. ``MASK``
+    False: the bits above the word's CW codes are left as loaded (for consumers that read
+    only each code's low bits)."""
     WBITS: tl.constexpr = CW * b
     if (_CODE16 and R % 2 == 0 and _aligned(b, CW, BITOFF) and WBITS % 16 == 0
             and BITOFF % 16 == 0 and (P * b) % 16 == 0):
@@ -347,7 +352,7 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
             bt = tl.load(codes_ptr + byte0 + k, mask=m, other=0)
             word = word | (bt.to(tl.int32) << (8 * k))
         word = word >> sh
-    if WBITS < 32:
+    if WBITS < 32 and MASK:
         word = word & ((1 << WBITS) - 1)
     return word
 
@@ -355,15 +360,15 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
 @triton.jit
 def _word_tree(codes_ptr, rec_base, blk, valid2, base: tl.constexpr, stride: tl.constexpr,
                K: tl.constexpr, P: tl.constexpr, b: tl.constexpr, CW: tl.constexpr,
-               BITOFF: tl.constexpr, R: tl.constexpr):
+               BITOFF: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr = True):
     """Words base + stride * i (i < 2**K) as [BN, NB, 2 (x K)], word-index MSB first."""
     if K == 0:
-        return _load_word(codes_ptr, rec_base, blk, valid2, base, P, b, CW, BITOFF, R)
+        return _load_word(codes_ptr, rec_base, blk, valid2, base, P, b, CW, BITOFF, R, MASK)
     else:
         lo = _word_tree(codes_ptr, rec_base, blk, valid2, base, 2 * stride, K - 1, P, b, CW,
-                        BITOFF, R)
+                        BITOFF, R, MASK)
         hi = _word_tree(codes_ptr, rec_base, blk, valid2, base + stride, 2 * stride, K - 1, P,
-                        b, CW, BITOFF, R)
+                        b, CW, BITOFF, R, MASK)
         return tl.join(lo, hi)
 
 
@@ -464,7 +469,7 @@ def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.const
         BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
     CW: tl.constexpr = _word_codes(b, P, BITOFF)
     K: tl.constexpr = _ilog2(P // CW)
-    words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
+    words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R, MASK)
     return _split_words(words, b, CW, MASK)
 
 
