@@ -317,8 +317,9 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
                MASK: tl.constexpr = True):
     """Word ``w`` (CW codes) of every block's level chunk: [BN, NB] int32, code 0 in the low
     bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index. ``MASK``
-    False: the bits above the word's CW codes are left as loaded (for consumers that read
-    only each code's low bits)."""
+    False: from 16-bit loads, the bits above the word's CW codes are left as loaded (for
+    consumers that read only each code's low bits; offline, dropping the mask after byte
+    loads as well made polar-4's loop longer)."""
     WBITS: tl.constexpr = CW * b
     if (_CODE16 and R % 2 == 0 and _aligned(b, CW, BITOFF) and WBITS % 16 == 0
             and BITOFF % 16 == 0 and (P * b) % 16 == 0):
@@ -327,11 +328,15 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
         word = _ld16(codes_ptr, byte0)
         for k in tl.static_range(1, WBITS // 16):
             word = word | (_ld16(codes_ptr, byte0, 2 * k) << (16 * k))
+        if WBITS < 32 and MASK:
+            word = word & ((1 << WBITS) - 1)
     elif (_CODE16 and R % 2 == 0 and not _aligned(b, CW, BITOFF) and BITOFF % WBITS == 0
             and 16 % WBITS == 0):
         # a field that never crosses a 16-bit word: one aligned 16-bit load
         bit0 = BITOFF + (blk * P + w * CW) * b
         word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2) >> (bit0 & 15)
+        if MASK:
+            word = word & ((1 << WBITS) - 1)
     elif _aligned(b, CW, BITOFF):
         NBY: tl.constexpr = WBITS // 8
         # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
@@ -340,6 +345,8 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
         for k in tl.static_range(NBY):
             bt = tl.load(codes_ptr + byte0 + k, mask=valid2, other=0)
             word = word | (bt.to(tl.int32) << (8 * k))
+        if WBITS < 32:
+            word = word & ((1 << WBITS) - 1)
     else:
         NBY: tl.constexpr = (WBITS + 14) // 8
         bit0 = BITOFF + (blk * P + w * CW) * b  # [1, NB] int
@@ -351,9 +358,7 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
             m = valid2 & ((byte_in + k) < R)
             bt = tl.load(codes_ptr + byte0 + k, mask=m, other=0)
             word = word | (bt.to(tl.int32) << (8 * k))
-        word = word >> sh
-    if WBITS < 32 and MASK:
-        word = word & ((1 << WBITS) - 1)
+        word = (word >> sh) & ((1 << WBITS) - 1)
     return word
 
 
