@@ -102,6 +102,14 @@ def _word_codes(b, P, bitoff):
 
 
 @triton.constexpr_function
+def _in_two16(bit0, block_bits, wbits):
+    """Whether a field of ``wbits`` bits at bit ``bit0 + j * block_bits`` lies inside the two
+    16-bit words from its first one, for every block j (the offsets mod 16 repeat within 16
+    blocks), and needs both (a field inside one word takes a single load)."""
+    return all(0 < (bit0 + j * block_bits) % 16 + wbits - 16 <= 16 for j in range(16))
+
+
+@triton.constexpr_function
 def _aligned(b, cw, bitoff):
     return bitoff % 8 == 0 and (cw * b) % 8 == 0
 
@@ -335,6 +343,16 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
         # a field that never crosses a 16-bit word: one aligned 16-bit load
         bit0 = BITOFF + (blk * P + w * CW) * b
         word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2) >> (bit0 & 15)
+        if MASK:
+            word = word & ((1 << WBITS) - 1)
+    elif (_CODE16 and R % 2 == 0 and (WBITS > 16 or not _aligned(b, CW, BITOFF))
+            and _in_two16(BITOFF + w * CW * b, P * b, WBITS)):
+        # a field inside two aligned 16-bit words (e.g. 5-bit or 3-bit codes): two unmasked
+        # 16-bit loads and one shift instead of 2-4 masked byte loads. Both words hold bits
+        # of the field, so neither lies outside the (even-sized) record.
+        bit0 = BITOFF + (blk * P + w * CW) * b
+        byte0 = rec_base + (bit0 >> 4) * 2
+        word = (_ld16(codes_ptr, byte0) | (_ld16(codes_ptr, byte0, 2) << 16)) >> (bit0 & 15)
         if MASK:
             word = word & ((1 << WBITS) - 1)
     elif _aligned(b, CW, BITOFF):
