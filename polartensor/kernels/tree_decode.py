@@ -102,6 +102,14 @@ def _word_codes(b, P, bitoff):
 
 
 @triton.constexpr_function
+def _in_two16(bit0, block_bits, wbits):
+    """Whether a field of ``wbits`` bits at bit ``bit0 + j * block_bits`` lies inside the two
+    16-bit words from its first one, for every block j (the offsets mod 16 repeat within 16
+    blocks), and needs both (a field inside one word takes a single load)."""
+    return all(0 < (bit0 + j * block_bits) % 16 + wbits - 16 <= 16 for j in range(16))
+
+
+@triton.constexpr_function
 def _aligned(b, cw, bitoff):
     return bitoff % 8 == 0 and (cw * b) % 8 == 0
 
@@ -187,25 +195,28 @@ def _shfl(t, i):
 
 @triton.jit
 def _shfl_b32(base, i, N: tl.constexpr):
-    """The 32-bit word base[i] (i < N <= 32) like _ldg_b32, but from a table that the warp
-    holds one word per lane: a register shuffle per look-up instead of a global gather (no
-    L1 traffic, no 64-bit address). The interpreter reads the table directly."""
+    """The 32-bit word base[i mod N] (N <= 32, a power of two) like _ldg_b32, but from a
+    table that the warp holds one word per lane: a register shuffle per look-up instead of a
+    global gather (no L1 traffic, no 64-bit address). Only i's low bits count: a shuffle
+    reads its index's low 5, and lane l holds word l mod N, so codes need no masking. The
+    interpreter reads the table directly."""
     if _ASM:
         return _shfl(_lane_word(base, i, N), i)
     else:
-        return _ldg_b32(base, i)
+        return _ldg_b32(base, i & (N - 1))
 
 
 @triton.jit
-def _shfl2(base, i, N: tl.constexpr):
-    """(cos, sin) = base[2 i], base[2 i + 1] like _ldg2 (i < N, 2 N <= 32), by two shuffles
-    from the table held one word per lane."""
+def _shfl_cs(cos_ptr, sin_ptr, i, N: tl.constexpr):
+    """(cos, sin) = cos_ptr[i], sin_ptr[i] (i's low bits, N <= 32 entries each) by two
+    shuffles from two tables held one word per lane each. Two tables rather than one of
+    interleaved pairs cost a register but need no index arithmetic (2 i, 2 i + 1): offline
+    (Triton 3.6, sm_90) that and the unmasked codes took 6-10% off the loop."""
     if _ASM:
-        t = _lane_word(base, i, 2 * N)
-        return (_shfl(t, 2 * i).to(tl.float32, bitcast=True),
-                _shfl(t, 2 * i + 1).to(tl.float32, bitcast=True))
+        return (_shfl(_lane_word(cos_ptr, i, N), i).to(tl.float32, bitcast=True),
+                _shfl(_lane_word(sin_ptr, i, N), i).to(tl.float32, bitcast=True))
     else:
-        return _ldg2(base, i)
+        return tl.load(cos_ptr + (i & (N - 1))), tl.load(sin_ptr + (i & (N - 1)))
 
 
 @triton.jit
@@ -237,11 +248,13 @@ def _ld16(codes_ptr, off, IMM: tl.constexpr = 0):
     radii are 0, so what they read never shows."""
     p = (codes_ptr + off).to(tl.pointer_type(tl.uint16))
     if _ASM:
-        w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=h,l", [p], dtype=tl.uint16,
+        # straight into a 32-bit register, zero-extended by the load itself (a 16-bit
+        # register and a conversion cost a mask or byte permute per word)
+        w = tl.inline_asm_elementwise(_ld16_asm(IMM), "=r,l", [p], dtype=tl.int32,
                                       is_pure=True, pack=1)
     else:
-        w = tl.load(p + IMM // 2)
-    return w.to(tl.int32)
+        w = tl.load(p + IMM // 2).to(tl.int32)
+    return w
 
 
 @triton.jit
@@ -308,9 +321,13 @@ def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
 
 @triton.jit
 def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexpr,
-               b: tl.constexpr, CW: tl.constexpr, BITOFF: tl.constexpr, R: tl.constexpr):
+               b: tl.constexpr, CW: tl.constexpr, BITOFF: tl.constexpr, R: tl.constexpr,
+               MASK: tl.constexpr = True):
     """Word ``w`` (CW codes) of every block's level chunk: [BN, NB] int32, code 0 in the low
-    bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index."""
+    bits. ``rec_base`` [BN, 1] record byte offsets, ``blk`` [1, NB] block index. ``MASK``
+    False: from 16-bit loads, the bits above the word's CW codes are left as loaded (for
+    consumers that read only each code's low bits; offline, dropping the mask after byte
+    loads as well made polar-4's loop longer)."""
     WBITS: tl.constexpr = CW * b
     if (_CODE16 and R % 2 == 0 and _aligned(b, CW, BITOFF) and WBITS % 16 == 0
             and BITOFF % 16 == 0 and (P * b) % 16 == 0):
@@ -319,11 +336,25 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
         word = _ld16(codes_ptr, byte0)
         for k in tl.static_range(1, WBITS // 16):
             word = word | (_ld16(codes_ptr, byte0, 2 * k) << (16 * k))
+        if WBITS < 32 and MASK:
+            word = word & ((1 << WBITS) - 1)
     elif (_CODE16 and R % 2 == 0 and not _aligned(b, CW, BITOFF) and BITOFF % WBITS == 0
             and 16 % WBITS == 0):
         # a field that never crosses a 16-bit word: one aligned 16-bit load
         bit0 = BITOFF + (blk * P + w * CW) * b
         word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2) >> (bit0 & 15)
+        if MASK:
+            word = word & ((1 << WBITS) - 1)
+    elif (_CODE16 and R % 2 == 0 and (WBITS > 16 or not _aligned(b, CW, BITOFF))
+            and _in_two16(BITOFF + w * CW * b, P * b, WBITS)):
+        # a field inside two aligned 16-bit words (e.g. 5-bit or 3-bit codes): two unmasked
+        # 16-bit loads and one shift instead of 2-4 masked byte loads. Both words hold bits
+        # of the field, so neither lies outside the (even-sized) record.
+        bit0 = BITOFF + (blk * P + w * CW) * b
+        byte0 = rec_base + (bit0 >> 4) * 2
+        word = (_ld16(codes_ptr, byte0) | (_ld16(codes_ptr, byte0, 2) << 16)) >> (bit0 & 15)
+        if MASK:
+            word = word & ((1 << WBITS) - 1)
     elif _aligned(b, CW, BITOFF):
         NBY: tl.constexpr = WBITS // 8
         # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
@@ -332,6 +363,8 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
         for k in tl.static_range(NBY):
             bt = tl.load(codes_ptr + byte0 + k, mask=valid2, other=0)
             word = word | (bt.to(tl.int32) << (8 * k))
+        if WBITS < 32:
+            word = word & ((1 << WBITS) - 1)
     else:
         NBY: tl.constexpr = (WBITS + 14) // 8
         bit0 = BITOFF + (blk * P + w * CW) * b  # [1, NB] int
@@ -343,36 +376,37 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
             m = valid2 & ((byte_in + k) < R)
             bt = tl.load(codes_ptr + byte0 + k, mask=m, other=0)
             word = word | (bt.to(tl.int32) << (8 * k))
-        word = word >> sh
-    if WBITS < 32:
-        word = word & ((1 << WBITS) - 1)
+        word = (word >> sh) & ((1 << WBITS) - 1)
     return word
 
 
 @triton.jit
 def _word_tree(codes_ptr, rec_base, blk, valid2, base: tl.constexpr, stride: tl.constexpr,
                K: tl.constexpr, P: tl.constexpr, b: tl.constexpr, CW: tl.constexpr,
-               BITOFF: tl.constexpr, R: tl.constexpr):
+               BITOFF: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr = True):
     """Words base + stride * i (i < 2**K) as [BN, NB, 2 (x K)], word-index MSB first."""
     if K == 0:
-        return _load_word(codes_ptr, rec_base, blk, valid2, base, P, b, CW, BITOFF, R)
+        return _load_word(codes_ptr, rec_base, blk, valid2, base, P, b, CW, BITOFF, R, MASK)
     else:
         lo = _word_tree(codes_ptr, rec_base, blk, valid2, base, 2 * stride, K - 1, P, b, CW,
-                        BITOFF, R)
+                        BITOFF, R, MASK)
         hi = _word_tree(codes_ptr, rec_base, blk, valid2, base + stride, 2 * stride, K - 1, P,
-                        b, CW, BITOFF, R)
+                        b, CW, BITOFF, R, MASK)
         return tl.join(lo, hi)
 
 
 @triton.jit
-def _split_words(x, b: tl.constexpr, CW: tl.constexpr):
-    """Split every word of CW codes into [..., 2 (x log2 CW)] codes (MSB of index first)."""
+def _split_words(x, b: tl.constexpr, CW: tl.constexpr, MASK: tl.constexpr = True):
+    """Split every word of CW codes into [..., 2 (x log2 CW)] codes (MSB of index first).
+    ``MASK`` False: each code's bits above its b low ones are left as they are (for
+    consumers that read only the low bits, such as the shuffles)."""
     if CW == 1:
         return x
     else:
         HALF: tl.constexpr = (CW // 2) * b
-        y = tl.join(x & ((1 << HALF) - 1), x >> HALF)
-        return _split_words(y, b, CW // 2)
+        lo = x & ((1 << HALF) - 1) if MASK else x
+        y = tl.join(lo, x >> HALF)
+        return _split_words(y, b, CW // 2, MASK)
 
 
 @triton.jit
@@ -390,11 +424,17 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
     if b == 0:
         out = _split(r, tl.load(cos_ptr), tl.load(sin_ptr), PK)
     else:
-        c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R)
-        if PAIRS and not (PK and b >= 3):
+        PAIR_PATH: tl.constexpr = PAIRS and not (PK and b >= 3)
+        # a shuffle reads only its index's low 5 bits, and the lane tables repeat every
+        # 2**b words, so the codes need no masking there
+        BY_SHFL: tl.constexpr = SHFL and ((PAIR_PATH and b <= 4)
+                                          or (not PAIR_PATH and PK and 3 <= b and b <= 5))
+        c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R,
+                         not BY_SHFL)
+        if PAIR_PATH:
             ci = c & ((1 << b) - 1)
-            if SHFL and b <= 4:
-                cs, sn = _shfl2(pair_ptr, ci, 1 << b)
+            if BY_SHFL:
+                cs, sn = _shfl_cs(cos_ptr, sin_ptr, c, 1 << b)
             else:
                 cs, sn = _ldg2(pair_ptr, ci)
             out = _split(r, cs, sn, PK)
@@ -424,8 +464,8 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         else:
             ci = c & ((1 << b) - 1)
             if PK:
-                if SHFL and b <= 5:
-                    w = _shfl_b32(pk_ptr, ci, 1 << b)
+                if BY_SHFL:
+                    w = _shfl_b32(pk_ptr, c, 1 << b)
                 else:
                     w = _ldg_b32(pk_ptr, ci)
                 lo, hi = _mul_bf16x2(r, w)
@@ -437,7 +477,8 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
 
 @triton.jit
 def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.constexpr,
-                 LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr):
+                 LV: tl.constexpr, TAIL_BYTE: tl.constexpr, R: tl.constexpr,
+                 MASK: tl.constexpr = True):
     """The codes of one level (b > 0 bits), shaped as that level's input r: [BN, NB, 2 (x m)]
     for P = 2**m nodes per block."""
     b: tl.constexpr = LV & 15
@@ -451,8 +492,8 @@ def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.const
         BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
     CW: tl.constexpr = _word_codes(b, P, BITOFF)
     K: tl.constexpr = _ilog2(P // CW)
-    words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R)
-    return _split_words(words, b, CW)
+    words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R, MASK)
+    return _split_words(words, b, CW, MASK)
 
 
 @triton.jit
@@ -564,7 +605,7 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
     also levels 2 and 1 in one step through the joint table that ``trig_table(centroids,
     bits)`` appends (planes 5 on) where the configuration has one; elsewhere as ``PACK``.
     ``PACK == 3`` (4 with the joint table): the per-level tables of at most 32 words read by
-    warp shuffles (``_shfl_b32``, ``_shfl2``) instead of gathers; the same values."""
+    warp shuffles (``_shfl_b32``, ``_shfl_cs``) instead of gathers; the same values."""
     R: tl.constexpr = TAIL_BYTE + TAIL_NB
     T: tl.constexpr = _top_count(NB, L, _NBB_MIN)
     NBB: tl.constexpr = NB << T
