@@ -37,11 +37,15 @@ MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256
 # boundaries one by one), both at the default launch.
 _PERM0 = {"POLARTENSOR_ENCODE_PERM": "0"}
 _BINARY = {"POLARTENSOR_ENCODE_SEARCH": "binary"}
+# the persistent launch (S loaded once per program) with 1, 2 or 3 pipeline stages (x copied
+# ahead into shared memory while a tile is encoded; d <= 128 only, elsewhere it is the default)
+_PERSIST = [{"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_STAGES": s}
+            for s in ("1", "2", "3")]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
-            (32, 4, 128, {})]
+            (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST]
 
 
 def main():
@@ -105,6 +109,8 @@ def main():
                     name += "_perm0"
                 if env.get("POLARTENSOR_ENCODE_SEARCH") == "binary":
                     name += "_binary"
+                if "POLARTENSOR_ENCODE_STAGES" in env:
+                    name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 if (args.launches and row["launch"] != "default"
                         and row["launch"] not in args.launches.split(",")):

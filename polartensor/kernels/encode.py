@@ -288,6 +288,17 @@ def _persistent(persistent: bool | None) -> bool:
                     "persistent programs, S loaded once per program", "one program per tile")
 
 
+# POLARTENSOR_ENCODE_STAGES for the persistent launch: 1 (the default) loads each tile's x
+# when the tile starts; 2 or 3 let Triton's software pipeliner copy the next tiles' x into
+# shared memory (cp.async) while this one is encoded. Offline (Triton 3.6, sm_90, paper d 128)
+# shared memory 80 KB -> 100 KB (2) and 117 KB (3), the loop 1018 -> 1059 SASS instructions.
+_PERSIST_STAGES = ("1", "2", "3")
+
+
+def _persist_stages() -> int:
+    return int(env_choice("POLARTENSOR_ENCODE_STAGES", _PERSIST_STAGES))
+
+
 _SEARCHES = ("linear", "binary")
 
 
@@ -467,6 +478,7 @@ def encode_into_triton(
         toff = w["L"] * mids.shape[1]
     n_tiles = triton.cdiv(n_rows, block_rows)
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
+    stages = _persist_stages()  # (read, and so checked, on every call)
     # int32 row indices and offsets where they fit: the row division becomes a 32-bit one
     # (offline, Triton 3.6, sm_90: paper d 128 1272 -> 1232 SASS instructions, d 64 1088 ->
     # 944; polar-4 d 64 1264 -> 1224). Not at d 256 (128-row tiles, 8 warps), where polar-4
@@ -495,8 +507,9 @@ def encode_into_triton(
         PERM=perm,
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
-        # 227 KB there; d 128: 152 KB, one program per SM).
-        num_warps=num_warps or 4, num_stages=1, **caps,
+        # 227 KB there; d 128: 152 KB, one program per SM). The persistent launch loads S
+        # before its loop, so there only x is buffered (_persist_stages).
+        num_warps=num_warps or 4, num_stages=stages if persist else 1, **caps,
     )
     if exact:
         r_dst.copy_(r3)

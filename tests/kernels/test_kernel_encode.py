@@ -439,6 +439,31 @@ def test_persistent_encode_matches_reference(preset, d, monkeypatch):
     assert seen[-1] is False
 
 
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_persistent_encode_stages(stages, monkeypatch):
+    """POLARTENSOR_ENCODE_STAGES: the persistent launch gets that many software-pipeline stages
+    (x copied ahead into shared memory) and the same codes and radii as with one; the
+    one-program-per-tile launch keeps one stage (with S's loads in its loop, more would buffer
+    S); any other value is refused, naming the choices."""
+    seen = _spy_launches(monkeypatch, "PERSIST", "num_stages")
+    cfg = get_preset("paper", head_dim=64)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 40, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    one = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
+    assert seen[-1] == (True, 1)
+    more = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_STAGES": stages}, x, rot, mids, cfg,
+                         block_rows=16, persistent=True)
+    assert seen[-1] == (True, int(stages))
+    assert torch.equal(one[0], more[0]) and torch.equal(one[1], more[1])
+    _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=False)
+    assert seen[-1] == (False, 1)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_STAGES", "4")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_STAGES='4'"):
+        _encode_under(monkeypatch, {}, x, rot, mids, cfg, persistent=True)
+
+
 @pytest.mark.parametrize("name,read,default", [
     ("POLARTENSOR_ENCODE_PERSIST", lambda: _enc._persistent(None), False),
     ("POLARTENSOR_ENCODE_PERM", lambda: _enc._column_order(), True)])
