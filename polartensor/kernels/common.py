@@ -31,6 +31,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_INTERPRETER_CHECKED: list = []
+
+
+def check_interpreter() -> None:
+    """Under TRITON_INTERPRET=1, once per process: run a loop with a run-time bound in the
+    interpreter. Triton 3.6's interpreter turns loop bounds into Python ints with ``int()`` on
+    one-element arrays, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"); every kernel here has such loops. Raise one clear error instead of
+    a failure inside a kernel."""
+    if _INTERPRETER_CHECKED:
+        return
+
+    @triton.jit
+    def _probe(out_ptr, n):
+        for i in range(n):
+            tl.store(out_ptr + i, i)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        _probe[(1,)](out, 2)
+    except Exception as exc:  # noqa: BLE001  (the interpreter wraps what it hits)
+        import numpy
+
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run a loop "
+            f"with numpy {numpy.__version__}: {exc}. Install numpy<2.4 or a newer triton "
+            "(3.9 works), or unset TRITON_INTERPRET to run the PyTorch reference on the CPU"
+        ) from exc
+    if out.tolist() != [0, 1]:
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter ran a two-step loop "
+                           f"wrongly ({out.tolist()}): unset TRITON_INTERPRET")
+    _INTERPRETER_CHECKED.append(True)
+
+
 def supported_head_dim(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 

@@ -40,7 +40,12 @@ def use_triton(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from .common import check_interpreter
+
+        check_interpreter()
+        return True
+    return False
 
 
 def _kernels_available() -> bool:
