@@ -41,11 +41,19 @@ _BINARY = {"POLARTENSOR_ENCODE_SEARCH": "binary"}
 # ahead into shared memory while a tile is encoded; d <= 128 only, elsewhere it is the default)
 _PERSIST = [{"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_STAGES": s}
             for s in ("1", "2", "3")]
+# the one-MMA bfloat16 rotation (POLARTENSOR_ENCODE_ROT=bf16; codes differ from the default's
+# at cell boundaries, so its rows are not expected "same"): per tile, under a 128-register cap
+# (4 programs per SM), and persistent with 2 or 4 programs per SM
+_BF16 = {"POLARTENSOR_ENCODE_ROT": "bf16"}
+_BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
+    (None, None, None, dict(_BF16, POLARTENSOR_ENCODE_PERSIST="1",
+                            POLARTENSOR_ENCODE_STAGES=st, POLARTENSOR_ENCODE_PER_SM=per))
+    for st, per in (("1", "2"), ("1", "4"), ("2", "4"))]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
-            (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST]
+            (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _BF16_LAUNCHES
 
 
 def main():
@@ -109,8 +117,12 @@ def main():
                     name += "_perm0"
                 if env.get("POLARTENSOR_ENCODE_SEARCH") == "binary":
                     name += "_binary"
+                if env.get("POLARTENSOR_ENCODE_ROT") == "bf16":
+                    name += "_rotbf16"
                 if "POLARTENSOR_ENCODE_STAGES" in env:
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
+                if "POLARTENSOR_ENCODE_PER_SM" in env:
+                    name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 if (args.launches and row["launch"] != "default"
                         and row["launch"] not in args.launches.split(",")):

@@ -57,18 +57,20 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
 
 
 @triton.jit
-def _dot_bf16x2(x, s_hi, s_lo, acc):
+def _dot_bf16x2(x, s_hi, s_lo, acc, LO: tl.constexpr = True):
     """acc + x @ (S_hi + S_lo) for bfloat16 x and S's bfloat16 parts: two bf16 MMAs into the
-    accumulator, no operand splitting, ~2^-16 relative error. The interpreter's bfloat16 dot
-    is wrong (Triton 3.9), so there the same products run in float32, where bfloat16 x
-    bfloat16 is exact."""
+    accumulator, no operand splitting, ~2^-16 relative error; without LO one MMA against S
+    rounded to bfloat16 (~2^-9). The interpreter's bfloat16 dot is wrong (Triton 3.9), so
+    there the same products run in float32, where bfloat16 x bfloat16 is exact."""
     if _INTERP:
         xf = x.to(tl.float32)
         acc += tl.dot(xf, s_hi.to(tl.float32), input_precision="ieee")
-        acc += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
+        if LO:
+            acc += tl.dot(xf, s_lo.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(x, s_hi, acc)
-        acc = tl.dot(x, s_lo, acc)
+        if LO:
+            acc = tl.dot(x, s_lo, acc)
     return acc
 
 
@@ -119,6 +121,7 @@ def polar_encode_fwd_kernel(
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
+    ROT_LO: tl.constexpr = True,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -129,7 +132,10 @@ def polar_encode_fwd_kernel(
     # (PERM: S's rows come in mma_order, the coordinate each MMA output column computes)
     if PERSIST:
         s_hi = tl.load(rot_ptr + dd[None, :] * D + dd[:, None])
-        s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
+        if ROT_LO:
+            s_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + dd[:, None])
+        else:
+            s_lo = s_hi  # (unused)
         step = tl.num_programs(0)
     else:
         step = tl.cdiv(n_rows, BN)
@@ -169,7 +175,7 @@ def polar_encode_fwd_kernel(
         if PERSIST:
             # S^T's bfloat16 parts, loaded once per program (persistent launch)
             xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
-            y = _dot_bf16x2(xb, s_hi, s_lo, tl.zeros((BN, D), dtype=tl.float32))
+            y = _dot_bf16x2(xb, s_hi, s_lo, tl.zeros((BN, D), dtype=tl.float32), ROT_LO)
         elif ROTATE:
             # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
             y = tl.zeros((BN, D), dtype=tl.float32)
@@ -180,8 +186,11 @@ def polar_encode_fwd_kernel(
                 if ROT_BF16X2:
                     # bfloat16 x against S's bfloat16 parts ([2, D, D] at rot_ptr)
                     st_hi = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
-                    st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
-                    y = _dot_bf16x2(xc, st_hi, st_lo, y)
+                    if ROT_LO:
+                        st_lo = tl.load(rot_ptr + D * D + dd[None, :] * D + kk[:, None])
+                    else:
+                        st_lo = st_hi  # (unused)
+                    y = _dot_bf16x2(xc, st_hi, st_lo, y, ROT_LO)
                 else:
                     st = tl.load(rot_ptr + dd[None, :] * D + kk[:, None])
                     y += tl.dot(xc.to(tl.float32), st, input_precision=PREC)
@@ -219,7 +228,12 @@ _QUANTIZERS = ("atan2", "cross")
 # the kernel. On the H200, the two defaults together took the paper encode of batch 8 x 32K
 # tokens x 8 heads (d 128) from 3.91 to 1.58 ms (6.2% to 15.2% of copy bandwidth);
 # results/bench/bench_code16.md.
-_ROT_MMAS = ("tf32x3", "bf16x2")
+# POLARTENSOR_ENCODE_ROT=bf16 (opt-in) keeps one of the two bfloat16 MMAs: S rounded to
+# bfloat16, ~2^-9 relative error in the rotated coordinates, the same order as x's own
+# bfloat16 rounding. It halves the rotation's MMAs and S's reads at d 128, where they are a
+# large share of the encode's time. Codes then differ from the reference's at cell boundaries
+# (tests bound how often and that the reconstruction error stays the reference's).
+_ROT_MMAS = ("tf32x3", "bf16x2", "bf16")
 
 
 def rotation_bf16x2(rot: torch.Tensor, mma_rows: bool = False) -> torch.Tensor:
@@ -297,6 +311,16 @@ _PERSIST_STAGES = ("1", "2", "3")
 
 def _persist_stages() -> int:
     return int(env_choice("POLARTENSOR_ENCODE_STAGES", _PERSIST_STAGES))
+
+
+# POLARTENSOR_ENCODE_PER_SM: persistent programs per SM (default 2). With the one-MMA bf16
+# rotation the persistent paper encode at d 128 needs 48 KB of shared memory and 126
+# registers (offline, Triton 3.6), so four fit on an SM.
+_PER_SM = ("2", "1", "3", "4")
+
+
+def _persist_per_sm() -> int:
+    return int(env_choice("POLARTENSOR_ENCODE_PER_SM", _PER_SM))
 
 
 _SEARCHES = ("linear", "binary")
@@ -383,8 +407,9 @@ def encode_into_triton(
     path) float32, the rotation fused in the kernel as a tl.dot unless ``pre_rotate``.
     ``quantizer``: ``"atan2"`` or ``"cross"`` (float32 only: codes from sign and tangent
     comparisons, no atan2; see ``common._encode_level``); default POLARTENSOR_ENCODE_QUANT,
-    else cross. ``rotation_mma``: ``"bf16x2"`` or ``"tf32x3"`` (how the fused rotation
-    multiplies; bf16x2 only for bfloat16 inputs with 16-bit radii, others take tf32x3);
+    else cross. ``rotation_mma``: ``"bf16x2"``, ``"bf16"`` (one MMA against S rounded to
+    bfloat16; opt-in, see _ROT_MMAS) or ``"tf32x3"`` (how the fused rotation multiplies;
+    bf16x2 and bf16 only for bfloat16 inputs with 16-bit radii, others take tf32x3);
     default POLARTENSOR_ENCODE_ROT, else bf16x2. ``persistent`` (default:
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
@@ -445,7 +470,7 @@ def encode_into_triton(
     rot_bf16x2 = False
     if rot is None:
         rot_arg, rotate = x3, False
-    elif (rot_mma == "bf16x2" and x3.dtype == torch.bfloat16
+    elif (rot_mma in ("bf16x2", "bf16") and x3.dtype == torch.bfloat16
             and config.radius_dtype != "float32"):
         # (float32 radii would show its ~2^-16 relative error; 16-bit radii round coarser)
         rotate, rot_bf16x2 = True, True
@@ -478,7 +503,7 @@ def encode_into_triton(
         toff = w["L"] * mids.shape[1]
     n_tiles = triton.cdiv(n_rows, block_rows)
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
-    stages = _persist_stages()  # (read, and so checked, on every call)
+    stages, per_sm = _persist_stages(), _persist_per_sm()  # (read, and checked, per call)
     # int32 row indices and offsets where they fit: the row division becomes a 32-bit one
     # (offline, Triton 3.6, sm_90: paper d 128 1272 -> 1232 SASS instructions, d 64 1088 ->
     # 944; polar-4 d 64 1264 -> 1224). Not at d 256 (128-row tiles, 8 warps), where polar-4
@@ -486,7 +511,8 @@ def encode_into_triton(
     # paper gained 1%.
     idx32 = d <= 128 and _index32(n_rows + block_rows, x3, c3, r3)
     # (under the interpreter two programs, so that each really loops over tiles)
-    grid = (min(n_tiles, 2 if interp else 2 * _sm_count(x3.device)) if persist else n_tiles,)
+    grid = (min(n_tiles, 2 if interp else per_sm * _sm_count(x3.device)) if persist
+            else n_tiles,)
     caps = {} if not maxnreg or interp else {"maxnreg": maxnreg}
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
@@ -500,7 +526,7 @@ def encode_into_triton(
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
-        TOFF=toff, ROT_BF16X2=rot_bf16x2,
+        TOFF=toff, ROT_BF16X2=rot_bf16x2, ROT_LO=rot_mma != "bf16",
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
