@@ -66,6 +66,16 @@ _NBB_MIN = tl.constexpr(8)
 # to 0.536 ms (polar-3), results/bench/bench_code16.md. POLARTENSOR_CODE16=0 (read at
 # import) keeps the byte loads.
 _CODE16 = tl.constexpr(os.environ.get("POLARTENSOR_CODE16", "1") != "0")
+# POLARTENSOR_DECODE_UPPER=bf16x2 (read at import; experimental, opt-in): in the packed decode
+# the levels above level 1 also multiply in packed bfloat16: one (cos, sin) bf16x2 word per
+# code (one shuffle, or one 32-bit gather) and one mul.rn.bf16x2 per node, instead of two
+# float32 shuffles (or a 64-bit gather) and two FMULs; node values stay bfloat16 down to
+# level 1. Adds one bf16 rounding per level to each coordinate.
+_UPPER = os.environ.get("POLARTENSOR_DECODE_UPPER", "float32")
+if _UPPER not in ("float32", "bf16x2"):
+    raise ValueError(f"POLARTENSOR_DECODE_UPPER={_UPPER!r}: use 'float32' (the default) or "
+                     "'bf16x2'")
+_UPPER_BF16 = tl.constexpr(_UPPER == "bf16x2")
 
 __all__ = ["decode_tile_joined", "code16_aligned"]
 
@@ -275,6 +285,32 @@ def _mul_bf16x2(r, w):
 
 
 @triton.jit
+def _mul_bf16x2_h(r, w):
+    """_mul_bf16x2 for r already bfloat16: (r * cos, r * sin), one mul.rn.bf16x2 with r in
+    both halves."""
+    if _ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; mov.b32 t, {$2, $2}; mul.rn.bf16x2 t, t, $3; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h,r", [r, w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        rb = r.to(tl.float32)
+        cs = (w << 16).to(tl.float32, bitcast=True)
+        sn = ((w >> 16) << 16).to(tl.float32, bitcast=True)
+        return _bf16_rne(rb * cs), _bf16_rne(rb * sn)
+
+
+@triton.jit
+def _mul_pk(r, w):
+    """(r * cos, r * sin) in bfloat16 from a packed bf16x2 (cos, sin) word, r float32 or
+    bfloat16."""
+    if r.dtype == tl.bfloat16:
+        lo, hi = _mul_bf16x2_h(r, w)
+    else:
+        lo, hi = _mul_bf16x2(r, w)
+    return lo, hi
+
+
+@triton.jit
 def _bf16_rne(x):
     """float32 -> bfloat16 rounded to nearest even, as the GPU's cvt.rn does (the interpreter's
     cast truncates; finite inputs)."""
@@ -431,7 +467,15 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
                                           or (not PAIR_PATH and PK and 3 <= b and b <= 5))
         c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R,
                          not BY_SHFL)
-        if PAIR_PATH:
+        if PAIR_PATH and _UPPER_BF16:
+            # (cos, sin) as one bf16x2 word, by shuffle or gather alike (the same values)
+            if BY_SHFL:
+                w = _shfl_b32(pk_ptr, c, 1 << b)
+            else:
+                w = _ldg_b32(pk_ptr, c & ((1 << b) - 1))
+            lo, hi = _mul_pk(r, w)
+            out = tl.join(lo, hi)
+        elif PAIR_PATH:
             ci = c & ((1 << b) - 1)
             if BY_SHFL:
                 cs, sn = _shfl_cs(cos_ptr, sin_ptr, c, 1 << b)
@@ -468,7 +512,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
                     w = _shfl_b32(pk_ptr, c, 1 << b)
                 else:
                     w = _ldg_b32(pk_ptr, ci)
-                lo, hi = _mul_bf16x2(r, w)
+                lo, hi = _mul_pk(r, w)
                 out = tl.join(lo, hi)
             else:
                 out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
@@ -519,8 +563,8 @@ def _joint12(codes_ptr, rec_base, blk, valid2, r, joint_ptr, NB: tl.constexpr,
     f0, f1 = _ldg2(joint_ptr, idx)
     w0 = f0.to(tl.int32, bitcast=True)
     w1 = f1.to(tl.int32, bitcast=True)
-    lo0, hi0 = _mul_bf16x2(r, w0)
-    lo1, hi1 = _mul_bf16x2(r, w1)
+    lo0, hi0 = _mul_pk(r, w0)
+    lo1, hi1 = _mul_pk(r, w1)
     return tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
 
 
