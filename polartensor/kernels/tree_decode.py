@@ -311,6 +311,18 @@ def _mul_pk(r, w):
 
 
 @triton.jit
+def _pk_children(r, c, pk_ptr, b: tl.constexpr, BY_SHFL: tl.constexpr):
+    """Children (r cos, r sin) in bfloat16, joined as a new minor dim, through the packed
+    bf16x2 (cos, sin) word of each b-bit code c: by warp shuffle (c unmasked) or gather."""
+    if BY_SHFL:
+        w = _shfl_b32(pk_ptr, c, 1 << b)
+    else:
+        w = _ldg_b32(pk_ptr, c & ((1 << b) - 1))
+    lo, hi = _mul_pk(r, w)
+    return tl.join(lo, hi)
+
+
+@triton.jit
 def _bf16_rne(x):
     """float32 -> bfloat16 rounded to nearest even, as the GPU's cvt.rn does (the interpreter's
     cast truncates; finite inputs)."""
@@ -468,13 +480,7 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
         c = _level_codes(codes_ptr, rec_base, blk, valid2, NB, P, LV, TAIL_BYTE, R,
                          not BY_SHFL)
         if PAIR_PATH and _UPPER_BF16:
-            # (cos, sin) as one bf16x2 word, by shuffle or gather alike (the same values)
-            if BY_SHFL:
-                w = _shfl_b32(pk_ptr, c, 1 << b)
-            else:
-                w = _ldg_b32(pk_ptr, c & ((1 << b) - 1))
-            lo, hi = _mul_pk(r, w)
-            out = tl.join(lo, hi)
+            out = _pk_children(r, c, pk_ptr, b, BY_SHFL)
         elif PAIR_PATH:
             ci = c & ((1 << b) - 1)
             if BY_SHFL:
@@ -506,15 +512,10 @@ def _level_v2(codes_ptr, rec_base, blk, valid2, r, cos_ptr, sin_ptr, NB: tl.cons
             sn = tl.where(hi, tl.where(odd, s3, s2), tl.where(odd, s1, s0))
             out = _split(r, cs, sn, PK)
         else:
-            ci = c & ((1 << b) - 1)
             if PK:
-                if BY_SHFL:
-                    w = _shfl_b32(pk_ptr, c, 1 << b)
-                else:
-                    w = _ldg_b32(pk_ptr, ci)
-                lo, hi = _mul_pk(r, w)
-                out = tl.join(lo, hi)
+                out = _pk_children(r, c, pk_ptr, b, BY_SHFL)
             else:
+                ci = c & ((1 << b) - 1)
                 out = tl.join(r * _ldg(cos_ptr + ci), r * _ldg(sin_ptr + ci))
     return out
 
