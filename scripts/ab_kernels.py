@@ -183,6 +183,8 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
 
 def _encode_rows(kernels, model, b, n, presets, args, dev):
     """Rows of one encode shape: every revision's encode of the same input."""
+    from bench_attention import encode_agreement
+
     from polartensor.config import get_preset
     from polartensor.kernels.ops import cached_rotation, tables_for
     from polartensor.polar_quant_tensor import codebook_for
@@ -206,12 +208,8 @@ def _encode_rows(kernels, model, b, n, presets, args, dev):
         wc, wr = bufs["work"]
         io = x.numel() * x.element_size() + wc.numel() + wr.numel() * wr.element_size()
         for name, (codes, radii) in bufs.items():
-            rel = (radii.float() - wr.float()).abs() / wr.float().abs().clamp_min(1e-30)
             row = dict(kind="encode", model=model, batch=b, context=n, d=d, preset=preset,
-                       variant=name, ms=ms[name],
-                       codes_equal=float((codes == wc).float().mean().item()),
-                       radii_equal=float((radii == wr).float().mean().item()),
-                       radii_max_rel_diff=float(rel.max().item()))
+                       variant=name, ms=ms[name], **encode_agreement(codes, radii, wc, wr))
             if timing:
                 row["x_vs_work"] = ms["work"] / ms[name]
                 row["gbps"] = io / (ms[name] * 1e-3) / 1e9

@@ -50,6 +50,15 @@ def bench(fn, rep_ms=30):
     return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+def encode_agreement(codes, radii, ref_codes, ref_radii) -> dict:
+    """How far one encode's output is from another's: the fractions of code bytes and radii
+    equal, and the radii's largest relative difference."""
+    rel = (radii.float() - ref_radii.float()).abs() / ref_radii.float().abs().clamp_min(1e-30)
+    return dict(codes_equal=float((codes == ref_codes).float().mean().item()),
+                radii_equal=float((radii == ref_radii).float().mean().item()),
+                radii_max_rel_diff=float(rel.max().item()))
+
+
 COPY_METHODS: dict = {}
 
 

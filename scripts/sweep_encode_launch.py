@@ -69,7 +69,7 @@ def main():
     if not models:
         ap.error(f"--models {args.models!r}: none of " + ", ".join(m for m, _, _ in MODELS))
     import triton
-    from bench_attention import COPY_METHODS, bench, copy_bandwidth
+    from bench_attention import COPY_METHODS, bench, copy_bandwidth, encode_agreement
 
     from polartensor.config import get_preset
     from polartensor.kernels.encode import encode_into_triton
@@ -143,11 +143,7 @@ def main():
                                same_radii=bool(torch.equal(radii, ref_r)),
                                # (a launch may sum the rotation in another order: then a few
                                # codes at cell boundaries and radii in the last bit differ)
-                               codes_equal=(codes == ref_c).float().mean().item(),
-                               radii_equal=(radii == ref_r).float().mean().item(),
-                               radii_max_rel=((radii.float() - ref_r.float()).abs()
-                                              / ref_r.float().abs().clamp_min(1e-30))
-                               .max().item())
+                               **encode_agreement(codes, radii, ref_c, ref_r))
                     if name == "default":
                         default_ms = ms
                     row["x_vs_default"] = default_ms / ms
@@ -179,7 +175,7 @@ def main():
                          f"{r['ms']:.4f} | {r['pct_copy']:.1f} | {r['x_vs_default']:.2f} | "
                          f"{r['same_codes']}, {r['same_radii']} | "
                          f"{r['codes_equal']:.6f}, {r['radii_equal']:.6f} | "
-                         f"{r['radii_max_rel']:.1e} |")
+                         f"{r['radii_max_rel_diff']:.1e} |")
     with open(os.path.join(out_dir, "encode_launch_sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
