@@ -3,7 +3,7 @@
 # repository root on a CUDA machine; packages missing there travel as wheels, see README):
 #
 #   OUT=<dir> bash scripts/gpu_validate.sh tests     # the GPU test suite, model smoke    (~5 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh optin     # kernel tests with opt-out decodes  (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh optin     # kernel tests with opt-out decodes  (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh bench     # bench_attention, joint table on/off (~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
@@ -57,7 +57,7 @@ tests)
 optin)
     # the kernels' tests with the opt-out tile decodes (the default runs in the tests stage):
     # POLARTENSOR_DECODE=joined (float32 decode for every dtype) and =reshape, then byte code
-    # loads (POLARTENSOR_CODE16=0)
+    # loads (POLARTENSOR_CODE16=0), then float32 upper levels
     for dec in joined reshape; do
         POLARTENSOR_DECODE=$dec POLARTENSOR_FAILLOG="$OUT/failures_$dec.txt" \
             step "tests_${dec}_decode" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
@@ -65,6 +65,10 @@ optin)
     done
     POLARTENSOR_CODE16=0 POLARTENSOR_FAILLOG="$OUT/failures_code16_0.txt" \
         step tests_code16_0 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    # float32 upper levels in the packed decode (POLARTENSOR_DECODE_UPPER=float32)
+    POLARTENSOR_DECODE_UPPER=float32 POLARTENSOR_FAILLOG="$OUT/failures_upper_f32.txt" \
+        step tests_upper_float32 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
     ;;
 bench)

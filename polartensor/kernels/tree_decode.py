@@ -66,15 +66,18 @@ _NBB_MIN = tl.constexpr(8)
 # to 0.536 ms (polar-3), results/bench/bench_code16.md. POLARTENSOR_CODE16=0 (read at
 # import) keeps the byte loads.
 _CODE16 = tl.constexpr(os.environ.get("POLARTENSOR_CODE16", "1") != "0")
-# POLARTENSOR_DECODE_UPPER=bf16x2 (read at import; experimental, opt-in): in the packed decode
-# the levels above level 1 also multiply in packed bfloat16: one (cos, sin) bf16x2 word per
-# code (one shuffle, or one 32-bit gather) and one mul.rn.bf16x2 per node, instead of two
-# float32 shuffles (or a 64-bit gather) and two FMULs; node values stay bfloat16 down to
-# level 1. Adds one bf16 rounding per level to each coordinate.
-_UPPER = os.environ.get("POLARTENSOR_DECODE_UPPER", "float32")
+# The packed decode's levels above level 1 multiply in packed bfloat16 too (the default;
+# POLARTENSOR_DECODE_UPPER, read at import): one (cos, sin) bf16x2 word per code (one shuffle,
+# or one 32-bit gather) and one mul.rn.bf16x2 per node, instead of two float32 shuffles (or a
+# 64-bit gather) and two FMULs; node values stay bfloat16 down to level 1. Each level adds one
+# bf16 rounding per coordinate (bound 2 L + 1 roundings instead of 3). On the H100 the
+# batch-8, 32K, d-128 decode ran 1.13x (paper), 1.16x (polar-3) and 1.12x (polar-4) faster
+# than with float32 upper levels, same run (results/bench/ab_kernels_2026-12-06_h100.md);
+# d 64 1.005-1.03x. POLARTENSOR_DECODE_UPPER=float32 keeps the float32 upper levels.
+_UPPER = os.environ.get("POLARTENSOR_DECODE_UPPER", "bf16x2")
 if _UPPER not in ("float32", "bf16x2"):
-    raise ValueError(f"POLARTENSOR_DECODE_UPPER={_UPPER!r}: use 'float32' (the default) or "
-                     "'bf16x2'")
+    raise ValueError(f"POLARTENSOR_DECODE_UPPER={_UPPER!r}: use 'bf16x2' (the default) or "
+                     "'float32'")
 _UPPER_BF16 = tl.constexpr(_UPPER == "bf16x2")
 
 __all__ = ["decode_tile_joined", "code16_aligned"]

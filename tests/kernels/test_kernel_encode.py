@@ -334,8 +334,9 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
                                                  monkeypatch):
     """rotation_mma='bf16' (POLARTENSOR_ENCODE_ROT=bf16, opt-in): one MMA against S rounded to
     bfloat16. The rotated coordinates carry ~2^-9 relative error, so a few codes land in the
-    neighbouring cell (under 1.5% here; ~0.3-0.6% measured on the CPU), radii stay within
-    2^-8, and the reconstruction error stays the reference's within 0.2%. Every launch form
+    neighbouring cell, or further only at nodes of tiny radius (under 1.5% here; ~0.3-0.6%
+    measured on the CPU, 0.8-1.4% of code bytes on the H100); radii move within the same
+    bound, and the reconstruction error stays the reference's within 0.2%. Every launch form
     that takes it (per tile, persistent) gives the same codes."""
     seen = _spy_launches(monkeypatch, "ROT_BF16X2", "ROT_LO")
     cfg = get_preset(preset, head_dim=d)
@@ -353,16 +354,36 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
     got, want = unpack_codes(codes, cfg, d), ref.unpack()
     total = sum(a.numel() for a in want)
     differ = 0
+    # S rounded to bfloat16 moves each rotated coordinate by at most 2^-9 |x| (S's rows are
+    # unit vectors), a level-l node's 2^l coordinates by 2^-9 |x| 2^(l/2), and so its angle by
+    # about that over the node's radius: a code may skip past its neighbour cell only at a
+    # node whose radius is within a few times that of the angle's smallest cell width (the
+    # GPU found such a small-radius pair at polar-4, d 256). Everywhere else: neighbours only.
+    y_ref = rotate(x.double(), cfg.rotation, cfg.seed)
+    x_norm = x.double().norm(dim=-1, keepdim=True)
     for lvl, (a, b) in enumerate(zip(got, want)):
         n = 1 << cfg.bits[lvl]
+        if n == 1:
+            continue
         step = (a.long() - b.long()) % n if lvl == 0 else (a.long() - b.long()).abs()
-        # neighbours only (level 1 is cyclic)
-        bad = (step != 0) & (step != 1) & ~((step == n - 1) & (lvl == 0))
-        assert not bad.any(), f"level {lvl + 1}: a code moved more than one cell"
+        if lvl == 0:  # cyclic: a step of n - 1 is the other neighbour
+            step = torch.minimum(step, n - step)
+        cent = ref.centroids[lvl, :n].double()
+        cell = 2 * math.pi / n if lvl == 0 else float(cent.diff().min())
+        node_r = y_ref.reshape(*y_ref.shape[:-1], -1, 2 << lvl).norm(dim=-1)
+        limit = 4 * 2.0 ** -9 * x_norm * 2.0 ** ((lvl + 1) / 2) / cell
+        far = step > 1
+        assert (node_r[far] <= limit.expand_as(node_r)[far]).all(), (
+            f"level {lvl + 1}: a code moved more than one cell at a node whose radius is "
+            f"above the bound")
         differ += int((a != b).sum())
     assert differ <= 0.015 * total, f"{differ} of {total} codes differ"
-    torch.testing.assert_close(radii.double(), ref.radii.double(), rtol=2.0 ** -8,
-                               atol=1e-6 * scale)
+    # a block's radius moves by at most its 2^L coordinates' shift (above), plus the 16-bit
+    # radius's own rounding
+    r_err = (radii.double() - ref.radii.double()).abs()
+    r_bound = (2.0 ** -9 * x_norm * 2.0 ** (len(cfg.bits) / 2)
+               + 2.0 ** -10 * ref.radii.double().abs() + 1e-6 * scale)
+    assert (r_err <= r_bound).all(), f"radii: max excess {(r_err - r_bound).max():.3g}"
     y = rotate(x.float(), cfg.rotation, cfg.seed)
     e_got = (decode_rotated(got, radii, cfg, ref.centroids) - y).pow(2).sum().item()
     e_ref = (ref.dequantize_rotated() - y).pow(2).sum().item()

@@ -83,8 +83,9 @@ def test_joined_decode_equals_decode_tile(d):
 
 def _rounding_units(cfg) -> float:
     """Bound of the packed decode's error in bf16 roundings (unit 2**-8) of a pair's radius:
-    three (r, level 1's table word and product), or with POLARTENSOR_DECODE_UPPER=bf16x2
-    (every level in bf16: r, and per level the table word and the product) 2 L + 1."""
+    2 L + 1 with every level in bf16 (the default: r, and per level the table word and the
+    product), or three with POLARTENSOR_DECODE_UPPER=float32 (r, level 1's table word and
+    product)."""
     from polartensor.kernels import tree_decode
 
     return (2 * len(cfg.bits) + 1.01) if tree_decode._UPPER_BF16.value else 3.01
@@ -92,9 +93,9 @@ def _rounding_units(cfg) -> float:
 
 @pytest.mark.parametrize("d", [16, 64, 128, 256])
 def test_packed_decode_within_bf16_rounding(d):
-    """PACK: level 1 as bf16(bf16(r) x bf16(cos)) etc., rounded to nearest: each coordinate is
-    within three bf16 roundings (unit 2**-8) of its pair's radius of the exact decode (2 L + 1
-    with every level in bf16, POLARTENSOR_DECODE_UPPER=bf16x2)."""
+    """PACK: every level as bf16(bf16(r) x bf16(cos)) etc., rounded to nearest: each
+    coordinate is within 2 L + 1 bf16 roundings (unit 2**-8) of its pair's radius of the exact
+    decode (three with float32 upper levels, POLARTENSOR_DECODE_UPPER=float32)."""
     rows = 37 if interpreting() else 1000
     for name, cfg in _configs(d):
         g = torch.Generator().manual_seed(d + 1)
@@ -210,18 +211,18 @@ def test_byte_load_decode_is_bit_exact():
     assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
 
 
-@pytest.mark.skipif(os.environ.get("POLARTENSOR_DECODE_UPPER") == "bf16x2",
-                    reason="this run already has POLARTENSOR_DECODE_UPPER=bf16x2")
+@pytest.mark.skipif(os.environ.get("POLARTENSOR_DECODE_UPPER") == "float32",
+                    reason="this run already has POLARTENSOR_DECODE_UPPER=float32")
 @pytest.mark.skipif(not interpreting(),
                     reason="on the GPU one process would compile every configuration in a "
                            "row (minutes): run the kernel tests with "
-                           "POLARTENSOR_DECODE_UPPER=bf16x2 instead, spread over the cores")
-def test_upper_levels_in_bf16x2():
-    """POLARTENSOR_DECODE_UPPER=bf16x2 (experimental, read at import): the packed decodes stay
-    within their rounding bound of the exact decode, shuffled and gathered tables give the
-    attention bit for bit, and the attention kernel agrees with the reference. Run in a fresh
-    interpreter, as the flag is read at import."""
-    env = dict(os.environ, POLARTENSOR_DECODE_UPPER="bf16x2")
+                           "POLARTENSOR_DECODE_UPPER=float32 instead, spread over the cores")
+def test_upper_levels_in_float32():
+    """POLARTENSOR_DECODE_UPPER=float32 (the opt-out, read at import): the packed decodes stay
+    within their tighter rounding bound (three roundings) of the exact decode, shuffled and
+    gathered tables give the attention bit for bit, and the attention kernel agrees with the
+    reference. Run in a fresh interpreter, as the flag is read at import."""
+    env = dict(os.environ, POLARTENSOR_DECODE_UPPER="float32")
     attn = os.path.join(os.path.dirname(__file__), "test_kernel_attention.py")
     sel = ("within_bf16_rounding or upper_flag or shuffle_tables_equal_gathers "
            "or packed_decode_attention_matches_reference "
@@ -237,7 +238,7 @@ def test_upper_flag_follows_the_environment():
     from polartensor.kernels import tree_decode
 
     assert tree_decode._UPPER_BF16.value == (
-        os.environ.get("POLARTENSOR_DECODE_UPPER", "float32") == "bf16x2")
+        os.environ.get("POLARTENSOR_DECODE_UPPER", "bf16x2") == "bf16x2")
 
 
 def test_code16_copies_misaligned_codes(monkeypatch):
