@@ -408,7 +408,8 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                   n: tl.constexpr, LV: tl.constexpr, LEVEL1: tl.constexpr, KT: tl.constexpr,
                   F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
                   TOFF: tl.constexpr = 0, STORE16: tl.constexpr = False,
-                  SQ_IN: tl.constexpr = False, SQ_OUT: tl.constexpr = False):
+                  SQ_IN: tl.constexpr = False, SQ_OUT: tl.constexpr = False,
+                  STORE_ROW: tl.constexpr = False):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
@@ -502,8 +503,18 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             sh = b * tl.arange(0, 2 * G)
             word = tl.sum(c3 << sh[None, None, :], axis=2)
             ww = tl.arange(0, NW // 2)
-            p16 = (codes_ptr + rec_off[:, None] + pos + 2 * ww[None, :]).to(
-                tl.pointer_type(tl.uint16))
+            # STORE_ROW: each row's 16-bit pointer first, then + ww: Triton then sees a row's
+            # words as contiguous and lays the store out along them, so a warp's store covers
+            # runs of a record. Offsets added in bytes before the cast hide that, and the store
+            # goes down the rows, one 2-byte write per row per instruction (sm_90 TTGIR:
+            # threadsPerWarp [32, 1]); the H100 profile counted ~21 L2 write sectors per
+            # 62-byte row of codes and radii.
+            if STORE_ROW:
+                p16 = (codes_ptr + rec_off + pos).to(tl.pointer_type(tl.uint16))[:, None] \
+                    + ww[None, :]
+            else:
+                p16 = (codes_ptr + rec_off[:, None] + pos + 2 * ww[None, :]).to(
+                    tl.pointer_type(tl.uint16))
             tl.store(p16, word.to(tl.uint16), mask=valid[:, None])
         elif n >= 8:
             # (int32 words up to 4 bytes: disjoint bit fields, so the sum is exact)
@@ -514,9 +525,22 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                 sh = sh.to(tl.int64)
             word = tl.sum(c3 << sh[None, None, :], axis=2)
             ww = tl.arange(0, NW)
-            base = codes_ptr + rec_off[:, None] + pos + ww[None, :] * WB
-            for k in tl.static_range(WB):
-                tl.store(base + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=valid[:, None])
+            if STORE_ROW:
+                # the words' bytes as one [BN, NW, WBP] store (WBP: WB rounded up to a power
+                # of two, the extra bytes masked), contiguous along the bytes of a word, so
+                # the store runs along a record instead of down the rows
+                WBP: tl.constexpr = 1 if WB == 1 else 2 if WB == 2 else 4 if WB <= 4 else 8
+                kb = tl.arange(0, WBP)
+                wb = word[:, :, None]
+                byt = ((wb >> (8 * kb[None, None, :]).to(wb.dtype)) & 255).to(tl.uint8)
+                ptr = (codes_ptr + rec_off + pos)[:, None, None] + ww[None, :, None] * WB \
+                    + kb[None, None, :]
+                tl.store(ptr, byt, mask=valid[:, None, None] & (kb < WB)[None, None, :])
+            else:
+                base = codes_ptr + rec_off[:, None] + pos + ww[None, :] * WB
+                for k in tl.static_range(WB):
+                    tl.store(base + k, ((word >> (8 * k)) & 255).to(tl.uint8),
+                             mask=valid[:, None])
         else:
             sh = (pos + b * tl.arange(0, n)).to(tl.int64)
             tail = tail | tl.sum(code.to(tl.int64) << sh[None, :], axis=1)

@@ -36,7 +36,7 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
                    STORE16: tl.constexpr, LVL: tl.constexpr, L: tl.constexpr,
                    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
                    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr,
-                   LV7: tl.constexpr):
+                   LV7: tl.constexpr, STORE_ROW: tl.constexpr = False):
     """Levels LVL..L bottom-up (common._encode_level each; unrolled at compile time, as every
     level has its own constexpr bit layout): radii [BN, D >> L] and the tail word."""
     LV: tl.constexpr = _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
@@ -44,15 +44,16 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
         # level 1: the closed-form quantizer where the codebook allows (CROSS1)
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV,
                                 True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS, False,
-                                CROSS and L > 1)
+                                CROSS and L > 1, STORE_ROW)
     else:
         r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid,
                                 mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False, KT,
-                                F64, VEC, CROSS, TOFF, STORE16, CROSS, CROSS and LVL < L)
+                                F64, VEC, CROSS, TOFF, STORE16, CROSS, CROSS and LVL < L,
+                                STORE_ROW)
     if LVL < L:
         r, tail = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT, F64,
                                  VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0, LV1, LV2,
-                                 LV3, LV4, LV5, LV6, LV7)
+                                 LV3, LV4, LV5, LV6, LV7, STORE_ROW)
     return r, tail
 
 
@@ -121,7 +122,7 @@ def polar_encode_fwd_kernel(
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
-    ROT_LO: tl.constexpr = True,
+    ROT_LO: tl.constexpr = True, STORE_ROW: tl.constexpr = False,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -203,10 +204,19 @@ def polar_encode_fwd_kernel(
         r = y
         r, tail = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
                                  valid, mids_ptr, BN, D, KT, F64, VEC, CROSS, CROSS1, TOFF,
-                                 STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
-        for k in tl.static_range(TAIL_NB):
-            tl.store(codes_ptr + rec_off + TAIL_BYTE + k, ((tail >> (8 * k)) & 255).to(tl.uint8),
-                     mask=valid)
+                                 STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7,
+                                 STORE_ROW)
+        if STORE_ROW and TAIL_NB > 1:
+            # (one [BN, bytes] store along the record, as the levels' words: common)
+            TNP: tl.constexpr = 2 if TAIL_NB == 2 else 4 if TAIL_NB <= 4 else 8
+            kb = tl.arange(0, TNP)
+            byt = ((tail[:, None] >> (8 * kb[None, :]).to(tl.int64)) & 255).to(tl.uint8)
+            tl.store((codes_ptr + rec_off + TAIL_BYTE)[:, None] + kb[None, :], byt,
+                     mask=valid[:, None] & (kb < TAIL_NB)[None, :])
+        else:
+            for k in tl.static_range(TAIL_NB):
+                tl.store(codes_ptr + rec_off + TAIL_BYTE + k,
+                         ((tail >> (8 * k)) & 255).to(tl.uint8), mask=valid)
         nb = tl.arange(0, NB)
         rad_off = lead * sr_l + t * sr_t
         if R_ALIGN > 1:
@@ -321,6 +331,21 @@ _PER_SM = ("2", "1", "3", "4")
 
 def _persist_per_sm() -> int:
     return int(env_choice("POLARTENSOR_ENCODE_PER_SM", _PER_SM))
+
+
+# POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` (the
+# default) lets Triton lay each store out down the tile's rows: one 1- or 2-byte write per
+# row per store instruction, 32 records apart in a warp. The H100 profile of the paper
+# encode at d 128 (results/bench/ncu_encode_2026-12-06_h100.md) had the L2 at 69-81% of its
+# throughput with DRAM at 27-33%, and ~21 L2 write sectors per row where the row's 46 code
+# and 16 radius bytes fill two. ``record`` (opt-in, not yet timed on a GPU) writes along each
+# record instead: a row's words are contiguous to Triton, so a warp's store covers runs of
+# one record. Same bytes either way (tested).
+_STORES = ("strided", "record")
+
+
+def _store_along_record() -> bool:
+    return env_choice("POLARTENSOR_ENCODE_STORE", _STORES) == "record"
 
 
 _SEARCHES = ("linear", "binary")
@@ -530,7 +555,7 @@ def encode_into_triton(
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
-        PERM=perm,
+        PERM=perm, STORE_ROW=_store_along_record(),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM). The persistent launch loads S

@@ -393,6 +393,57 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
         assert seen[-1] == (True, True)
 
 
+@pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
+@pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128}))
+@pytest.mark.parametrize("persistent", [False, True])
+def test_record_store_equals_strided(preset, d, persistent, monkeypatch):
+    """POLARTENSOR_ENCODE_STORE=record (code words stored along each record) writes the same
+    bytes as the default strided stores: every level's words, byte and 16-bit paths, odd and
+    even record sizes, the tail word of full-depth presets, at an offset into a larger cache
+    whose other records must stay untouched."""
+    seen = _spy_launches(monkeypatch, "STORE_ROW")
+    cfg = get_preset(preset, head_dim=d)
+    g = torch.Generator().manual_seed(d + len(preset))
+    t, cap, off = 37, 50, 5
+    x = (torch.randn(2, t, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    out = {}
+    for store in ("strided", "record"):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
+        codes = torch.full((2, cap, cfg.record_bytes(d)), 0xA5, dtype=torch.uint8,
+                           device=DEVICE)
+        radii = torch.full((2, cap, cfg.num_blocks(d)), -1.0, dtype=cfg.torch_radius_dtype,
+                           device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes[:, off:off + t], radii[:, off:off + t],
+                                  cfg, exact=False, persistent=persistent)
+        assert bool(seen[-1]) == (store == "record")
+        out[store] = codes, radii
+    assert torch.equal(out["strided"][0], out["record"][0])
+    assert torch.equal(out["strided"][1], out["record"][1])
+    # the records around the written rows are untouched, the written ones are not
+    untouched = torch.ones(cap, dtype=torch.bool)
+    untouched[off:off + t] = False
+    assert (out["record"][0][:, untouched] == 0xA5).all()
+    assert not (out["record"][0][:, off:off + t] == 0xA5).all()
+
+
+def test_encode_store_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", "rows")
+    cfg = get_preset("paper", head_dim=16)
+    x = torch.randn(1, 3, 16, device=DEVICE)
+    q = quantize(x.cpu(), cfg)
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_STORE='rows'.*'record'"):
+        encode_into_triton(x, rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE,
+                                              torch.float32),
+                           boundary_table(q.centroids, cfg, torch.float64),
+                           torch.empty(1, 3, cfg.record_bytes(16), dtype=torch.uint8,
+                                       device=DEVICE),
+                           torch.empty(1, 3, cfg.num_blocks(16),
+                                       dtype=cfg.torch_radius_dtype, device=DEVICE),
+                           cfg, exact=False)
+
+
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
                                                            (64, 4, 168), (64, 4, 0),
                                                            (32, 4, 128)])
