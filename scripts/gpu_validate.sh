@@ -8,6 +8,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh store     # encode tests and sweep with the code
+#       stores along each record (POLARTENSOR_ENCODE_STORE=record)          (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
@@ -23,7 +25,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -103,6 +105,17 @@ encode)
         step tests_encode 280 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_encode.py
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
+    ;;
+store)
+    # the code stores along each record (opt-in until timed): the encode's tests with it
+    # everywhere, then it timed against the default launch (its codes and radii checked
+    # equal to the default's), alone, capped, with the one-MMA rotation and in 128-row tiles
+    POLARTENSOR_ENCODE_STORE=record POLARTENSOR_FAILLOG="$OUT/failures_store_record.txt" \
+        step tests_store_record 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_kernel_encode.py
+    OUT="$OUT" step store_sweep 200 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
+        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record
     ;;
 mma)
     # the MMA orientations (POLARTENSOR_DECODE_MMA): the kernels' tests with kq forced (the
@@ -189,7 +202,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, joint12, mma, shfl, profile, profile_detail, compile, ab or ab_tests" >&2
+    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, store, joint12, mma, shfl, profile, profile_detail, compile, ab or ab_tests" >&2
     exit 2
     ;;
 esac
