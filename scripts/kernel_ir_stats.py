@@ -262,10 +262,11 @@ def _counts(compiled) -> dict:
 
 def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                  block_rows: int | None = None, ptxas: bool = False,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, keep_ttgir: bool = False):
     """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
     path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
-    (encode.polar_encode_fwd_kernel, the only one since the split encode was removed)."""
+    (encode.polar_encode_fwd_kernel, the only one since the split encode was removed).
+    ``keep_ttgir``: the row also holds the TTGIR text (scripts/store_sectors.py reads it)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -315,6 +316,8 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                **_counts(compiled))
     if ptxas:
         out.update(maxnreg=maxnreg, **ptxas_counts(compiled.asm["ptx"], maxnreg))
+    if keep_ttgir:
+        out["ttgir"] = compiled.asm["ttgir"]
     return out
 
 
