@@ -8,8 +8,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh store     # encode tests and sweep with the code
-#       stores along each record (POLARTENSOR_ENCODE_STORE=record)          (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh store     # encode sweep and tests with the code
+#       stores along each record and of whole records (POLARTENSOR_ENCODE_STORE) (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
@@ -107,15 +107,17 @@ encode)
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
     ;;
 store)
-    # the code stores along each record (opt-in until timed): the encode's tests with it
-    # everywhere, then it timed against the default launch (its codes and radii checked
-    # equal to the default's), alone, capped, with the one-MMA rotation and in 128-row tiles
-    POLARTENSOR_ENCODE_STORE=record POLARTENSOR_FAILLOG="$OUT/failures_store_record.txt" \
-        step tests_store_record 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
-        tests/kernels/test_kernel_encode.py
+    # the code stores along each record and of whole records (opt-in until timed): timed
+    # against the default launch (codes and radii checked equal to the default's), then the
+    # encode's tests with each everywhere
     OUT="$OUT" step store_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
-        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record
+        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record,default_store_whole,default_rotbf16_store_whole,bn32_w4_store_whole
+    for st in record whole; do
+        POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
+            step "tests_store_$st" 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+            tests/kernels/test_kernel_encode.py
+    done
     ;;
 mma)
     # the MMA orientations (POLARTENSOR_DECODE_MMA): the kernels' tests with kq forced (the

@@ -16,7 +16,7 @@ encode at d 128 wrote ~21 L2 sectors per row (Nsight Compute,
 results/bench/ncu_encode_2026-12-06_h100.md), the number to check it against.
 
     PYTHONPATH=<triton 3.6> python scripts/store_sectors.py [--presets paper,polar-4]
-        [--head-dims 64,128] [--stores strided,record]
+        [--head-dims 64,128] [--stores strided,record,whole]
 """
 
 from __future__ import annotations
@@ -42,13 +42,27 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def expected_stores(cfg, d: int, bn: int, record: bool, cross1: bool, store16: bool):
+def expected_stores(cfg, d: int, bn: int, record: bool | str, cross1: bool, store16: bool):
     """What the encode stores, in program order: (label, element type, shape, address of
-    element index (None: masked off))."""
+    element index (None: masked off)). ``record``: False (strided), True (along each record)
+    or "whole" (one store per record)."""
     from polartensor.kernels.common import level_words
 
     w = level_words(cfg, d)
     rb = cfg.record_bytes(d)
+    nb = cfg.num_blocks(d)
+    esz = 2 if cfg.radius_dtype != "float32" else 4
+    rty = {2: ("f16", "bf16", "i16"), 4: ("f32",)}[esz]
+    radii = ("radii", rty, (bn, nb), lambda i: _RADII_BASE + (i[0] * nb + i[1]) * esz)
+    if record == "whole":
+        rbp = 1 << max(rb - 1, 1).bit_length()
+        if store16:
+            rec = ("record 16-bit", "i16", (bn, rbp // 2),
+                   lambda i: (i[0] * rb + 2 * i[1]) if 2 * i[1] < rb else None)
+        else:
+            rec = ("record bytes", "i8", (bn, rbp),
+                   lambda i: (i[0] * rb + i[1]) if i[1] < rb else None)
+        return [rec, radii]
     out = []
     for lvl in range(1, w["L"] + 1):
         lv = w[f"LV{lvl - 1}"]
@@ -80,10 +94,7 @@ def expected_stores(cfg, d: int, bn: int, record: bool, cross1: bool, store16: b
     else:
         for k in range(tn):
             out.append((f"tail byte {k}", "i8", (bn,), lambda i, k=k: i[0] * rb + tb + k))
-    nb = cfg.num_blocks(d)
-    esz = 2 if cfg.radius_dtype != "float32" else 4
-    rty = {2: ("f16", "bf16", "i16"), 4: ("f32",)}[esz]
-    out.append(("radii", rty, (bn, nb), lambda i: _RADII_BASE + (i[0] * nb + i[1]) * esz))
+    out.append(radii)
     return out
 
 
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="paper,polar-3,polar-4")
     ap.add_argument("--head-dims", default="64,128")
-    ap.add_argument("--stores", default="strided,record")
+    ap.add_argument("--stores", default="strided,record,whole")
     args = ap.parse_args(argv)
 
     import torch
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 layouts = {m.group(1): tuple(_ints(m.group(k)) for k in range(2, 6))
                            for m in _LAYOUT.finditer(ttgir)}
                 stores = _STORE.findall(ttgir)
-                want = expected_stores(cfg, d, bn, store == "record", cross1, rb % 2 == 0)
+                form = "whole" if store == "whole" else store == "record"
+                want = expected_stores(cfg, d, bn, form, cross1, rb % 2 == 0)
                 if len(stores) != len(want):
                     raise SystemExit(f"{preset} d {d} {store}: {len(stores)} stores in the "
                                      f"TTGIR, {len(want)} expected")

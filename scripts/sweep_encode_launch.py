@@ -50,10 +50,14 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
                             POLARTENSOR_ENCODE_STAGES=st, POLARTENSOR_ENCODE_PER_SM=per))
     for st, per in (("1", "2"), ("1", "4"), ("2", "4"))]
 # code words stored along each record (POLARTENSOR_ENCODE_STORE=record), alone, under a
-# 128-register cap, and with the one-MMA rotation
+# 128-register cap, with the one-MMA rotation and in 128-row tiles; whole records (=whole)
+# alone, with the one-MMA rotation and in 32-row tiles
 _REC = {"POLARTENSOR_ENCODE_STORE": "record"}
+_WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
 _REC_LAUNCHES = [(None, None, None, _REC), (None, None, 128, _REC),
-                 (None, None, None, dict(_REC, **_BF16)), (128, 8, None, _REC)]
+                 (None, None, None, dict(_REC, **_BF16)), (128, 8, None, _REC),
+                 (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16)),
+                 (32, 4, None, _WHOLE)]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -125,8 +129,8 @@ def main():
                     name += "_binary"
                 if env.get("POLARTENSOR_ENCODE_ROT") == "bf16":
                     name += "_rotbf16"
-                if env.get("POLARTENSOR_ENCODE_STORE") == "record":
-                    name += "_store_record"
+                if env.get("POLARTENSOR_ENCODE_STORE") in ("record", "whole"):
+                    name += "_store_" + env["POLARTENSOR_ENCODE_STORE"]
                 if "POLARTENSOR_ENCODE_STAGES" in env:
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 if "POLARTENSOR_ENCODE_PER_SM" in env:

@@ -409,7 +409,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                   F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
                   TOFF: tl.constexpr = 0, STORE16: tl.constexpr = False,
                   SQ_IN: tl.constexpr = False, SQ_OUT: tl.constexpr = False,
-                  STORE_ROW: tl.constexpr = False):
+                  STORE_ROW: tl.constexpr = 0, rec=None, RBP: tl.constexpr = 1):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
@@ -496,7 +496,17 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         G: tl.constexpr = 1 << logg
         WB: tl.constexpr = (b << logg) >> 3
         NW: tl.constexpr = n // G if n >= 8 else 1
-        if n >= 8 and CROSS and WB == 1 and STORE16 and pos % 2 == 0 and NW % 2 == 0:
+        if n >= 8 and STORE_ROW == 2:
+            # (the whole-record store) the level's words or-ed into the row's record bytes
+            # [BN, RBP]; the kernel stores each record at once
+            c3 = tl.reshape(code, (BN, NW, G))
+            sh = b * tl.arange(0, G)
+            if WB > 4:
+                c3 = c3.to(tl.int64)
+                sh = sh.to(tl.int64)
+            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            rec = rec | _record_bytes(word, BN, NW, WB, pos, RBP)
+        elif n >= 8 and CROSS and WB == 1 and STORE16 and pos % 2 == 0 and NW % 2 == 0:
             # (the fast encode) byte words built in int32 and stored two at a time as
             # aligned 16-bit words: half the stores, no int64 shifts
             c3 = tl.reshape(code, (BN, NW // 2, 2 * G))
@@ -544,7 +554,26 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         else:
             sh = (pos + b * tl.arange(0, n)).to(tl.int64)
             tail = tail | tl.sum(code.to(tl.int64) << sh[None, :], axis=1)
-    return rr, tail
+    return rr, tail, rec
+
+
+@triton.jit
+def _record_bytes(word, BN: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr,
+                  POS: tl.constexpr, RBP: tl.constexpr):
+    """[BN, RBP] int32: byte j of each row's record where it falls in this level's NW words of
+    WB bytes at byte POS (little-endian, as the strided stores write them), 0 elsewhere. A
+    gather along the row picks each byte's word, so any word size packs into one record."""
+    j = tl.arange(0, RBP)
+    rel = j - POS
+    inside = (rel >= 0) & (rel < NW * WB)
+    rel = tl.where(inside, rel, 0)
+    if NW == 1:
+        # (no gather: Triton 3.6's thread-locality pass asserts on a gather from one column)
+        got = tl.broadcast_to(tl.reshape(word, (BN,))[:, None], (BN, RBP))
+    else:
+        got = tl.gather(word, tl.broadcast_to((rel // WB)[None, :], (BN, RBP)), axis=1)
+    byt = (got >> (8 * (rel % WB))[None, :].to(got.dtype)) & 255
+    return tl.where(inside[None, :], byt.to(tl.int32), 0)
 
 
 # The attention and dequant kernels take ``decode_tile`` from this module when they are

@@ -36,25 +36,51 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
                    STORE16: tl.constexpr, LVL: tl.constexpr, L: tl.constexpr,
                    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
                    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr,
-                   LV7: tl.constexpr, STORE_ROW: tl.constexpr = False):
+                   LV7: tl.constexpr, STORE_ROW: tl.constexpr, rec, RBP: tl.constexpr):
     """Levels LVL..L bottom-up (common._encode_level each; unrolled at compile time, as every
-    level has its own constexpr bit layout): radii [BN, D >> L] and the tail word."""
+    level has its own constexpr bit layout): radii [BN, D >> L], the tail word and (whole-
+    record stores, STORE_ROW 2) the record bytes."""
     LV: tl.constexpr = _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
     if LVL == 1:
         # level 1: the closed-form quantizer where the codebook allows (CROSS1)
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1, LV,
-                                True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS, False,
-                                CROSS and L > 1, STORE_ROW)
+        r, tail, rec = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1,
+                                     LV, True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS,
+                                     False, CROSS and L > 1, STORE_ROW, rec, RBP)
     else:
-        r, tail = _encode_level(r, tail, codes_ptr, rec_off, valid,
-                                mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False, KT,
-                                F64, VEC, CROSS, TOFF, STORE16, CROSS, CROSS and LVL < L,
-                                STORE_ROW)
+        r, tail, rec = _encode_level(r, tail, codes_ptr, rec_off, valid,
+                                     mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False,
+                                     KT, F64, VEC, CROSS, TOFF, STORE16, CROSS,
+                                     CROSS and LVL < L, STORE_ROW, rec, RBP)
     if LVL < L:
-        r, tail = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT, F64,
-                                 VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0, LV1, LV2,
-                                 LV3, LV4, LV5, LV6, LV7, STORE_ROW)
-    return r, tail
+        r, tail, rec = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT,
+                                      F64, VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0,
+                                      LV1, LV2, LV3, LV4, LV5, LV6, LV7, STORE_ROW, rec, RBP)
+    return r, tail, rec
+
+
+@triton.jit
+def _store_records(rec, tail, codes_ptr, rec_off, valid, BN: tl.constexpr, RBP: tl.constexpr,
+                   TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr, STORE16: tl.constexpr):
+    """Whole-record stores: the tail word's bytes join the levels' record bytes [BN, RBP],
+    then each row's record goes out in one store along it (16-bit words where records are
+    2-byte aligned), not one store per word down the tile's rows."""
+    RB: tl.constexpr = TAIL_BYTE + TAIL_NB
+    j = tl.arange(0, RBP)
+    if TAIL_NB > 0:
+        rel = j - TAIL_BYTE
+        inside = (rel >= 0) & (rel < TAIL_NB)
+        sh = (8 * tl.where(inside, rel, 0)).to(tl.int64)
+        tb = ((tail[:, None] >> sh[None, :]) & 255).to(tl.int32)
+        rec = rec | tl.where(inside[None, :], tb, 0)
+    if STORE16:
+        lo, hi = tl.split(tl.reshape(rec, (BN, RBP // 2, 2)))
+        hw = tl.arange(0, RBP // 2)
+        p16 = (codes_ptr + rec_off).to(tl.pointer_type(tl.uint16))[:, None] + hw[None, :]
+        tl.store(p16, (lo | (hi << 8)).to(tl.uint16),
+                 mask=valid[:, None] & (hw < RB // 2)[None, :])
+    else:
+        tl.store((codes_ptr + rec_off)[:, None] + j[None, :], rec.to(tl.uint8),
+                 mask=valid[:, None] & (j < RB)[None, :])
 
 
 @triton.jit
@@ -122,7 +148,7 @@ def polar_encode_fwd_kernel(
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
-    ROT_LO: tl.constexpr = True, STORE_ROW: tl.constexpr = False,
+    ROT_LO: tl.constexpr = True, STORE_ROW: tl.constexpr = 0, RBP: tl.constexpr = 1,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -202,11 +228,15 @@ def polar_encode_fwd_kernel(
             y = _coord_order(y, BN, D)
         rec_off = lead * sc_l + t * sc_t
         r = y
-        r, tail = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
-                                 valid, mids_ptr, BN, D, KT, F64, VEC, CROSS, CROSS1, TOFF,
-                                 STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7,
-                                 STORE_ROW)
-        if STORE_ROW and TAIL_NB > 1:
+        rec = tl.zeros((BN, RBP) if STORE_ROW == 2 else (1,), dtype=tl.int32)
+        r, tail, rec = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
+                                      valid, mids_ptr, BN, D, KT, F64, VEC, CROSS, CROSS1,
+                                      TOFF, STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6,
+                                      LV7, STORE_ROW, rec, RBP)
+        if STORE_ROW == 2:
+            _store_records(rec, tail, codes_ptr, rec_off, valid, BN, RBP, TAIL_BYTE, TAIL_NB,
+                           STORE16)
+        elif STORE_ROW and TAIL_NB > 1:
             # (one [BN, bytes] store along the record, as the levels' words: common)
             TNP: tl.constexpr = 2 if TAIL_NB == 2 else 4 if TAIL_NB <= 4 else 8
             kb = tl.arange(0, TNP)
@@ -338,14 +368,22 @@ def _persist_per_sm() -> int:
 # row per store instruction, 32 records apart in a warp. The H100 profile of the paper
 # encode at d 128 (results/bench/ncu_encode_2026-12-06_h100.md) had the L2 at 69-81% of its
 # throughput with DRAM at 27-33%, and ~21 L2 write sectors per row where the row's 46 code
-# and 16 radius bytes fill two. ``record`` (opt-in, not yet timed on a GPU) writes along each
-# record instead: a row's words are contiguous to Triton, so a warp's store covers runs of
-# one record. Same bytes either way (tested).
-_STORES = ("strided", "record")
+# and 16 radius bytes fill two. Opt-in, not yet timed on a GPU, same bytes (tested):
+# ``record`` writes along each record (a row's words are contiguous to Triton, so a warp's
+# store covers runs of one record); ``whole`` packs each row's levels and tail word into its
+# record bytes in registers (a gather along the row per level) and stores each record at
+# once. Offline (scripts/store_sectors.py, Triton 3.6, sm_90) paper d 128 writes 23.5 sectors
+# per row strided, 5.4 record, 2.9 whole; polar-4 61 / 17 / 2.9. The price, offline: whole
+# takes paper d 128 from 1208 to 1696 SASS instructions and 142 to 162 registers, and
+# spills at d 256 (results/bench/kernel_ir_stats_encode_store_record.md).
+_STORES = ("strided", "record", "whole")
 
 
-def _store_along_record() -> bool:
-    return env_choice("POLARTENSOR_ENCODE_STORE", _STORES) == "record"
+def _store_mode() -> int:
+    """POLARTENSOR_ENCODE_STORE as the kernel's STORE_ROW: 0 strided, 1 record, 2 whole (each
+    row's levels and tail word packed into its record bytes in registers, a gather along the
+    row per level, then one store per record; opt-in, not yet timed on a GPU)."""
+    return _STORES.index(env_choice("POLARTENSOR_ENCODE_STORE", _STORES))
 
 
 _SEARCHES = ("linear", "binary")
@@ -529,6 +567,7 @@ def encode_into_triton(
     n_tiles = triton.cdiv(n_rows, block_rows)
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     stages, per_sm = _persist_stages(), _persist_per_sm()  # (read, and checked, per call)
+    store_mode = _store_mode()
     # int32 row indices and offsets where they fit: the row division becomes a 32-bit one
     # (offline, Triton 3.6, sm_90: paper d 128 1272 -> 1232 SASS instructions, d 64 1088 ->
     # 944; polar-4 d 64 1264 -> 1224). Not at d 256 (128-row tiles, 8 warps), where polar-4
@@ -555,7 +594,7 @@ def encode_into_triton(
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
-        PERM=perm, STORE_ROW=_store_along_record(),
+        PERM=perm, STORE_ROW=store_mode, RBP=triton.next_power_of_2(max(w["R"], 2)),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM). The persistent launch loads S

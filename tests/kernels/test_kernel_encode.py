@@ -396,11 +396,12 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 @pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128}))
 @pytest.mark.parametrize("persistent", [False, True])
-def test_record_store_equals_strided(preset, d, persistent, monkeypatch):
-    """POLARTENSOR_ENCODE_STORE=record (code words stored along each record) writes the same
-    bytes as the default strided stores: every level's words, byte and 16-bit paths, odd and
-    even record sizes, the tail word of full-depth presets, at an offset into a larger cache
-    whose other records must stay untouched."""
+def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
+    """POLARTENSOR_ENCODE_STORE=record (code words stored along each record) and =whole (each
+    record packed in registers and stored at once) write the same bytes as the default
+    strided stores: every level's words, byte and 16-bit paths, odd and even record sizes,
+    the tail word of full-depth presets, at an offset into a larger cache whose other
+    records must stay untouched."""
     seen = _spy_launches(monkeypatch, "STORE_ROW")
     cfg = get_preset(preset, head_dim=d)
     g = torch.Generator().manual_seed(d + len(preset))
@@ -409,7 +410,7 @@ def test_record_store_equals_strided(preset, d, persistent, monkeypatch):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     out = {}
-    for store in ("strided", "record"):
+    for mode, store in enumerate(("strided", "record", "whole")):
         monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
         codes = torch.full((2, cap, cfg.record_bytes(d)), 0xA5, dtype=torch.uint8,
                            device=DEVICE)
@@ -417,15 +418,16 @@ def test_record_store_equals_strided(preset, d, persistent, monkeypatch):
                            device=DEVICE)
         assert encode_into_triton(x, rot, mids, codes[:, off:off + t], radii[:, off:off + t],
                                   cfg, exact=False, persistent=persistent)
-        assert bool(seen[-1]) == (store == "record")
+        assert seen[-1] == mode
         out[store] = codes, radii
-    assert torch.equal(out["strided"][0], out["record"][0])
-    assert torch.equal(out["strided"][1], out["record"][1])
-    # the records around the written rows are untouched, the written ones are not
     untouched = torch.ones(cap, dtype=torch.bool)
     untouched[off:off + t] = False
-    assert (out["record"][0][:, untouched] == 0xA5).all()
-    assert not (out["record"][0][:, off:off + t] == 0xA5).all()
+    for store in ("record", "whole"):
+        assert torch.equal(out["strided"][0], out[store][0]), store
+        assert torch.equal(out["strided"][1], out[store][1]), store
+        # the records around the written rows are untouched, the written ones are not
+        assert (out[store][0][:, untouched] == 0xA5).all(), store
+        assert not (out[store][0][:, off:off + t] == 0xA5).all(), store
 
 
 def test_encode_store_choice_is_checked(monkeypatch):
@@ -433,7 +435,7 @@ def test_encode_store_choice_is_checked(monkeypatch):
     cfg = get_preset("paper", head_dim=16)
     x = torch.randn(1, 3, 16, device=DEVICE)
     q = quantize(x.cpu(), cfg)
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_STORE='rows'.*'record'"):
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_STORE='rows'.*'record'.*'whole'"):
         encode_into_triton(x, rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE,
                                               torch.float32),
                            boundary_table(q.centroids, cfg, torch.float64),

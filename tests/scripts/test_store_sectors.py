@@ -52,7 +52,7 @@ def test_expected_stores_cover_each_record_byte_once(ss):
                       ("polar-4", 128)]:
         cfg = get_preset(preset, head_dim=d)
         rb = cfg.record_bytes(d)
-        for record in (False, True):
+        for record in (False, True, "whole"):
             stores = ss.expected_stores(cfg, d, 4, record, True, rb % 2 == 0)
             hits = [0] * (4 * rb)
             for label, _, shape, addr in stores:
