@@ -112,7 +112,7 @@ store)
     # encode's tests with each everywhere
     OUT="$OUT" step store_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
-        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record,default_store_whole,default_rotbf16_store_whole,bn32_w4_store_whole
+        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record,default_store_whole,default_rotbf16_store_whole,bn128_w4_store_whole
     for st in record whole; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \

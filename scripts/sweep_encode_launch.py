@@ -51,13 +51,13 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
     for st, per in (("1", "2"), ("1", "4"), ("2", "4"))]
 # code words stored along each record (POLARTENSOR_ENCODE_STORE=record), alone, under a
 # 128-register cap, with the one-MMA rotation and in 128-row tiles; whole records (=whole)
-# alone, with the one-MMA rotation and in 32-row tiles
+# alone, with the one-MMA rotation and in 128-row tiles
 _REC = {"POLARTENSOR_ENCODE_STORE": "record"}
 _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
 _REC_LAUNCHES = [(None, None, None, _REC), (None, None, 128, _REC),
                  (None, None, None, dict(_REC, **_BF16)), (128, 8, None, _REC),
                  (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16)),
-                 (32, 4, None, _WHOLE)]
+                 (128, 4, None, _WHOLE)]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),

@@ -382,7 +382,8 @@ _STORES = ("strided", "record", "whole")
 def _store_mode() -> int:
     """POLARTENSOR_ENCODE_STORE as the kernel's STORE_ROW: 0 strided, 1 record, 2 whole (each
     row's levels and tail word packed into its record bytes in registers, a gather along the
-    row per level, then one store per record; opt-in, not yet timed on a GPU)."""
+    row per level, then one store per record; tiles of >= 16 rows per warp, record stores
+    below that; opt-in, not yet timed on a GPU)."""
     return _STORES.index(env_choice("POLARTENSOR_ENCODE_STORE", _STORES))
 
 
@@ -567,7 +568,13 @@ def encode_into_triton(
     n_tiles = triton.cdiv(n_rows, block_rows)
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     stages, per_sm = _persist_stages(), _persist_per_sm()  # (read, and checked, per call)
+    # (whole records gather along each row's words: Triton 3.6 compiles that only where every
+    # warp holds whole rows, >= 16 per warp, as for the register-order columns; with fewer
+    # its thread-locality pass aborts, offline at 16 and 32 rows with 4 warps, so such
+    # launches take the record stores, the same bytes)
     store_mode = _store_mode()
+    if store_mode == 2 and block_rows < 16 * (num_warps or 4):
+        store_mode = 1
     # int32 row indices and offsets where they fit: the row division becomes a 32-bit one
     # (offline, Triton 3.6, sm_90: paper d 128 1272 -> 1232 SASS instructions, d 64 1088 ->
     # 944; polar-4 d 64 1264 -> 1224). Not at d 256 (128-row tiles, 8 warps), where polar-4

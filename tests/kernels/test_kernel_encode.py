@@ -430,6 +430,31 @@ def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
         assert not (out[store][0][:, off:off + t] == 0xA5).all(), store
 
 
+@pytest.mark.parametrize("block_rows", [16, 32])
+def test_whole_records_need_whole_rows_per_warp(block_rows, monkeypatch):
+    """POLARTENSOR_ENCODE_STORE=whole gathers along each row: Triton 3.6 compiles that only
+    where each warp holds >= 16 whole rows (its thread-locality pass aborts below), so tiles
+    of 16 or 32 rows with 4 warps take the record stores instead, the same bytes."""
+    seen = _spy_launches(monkeypatch, "STORE_ROW")
+    d = 64
+    cfg = get_preset("polar-4", head_dim=d)
+    g = torch.Generator().manual_seed(block_rows)
+    x = (torch.randn(2, 45, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    out = []
+    for store, mode in (("strided", 0), ("whole", 1)):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
+        codes = torch.zeros(2, 45, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, 45, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  block_rows=block_rows)
+        assert seen[-1] == mode
+        out.append(codes)
+    assert torch.equal(out[0], out[1])
+
+
 def test_encode_store_choice_is_checked(monkeypatch):
     monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", "rows")
     cfg = get_preset("paper", head_dim=16)
