@@ -499,12 +499,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         if n >= 8 and STORE_ROW == 2:
             # (the whole-record store) the level's words or-ed into the row's record bytes
             # [BN, RBP]; the kernel stores each record at once
-            c3 = tl.reshape(code, (BN, NW, G))
-            sh = b * tl.arange(0, G)
-            if WB > 4:
-                c3 = c3.to(tl.int64)
-                sh = sh.to(tl.int64)
-            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            word = _pack_words(code, BN, NW, G, b, WB)
             rec = rec | _record_bytes(word, BN, NW, WB, pos, RBP)
         elif n >= 8 and CROSS and WB == 1 and STORE16 and pos % 2 == 0 and NW % 2 == 0:
             # (the fast encode) byte words built in int32 and stored two at a time as
@@ -527,13 +522,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                     tl.pointer_type(tl.uint16))
             tl.store(p16, word.to(tl.uint16), mask=valid[:, None])
         elif n >= 8:
-            # (int32 words up to 4 bytes: disjoint bit fields, so the sum is exact)
-            c3 = tl.reshape(code, (BN, NW, G))
-            sh = b * tl.arange(0, G)
-            if WB > 4:
-                c3 = c3.to(tl.int64)
-                sh = sh.to(tl.int64)
-            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            word = _pack_words(code, BN, NW, G, b, WB)
             ww = tl.arange(0, NW)
             if STORE_ROW:
                 # the words' bytes as one [BN, NW, WBP] store (WBP: WB rounded up to a power
@@ -555,6 +544,19 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             sh = (pos + b * tl.arange(0, n)).to(tl.int64)
             tail = tail | tl.sum(code.to(tl.int64) << sh[None, :], axis=1)
     return rr, tail, rec
+
+
+@triton.jit
+def _pack_words(code, BN: tl.constexpr, NW: tl.constexpr, G: tl.constexpr, b: tl.constexpr,
+                WB: tl.constexpr):
+    """[BN, NW] words of G b-bit codes each, the first code in the low bits: int32 up to 4
+    bytes (disjoint bit fields, so the sum is exact), int64 above."""
+    c3 = tl.reshape(code, (BN, NW, G))
+    sh = b * tl.arange(0, G)
+    if WB > 4:
+        c3 = c3.to(tl.int64)
+        sh = sh.to(tl.int64)
+    return tl.sum(c3 << sh[None, None, :], axis=2)
 
 
 @triton.jit
