@@ -409,7 +409,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                   F64: tl.constexpr, VEC_SEARCH: tl.constexpr, CROSS: tl.constexpr = False,
                   TOFF: tl.constexpr = 0, STORE16: tl.constexpr = False,
                   SQ_IN: tl.constexpr = False, SQ_OUT: tl.constexpr = False,
-                  STORE_ROW: tl.constexpr = 0, rec=None, RBP: tl.constexpr = 1):
+                  STORE_MODE: tl.constexpr = 0, rec=None, RBP: tl.constexpr = 1):
     """One bottom-up level: pairs of r [BN, 2n] -> angles -> codes (stored, or or-ed into the
     tail word) and the new radii [BN, n]. Arithmetic runs in r's dtype: float64 when ``F64``
     (the reference's precision, bit-exact up to atan2 ties), float32 otherwise.
@@ -496,7 +496,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         G: tl.constexpr = 1 << logg
         WB: tl.constexpr = (b << logg) >> 3
         NW: tl.constexpr = n // G if n >= 8 else 1
-        if n >= 8 and STORE_ROW == 2:
+        if n >= 8 and STORE_MODE == 2:
             # (the whole-record store) the level's words or-ed into the row's record bytes
             # [BN, RBP]; the kernel stores each record at once
             word = _pack_words(code, BN, NW, G, b, WB)
@@ -508,13 +508,13 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             sh = b * tl.arange(0, 2 * G)
             word = tl.sum(c3 << sh[None, None, :], axis=2)
             ww = tl.arange(0, NW // 2)
-            # STORE_ROW: each row's 16-bit pointer first, then + ww: Triton then sees a row's
+            # STORE_MODE 1: each row's 16-bit pointer first, then + ww: Triton then sees a row's
             # words as contiguous and lays the store out along them, so a warp's store covers
             # runs of a record. Offsets added in bytes before the cast hide that, and the store
             # goes down the rows, one 2-byte write per row per instruction (sm_90 TTGIR:
             # threadsPerWarp [32, 1]); the H100 profile counted ~21 L2 write sectors per
             # 62-byte row of codes and radii.
-            if STORE_ROW:
+            if STORE_MODE:
                 p16 = (codes_ptr + rec_off + pos).to(tl.pointer_type(tl.uint16))[:, None] \
                     + ww[None, :]
             else:
@@ -524,7 +524,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         elif n >= 8:
             word = _pack_words(code, BN, NW, G, b, WB)
             ww = tl.arange(0, NW)
-            if STORE_ROW:
+            if STORE_MODE:
                 # the words' bytes as one [BN, NW, WBP] store (WBP: WB rounded up to a power
                 # of two, the extra bytes masked), contiguous along the bytes of a word, so
                 # the store runs along a record instead of down the rows

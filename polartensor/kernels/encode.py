@@ -36,25 +36,25 @@ def _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexp
                    STORE16: tl.constexpr, LVL: tl.constexpr, L: tl.constexpr,
                    LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
                    LV4: tl.constexpr, LV5: tl.constexpr, LV6: tl.constexpr,
-                   LV7: tl.constexpr, STORE_ROW: tl.constexpr, rec, RBP: tl.constexpr):
+                   LV7: tl.constexpr, STORE_MODE: tl.constexpr, rec, RBP: tl.constexpr):
     """Levels LVL..L bottom-up (common._encode_level each; unrolled at compile time, as every
     level has its own constexpr bit layout): radii [BN, D >> L], the tail word and (whole-
-    record stores, STORE_ROW 2) the record bytes."""
+    record stores, STORE_MODE 2) the record bytes."""
     LV: tl.constexpr = _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7)
     if LVL == 1:
         # level 1: the closed-form quantizer where the codebook allows (CROSS1)
         r, tail, rec = _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D >> 1,
                                      LV, True, KT, F64, VEC, CROSS1, TOFF, STORE16 and CROSS,
-                                     False, CROSS and L > 1, STORE_ROW, rec, RBP)
+                                     False, CROSS and L > 1, STORE_MODE, rec, RBP)
     else:
         r, tail, rec = _encode_level(r, tail, codes_ptr, rec_off, valid,
                                      mids_ptr + (LVL - 1) * (KT + 1), BN, D >> LVL, LV, False,
                                      KT, F64, VEC, CROSS, TOFF, STORE16, CROSS,
-                                     CROSS and LVL < L, STORE_ROW, rec, RBP)
+                                     CROSS and LVL < L, STORE_MODE, rec, RBP)
     if LVL < L:
         r, tail, rec = _encode_levels(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN, D, KT,
                                       F64, VEC, CROSS, CROSS1, TOFF, STORE16, LVL + 1, L, LV0,
-                                      LV1, LV2, LV3, LV4, LV5, LV6, LV7, STORE_ROW, rec, RBP)
+                                      LV1, LV2, LV3, LV4, LV5, LV6, LV7, STORE_MODE, rec, RBP)
     return r, tail, rec
 
 
@@ -148,7 +148,7 @@ def polar_encode_fwd_kernel(
     ROT_BF16X2: tl.constexpr = False, STORE16: tl.constexpr = False,
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
-    ROT_LO: tl.constexpr = True, STORE_ROW: tl.constexpr = 0, RBP: tl.constexpr = 1,
+    ROT_LO: tl.constexpr = True, STORE_MODE: tl.constexpr = 0, RBP: tl.constexpr = 1,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -228,15 +228,15 @@ def polar_encode_fwd_kernel(
             y = _coord_order(y, BN, D)
         rec_off = lead * sc_l + t * sc_t
         r = y
-        rec = tl.zeros((BN, RBP) if STORE_ROW == 2 else (1,), dtype=tl.int32)
+        rec = tl.zeros((BN, RBP) if STORE_MODE == 2 else (1,), dtype=tl.int32)
         r, tail, rec = _encode_levels(r, tl.zeros((BN,), dtype=tl.int64), codes_ptr, rec_off,
                                       valid, mids_ptr, BN, D, KT, F64, VEC, CROSS, CROSS1,
                                       TOFF, STORE16, 1, L, LV0, LV1, LV2, LV3, LV4, LV5, LV6,
-                                      LV7, STORE_ROW, rec, RBP)
-        if STORE_ROW == 2:
+                                      LV7, STORE_MODE, rec, RBP)
+        if STORE_MODE == 2:
             _store_records(rec, tail, codes_ptr, rec_off, valid, BN, RBP, TAIL_BYTE, TAIL_NB,
                            STORE16)
-        elif STORE_ROW and TAIL_NB > 1:
+        elif STORE_MODE and TAIL_NB > 1:
             # (one [BN, bytes] store along the record, as the levels' words: common)
             TNP: tl.constexpr = 2 if TAIL_NB == 2 else 4 if TAIL_NB <= 4 else 8
             kb = tl.arange(0, TNP)
@@ -380,7 +380,7 @@ _STORES = ("strided", "record", "whole")
 
 
 def _store_mode() -> int:
-    """POLARTENSOR_ENCODE_STORE as the kernel's STORE_ROW: 0 strided, 1 record, 2 whole (each
+    """POLARTENSOR_ENCODE_STORE as the kernel's STORE_MODE: 0 strided, 1 record, 2 whole (each
     row's levels and tail word packed into its record bytes in registers, a gather along the
     row per level, then one store per record; tiles of >= 16 rows per warp, record stores
     below that; opt-in, not yet timed on a GPU)."""
@@ -601,7 +601,7 @@ def encode_into_triton(
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
-        PERM=perm, STORE_ROW=store_mode, RBP=triton.next_power_of_2(max(w["R"], 2)),
+        PERM=perm, STORE_MODE=store_mode, RBP=triton.next_power_of_2(max(w["R"], 2)),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of
         # S in shared memory across iterations of the tile loop (H200, d 256: 536 KB asked for,
         # 227 KB there; d 128: 152 KB, one program per SM). The persistent launch loads S

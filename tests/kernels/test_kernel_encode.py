@@ -402,7 +402,7 @@ def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
     strided stores: every level's words, byte and 16-bit paths, odd and even record sizes,
     the tail word of full-depth presets, at an offset into a larger cache whose other
     records must stay untouched."""
-    seen = _spy_launches(monkeypatch, "STORE_ROW")
+    seen = _spy_launches(monkeypatch, "STORE_MODE")
     cfg = get_preset(preset, head_dim=d)
     g = torch.Generator().manual_seed(d + len(preset))
     t, cap, off = 37, 50, 5
@@ -435,7 +435,7 @@ def test_whole_records_need_whole_rows_per_warp(block_rows, monkeypatch):
     """POLARTENSOR_ENCODE_STORE=whole gathers along each row: Triton 3.6 compiles that only
     where each warp holds >= 16 whole rows (its thread-locality pass aborts below), so tiles
     of 16 or 32 rows with 4 warps take the record stores instead, the same bytes."""
-    seen = _spy_launches(monkeypatch, "STORE_ROW")
+    seen = _spy_launches(monkeypatch, "STORE_MODE")
     d = 64
     cfg = get_preset("polar-4", head_dim=d)
     g = torch.Generator().manual_seed(block_rows)
