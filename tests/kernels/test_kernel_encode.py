@@ -394,7 +394,7 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
 
 
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
-@pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128}))
+@pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128, 256}))
 @pytest.mark.parametrize("persistent", [False, True])
 def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
     """POLARTENSOR_ENCODE_STORE=record (code words stored along each record) and =whole (each
