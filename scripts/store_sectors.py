@@ -42,10 +42,10 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def expected_stores(cfg, d: int, bn: int, record: bool | str, cross1: bool, store16: bool):
+def expected_stores(cfg, d: int, bn: int, store: str, cross1: bool, store16: bool):
     """What the encode stores, in program order: (label, element type, shape, address of
-    element index (None: masked off)). ``record``: False (strided), True (along each record)
-    or "whole" (one store per record)."""
+    element index (None: masked off)). ``store``: POLARTENSOR_ENCODE_STORE's "strided",
+    "record" (along each record) or "whole" (one store per record)."""
     from polartensor.kernels.common import level_words
 
     w = level_words(cfg, d)
@@ -54,7 +54,7 @@ def expected_stores(cfg, d: int, bn: int, record: bool | str, cross1: bool, stor
     esz = 2 if cfg.radius_dtype != "float32" else 4
     rty = {2: ("f16", "bf16", "i16"), 4: ("f32",)}[esz]
     radii = ("radii", rty, (bn, nb), lambda i: _RADII_BASE + (i[0] * nb + i[1]) * esz)
-    if record == "whole":
+    if store == "whole":
         rbp = 1 << max(rb - 1, 1).bit_length()
         if store16:
             rec = ("record 16-bit", "i16", (bn, rbp // 2),
@@ -72,13 +72,13 @@ def expected_stores(cfg, d: int, bn: int, record: bool | str, cross1: bool, stor
             continue  # (no code, or into the tail word)
         g = 1 << logg
         wb = (b << logg) >> 3
+        wbp = 1 << ((lv >> 6) & 3)  # (WB rounded up to a power of two)
         nw = n // g
         cross = cross1 if lvl == 1 else True
         if cross and wb == 1 and store16 and pos % 2 == 0 and nw % 2 == 0:
             out.append((f"level {lvl} 16-bit", "i16", (bn, nw // 2),
                         lambda i, pos=pos: i[0] * rb + pos + 2 * i[1]))
-        elif record:
-            wbp = 1 if wb == 1 else 2 if wb == 2 else 4 if wb <= 4 else 8
+        elif store == "record":
             out.append((f"level {lvl} bytes", "i8", (bn, nw, wbp),
                         lambda i, pos=pos, wb=wb: (i[0] * rb + pos + i[1] * wb + i[2])
                         if i[2] < wb else None))
@@ -87,7 +87,7 @@ def expected_stores(cfg, d: int, bn: int, record: bool | str, cross1: bool, stor
                 out.append((f"level {lvl} byte {k}", "i8", (bn, nw),
                             lambda i, pos=pos, wb=wb, k=k: i[0] * rb + pos + i[1] * wb + k))
     tb, tn = w["TAIL_BYTE"], w["TAIL_NB"]
-    if record and tn > 1:
+    if store == "record" and tn > 1:
         tnp = 2 if tn == 2 else 4 if tn <= 4 else 8
         out.append(("tail", "i8", (bn, tnp),
                     lambda i: (i[0] * rb + tb + i[1]) if i[1] < tn else None))
@@ -108,14 +108,13 @@ def sectors_per_row(shape, layout, addr, bn: int, elem_bytes: int) -> float:
         a = addr(idx)
         if a is None:
             continue
-        lane_key, warp_key, reg_key = [], [], []
+        warp_key, reg_key = [], []
         for dim in range(rank):
             tile = spt[dim] * tpw[dim] * wpc[dim]
             rep, j = divmod(idx[dim], tile)
             warp_d, r = divmod(j, spt[dim] * tpw[dim])
-            lane_d, elem_d = divmod(r, spt[dim])
+            elem_d = r % spt[dim]  # (the lane, r // spt, does not split an instruction)
             warp_key.append(warp_d)
-            lane_key.append(lane_d)
             reg_key.append((rep, None if dim == vec_dim else elem_d))
         groups.setdefault((tuple(warp_key), tuple(reg_key)), set()).add(a // 32)
     return sum(len(s) for s in groups.values()) / bn
@@ -153,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 layouts = {m.group(1): tuple(_ints(m.group(k)) for k in range(2, 6))
                            for m in _LAYOUT.finditer(ttgir)}
                 stores = _STORE.findall(ttgir)
-                form = "whole" if store == "whole" else store == "record"
-                want = expected_stores(cfg, d, bn, form, cross1, rb % 2 == 0)
+                want = expected_stores(cfg, d, bn, store, cross1, rb % 2 == 0)
                 if len(stores) != len(want):
                     raise SystemExit(f"{preset} d {d} {store}: {len(stores)} stores in the "
                                      f"TTGIR, {len(want)} expected")

@@ -526,9 +526,9 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
             ww = tl.arange(0, NW)
             if STORE_MODE:
                 # the words' bytes as one [BN, NW, WBP] store (WBP: WB rounded up to a power
-                # of two, the extra bytes masked), contiguous along the bytes of a word, so
-                # the store runs along a record instead of down the rows
-                WBP: tl.constexpr = 1 if WB == 1 else 2 if WB == 2 else 4 if WB <= 4 else 8
+                # of two, level_words' field; the extra bytes masked), contiguous along the
+                # bytes of a word, so the store runs along a record instead of down the rows
+                WBP: tl.constexpr = 1 << ((LV >> 6) & 3)
                 kb = tl.arange(0, WBP)
                 wb = word[:, :, None]
                 byt = ((wb >> (8 * kb[None, None, :]).to(wb.dtype)) & 255).to(tl.uint8)

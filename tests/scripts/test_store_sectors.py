@@ -52,8 +52,8 @@ def test_expected_stores_cover_each_record_byte_once(ss):
                       ("polar-4", 128)]:
         cfg = get_preset(preset, head_dim=d)
         rb = cfg.record_bytes(d)
-        for record in (False, True, "whole"):
-            stores = ss.expected_stores(cfg, d, 4, record, True, rb % 2 == 0)
+        for store in ("strided", "record", "whole"):
+            stores = ss.expected_stores(cfg, d, 4, store, True, rb % 2 == 0)
             hits = [0] * (4 * rb)
             for label, _, shape, addr in stores:
                 if label == "radii":
@@ -64,4 +64,4 @@ def test_expected_stores_cover_each_record_byte_once(ss):
                     if a is not None:
                         for k in range(size):
                             hits[a + k] += 1
-            assert hits == [1] * (4 * rb), (preset, d, record)
+            assert hits == [1] * (4 * rb), (preset, d, store)
