@@ -8,8 +8,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep     # decode launch-parameter sweep      (~3 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh store     # encode sweep and tests with the code
-#       stores along each record and of whole records (POLARTENSOR_ENCODE_STORE) (~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh store     # encode sweep and tests with the strided
+#       and the whole-record code stores beside the default record ones (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
@@ -107,13 +107,14 @@ encode)
     OUT="$OUT" step encode_sweep 300 "$PY" scripts/sweep_encode_launch.py
     ;;
 store)
-    # the code stores along each record and of whole records (opt-in until timed): timed
-    # against the default launch (codes and radii checked equal to the default's), then the
-    # encode's tests with each everywhere
+    # the code stores (POLARTENSOR_ENCODE_STORE): the default (record at d <= 128) timed
+    # against the record stores at the former 64-row launch, the strided stores (the former
+    # default) and whole records, codes and radii checked equal to the default's; then the
+    # encode's tests with the strided and whole stores everywhere
     OUT="$OUT" step store_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
-        --launches default_store_record,cap128_store_record,default_rotbf16,default_rotbf16_store_record,bn128_w8_store_record,default_store_whole,default_rotbf16_store_whole,bn128_w4_store_whole
-    for st in record whole; do
+        --launches bn64_w4,bn64_w4_store_strided,default_store_strided,default_store_whole,default_rotbf16_store_whole,default_rotbf16,cap0
+    for st in strided whole; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
             tests/kernels/test_kernel_encode.py

@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256)]
 # (rows per program, warps, register cap; 0: none). Defaults (bfloat16 x, as timed here): 64
-# rows and 4 warps at d <= 128, 128 rows and 8 warps at d 256, no cap. History: in coordinate
+# rows and 4 warps at d 64; at d 128 128 rows and 8 warps where every level has <= 4 bits,
+# 64 rows and 4 warps under a 128-register cap where the widest has 5 (polar-4), 64 rows and 4
+# warps uncapped above; 128 rows and 8 warps at d 256. History: in coordinate
 # order the d-128 encode compiled to 193 registers uncapped, and a 168 cap was 1.22x faster
 # (H200, 2026-11-29 15:00 UTC); with the register-order columns paper takes 160 uncapped and
 # the cap stopped paying (encode_launch_sweep.md). cap0: no cap.
@@ -49,21 +51,20 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
     (None, None, None, dict(_BF16, POLARTENSOR_ENCODE_PERSIST="1",
                             POLARTENSOR_ENCODE_STAGES=st, POLARTENSOR_ENCODE_PER_SM=per))
     for st, per in (("1", "2"), ("1", "4"), ("2", "4"))]
-# code words stored along each record (POLARTENSOR_ENCODE_STORE=record), alone, under a
-# 128-register cap, with the one-MMA rotation and in 128-row tiles; whole records (=whole)
-# alone, with the one-MMA rotation and in 128-row tiles
-_REC = {"POLARTENSOR_ENCODE_STORE": "record"}
+# the code stores (POLARTENSOR_ENCODE_STORE): the default stores along each record (since
+# 2026-12-06, at d <= 128, with 128-row tiles and 8 warps at d 128 where every level has
+# <= 4 bits). Timed beside it: the record stores at the former 64-row launch, the strided
+# stores there (the former default) and at the default launch, and whole records
+_STRIDED = {"POLARTENSOR_ENCODE_STORE": "strided"}
 _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
-_REC_LAUNCHES = [(None, None, None, _REC), (None, None, 128, _REC),
-                 (None, None, None, dict(_REC, **_BF16)), (128, 8, None, _REC),
-                 (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16)),
-                 (128, 4, None, _WHOLE)]
+_STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None, _STRIDED),
+                   (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16))]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _BF16_LAUNCHES \
-    + _REC_LAUNCHES
+    + _STORE_LAUNCHES
 
 
 def main():
@@ -129,7 +130,7 @@ def main():
                     name += "_binary"
                 if env.get("POLARTENSOR_ENCODE_ROT") == "bf16":
                     name += "_rotbf16"
-                if env.get("POLARTENSOR_ENCODE_STORE") in ("record", "whole"):
+                if "POLARTENSOR_ENCODE_STORE" in env:
                     name += "_store_" + env["POLARTENSOR_ENCODE_STORE"]
                 if "POLARTENSOR_ENCODE_STAGES" in env:
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"

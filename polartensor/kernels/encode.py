@@ -363,28 +363,34 @@ def _persist_per_sm() -> int:
     return int(env_choice("POLARTENSOR_ENCODE_PER_SM", _PER_SM))
 
 
-# POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` (the
-# default) lets Triton lay each store out down the tile's rows: one 1- or 2-byte write per
-# row per store instruction, 32 records apart in a warp. The H100 profile of the paper
-# encode at d 128 (results/bench/ncu_encode_2026-12-06_h100.md) had the L2 at 69-81% of its
-# throughput with DRAM at 27-33%, and ~21 L2 write sectors per row where the row's 46 code
-# and 16 radius bytes fill two. Opt-in, not yet timed on a GPU, same bytes (tested):
-# ``record`` writes along each record (a row's words are contiguous to Triton, so a warp's
-# store covers runs of one record); ``whole`` packs each row's levels and tail word into its
-# record bytes in registers (a gather along the row per level) and stores each record at
-# once. Offline (scripts/store_sectors.py, Triton 3.6, sm_90) paper d 128 writes 23.5 sectors
-# per row strided, 5.4 record, 2.9 whole; polar-4 61 / 17 / 2.9. The price, offline: whole
-# takes paper d 128 from 1208 to 1696 SASS instructions and 142 to 162 registers, and
-# spills at d 256 (results/bench/kernel_ir_stats_encode_store_record.md).
-_STORES = ("strided", "record", "whole")
+# POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` lets
+# Triton lay each store out down the tile's rows: one 1- or 2-byte write per row per store
+# instruction, 32 records apart in a warp. The H100 profile of the paper encode at d 128
+# (results/bench/ncu_encode_2026-12-06_h100.md) had the L2 at 69-81% of its throughput with
+# DRAM at 27-33%, and ~21 L2 write sectors per row where the row's 46 code and 16 radius bytes
+# fill two. ``record`` writes along each record (a row's words are contiguous to Triton, so a
+# warp's store covers runs of one record); ``whole`` packs each row's levels and tail word
+# into its record bytes in registers (a gather along the row per level) and stores each
+# record at once. Same bytes (tested). Offline (scripts/store_sectors.py, Triton 3.6, sm_90)
+# paper d 128 writes 23.5 sectors per row strided, 5.4 record, 2.9 whole.
+# Timed on an H100 (results/bench/encode_launch_sweep_store_2026-12-06_h100.md, bfloat16 x,
+# same run): at d 128 record ran 1.42x (paper), 1.36x (polar-3) and 2.45x (polar-4) faster
+# than strided; at d 64 0.98x, 1.06x, 2.21x. whole was slower than record in every row (its
+# gathers cost more than the sectors it saves: paper d 128 1208 -> 1696 SASS instructions
+# offline), and stays opt-in. ``auto`` (the default): record at d <= 128, strided above,
+# where the stores are not timed (record costs 25% more instructions there offline).
+_STORES = ("auto", "strided", "record", "whole")
 
 
-def _store_mode() -> int:
+def _store_mode(d: int) -> int:
     """POLARTENSOR_ENCODE_STORE as the kernel's STORE_MODE: 0 strided, 1 record, 2 whole (each
     row's levels and tail word packed into its record bytes in registers, a gather along the
     row per level, then one store per record; tiles of >= 16 rows per warp, record stores
-    below that; opt-in, not yet timed on a GPU)."""
-    return _STORES.index(env_choice("POLARTENSOR_ENCODE_STORE", _STORES))
+    below that). ``auto``: record at head_dim <= 128, strided above."""
+    choice = env_choice("POLARTENSOR_ENCODE_STORE", _STORES)
+    if choice == "auto":
+        return 1 if d <= 128 else 0
+    return _STORES.index(choice) - 1
 
 
 _SEARCHES = ("linear", "binary")
@@ -478,9 +484,10 @@ def encode_into_triton(
     POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
     elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
     encoding tile after tile. ``block_rows``, ``num_warps``, ``maxnreg`` (a register cap, GPU
-    only; 0 or None: no cap): the launch (defaults below). (A 168-register cap ran 1.22x
-    faster at d 128 before the register-order columns; with them paper runs 1.04x faster
-    uncapped and polar-4 0.99x, so there is no default cap.)
+    only; 0: no cap; None: the default): the launch (defaults below). (A 168-register cap
+    ran 1.22x faster at d 128 before the register-order columns; with them paper ran 1.04x
+    faster uncapped and polar-4 0.99x. With the record stores a 128-register cap runs
+    polar-4 at d 128 1.07x faster, and is its default.)
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
@@ -540,6 +547,7 @@ def encode_into_triton(
         rotate, rot_bf16x2 = True, True
     else:
         rotate = True
+    store_mode = _store_mode(d)
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
         # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
@@ -553,6 +561,22 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
+        if (not interp and rot_bf16x2 and 64 < d <= 128 and store_mode == 1
+                and not _persistent(persistent)):
+            # With the record stores, on an H100 at d 128 (bfloat16 x, same run,
+            # results/bench/encode_launch_sweep_store_2026-12-06_h100.md): 128 rows and 8
+            # warps (S read once per 128 rows) ran 1.13x (paper) and 1.15x (polar-3) faster
+            # than 64 rows and 4 warps, 49.4% of copy bandwidth for paper; for polar-4, whose
+            # 5-bit level 1 needs more registers, 0.82x, while a 128-register cap on 64-row
+            # tiles ran 1.07x (0.92-0.95x at d 64, so no cap there). Levels of <= 4 bits take
+            # the former, 5-bit ones the latter (polar-3.25/3.5/4.5 are not timed); 6-bit
+            # levels (polar-5) keep the uncapped default: under the cap they spill 24 bytes
+            # offline (Triton 3.6).
+            widest = max(config.bits)
+            if widest <= 4:
+                block_rows, num_warps = 128, num_warps or 8
+            elif widest == 5 and maxnreg is None:
+                maxnreg = 128
     # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
     # Triton splits the MMA's columns over warps, and offline the order cost instructions)
     perm = _column_order() and rotate and block_rows >= 16 * (num_warps or 4)
@@ -572,7 +596,6 @@ def encode_into_triton(
     # warp holds whole rows, >= 16 per warp, as for the register-order columns; with fewer
     # its thread-locality pass aborts, offline at 16 and 32 rows with 4 warps, so such
     # launches take the record stores, the same bytes)
-    store_mode = _store_mode()
     if store_mode == 2 and block_rows < 16 * (num_warps or 4):
         store_mode = 1
     # int32 row indices and offsets where they fit: the row division becomes a 32-bit one

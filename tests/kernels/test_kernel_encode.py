@@ -471,13 +471,59 @@ def test_encode_store_choice_is_checked(monkeypatch):
                            cfg, exact=False)
 
 
+@pytest.mark.parametrize("preset,d,dtype,store,want", [
+    ("paper", 128, torch.bfloat16, None, (128, 8, None, 1)),
+    ("polar-3", 128, torch.bfloat16, None, (128, 8, None, 1)),
+    ("polar-4", 128, torch.bfloat16, None, (64, 4, 128, 1)),
+    ("polar-5", 128, torch.bfloat16, None, (64, 4, None, 1)),
+    ("paper", 64, torch.bfloat16, None, (64, 4, None, 1)),
+    ("polar-4", 64, torch.bfloat16, None, (64, 4, None, 1)),
+    ("paper", 256, torch.bfloat16, None, (128, 8, None, 0)),
+    ("paper", 128, torch.float32, None, (64, 4, None, 1)),
+    ("paper", 128, torch.bfloat16, "strided", (64, 4, None, 0)),
+    ("paper", 128, torch.bfloat16, "whole", (64, 4, None, 2)),
+])
+def test_encode_gpu_launch_defaults(preset, d, dtype, store, want, monkeypatch):
+    """The GPU's default launch (rows, warps, register cap, stores), captured without running
+    it: record stores at head_dim <= 128, strided above; with them at d 128 and the bfloat16
+    rotation, 128 rows and 8 warps where every level has <= 4 bits, a 128-register cap where
+    the widest has 5, neither at 6 (spills offline); other paths keep 64 rows and 4 warps."""
+    from polartensor.kernels import encode
+
+    captured = []
+
+    class _Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                captured.append((kw["BN"], kw["num_warps"], kw.get("maxnreg"),
+                                 kw["STORE_MODE"]))
+            return launch
+
+    monkeypatch.setattr(encode, "_encode_kernel", _Capture())
+    monkeypatch.setattr(encode, "interpreting", lambda: False)
+    if store is None:
+        monkeypatch.delenv("POLARTENSOR_ENCODE_STORE", raising=False)
+    else:
+        monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
+    monkeypatch.delenv("POLARTENSOR_ENCODE_PERSIST", raising=False)
+    monkeypatch.delenv("POLARTENSOR_ENCODE_ROT", raising=False)
+    cfg = get_preset(preset, head_dim=d)
+    x = torch.randn(2, 300, d).to(dtype)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, "cpu", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    codes = torch.zeros(2, 300, cfg.record_bytes(d), dtype=torch.uint8)
+    radii = torch.zeros(2, 300, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype)
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
+    assert captured == [want]
+
+
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
                                                            (64, 4, 168), (64, 4, 0),
                                                            (32, 4, 128)])
 def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
     """Rows per program, warps and a register cap (the encode launch sweep's settings) change
     the tiling, not the arithmetic: codes and radii equal the default launch's bit for bit
-    (the cap applies on the GPU only; 0 lifts the default's cap at d 128)."""
+    (the cap applies on the GPU only; 0 lifts any default cap)."""
     d = 128 if ON_GPU else 32
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(29)
