@@ -54,11 +54,14 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
 # the code stores (POLARTENSOR_ENCODE_STORE): the default stores along each record (since
 # 2026-12-06, at d <= 128, with 128-row tiles and 8 warps at d 128 where every level has
 # <= 4 bits). Timed beside it: the record stores at the former 64-row launch, the strided
-# stores there (the former default) and at the default launch, and whole records
+# stores there (the former default) and at the default launch, the record stores at the
+# default launch (d 256, where the default is still strided), and whole records
 _STRIDED = {"POLARTENSOR_ENCODE_STORE": "strided"}
+_RECORD = {"POLARTENSOR_ENCODE_STORE": "record"}
 _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
 _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None, _STRIDED),
-                   (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16))]
+                   (None, None, None, _RECORD), (None, None, None, _WHOLE),
+                   (None, None, None, dict(_WHOLE, **_BF16))]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
