@@ -14,6 +14,7 @@ Each row also checks that the launch wrote the same codes and radii as the defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,12 +63,17 @@ _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
 _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None, _STRIDED),
                    (None, None, None, _RECORD), (None, None, None, _WHOLE),
                    (None, None, None, dict(_WHOLE, **_BF16))]
+# the preset with rotation="hadamard" at the default launch (the "_rotation" key is not an
+# environment variable): S is a scaled sign matrix, so the bfloat16 rotation takes one exact
+# MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so its
+# rows are not expected "same"; the tests check it against the reference.
+_HADAMARD = [(None, None, None, {"_rotation": "hadamard"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _BF16_LAUNCHES \
-    + _STORE_LAUNCHES
+    + _STORE_LAUNCHES + _HADAMARD
 
 
 def main():
@@ -139,6 +145,13 @@ def main():
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 if "POLARTENSOR_ENCODE_PER_SM" in env:
                     name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
+                env = dict(env)
+                rcfg, rrot, rmids = cfg, rot, mids
+                if "_rotation" in env:
+                    name += "_" + env["_rotation"]
+                    rcfg = dataclasses.replace(cfg, rotation=env.pop("_rotation"))
+                    rrot = cached_rotation(rcfg.rotation, rcfg.seed, d, dev)
+                    rmids, _ = tables_for(codebook_for(rcfg, device=dev), rcfg)
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 if (args.launches and row["launch"] != "default"
                         and row["launch"] not in args.launches.split(",")):
@@ -148,7 +161,7 @@ def main():
                         # (read per call: the CUDA graph captures the launch they give)
                         os.environ.update(env)
                         try:
-                            return encode_into_triton(x, rot, mids, codes, radii, cfg,
+                            return encode_into_triton(x, rrot, rmids, codes, radii, rcfg,
                                                       exact=False, **kw)
                         finally:
                             for key in env:

@@ -149,6 +149,7 @@ def polar_encode_fwd_kernel(
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
     ROT_LO: tl.constexpr = True, STORE_MODE: tl.constexpr = 0, RBP: tl.constexpr = 1,
+    R_SCALE: tl.constexpr = 1.0,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -254,6 +255,9 @@ def polar_encode_fwd_kernel(
             # offline (Triton 3.6, sm_90, paper) d 128 1312 -> 1272 SASS instructions, d 256
             # 2408 -> 2152
             rad_off = tl.multiple_of(rad_off, R_ALIGN)
+        if R_SCALE != 1.0:
+            # (the rotation ran against S / R_SCALE, a sign matrix: see sign_matrix_scale)
+            r = r * R_SCALE
         # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
         tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
                  r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
@@ -276,20 +280,38 @@ _QUANTIZERS = ("atan2", "cross")
 _ROT_MMAS = ("tf32x3", "bf16x2", "bf16")
 
 
-def rotation_bf16x2(rot: torch.Tensor, mma_rows: bool = False) -> torch.Tensor:
-    """[2, D, D] bfloat16: S rounded to bfloat16, then the rounded remainder (cached with the
-    rotation tensor, as the other kernel tables are); ``mma_rows``: S's rows in
-    :func:`mma_order`."""
+def rotation_bf16x2(rot: torch.Tensor, mma_rows: bool = False,
+                    scale: float = 1.0) -> torch.Tensor:
+    """[2, D, D] bfloat16: S / ``scale`` rounded to bfloat16, then the rounded remainder
+    (cached with the rotation tensor, as the other kernel tables are); ``mma_rows``: S's rows
+    in :func:`mma_order`."""
     from .dispatch import _cached
 
     def split():
         s32 = rot.detach().to(torch.float32)
+        if scale != 1.0:
+            s32 = s32 / scale
         if mma_rows:
             s32 = s32[mma_order(s32.shape[0]).to(s32.device)]
         hi = s32.to(torch.bfloat16)
         return torch.stack([hi, (s32 - hi.to(torch.float32)).to(torch.bfloat16)]).contiguous()
 
-    return _cached("rot_bf16x2", rot, bool(mma_rows), split)
+    return _cached("rot_bf16x2", rot, (bool(mma_rows), scale), split)
+
+
+def sign_matrix_scale(rot: torch.Tensor) -> float:
+    """c where every entry of S is +c or -c (a scaled sign matrix, as the randomized Hadamard
+    rotation is: c = 1 / sqrt(d)), else 0.0 (cached with the rotation tensor). S / c is then
+    exact in bfloat16, so one bfloat16 MMA rotates as exactly as the two of bf16x2; the
+    angles do not depend on the scale, and the kernel multiplies the block radii by c."""
+    from .dispatch import _cached
+
+    def find():
+        a = rot.detach().abs()
+        c = a.max()
+        return float(c) if float(c) > 0 and bool((a == c).all()) else 0.0
+
+    return _cached("rot_sign_scale", rot, None, find)
 
 
 def _rows_in_mma_order(rot: torch.Tensor) -> torch.Tensor:
@@ -580,8 +602,14 @@ def encode_into_triton(
     # (register-order columns need whole rows per warp: with fewer than 16 rows per warp
     # Triton splits the MMA's columns over warps, and offline the order cost instructions)
     perm = _column_order() and rotate and block_rows >= 16 * (num_warps or 4)
+    rot_lo, r_scale = rot_mma != "bf16", 1.0
     if rot_bf16x2:
-        rot_arg = rotation_bf16x2(rot, perm)
+        sign_c = sign_matrix_scale(rot)
+        if sign_c:
+            # (a scaled sign matrix, e.g. rotation="hadamard": one exact MMA against S / c, the
+            # block radii times c; the codes the two MMAs would give, up to float ties)
+            rot_lo, r_scale = False, sign_c
+        rot_arg = rotation_bf16x2(rot, perm, r_scale)
     elif rotate:
         rot_arg = _rows_in_mma_order(rot) if perm else rot.contiguous()
     prec = "ieee" if interp else "tf32x3"
@@ -620,7 +648,7 @@ def encode_into_triton(
         LV4=w["LV4"], LV5=w["LV5"], LV6=w["LV6"], LV7=w["LV7"],
         ROTATE=rotate, PREC=prec, F64=bool(exact), VEC=bool(exact),
         CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
-        TOFF=toff, ROT_BF16X2=rot_bf16x2, ROT_LO=rot_mma != "bf16",
+        TOFF=toff, ROT_BF16X2=rot_bf16x2, ROT_LO=rot_lo, R_SCALE=r_scale,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
         R_ALIGN=_row_align(r3),
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),

@@ -324,6 +324,50 @@ def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
     _check_encode(x, cfg, codes, radii, 0, 21)
 
 
+@pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128}))
+@pytest.mark.parametrize("persistent", [False, True])
+def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, monkeypatch):
+    """rotation='hadamard' makes S = c x (a sign matrix), c = 1 / sqrt(d): the bfloat16
+    rotation then runs as one MMA against S / c, exact in bfloat16 (no low part to multiply),
+    and the block radii are multiplied by c (the angles do not depend on the scale). Codes and
+    radii agree with the reference as the two MMAs' do, and with the two MMAs' own output up
+    to float ties and one radius rounding. A rotation that is not a sign matrix keeps two."""
+    from polartensor.kernels import encode
+
+    seen = _spy_launches(monkeypatch, "ROT_BF16X2", "ROT_LO", "R_SCALE")
+    cfg = PolarQuantConfig(levels=4, bits=(4, 2, 2, 2), radius_dtype="float16",
+                           rotation="hadamard")
+    g = torch.Generator().manual_seed(d + 3)
+    t = 70 if ON_GPU else 33
+    x = (torch.randn(2, t, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    assert encode.sign_matrix_scale(rot) == pytest.approx(d ** -0.5, rel=1e-7)
+    ortho = rotation_matrix(d, "orthogonal", 0, DEVICE, torch.float32)
+    assert encode.sign_matrix_scale(ortho) == 0.0
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+
+    def run():
+        codes = torch.zeros(2, t, cfg.record_bytes(d), dtype=torch.uint8, device=DEVICE)
+        radii = torch.zeros(2, t, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=DEVICE)
+        assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
+                                  persistent=persistent)
+        return codes, radii
+
+    codes, radii = run()
+    assert seen[-1][:2] == (True, False)
+    assert seen[-1][2] == pytest.approx(d ** -0.5, rel=1e-7)
+    _check_encode(x, cfg, codes, radii, 0, t)
+    # the same S through the two MMAs (as any other rotation)
+    monkeypatch.setattr(encode, "sign_matrix_scale", lambda rot: 0.0)
+    codes2, radii2 = run()
+    assert seen[-1] == (True, True, 1.0)
+    got, want = unpack_codes(codes, cfg, d), unpack_codes(codes2, cfg, d)
+    total = sum(a.numel() for a in want)
+    assert sum(int((a != b).sum()) for a, b in zip(got, want)) <= max(1, total // 1000)
+    torch.testing.assert_close(radii.double(), radii2.double(), rtol=2.0 ** -10, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["paper", "polar-3", "polar-4"])
 @pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d >= 32])
 @pytest.mark.parametrize("persistent", [False, True])
