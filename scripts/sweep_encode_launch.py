@@ -146,16 +146,18 @@ def main():
                 if "POLARTENSOR_ENCODE_PER_SM" in env:
                     name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
                 env = dict(env)
-                rcfg, rrot, rmids = cfg, rot, mids
-                if "_rotation" in env:
-                    name += "_" + env["_rotation"]
-                    rcfg = dataclasses.replace(cfg, rotation=env.pop("_rotation"))
-                    rrot = cached_rotation(rcfg.rotation, rcfg.seed, d, dev)
-                    rmids, _ = tables_for(codebook_for(rcfg, device=dev), rcfg)
+                rotation = env.pop("_rotation", None)
+                if rotation:
+                    name += "_" + rotation
                 row = dict(model=model, d=d, preset=preset, launch=name.strip("_"))
                 if (args.launches and row["launch"] != "default"
                         and row["launch"] not in args.launches.split(",")):
                     continue
+                rcfg, rrot, rmids = cfg, rot, mids
+                if rotation:
+                    rcfg = dataclasses.replace(cfg, rotation=rotation)
+                    rrot = cached_rotation(rcfg.rotation, rcfg.seed, d, dev)
+                    rmids, _ = tables_for(codebook_for(rcfg, device=dev), rcfg)
                 try:
                     def fn(kw=kw, codes=codes, radii=radii, x=x, env=env):
                         # (read per call: the CUDA graph captures the launch they give)
