@@ -22,7 +22,7 @@ RADIUS_DTYPES = {
     "float32": torch.float32,
 }
 _CODEBOOKS = ("offline", "online")
-_ROTATIONS = ("orthogonal", "hadamard", "none")
+_ROTATIONS = ("orthogonal", "hadamard", "permuted_hadamard", "none")
 MAX_BITS = 8
 
 
@@ -120,9 +120,9 @@ class PolarQuantConfig(AOBaseConfig):
                 f"head_dim {head_dim} is not divisible by the block size 2**levels = "
                 f"{self.block_size}; choose levels <= {_max_levels(head_dim)}"
             )
-        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
+        if self.rotation.endswith("hadamard") and head_dim & (head_dim - 1):
             raise ValueError(
-                f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}; "
+                f"rotation={self.rotation!r} needs a power-of-two head_dim, got {head_dim}; "
                 "use rotation='orthogonal'"
             )
 

@@ -1,5 +1,13 @@
 """Seeded random rotations S (y = S x) that make any input look uniform on the sphere.
 
+Kinds: ``orthogonal`` (Haar-random, from the QR of a Gaussian matrix), ``hadamard`` (a
+Sylvester-order Hadamard matrix times random signs, / sqrt(d)), ``permuted_hadamard`` (the same
+with its rows in a seeded random order) and ``none``. Both Hadamard kinds are +-1 / sqrt(d)
+everywhere, which lets the GPU encode rotate bfloat16 inputs with one exact MMA. Their quality
+differs: in Sylvester order consecutive rows pair up as (A + B, A - B) of partial sums, and the
+polar tree pairs consecutive coordinates, so the deep levels see that structure (measured on
+SmolLM2: see README, "Presets and measured quality"); the row shuffle removes it.
+
 The matrices are drawn once per ``(head_dim, kind, seed)`` on the CPU in float64 and cached per
 device and dtype in plain dicts. Under ``torch.compile`` (or any fake-tensor tracing) the cache
 is not read: a seeded ``torch.Generator`` cannot be traced and a cached real tensor is not a
@@ -16,7 +24,7 @@ from ._tracing import tracing
 
 __all__ = ["rotation_matrix", "rotate", "unrotate"]
 
-_KINDS = ("orthogonal", "hadamard", "none")
+_KINDS = ("orthogonal", "hadamard", "permuted_hadamard", "none")
 _MAX_ENTRIES = 256
 _CPU: dict[tuple, torch.Tensor] = {}  # (head_dim, kind, seed) -> float64 CPU matrix
 _MATRICES: dict[tuple, torch.Tensor] = {}  # (head_dim, kind, seed, device, dtype) -> matrix
@@ -24,9 +32,10 @@ _MATRICES: dict[tuple, torch.Tensor] = {}  # (head_dim, kind, seed, device, dtyp
 
 def _check(head_dim: int, kind: str) -> None:
     if kind not in _KINDS:
-        raise ValueError(f"unknown rotation {kind!r}; use 'orthogonal', 'hadamard' or 'none'")
-    if kind == "hadamard" and head_dim & (head_dim - 1):
-        raise ValueError(f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}")
+        raise ValueError(f"unknown rotation {kind!r}; use 'orthogonal', 'hadamard', "
+                         "'permuted_hadamard' or 'none'")
+    if kind.endswith("hadamard") and head_dim & (head_dim - 1):
+        raise ValueError(f"rotation={kind!r} needs a power-of-two head_dim, got {head_dim}")
 
 
 def _draw(head_dim: int, kind: str, seed: int) -> torch.Tensor:
@@ -44,7 +53,11 @@ def _draw(head_dim: int, kind: str, seed: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < head_dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / head_dim**0.5 * signs.to(torch.float64).unsqueeze(0)
+    s = h / head_dim**0.5 * signs.to(torch.float64).unsqueeze(0)
+    if kind == "permuted_hadamard":
+        # (drawn after the signs: the same seed gives the same signs as 'hadamard')
+        s = s[torch.randperm(head_dim, generator=gen)]
+    return s
 
 
 def _remember(table: dict, key: tuple, value: torch.Tensor) -> torch.Tensor:

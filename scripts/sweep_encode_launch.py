@@ -63,11 +63,11 @@ _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
 _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None, _STRIDED),
                    (None, None, None, _RECORD), (None, None, None, _WHOLE),
                    (None, None, None, dict(_WHOLE, **_BF16))]
-# the preset with rotation="hadamard" at the default launch (the "_rotation" key is not an
-# environment variable): S is a scaled sign matrix, so the bfloat16 rotation takes one exact
-# MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so its
-# rows are not expected "same"; the tests check it against the reference.
-_HADAMARD = [(None, None, None, {"_rotation": "hadamard"})]
+# the preset with rotation="permuted_hadamard" at the default launch (the "_rotation" key is
+# not an environment variable): S is a scaled sign matrix, so the bfloat16 rotation takes one
+# exact MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so
+# its rows are not expected "same"; the tests check it against the reference.
+_HADAMARD = [(None, None, None, {"_rotation": "permuted_hadamard"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),

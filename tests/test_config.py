@@ -49,8 +49,9 @@ def test_invalid_configs_raise(kwargs, match):
 def test_head_dim_checks():
     with pytest.raises(ValueError, match="not divisible by the block size"):
         PolarQuantConfig(levels=4).check_head_dim(72 + 4)
-    with pytest.raises(ValueError, match="power-of-two"):
-        PolarQuantConfig(levels=1, rotation="hadamard").check_head_dim(96)
+    for kind in ("hadamard", "permuted_hadamard"):
+        with pytest.raises(ValueError, match=f"rotation='{kind}' needs a power-of-two"):
+            PolarQuantConfig(levels=1, rotation=kind).check_head_dim(96)
 
 
 def test_presets_resolve_per_head_dim():

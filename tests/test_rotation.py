@@ -10,7 +10,7 @@ from polartensor import rotation as rot
 from polartensor.kernels import dispatch
 from polartensor.rotation import rotate, rotation_matrix, unrotate
 
-KINDS = ["orthogonal", "hadamard", "none"]
+KINDS = ["orthogonal", "hadamard", "permuted_hadamard", "none"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -31,8 +31,30 @@ def test_rotation_is_orthogonal_and_seeded(kind, d, device):
 def test_rotation_errors():
     with pytest.raises(ValueError, match="unknown rotation"):
         rotation_matrix(16, "random")
-    with pytest.raises(ValueError, match="power-of-two"):
-        rotation_matrix(24, "hadamard")
+    for kind in ("hadamard", "permuted_hadamard"):
+        with pytest.raises(ValueError, match=f"rotation='{kind}' needs a power-of-two"):
+            rotation_matrix(24, kind)
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_permuted_hadamard_is_the_hadamard_rows_shuffled(d):
+    """permuted_hadamard: the seed's 'hadamard' matrix (same signs) with its rows in a seeded
+    random order; every entry +-1/sqrt(d), as the kernels' one-MMA path needs, and consecutive
+    rows no longer the Sylvester pairs (A + B, A - B)."""
+    h = rotation_matrix(d, "hadamard", 7, "cpu", torch.float64)
+    p = rotation_matrix(d, "permuted_hadamard", 7, "cpu", torch.float64)
+    c = p.abs().max()
+    assert (p.abs() == c).all() and abs(float(c) - d ** -0.5) < 1e-15
+    # each row of p is a row of h, each row of h appears once
+    match = (p @ h.T).round().long()  # d * (1/d) on the matching row, 0 elsewhere
+    assert torch.equal(match.abs().sum(1), torch.ones(d, dtype=torch.long))
+    assert torch.equal(match.sum(0), torch.ones(d, dtype=torch.long))
+    order = match.argmax(1)
+    assert not torch.equal(order, torch.arange(d))
+    # Sylvester rows 2k and 2k + 1 differ only in the odd columns' signs; shuffled, most don't
+    sylvester = (p[0::2] * p[1::2] * d).round()
+    odd = torch.tensor([(-1) ** j for j in range(d)], dtype=torch.float64)
+    assert sum(torch.equal(r, odd) for r in sylvester) < d // 4
 
 
 def test_rotate_unrotate_round_trip(device):

@@ -9,9 +9,9 @@ Method names (``make_method(name)``):
 - ``polar:<preset>`` (same preset for keys and values), ``polar:<key>/<value>`` and
   ``polar:default`` (the recommended key/value pairing of the transformers integration),
   with optional suffixes ``+online`` (online codebooks), ``+r<N>`` (N most recent prompt tokens
-  in full precision), ``+hadamard`` (the randomized Hadamard rotation instead of the preset's
-  random orthogonal one) and ``+qgen`` (see below), e.g. ``polar:paper``,
-  ``polar:polar-4/polar-3``, ``polar:paper+hadamard``.
+  in full precision), ``+hadamard`` / ``+permuted_hadamard`` (that rotation instead of the
+  preset's random orthogonal one; see :mod:`polartensor.rotation`) and ``+qgen`` (see below),
+  e.g. ``polar:paper``, ``polar:polar-4/polar-3``, ``polar:polar-3+permuted_hadamard``.
 
 PolarQuant runs in the paper's mode by default (``quantize_generated=False``): the prompt /
 context is quantized, tokens appended after it (a scored chunk, a question, generated tokens)
@@ -96,31 +96,31 @@ def _quantized_cache(backend: str, nbits: int) -> Callable:
     return factory
 
 
-_POLAR_RE = re.compile(r"^polar:(?P<spec>[^+]+)(?P<opts>(\+[a-z0-9]+)*)$")
+_POLAR_RE = re.compile(r"^polar:(?P<spec>[^+]+)(?P<opts>(\+[a-z0-9_]+)*)$")
 
 
 def _polar_method(name: str) -> Method:
     m = _POLAR_RE.match(name)
     if not m:
         raise ValueError(f"bad PolarQuant method {name!r}; expected polar:<preset>[/<preset>]"
-                         "[+online][+r<N>][+hadamard][+qgen]")
+                         "[+online][+r<N>][+hadamard|+permuted_hadamard][+qgen]")
     from ..integrations import transformers as polar_tf
 
     spec = m.group("spec")
     opts = [o for o in m.group("opts").split("+") if o]
-    residual, online, qgen, hadamard = 0, False, False, False
+    residual, online, qgen, rotation = 0, False, False, None
     for o in opts:
         if o == "online":
             online = True
-        elif o == "hadamard":
-            hadamard = True
+        elif o in ("hadamard", "permuted_hadamard"):
+            rotation = o
         elif o == "qgen":
             qgen = True
         elif re.fullmatch(r"r\d+", o):
             residual = int(o[1:])
         else:
             raise ValueError(f"unknown option +{o} in {name!r} (known: +online, +r<N>, "
-                             "+hadamard, +qgen)")
+                             "+hadamard, +permuted_hadamard, +qgen)")
     if spec == "default":
         key, value = polar_tf.DEFAULT_KEY_PRESET, polar_tf.DEFAULT_VALUE_PRESET
     elif "/" in spec:
@@ -134,7 +134,7 @@ def _polar_method(name: str) -> Method:
         from ..config import get_preset
 
         cfg = get_preset(p, head_dim) if isinstance(p, str) else p
-        return dataclasses.replace(cfg, rotation="hadamard") if hadamard else cfg
+        return dataclasses.replace(cfg, rotation=rotation) if rotation else cfg
 
     def factory(model):
         text = model.config.get_text_config(decoder=True)
@@ -154,8 +154,8 @@ def _polar_method(name: str) -> Method:
         label = f"PolarQuant default (K {_name(key)} / V {_name(value)})"
     if online:
         label += " online"
-    if hadamard:
-        label += " Hadamard"
+    if rotation:
+        label += " " + rotation.replace("_", " ").replace("hadamard", "Hadamard")
     if residual:
         label += f" +{residual} fp"
     if qgen:
@@ -163,7 +163,7 @@ def _polar_method(name: str) -> Method:
     return Method(name, "polarquant", label, "polar", factory,
                   {"key": _name(key), "value": _name(value), "residual_length": residual,
                    "online_codebooks": online, "quantize_generated": qgen,
-                   "rotation": "hadamard" if hadamard else "preset's"})
+                   "rotation": rotation or "preset's"})
 
 
 def make_method(name: str) -> Method:

@@ -606,8 +606,9 @@ def encode_into_triton(
     if rot_bf16x2:
         sign_c = sign_matrix_scale(rot)
         if sign_c:
-            # (a scaled sign matrix, e.g. rotation="hadamard": one exact MMA against S / c, the
-            # block radii times c; the codes the two MMAs would give, up to float ties)
+            # (a scaled sign matrix, rotation="hadamard" or "permuted_hadamard": one exact MMA
+            # against S / c, the block radii times c; the codes the two MMAs would give, up to
+            # float ties)
             rot_lo, r_scale = False, sign_c
         rot_arg = rotation_bf16x2(rot, perm, r_scale)
     elif rotate:

@@ -112,16 +112,18 @@ def test_registry_names_and_errors():
         make_method("polar:paper+fast")
 
 
-def test_hadamard_option_swaps_the_rotation(model):
-    """``+hadamard`` keeps the preset's bits and radii and swaps only its rotation."""
-    cache = make_method("polar:paper+hadamard").factory(model)
+@pytest.mark.parametrize("kind", ["hadamard", "permuted_hadamard"])
+def test_rotation_option_swaps_the_rotation(model, kind):
+    """``+hadamard`` / ``+permuted_hadamard`` keep the preset's bits and radii and swap only
+    its rotation."""
+    cache = make_method(f"polar:paper+{kind}").factory(model)
     plain = make_method("polar:paper").factory(model)
     kv, kv0 = cache.kv_config, plain.kv_config
     for got, want in ((kv.key_config, kv0.key_config), (kv.value_config, kv0.value_config)):
-        assert got.rotation == "hadamard" and want.rotation == "orthogonal"
+        assert got.rotation == kind and want.rotation == "orthogonal"
         assert (got.bits, got.levels, got.radius_dtype) == (want.bits, want.levels,
                                                             want.radius_dtype)
-    assert make_method("polar:paper+hadamard").details["rotation"] == "hadamard"
+    assert make_method(f"polar:paper+{kind}").details["rotation"] == kind
 
 
 def test_kl_and_nll():

@@ -326,8 +326,10 @@ def test_bf16x2_rotation_matches_reference(d, cfg, quantizer, monkeypatch):
 
 @pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128}))
 @pytest.mark.parametrize("persistent", [False, True])
-def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, monkeypatch):
-    """rotation='hadamard' makes S = c x (a sign matrix), c = 1 / sqrt(d): the bfloat16
+@pytest.mark.parametrize("kind", ["hadamard", "permuted_hadamard"])
+def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, kind, monkeypatch):
+    """rotation='hadamard' or 'permuted_hadamard' makes S = c x (a sign matrix), c = 1 /
+    sqrt(d): the bfloat16
     rotation then runs as one MMA against S / c, exact in bfloat16 (no low part to multiply),
     and the block radii are multiplied by c (the angles do not depend on the scale). Codes and
     radii agree with the reference as the two MMAs' do, and with the two MMAs' own output up
@@ -336,7 +338,7 @@ def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, monkeypatch):
 
     seen = _spy_launches(monkeypatch, "ROT_BF16X2", "ROT_LO", "R_SCALE")
     cfg = PolarQuantConfig(levels=4, bits=(4, 2, 2, 2), radius_dtype="float16",
-                           rotation="hadamard")
+                           rotation=kind)
     g = torch.Generator().manual_seed(d + 3)
     t = 70 if ON_GPU else 33
     x = (torch.randn(2, t, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
