@@ -299,19 +299,25 @@ def rotation_bf16x2(rot: torch.Tensor, mma_rows: bool = False,
     return _cached("rot_bf16x2", rot, (bool(mma_rows), scale), split)
 
 
-def sign_matrix_scale(rot: torch.Tensor) -> float:
-    """c where every entry of S is +c or -c (a scaled sign matrix, as the randomized Hadamard
-    rotation is: c = 1 / sqrt(d)), else 0.0 (cached with the rotation tensor). S / c is then
-    exact in bfloat16, so one bfloat16 MMA rotates as exactly as the two of bf16x2; the
-    angles do not depend on the scale, and the kernel multiplies the block radii by c."""
-    from .dispatch import _cached
+_SIGN_SCALES: dict[tuple, float] = {}
 
-    def find():
-        a = rot.detach().abs()
-        c = a.max()
-        return float(c) if float(c) > 0 and bool((a == c).all()) else 0.0
 
-    return _cached("rot_sign_scale", rot, None, find)
+def sign_matrix_scale(config, d: int) -> float:
+    """c where every entry of the configuration's S is +c or -c (the Hadamard rotations: c =
+    1 / sqrt(d)), else 0.0. S / c is then exact in bfloat16, so one bfloat16 MMA rotates as
+    exactly as the two of bf16x2; the angles do not depend on the scale, and the kernel
+    multiplies the block radii by c. Read from S's CPU copy (the device copy is the same
+    float32 values), so it never waits on the device, also while a CUDA graph captures."""
+    if not config.rotation.endswith("hadamard"):
+        return 0.0
+    key = (config.rotation, config.seed, d)
+    c = _SIGN_SCALES.get(key)
+    if c is None:
+        from ..rotation import rotation_matrix
+
+        a = rotation_matrix(d, config.rotation, config.seed, "cpu", torch.float32).abs()
+        c = _SIGN_SCALES[key] = float(a.max()) if bool((a == a.max()).all()) else 0.0
+    return c
 
 
 def _rows_in_mma_order(rot: torch.Tensor) -> torch.Tensor:
@@ -604,7 +610,7 @@ def encode_into_triton(
     perm = _column_order() and rotate and block_rows >= 16 * (num_warps or 4)
     rot_lo, r_scale = rot_mma != "bf16", 1.0
     if rot_bf16x2:
-        sign_c = sign_matrix_scale(rot)
+        sign_c = sign_matrix_scale(config, d)
         if sign_c:
             # (a scaled sign matrix, rotation="hadamard" or "permuted_hadamard": one exact MMA
             # against S / c, the block radii times c; the codes the two MMAs would give, up to

@@ -343,9 +343,9 @@ def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, kind, monkeypat
     t = 70 if ON_GPU else 33
     x = (torch.randn(2, t, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-    assert encode.sign_matrix_scale(rot) == pytest.approx(d ** -0.5, rel=1e-7)
-    ortho = rotation_matrix(d, "orthogonal", 0, DEVICE, torch.float32)
-    assert encode.sign_matrix_scale(ortho) == 0.0
+    c = encode.sign_matrix_scale(cfg, d)
+    assert c == pytest.approx(d ** -0.5, rel=1e-7) and bool((rot.abs() == c).all())
+    assert encode.sign_matrix_scale(get_preset("paper", head_dim=d), d) == 0.0
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
 
     def run():
@@ -361,7 +361,7 @@ def test_sign_matrix_rotation_takes_one_exact_mma(d, persistent, kind, monkeypat
     assert seen[-1][2] == pytest.approx(d ** -0.5, rel=1e-7)
     _check_encode(x, cfg, codes, radii, 0, t)
     # the same S through the two MMAs (as any other rotation)
-    monkeypatch.setattr(encode, "sign_matrix_scale", lambda rot: 0.0)
+    monkeypatch.setattr(encode, "sign_matrix_scale", lambda config, d: 0.0)
     codes2, radii2 = run()
     assert seen[-1] == (True, True, 1.0)
     got, want = unpack_codes(codes, cfg, d), unpack_codes(codes2, cfg, d)
