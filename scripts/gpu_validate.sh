@@ -110,14 +110,15 @@ encode)
 store)
     # the code stores (POLARTENSOR_ENCODE_STORE): the default (record at d <= 128, strided
     # at d 256) timed against the record stores at the former 64-row launch, the strided
-    # stores (the former default), the record stores at d 256 (not yet timed there),
-    # whole records, and the preset with rotation="permuted_hadamard" (one exact MMA), codes
-    # and radii checked equal to the default's (not that row's: another rotation); then the
-    # encode's tests with the strided and whole stores everywhere
+    # stores (the former default), the record stores at d 256 (not yet timed there), record16
+    # (odd-sized words in pairs of 16-bit units), whole records, and the preset with
+    # rotation="permuted_hadamard" (one exact MMA), codes and radii checked equal to the
+    # default's (not that row's: another rotation); then the encode's tests with the strided
+    # and the record16 stores everywhere (whole passed on the GPU on 2026-12-06)
     OUT="$OUT" step store_sweep 300 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m,gemma2-9b --presets paper,polar-3,polar-4 \
-        --launches bn64_w4,bn64_w4_store_strided,default_store_strided,default_store_record,default_store_whole,default_rotbf16,cap0,default_permuted_hadamard
-    for st in strided whole; do
+        --launches bn64_w4,bn64_w4_store_strided,default_store_strided,default_store_record,default_store_record16,default_store_whole,default_rotbf16,cap0,default_permuted_hadamard
+    for st in strided record16; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
             tests/kernels/test_kernel_encode.py

@@ -45,7 +45,8 @@ def _ints(text: str) -> list[int]:
 def expected_stores(cfg, d: int, bn: int, store: str, cross1: bool, store16: bool):
     """What the encode stores, in program order: (label, element type, shape, address of
     element index (None: masked off)). ``store``: POLARTENSOR_ENCODE_STORE's "strided",
-    "record" (along each record) or "whole" (one store per record)."""
+    "record" (along each record), "record16" (record, odd-sized words in pairs of 16-bit
+    units) or "whole" (one store per record)."""
     from polartensor.kernels.common import level_words
 
     w = level_words(cfg, d)
@@ -78,7 +79,13 @@ def expected_stores(cfg, d: int, bn: int, store: str, cross1: bool, store16: boo
         if cross and wb == 1 and store16 and pos % 2 == 0 and nw % 2 == 0:
             out.append((f"level {lvl} 16-bit", "i16", (bn, nw // 2),
                         lambda i, pos=pos: i[0] * rb + pos + 2 * i[1]))
-        elif store == "record":
+        elif (store == "record16" and wb % 2 == 1 and wb > 1 and store16 and pos % 2 == 0
+              and nw % 2 == 0):
+            up = 2 if wb < 2 else 4 if wb < 4 else 8
+            out.append((f"level {lvl} 16-bit pairs", "i16", (bn, nw // 2, up),
+                        lambda i, pos=pos, wb=wb: (i[0] * rb + pos + 2 * (i[1] * wb + i[2]))
+                        if i[2] < wb else None))
+        elif store in ("record", "record16"):
             out.append((f"level {lvl} bytes", "i8", (bn, nw, wbp),
                         lambda i, pos=pos, wb=wb: (i[0] * rb + pos + i[1] * wb + i[2])
                         if i[2] < wb else None))
@@ -87,7 +94,7 @@ def expected_stores(cfg, d: int, bn: int, store: str, cross1: bool, store16: boo
                 out.append((f"level {lvl} byte {k}", "i8", (bn, nw),
                             lambda i, pos=pos, wb=wb, k=k: i[0] * rb + pos + i[1] * wb + k))
     tb, tn = w["TAIL_BYTE"], w["TAIL_NB"]
-    if store == "record" and tn > 1:
+    if store in ("record", "record16") and tn > 1:
         tnp = 2 if tn == 2 else 4 if tn <= 4 else 8
         out.append(("tail", "i8", (bn, tnp),
                     lambda i: (i[0] * rb + tb + i[1]) if i[1] < tn else None))

@@ -56,13 +56,15 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
 # 2026-12-06, at d <= 128, with 128-row tiles and 8 warps at d 128 where every level has
 # <= 4 bits). Timed beside it: the record stores at the former 64-row launch, the strided
 # stores there (the former default) and at the default launch, the record stores at the
-# default launch (d 256, where the default is still strided), and whole records
+# default launch (d 256, where the default is still strided), record16 (odd-sized words in
+# pairs of 16-bit units), and whole records
 _STRIDED = {"POLARTENSOR_ENCODE_STORE": "strided"}
 _RECORD = {"POLARTENSOR_ENCODE_STORE": "record"}
 _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
+_RECORD16 = {"POLARTENSOR_ENCODE_STORE": "record16"}
 _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None, _STRIDED),
-                   (None, None, None, _RECORD), (None, None, None, _WHOLE),
-                   (None, None, None, dict(_WHOLE, **_BF16))]
+                   (None, None, None, _RECORD), (None, None, None, _RECORD16),
+                   (None, None, None, _WHOLE), (None, None, None, dict(_WHOLE, **_BF16))]
 # the preset with rotation="permuted_hadamard" at the default launch (the "_rotation" key is
 # not an environment variable): S is a scaled sign matrix, so the bfloat16 rotation takes one
 # exact MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so

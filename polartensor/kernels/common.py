@@ -524,7 +524,29 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
         elif n >= 8:
             word = _pack_words(code, BN, NW, G, b, WB)
             ww = tl.arange(0, NW)
-            if STORE_MODE:
+            if (STORE_MODE == 3 and STORE16 and pos % 2 == 0 and NW % 2 == 0 and WB % 2 == 1
+                    and WB > 1):
+                # (record16) odd-sized words (polar-4's 5- and 3-byte ones) in pairs: a pair's
+                # 2 WB bytes are WB aligned 16-bit units, unit k = bits [16 k, 16 k + 16) of
+                # w0 | w1 << 8 WB, stored along the record instead of byte by byte
+                UP: tl.constexpr = 2 if WB < 2 else 4 if WB < 4 else 8
+                w0, w1 = tl.split(tl.reshape(word, (BN, NW // 2, 2)))
+                k = tl.arange(0, UP)
+                top: tl.constexpr = 63 if WB > 4 else 31  # (the words' width, less one)
+                s0 = tl.minimum(16 * k, top)
+                s1 = 16 * k - 8 * WB
+                up = tl.minimum(tl.maximum(s1, 0), top)
+                down = tl.minimum(tl.maximum(-s1, 0), top)
+                w0e, w1e = w0[:, :, None], w1[:, :, None]
+                unit = ((w0e >> s0[None, None, :].to(w0e.dtype))
+                        | ((w1e >> up[None, None, :].to(w1e.dtype))
+                           << down[None, None, :].to(w1e.dtype))) & 65535
+                mm = tl.arange(0, NW // 2)
+                p16 = (codes_ptr + rec_off + pos).to(tl.pointer_type(tl.uint16))[:, None, None] \
+                    + (mm * WB)[None, :, None] + k[None, None, :]
+                tl.store(p16, unit.to(tl.uint16),
+                         mask=valid[:, None, None] & (k < WB)[None, None, :])
+            elif STORE_MODE:
                 # the words' bytes as one [BN, NW, WBP] store (WBP: WB rounded up to a power
                 # of two, level_words' field; the extra bytes masked), contiguous along the
                 # bytes of a word, so the store runs along a record instead of down the rows

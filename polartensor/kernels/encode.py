@@ -407,14 +407,17 @@ def _persist_per_sm() -> int:
 # gathers cost more than the sectors it saves: paper d 128 1208 -> 1696 SASS instructions
 # offline), and stays opt-in. ``auto`` (the default): record at d <= 128, strided above,
 # where the stores are not timed (record costs 25% more instructions there offline).
-_STORES = ("auto", "strided", "record", "whole")
+# ``record16`` (opt-in, not timed): record, and odd-sized multi-byte words (polar-4's 5- and
+# 3-byte ones, which record stores byte by byte: 17 sectors per row at d 128 in the model) in
+# pairs as aligned 16-bit units, where records are 2-byte aligned.
+_STORES = ("auto", "strided", "record", "whole", "record16")
 
 
 def _store_mode(d: int) -> int:
     """POLARTENSOR_ENCODE_STORE as the kernel's STORE_MODE: 0 strided, 1 record, 2 whole (each
     row's levels and tail word packed into its record bytes in registers, a gather along the
     row per level, then one store per record; tiles of >= 16 rows per warp, record stores
-    below that). ``auto``: record at head_dim <= 128, strided above."""
+    below that), 3 record16. ``auto``: record at head_dim <= 128, strided above."""
     choice = env_choice("POLARTENSOR_ENCODE_STORE", _STORES)
     if choice == "auto":
         return 1 if d <= 128 else 0
@@ -589,7 +592,7 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
-        if (not interp and rot_bf16x2 and 64 < d <= 128 and store_mode == 1
+        if (not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3)
                 and not _persistent(persistent)):
             # With the record stores, on an H100 at d 128 (bfloat16 x, same run,
             # results/bench/encode_launch_sweep_store_2026-12-06_h100.md): 128 rows and 8

@@ -443,9 +443,9 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
 @pytest.mark.parametrize("d", sorted(set(HEAD_DIMS) | {128, 256}))
 @pytest.mark.parametrize("persistent", [False, True])
 def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
-    """POLARTENSOR_ENCODE_STORE=record (code words stored along each record) and =whole (each
-    record packed in registers and stored at once) write the same bytes as the default
-    strided stores: every level's words, byte and 16-bit paths, odd and even record sizes,
+    """POLARTENSOR_ENCODE_STORE=record (code words stored along each record), =whole (each
+    record packed in registers and stored at once) and =record16 (record, odd-sized words in
+    pairs as 16-bit units) write the same bytes as the strided stores: every level's words, byte and 16-bit paths, odd and even record sizes,
     the tail word of full-depth presets, at an offset into a larger cache whose other
     records must stay untouched."""
     seen = _spy_launches(monkeypatch, "STORE_MODE")
@@ -456,7 +456,7 @@ def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, DEVICE, torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     out = {}
-    for mode, store in enumerate(("strided", "record", "whole")):
+    for mode, store in enumerate(("strided", "record", "whole", "record16")):
         monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
         codes = torch.full((2, cap, cfg.record_bytes(d)), 0xA5, dtype=torch.uint8,
                            device=DEVICE)
@@ -468,7 +468,7 @@ def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
         out[store] = codes, radii
     untouched = torch.ones(cap, dtype=torch.bool)
     untouched[off:off + t] = False
-    for store in ("record", "whole"):
+    for store in ("record", "whole", "record16"):
         assert torch.equal(out["strided"][0], out[store][0]), store
         assert torch.equal(out["strided"][1], out[store][1]), store
         # the records around the written rows are untouched, the written ones are not
@@ -506,7 +506,8 @@ def test_encode_store_choice_is_checked(monkeypatch):
     cfg = get_preset("paper", head_dim=16)
     x = torch.randn(1, 3, 16, device=DEVICE)
     q = quantize(x.cpu(), cfg)
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_STORE='rows'.*'record'.*'whole'"):
+    with pytest.raises(ValueError,
+                       match="POLARTENSOR_ENCODE_STORE='rows'.*'record'.*'whole'.*'record16'"):
         encode_into_triton(x, rotation_matrix(16, cfg.rotation, cfg.seed, DEVICE,
                                               torch.float32),
                            boundary_table(q.centroids, cfg, torch.float64),

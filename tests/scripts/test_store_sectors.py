@@ -47,12 +47,12 @@ def test_vectors_and_duplicates_count_once(ss):
 
 def test_expected_stores_cover_each_record_byte_once(ss):
     """The store list the model matches to the TTGIR writes every code byte of a record
-    exactly once, for both store forms, at full-depth and fixed-depth presets."""
+    exactly once, for every store form, at full-depth and fixed-depth presets."""
     for preset, d in [("paper", 128), ("paper", 64), ("polar-3", 128), ("polar-4", 64),
                       ("polar-4", 128)]:
         cfg = get_preset(preset, head_dim=d)
         rb = cfg.record_bytes(d)
-        for store in ("strided", "record", "whole"):
+        for store in ("strided", "record", "whole", "record16"):
             stores = ss.expected_stores(cfg, d, 4, store, True, rb % 2 == 0)
             hits = [0] * (4 * rb)
             for label, _, shape, addr in stores:
