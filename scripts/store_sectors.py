@@ -81,7 +81,7 @@ def expected_stores(cfg, d: int, bn: int, store: str, cross1: bool, store16: boo
                         lambda i, pos=pos: i[0] * rb + pos + 2 * i[1]))
         elif (store == "record16" and wb % 2 == 1 and wb > 1 and store16 and pos % 2 == 0
               and nw % 2 == 0):
-            up = 2 if wb < 2 else 4 if wb < 4 else 8
+            up = 4 if wb < 4 else 8
             out.append((f"level {lvl} 16-bit pairs", "i16", (bn, nw // 2, up),
                         lambda i, pos=pos, wb=wb: (i[0] * rb + pos + 2 * (i[1] * wb + i[2]))
                         if i[2] < wb else None))

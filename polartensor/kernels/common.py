@@ -529,7 +529,7 @@ def _encode_level(r, tail, codes_ptr, rec_off, valid, mids_ptr, BN: tl.constexpr
                 # (record16) odd-sized words (polar-4's 5- and 3-byte ones) in pairs: a pair's
                 # 2 WB bytes are WB aligned 16-bit units, unit k = bits [16 k, 16 k + 16) of
                 # w0 | w1 << 8 WB, stored along the record instead of byte by byte
-                UP: tl.constexpr = 2 if WB < 2 else 4 if WB < 4 else 8
+                UP: tl.constexpr = 4 if WB < 4 else 8  # (WB 3, or 5 and 7)
                 w0, w1 = tl.split(tl.reshape(word, (BN, NW // 2, 2)))
                 k = tl.arange(0, UP)
                 top: tl.constexpr = 63 if WB > 4 else 31  # (the words' width, less one)
