@@ -316,7 +316,8 @@ def sign_matrix_scale(config, d: int) -> float:
         from ..rotation import rotation_matrix
 
         a = rotation_matrix(d, config.rotation, config.seed, "cpu", torch.float32).abs()
-        c = _SIGN_SCALES[key] = float(a.max()) if bool((a == a.max()).all()) else 0.0
+        top = a.max()
+        c = _SIGN_SCALES[key] = float(top) if bool((a == top).all()) else 0.0
     return c
 
 
@@ -579,6 +580,7 @@ def encode_into_triton(
     else:
         rotate = True
     store_mode = _store_mode(d)
+    persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
         # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
@@ -592,8 +594,7 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
-        if (not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3)
-                and not _persistent(persistent)):
+        if not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3) and not persist:
             # With the record stores, on an H100 at d 128 (bfloat16 x, same run,
             # results/bench/encode_launch_sweep_store_2026-12-06_h100.md): 128 rows and 8
             # warps (S read once per 128 rows) ran 1.13x (paper) and 1.15x (polar-3) faster
@@ -628,7 +629,6 @@ def encode_into_triton(
         mids, cross1 = cross_table(mids_in, config)
         toff = w["L"] * mids.shape[1]
     n_tiles = triton.cdiv(n_rows, block_rows)
-    persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     stages, per_sm = _persist_stages(), _persist_per_sm()  # (read, and checked, per call)
     # (whole records gather along each row's words: Triton 3.6 compiles that only where every
     # warp holds whole rows, >= 16 per warp, as for the register-order columns; with fewer
