@@ -10,8 +10,9 @@ Method names (``make_method(name)``):
   ``polar:default`` (the recommended key/value pairing of the transformers integration),
   with optional suffixes ``+online`` (online codebooks), ``+r<N>`` (N most recent prompt tokens
   in full precision), ``+hadamard`` / ``+permuted_hadamard`` (that rotation instead of the
-  preset's random orthogonal one; see :mod:`polartensor.rotation`) and ``+qgen`` (see below),
-  e.g. ``polar:paper``, ``polar:polar-4/polar-3``, ``polar:polar-3+permuted_hadamard``.
+  preset's random orthogonal one; see :mod:`polartensor.rotation`), ``+s<N>`` (rotation seed N
+  instead of the preset's, to tell a rotation kind from one draw of it) and ``+qgen`` (see
+  below), e.g. ``polar:paper``, ``polar:polar-4/polar-3``, ``polar:polar-3+permuted_hadamard``.
 
 PolarQuant runs in the paper's mode by default (``quantize_generated=False``): the prompt /
 context is quantized, tokens appended after it (a scored chunk, a question, generated tokens)
@@ -103,12 +104,12 @@ def _polar_method(name: str) -> Method:
     m = _POLAR_RE.match(name)
     if not m:
         raise ValueError(f"bad PolarQuant method {name!r}; expected polar:<preset>[/<preset>]"
-                         "[+online][+r<N>][+hadamard|+permuted_hadamard][+qgen]")
+                         "[+online][+r<N>][+hadamard|+permuted_hadamard][+s<N>][+qgen]")
     from ..integrations import transformers as polar_tf
 
     spec = m.group("spec")
     opts = [o for o in m.group("opts").split("+") if o]
-    residual, online, qgen, rotation = 0, False, False, None
+    residual, online, qgen, rotation, seed = 0, False, False, None, None
     for o in opts:
         if o == "online":
             online = True
@@ -118,9 +119,11 @@ def _polar_method(name: str) -> Method:
             qgen = True
         elif re.fullmatch(r"r\d+", o):
             residual = int(o[1:])
+        elif re.fullmatch(r"s\d+", o):
+            seed = int(o[1:])
         else:
             raise ValueError(f"unknown option +{o} in {name!r} (known: +online, +r<N>, "
-                             "+hadamard, +permuted_hadamard, +qgen)")
+                             "+hadamard, +permuted_hadamard, +s<N>, +qgen)")
     if spec == "default":
         key, value = polar_tf.DEFAULT_KEY_PRESET, polar_tf.DEFAULT_VALUE_PRESET
     elif "/" in spec:
@@ -134,7 +137,9 @@ def _polar_method(name: str) -> Method:
         from ..config import get_preset
 
         cfg = get_preset(p, head_dim) if isinstance(p, str) else p
-        return dataclasses.replace(cfg, rotation=rotation) if rotation else cfg
+        if rotation:
+            cfg = dataclasses.replace(cfg, rotation=rotation)
+        return dataclasses.replace(cfg, seed=seed) if seed is not None else cfg
 
     def factory(model):
         text = model.config.get_text_config(decoder=True)
@@ -156,6 +161,8 @@ def _polar_method(name: str) -> Method:
         label += " online"
     if rotation:
         label += " " + rotation.replace("_", " ").replace("hadamard", "Hadamard")
+    if seed is not None:
+        label += f" seed {seed}"
     if residual:
         label += f" +{residual} fp"
     if qgen:
@@ -163,7 +170,8 @@ def _polar_method(name: str) -> Method:
     return Method(name, "polarquant", label, "polar", factory,
                   {"key": _name(key), "value": _name(value), "residual_length": residual,
                    "online_codebooks": online, "quantize_generated": qgen,
-                   "rotation": rotation or "preset's"})
+                   "rotation": rotation or "preset's",
+                   "seed": "preset's" if seed is None else seed})
 
 
 def make_method(name: str) -> Method:

@@ -126,6 +126,21 @@ def test_rotation_option_swaps_the_rotation(model, kind):
     assert make_method(f"polar:paper+{kind}").details["rotation"] == kind
 
 
+def test_seed_option_swaps_only_the_seed(model):
+    """``+s<N>`` draws the preset's rotation with seed N, beside a rotation option too."""
+    plain = make_method("polar:paper").factory(model).kv_config
+    for name, kind in (("polar:paper+s7", "orthogonal"),
+                       ("polar:paper+permuted_hadamard+s7", "permuted_hadamard")):
+        kv = make_method(name).factory(model).kv_config
+        for got, want in ((kv.key_config, plain.key_config),
+                          (kv.value_config, plain.value_config)):
+            assert got.seed == 7 != want.seed and got.rotation == kind
+            assert (got.bits, got.levels) == (want.bits, want.levels)
+    m = make_method("polar:paper+s7")
+    assert m.details["seed"] == 7 and "seed 7" in m.label
+    assert make_method("polar:paper").details["seed"] == "preset's"
+
+
 def test_kl_and_nll():
     a = torch.randn(1, 5, 11)
     r = kl_and_nll(a, a, torch.zeros(1, 5, dtype=torch.long))
