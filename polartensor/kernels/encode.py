@@ -406,22 +406,25 @@ def _persist_per_sm() -> int:
 # same run): at d 128 record ran 1.42x (paper), 1.36x (polar-3) and 2.45x (polar-4) faster
 # than strided; at d 64 0.98x, 1.06x, 2.21x. whole was slower than record in every row (its
 # gathers cost more than the sectors it saves: paper d 128 1208 -> 1696 SASS instructions
-# offline), and stays opt-in. ``auto`` (the default): record at d <= 128, strided above,
-# where the stores are not timed (record costs 25% more instructions there offline).
-# ``record16`` (opt-in, not timed): record, and odd-sized multi-byte words (polar-4's 5- and
-# 3-byte ones, which record stores byte by byte: 17 sectors per row at d 128 in the model) in
-# pairs as aligned 16-bit units, where records are 2-byte aligned.
+# offline), and stays opt-in. ``record16``: record, and odd-sized multi-byte words (polar-4's 5-
+# and 3-byte ones, which record stores byte by byte: 17 sectors per row at d 128 in the model)
+# in pairs as aligned 16-bit units, where records are 2-byte aligned. Timed on an H100
+# (results/bench/encode_launch_sweep_store_2026-12-06b_h100.md, same run, each at the default
+# launch): polar-4 record16 ran 1.12x faster than record at d 128 and 1.12x at d 256 (2.31x
+# strided there), 1.00x at d 64; paper and polar-3 (no odd-sized words) 0.995-1.001x; at d 256
+# record ran 1.36x (paper) and 1.30x (polar-3) faster than strided. ``auto`` (the default):
+# record16 at every head_dim.
 _STORES = ("auto", "strided", "record", "whole", "record16")
 
 
-def _store_mode(d: int) -> int:
+def _store_mode() -> int:
     """POLARTENSOR_ENCODE_STORE as the kernel's STORE_MODE: 0 strided, 1 record, 2 whole (each
     row's levels and tail word packed into its record bytes in registers, a gather along the
     row per level, then one store per record; tiles of >= 16 rows per warp, record stores
-    below that), 3 record16. ``auto``: record at head_dim <= 128, strided above."""
+    below that), 3 record16. ``auto``: record16 at every head_dim."""
     choice = env_choice("POLARTENSOR_ENCODE_STORE", _STORES)
     if choice == "auto":
-        return 1 if d <= 128 else 0
+        return 3
     return _STORES.index(choice) - 1
 
 
@@ -579,7 +582,7 @@ def encode_into_triton(
         rotate, rot_bf16x2 = True, True
     else:
         rotate = True
-    store_mode = _store_mode(d)
+    store_mode = _store_mode()
     persist = _persistent(persistent) and rot_bf16x2 and d <= 128
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.

@@ -519,20 +519,22 @@ def test_encode_store_choice_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("preset,d,dtype,store,want", [
-    ("paper", 128, torch.bfloat16, None, (128, 8, None, 1)),
-    ("polar-3", 128, torch.bfloat16, None, (128, 8, None, 1)),
-    ("polar-4", 128, torch.bfloat16, None, (64, 4, 128, 1)),
-    ("polar-5", 128, torch.bfloat16, None, (64, 4, None, 1)),
-    ("paper", 64, torch.bfloat16, None, (64, 4, None, 1)),
-    ("polar-4", 64, torch.bfloat16, None, (64, 4, None, 1)),
-    ("paper", 256, torch.bfloat16, None, (128, 8, None, 0)),
-    ("paper", 128, torch.float32, None, (64, 4, None, 1)),
+    ("paper", 128, torch.bfloat16, None, (128, 8, None, 3)),
+    ("polar-3", 128, torch.bfloat16, None, (128, 8, None, 3)),
+    ("polar-4", 128, torch.bfloat16, None, (64, 4, 128, 3)),
+    ("polar-5", 128, torch.bfloat16, None, (64, 4, None, 3)),
+    ("paper", 64, torch.bfloat16, None, (64, 4, None, 3)),
+    ("polar-4", 64, torch.bfloat16, None, (64, 4, None, 3)),
+    ("paper", 256, torch.bfloat16, None, (128, 8, None, 3)),
+    ("polar-4", 256, torch.bfloat16, None, (128, 8, None, 3)),
+    ("paper", 128, torch.float32, None, (64, 4, None, 3)),
+    ("paper", 128, torch.bfloat16, "record", (128, 8, None, 1)),
     ("paper", 128, torch.bfloat16, "strided", (64, 4, None, 0)),
     ("paper", 128, torch.bfloat16, "whole", (64, 4, None, 2)),
 ])
 def test_encode_gpu_launch_defaults(preset, d, dtype, store, want, monkeypatch):
     """The GPU's default launch (rows, warps, register cap, stores), captured without running
-    it: record stores at head_dim <= 128, strided above; with them at d 128 and the bfloat16
+    it: record16 stores at every head_dim; with them (or record) at d 128 and the bfloat16
     rotation, 128 rows and 8 warps where every level has <= 4 bits, a 128-register cap where
     the widest has 5, neither at 6 (spills offline); other paths keep 64 rows and 4 warps."""
     from polartensor.kernels import encode
