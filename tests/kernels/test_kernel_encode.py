@@ -445,9 +445,9 @@ def test_bf16_rotation_bounded_against_reference(preset, d, persistent, seed, sc
 def test_record_stores_equal_strided(preset, d, persistent, monkeypatch):
     """POLARTENSOR_ENCODE_STORE=record (code words stored along each record), =whole (each
     record packed in registers and stored at once) and =record16 (record, odd-sized words in
-    pairs as 16-bit units) write the same bytes as the strided stores: every level's words, byte and 16-bit paths, odd and even record sizes,
-    the tail word of full-depth presets, at an offset into a larger cache whose other
-    records must stay untouched."""
+    pairs as 16-bit units) write the same bytes as the strided stores: every level's words,
+    byte and 16-bit paths, odd and even record sizes, the tail word of full-depth presets, at
+    an offset into a larger cache whose other records must stay untouched."""
     seen = _spy_launches(monkeypatch, "STORE_MODE")
     cfg = get_preset(preset, head_dim=d)
     g = torch.Generator().manual_seed(d + len(preset))
