@@ -262,11 +262,13 @@ def _counts(compiled) -> dict:
 
 def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
                  block_rows: int | None = None, ptxas: bool = False,
-                 maxnreg: int | None = None, keep_ttgir: bool = False):
+                 maxnreg: int | None = None, keep_ttgir: bool = False,
+                 num_warps: int | None = None):
     """Compile the fused encode kernel as encode_into_triton launches it on the GPU (float32
     path, rotation fused as a tl.dot, ``dtype`` input); ``variant``: "reshape"
     (encode.polar_encode_fwd_kernel, the only one since the split encode was removed).
-    ``keep_ttgir``: the row also holds the TTGIR text (scripts/store_sectors.py reads it)."""
+    ``keep_ttgir``: the row also holds the TTGIR text (scripts/store_sectors.py reads it).
+    ``num_warps``: with ``block_rows``, the warps per program (default: the GPU's pick)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -300,7 +302,8 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
     interp = os.environ.pop("TRITON_INTERPRET", None)  # launch with the GPU's tile sizes
     try:
         encode.encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False,
-                                  block_rows=block_rows, persistent=variant == "persistent")
+                                  block_rows=block_rows, num_warps=num_warps,
+                                  persistent=variant == "persistent")
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4),
                 "num_stages": kwargs.pop("num_stages", _DEFAULT_STAGES)}
@@ -313,7 +316,7 @@ def encode_stats(preset: str, d: int, variant: str, dtype=torch.bfloat16,
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
     out = dict(preset=preset, d=d, encode=variant, block_rows=consts["BN"],
-               **_counts(compiled))
+               num_warps=opts["num_warps"], **_counts(compiled))
     if ptxas:
         out.update(maxnreg=maxnreg, **ptxas_counts(compiled.asm["ptx"], maxnreg))
     if keep_ttgir:
@@ -335,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
                     "(comma list; default: what encode_into_triton picks on the GPU)")
+    ap.add_argument("--num-warps", default="", help="--kernel encode: warps per program "
+                    "(comma list; default: what encode_into_triton picks on the GPU)")
     ap.add_argument("--block-n", default="", help="--kernel attention: keys per step (comma "
                     "list; default: what launch_attention picks on the GPU)")
     ap.add_argument("--ptxas", action="store_true", help="also assemble with the bundled "
@@ -350,16 +355,16 @@ def main(argv: list[str] | None = None) -> int:
               "ptx_barriers", "ptx_shared_st", "ptx_shared_ld"]
     split = str.split
     if args.kernel == "encode":
-        cols = ["preset", "d", "encode", "block_rows", *counts]
+        cols = ["preset", "d", "encode", "block_rows", "num_warps", *counts]
         if args.ptxas:
             cols.append("maxnreg")
-        jobs = (lambda p=p, d=d, v=v, bn=bn, cap=cap: encode_stats(
+        jobs = (lambda p=p, d=d, v=v, bn=bn, w=w, cap=cap: encode_stats(
                     p, d, v, block_rows=int(bn) if bn else None, ptxas=args.ptxas,
-                    maxnreg=int(cap) if cap else None)
-                for p, d, v, bn, cap in itertools.product(
+                    maxnreg=int(cap) if cap else None, num_warps=int(w) if w else None)
+                for p, d, v, bn, w, cap in itertools.product(
                     split(args.presets, ","), map(int, split(args.head_dims, ",")),
                     split(args.encodes, ","), split(args.block_rows, ","),
-                    split(args.maxnreg, ",")))
+                    split(args.num_warps, ","), split(args.maxnreg, ",")))
     else:
         cols = ["preset", "d", "q_len", "decode", "block_n", *counts]
         if args.ptxas:

@@ -70,12 +70,20 @@ _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None
 # exact MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so
 # its rows are not expected "same"; the tests check it against the reference.
 _HADAMARD = [(None, None, None, {"_rotation": "permuted_hadamard"})]
+# 16 warps on 128- and 256-row tiles (not timed yet): at d 128 S is read from L2 once per tile,
+# 64 KB (high and low parts) for 128 rows of 256 bytes, so halving the tiles per row halves
+# those reads. Offline (Triton 3.6, sm_90, scripts/kernel_ir_stats.py --num-warps) 256 rows
+# and 16 warps take 127-128 registers without spills for paper, polar-3 and polar-4 at d 128
+# (one program of 16 warps per SM, the occupancy of the default's two of 8), 64 KB of shared
+# memory; 128 rows and 16 warps spill 52 bytes for polar-3 and 16 for polar-4
+_WIDE16 = [(256, 16, None, {}), (128, 16, None, {}),
+           (256, 16, None, {"_rotation": "permuted_hadamard"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _BF16_LAUNCHES \
-    + _STORE_LAUNCHES + _HADAMARD
+    + _STORE_LAUNCHES + _HADAMARD + _WIDE16
 
 
 def main():

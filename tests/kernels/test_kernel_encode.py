@@ -568,7 +568,7 @@ def test_encode_gpu_launch_defaults(preset, d, dtype, store, want, monkeypatch):
 
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
                                                            (64, 4, 168), (64, 4, 0),
-                                                           (32, 4, 128)])
+                                                           (32, 4, 128), (256, 16, None)])
 def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
     """Rows per program, warps and a register cap (the encode launch sweep's settings) change
     the tiling, not the arithmetic: codes and radii equal the default launch's bit for bit
