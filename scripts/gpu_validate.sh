@@ -109,13 +109,14 @@ encode)
 store)
     # the code stores (POLARTENSOR_ENCODE_STORE): the default (record16 at every head_dim)
     # timed against record, the strided stores (the former default), whole records, the
-    # former 64-row launch, 16 warps on 256- and 128-row tiles, and the preset with
+    # former 64-row launch, 128 rows and 8 warps (polar-4: 128 registers without spills with
+    # record16 offline), 16 warps on 256- and 128-row tiles, and the preset with
     # rotation="permuted_hadamard" (one exact MMA), codes and radii checked equal to the
     # default's (not that row's: another rotation); then the encode's tests with the record
     # and the strided stores everywhere (whole passed on the GPU on 2026-12-06)
     OUT="$OUT" step store_sweep 300 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m,gemma2-9b --presets paper,polar-3,polar-4 \
-        --launches bn64_w4,default_store_strided,default_store_record,default_store_whole,default_permuted_hadamard,bn256_w16,bn128_w16,bn256_w16_permuted_hadamard
+        --launches bn64_w4,default_store_strided,default_store_record,default_store_whole,default_permuted_hadamard,bn128_w8,bn256_w16,bn128_w16,bn256_w16_permuted_hadamard
     for st in record strided; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
