@@ -9,7 +9,7 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh sweep2    # launches x MMA (polar-4) / shuffles (d 64) (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh store     # encode sweep of the code stores, and the
-#       encode tests with the record and the strided stores beside the default record16 (~8 min)
+#       encode tests with the record and the strided stores beside the default record16 (~9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
@@ -114,9 +114,16 @@ store)
     # rotation="permuted_hadamard" (one exact MMA), codes and radii checked equal to the
     # default's (not that row's: another rotation); then the encode's tests with the record
     # and the strided stores everywhere (whole passed on the GPU on 2026-12-06)
-    OUT="$OUT" step store_sweep 300 "$PY" scripts/sweep_encode_launch.py \
-        --models llama3.1-8b,smollm2-135m,gemma2-9b --presets paper,polar-3,polar-4 \
+    # (the wide tiles at d <= 128 only: at d 256 a 256-row float32 accumulator alone is 128
+    # registers a thread under 16 warps)
+    OUT="$OUT" step store_sweep 240 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
         --launches bn64_w4,default_store_strided,default_store_record,default_store_whole,default_permuted_hadamard,bn128_w8,bn256_w16,bn128_w16,bn256_w16_permuted_hadamard
+    for e in json md; do mv "$OUT/encode_launch_sweep.$e" "$OUT/store_sweep_d64_d128.$e"; done
+    OUT="$OUT" step store_sweep_d256 120 "$PY" scripts/sweep_encode_launch.py \
+        --models gemma2-9b --presets paper,polar-3,polar-4 \
+        --launches default_store_strided,default_store_record,default_permuted_hadamard
+    for e in json md; do mv "$OUT/encode_launch_sweep.$e" "$OUT/store_sweep_d256.$e"; done
     for st in record strided; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
