@@ -70,12 +70,14 @@ _STORE_LAUNCHES = [(64, 4, None, {}), (64, 4, None, _STRIDED), (None, None, None
 # exact MMA instead of two (encode.sign_matrix_scale). Another rotation gives other codes, so
 # its rows are not expected "same"; the tests check it against the reference.
 _HADAMARD = [(None, None, None, {"_rotation": "permuted_hadamard"})]
-# 16 warps on 128- and 256-row tiles (not timed yet): at d 128 S is read from L2 once per tile,
-# 64 KB (high and low parts) for 128 rows of 256 bytes, so halving the tiles per row halves
-# those reads. Offline (Triton 3.6, sm_90, scripts/kernel_ir_stats.py --num-warps) 256 rows
-# and 16 warps take 127-128 registers without spills for paper, polar-3 and polar-4 at d 128
-# (one program of 16 warps per SM, the occupancy of the default's two of 8), 64 KB of shared
-# memory; 128 rows and 16 warps spill 52 bytes for polar-3 and 16 for polar-4
+# 16 warps on 128- and 256-row tiles: at d 128 S is read from L2 once per tile, 64 KB (high
+# and low parts) for 128 rows of 256 bytes, so 256-row tiles halve those reads. Offline
+# (Triton 3.6, sm_90, scripts/kernel_ir_stats.py --num-warps) 256 rows and 16 warps take
+# 127-128 registers without spills at d 128; 128 rows and 16 warps spill 16-52 bytes for
+# polar-3 and polar-4. Timed on an H100 at 39ed07b
+# (results/bench/encode_launch_sweep_wide16_2026-12-06_h100.md, same run): slower than the
+# default, 256 rows 0.85-0.87x, 128 rows 0.34-0.43x; so S's reads from L2 are not what
+# bounds the default
 _WIDE16 = [(256, 16, None, {}), (128, 16, None, {}),
            (256, 16, None, {"_rotation": "permuted_hadamard"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
