@@ -110,13 +110,15 @@ store)
     # the code stores (POLARTENSOR_ENCODE_STORE): the default (record16 at every head_dim)
     # timed against record, the strided stores (the former default), whole records, the
     # former 64-row launch, 128 rows and 8 warps (polar-4 ran 0.76x there with record16 on
-    # 2026-12-06), and the preset with rotation="permuted_hadamard" (one exact MMA), codes and
+    # 2026-12-06), the persistent launch (S loaded once per program, x copied ahead through
+    # 1-3 stages; not timed with the record stores and the two-MMA rotation), and the preset
+    # with rotation="permuted_hadamard" (one exact MMA), codes and
     # radii checked equal to the default's (not that row's: another rotation); then the
     # encode's tests with the record and the strided stores everywhere (whole passed on the
     # GPU on 2026-12-06)
     OUT="$OUT" step store_sweep 240 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
-        --launches bn64_w4,default_store_strided,default_store_record,default_store_whole,default_permuted_hadamard,bn128_w8
+        --launches bn64_w4,default_store_strided,default_store_record,default_store_whole,default_permuted_hadamard,bn128_w8,default_persist_s1,default_persist_s2,default_persist_s3
     for e in json md; do mv "$OUT/encode_launch_sweep.$e" "$OUT/store_sweep_d64_d128.$e"; done
     OUT="$OUT" step store_sweep_d256 120 "$PY" scripts/sweep_encode_launch.py \
         --models gemma2-9b --presets paper,polar-3,polar-4 \

@@ -76,8 +76,8 @@ _HADAMARD = [(None, None, None, {"_rotation": "permuted_hadamard"})]
 # 127-128 registers without spills at d 128; 128 rows and 16 warps spill 16-52 bytes for
 # polar-3 and polar-4. Timed on an H100 at 39ed07b
 # (results/bench/encode_launch_sweep_wide16_2026-12-06_h100.md, same run): slower than the
-# default, 256 rows 0.85-0.87x, 128 rows 0.34-0.43x; so S's reads from L2 are not what
-# bounds the default
+# default, 256 rows 0.85-0.87x, 128 rows 0.34-0.43x (one program per SM where the default
+# fits two: halving S's reads did not pay for the lost overlap between programs)
 _WIDE16 = [(256, 16, None, {}), (128, 16, None, {}),
            (256, 16, None, {"_rotation": "permuted_hadamard"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
