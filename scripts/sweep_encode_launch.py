@@ -52,12 +52,11 @@ _BF16_LAUNCHES = [(None, None, None, _BF16), (None, None, 128, _BF16)] + [
     (None, None, None, dict(_BF16, POLARTENSOR_ENCODE_PERSIST="1",
                             POLARTENSOR_ENCODE_STAGES=st, POLARTENSOR_ENCODE_PER_SM=per))
     for st, per in (("1", "2"), ("1", "4"), ("2", "4"))]
-# the code stores (POLARTENSOR_ENCODE_STORE): the default stores along each record (since
-# 2026-12-06, at d <= 128, with 128-row tiles and 8 warps at d 128 where every level has
-# <= 4 bits). Timed beside it: the record stores at the former 64-row launch, the strided
-# stores there (the former default) and at the default launch, the record stores at the
-# default launch (d 256, where the default is still strided), record16 (odd-sized words in
-# pairs of 16-bit units), and whole records
+# the code stores (POLARTENSOR_ENCODE_STORE): the default is record16 at every head_dim (since
+# eb259a5; with 128-row tiles and 8 warps at d 128 where every level has <= 4 bits). Timed
+# beside it: the default stores at the former 64-row launch, the strided stores there and at
+# the default launch (the former default), record (odd-sized words byte by byte), record16
+# named explicitly (the default's twin), and whole records
 _STRIDED = {"POLARTENSOR_ENCODE_STORE": "strided"}
 _RECORD = {"POLARTENSOR_ENCODE_STORE": "record"}
 _WHOLE = {"POLARTENSOR_ENCODE_STORE": "whole"}
