@@ -10,6 +10,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh encode    # encode tests, encode launch sweep  (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh store     # encode sweep of the code stores, and the
 #       encode tests with the record and the strided stores beside the default record16 (~9 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh persist   # encode sweep of the persistent launch, and
+#       the encode tests with it off and on everywhere (~7 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
@@ -25,7 +27,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -111,9 +113,9 @@ store)
     # timed against record, the strided stores (the former default), whole records, the
     # former 64-row launch, 128 rows and 8 warps (polar-4 ran 0.76x there with record16 on
     # 2026-12-06), the persistent launch (S loaded once per program, x copied ahead through
-    # 1-3 stages; not timed with the record stores and the two-MMA rotation), and the preset
-    # with rotation="permuted_hadamard" (one exact MMA), codes and
-    # radii checked equal to the default's (not that row's: another rotation); then the
+    # 1-3 stages; the default at d 128 for paper and polar-3 since 2026-12-06, see the
+    # persist stage), and the preset with rotation="permuted_hadamard" (one exact MMA), codes
+    # and radii checked equal to the default's (not that row's: another rotation); then the
     # encode's tests with the record and the strided stores everywhere (whole passed on the
     # GPU on 2026-12-06)
     OUT="$OUT" step store_sweep 240 "$PY" scripts/sweep_encode_launch.py \
@@ -127,6 +129,23 @@ store)
     for st in record strided; do
         POLARTENSOR_ENCODE_STORE=$st POLARTENSOR_FAILLOG="$OUT/failures_store_$st.txt" \
             step "tests_store_$st" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+            tests/kernels/test_kernel_encode.py
+    done
+    ;;
+persist)
+    # the persistent encode (the default at d 128 where every level has <= 4 bits: 128 rows,
+    # 8 warps, a 128-register cap) timed against one program per tile at the default launch
+    # (the default before), 64-row persistent programs with two stages, 128-row ones
+    # uncapped (one per SM) and the one-MMA permuted Hadamard rotation; then the encode's
+    # tests with one program per tile everywhere (POLARTENSOR_ENCODE_PERSIST=0) and with
+    # the persistent launch wherever it applies (=1)
+    OUT="$OUT" step persist_sweep 200 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b,smollm2-135m --presets paper,polar-3,polar-4 \
+        --launches default_per_tile,default_persist_s2,bn128_w8_persist_s1_1per_sm,default_permuted_hadamard
+    for e in json md; do mv "$OUT/encode_launch_sweep.$e" "$OUT/persist_sweep.$e"; done
+    for p in 0 1; do
+        POLARTENSOR_ENCODE_PERSIST=$p POLARTENSOR_FAILLOG="$OUT/failures_persist_$p.txt" \
+            step "tests_persist_$p" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
             tests/kernels/test_kernel_encode.py
     done
     ;;

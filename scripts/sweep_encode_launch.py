@@ -28,12 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256)]
 # (rows per program, warps, register cap; 0: none). Defaults (bfloat16 x, as timed here): 64
-# rows and 4 warps at d 64; at d 128 128 rows and 8 warps where every level has <= 4 bits,
-# 64 rows and 4 warps under a 128-register cap where the widest has 5 (polar-4), 64 rows and 4
-# warps uncapped above; 128 rows and 8 warps at d 256. History: in coordinate
-# order the d-128 encode compiled to 193 registers uncapped, and a 168 cap was 1.22x faster
-# (H200, 2026-11-29 15:00 UTC); with the register-order columns paper takes 160 uncapped and
-# the cap stopped paying (encode_launch_sweep.md). cap0: no cap.
+# rows and 4 warps at d 64; at d 128 128 rows and 8 warps where every level has <= 4 bits
+# (persistent under a 128-register cap, see _PERSIST128), 64 rows and 4 warps under a
+# 128-register cap where the widest has 5 (polar-4), 64 rows and 4 warps uncapped above;
+# 128 rows and 8 warps at d 256. History: in coordinate order the d-128 encode compiled to
+# 193 registers uncapped, and a 168 cap was 1.22x faster (H200, 2026-11-29 15:00 UTC); with
+# the register-order columns paper takes 160 uncapped and the cap stopped paying
+# (encode_launch_sweep.md). cap0: no cap.
 # The last field sets environment settings for the call: POLARTENSOR_ENCODE_PERM=0 times the
 # rotation's output columns in coordinate order (the encode before the register-order
 # columns), POLARTENSOR_ENCODE_SEARCH=binary the binary boundary search (the default counts
@@ -44,6 +45,17 @@ _BINARY = {"POLARTENSOR_ENCODE_SEARCH": "binary"}
 # ahead into shared memory while a tile is encoded; d <= 128 only, elsewhere it is the default)
 _PERSIST = [{"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_STAGES": s}
             for s in ("1", "2", "3")]
+# the persistent launch on 128-row, 8-warp tiles at d 128 (one stage: S's two parts and x
+# take 96 KB of shared memory, two programs per SM). Offline (Triton 3.6, sm_90, paper) it
+# takes 153 registers uncapped (so one program per SM, launched so) and 128 under a
+# 128-register cap, with 16 bytes of spills. Timed on an H100
+# (results/bench/encode_launch_sweep_persist_2026-12-06_h100.md, same run) against one
+# program per tile: capped 1.08x (paper), 1.04x (polar-3); uncapped 0.74-0.76x. The capped
+# launch is the default there since; _PER_TILE times the default launch with one program per
+# tile (POLARTENSOR_ENCODE_PERSIST=0), the default before.
+_PERSIST128 = [(128, 8, None, dict(_PERSIST[0], POLARTENSOR_ENCODE_PER_SM="1")),
+               (128, 8, 128, _PERSIST[0])]
+_PER_TILE = [(None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "0"})]
 # the one-MMA bfloat16 rotation (POLARTENSOR_ENCODE_ROT=bf16; codes differ from the default's
 # at cell boundaries, so its rows are not expected "same"): per tile, under a 128-register cap
 # (4 programs per SM), and persistent with 2 or 4 programs per SM
@@ -83,7 +95,8 @@ LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0,
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
-            (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _BF16_LAUNCHES \
+            (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _PERSIST128 \
+    + _PER_TILE + _BF16_LAUNCHES \
     + _STORE_LAUNCHES + _HADAMARD + _WIDE16
 
 
@@ -152,6 +165,8 @@ def main():
                     name += "_rotbf16"
                 if "POLARTENSOR_ENCODE_STORE" in env:
                     name += "_store_" + env["POLARTENSOR_ENCODE_STORE"]
+                if env.get("POLARTENSOR_ENCODE_PERSIST") == "0":
+                    name += "_per_tile"
                 if "POLARTENSOR_ENCODE_STAGES" in env:
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 if "POLARTENSOR_ENCODE_PER_SM" in env:

@@ -360,15 +360,28 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
     return _cached("cross", mids, tuple(config.bits), build)
 
 
-def _persistent(persistent: bool | None) -> bool:
-    """``persistent``, else POLARTENSOR_ENCODE_PERSIST (read per call; opt-in: on the H200 it
-    measured slower, 0.91 vs 0.72 ms at d 128 and 0.21 vs 0.12 ms at d 64,
-    results/bench/bench_encode.md): 1 for the persistent encode launch, 0 (the default) for
-    one program per tile."""
+# POLARTENSOR_ENCODE_PERSIST (read per call): ``auto`` (the default) runs the persistent
+# launch where it was timed faster, ``1`` wherever it applies (bfloat16 x with the bf16x2
+# rotation at head_dim <= 128), ``0`` one program per tile everywhere. Persistent programs
+# load S's two bfloat16 parts into shared memory once, instead of every tile reading all of
+# S (64 KB at d 128) from L2. On an H100 (bfloat16 x, same run;
+# results/bench/encode_launch_sweep_persist_2026-12-06_h100.md), at d 128 on the 128-row,
+# 8-warp tiles under a 128-register cap (two programs per SM; uncapped, 153 registers, one
+# fits and it ran 0.74x), it ran 1.08x (paper, 53.3% of copy bandwidth) and 1.04x (polar-3)
+# faster than one program per tile; polar-4 on its 64-row capped tiles 0.86x; at d 64
+# 0.70-0.94x. On the H200 it had measured slower with the strided stores (0.91 vs 0.72 ms,
+# results/bench/bench_encode.md), when those stores bounded the encode. ``auto``: persistent
+# at 64 < d <= 128 with the two-MMA rotation, the record(16) stores and levels of <= 4 bits,
+# at the default launch.
+_PERSIST_MODES = ("auto", "1", "0")
+
+
+def _persistent(persistent: bool | None, auto: bool) -> bool:
+    """``persistent``, else POLARTENSOR_ENCODE_PERSIST (``auto``: ``auto``)."""
     if persistent is not None:
         return bool(persistent)
-    return env_flag("POLARTENSOR_ENCODE_PERSIST", False,
-                    "persistent programs, S loaded once per program", "one program per tile")
+    mode = env_choice("POLARTENSOR_ENCODE_PERSIST", _PERSIST_MODES)
+    return auto if mode == "auto" else mode == "1"
 
 
 # POLARTENSOR_ENCODE_STAGES for the persistent launch: 1 (the default) loads each tile's x
@@ -516,13 +529,13 @@ def encode_into_triton(
     bfloat16; opt-in, see _ROT_MMAS) or ``"tf32x3"`` (how the fused rotation multiplies;
     bf16x2 and bf16 only for bfloat16 inputs with 16-bit radii, others take tf32x3);
     default POLARTENSOR_ENCODE_ROT, else bf16x2. ``persistent`` (default:
-    POLARTENSOR_ENCODE_PERSIST=1, opt-in; where the bf16x2 rotation runs at head_dim <= 128,
-    elsewhere ignored): two programs per SM, each loading S's bfloat16 parts once and
-    encoding tile after tile. ``block_rows``, ``num_warps``, ``maxnreg`` (a register cap, GPU
-    only; 0: no cap; None: the default): the launch (defaults below). (A 168-register cap
-    ran 1.22x faster at d 128 before the register-order columns; with them paper ran 1.04x
-    faster uncapped and polar-4 0.99x. With the record stores a 128-register cap runs
-    polar-4 at d 128 1.07x faster, and is its default.)
+    POLARTENSOR_ENCODE_PERSIST, else ``auto``, see _PERSIST_MODES; where the bf16x2 rotation
+    runs at head_dim <= 128, elsewhere ignored): two programs per SM, each loading S's
+    bfloat16 parts once and encoding tile after tile. ``block_rows``, ``num_warps``,
+    ``maxnreg`` (a register cap, GPU only; 0: no cap; None: the default): the launch
+    (defaults below). (A 168-register cap ran 1.22x faster at d 128 before the register-order
+    columns; with them paper ran 1.04x faster uncapped and polar-4 0.99x. With the record
+    stores a 128-register cap runs polar-4 at d 128 1.07x faster, and is its default.)
     Returns False (nothing written) when the output views cannot be addressed as
     [lead, T, C] with unit last stride; the caller then falls back to the reference."""
     if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
@@ -583,7 +596,12 @@ def encode_into_triton(
     else:
         rotate = True
     store_mode = _store_mode()
-    persist = _persistent(persistent) and rot_bf16x2 and d <= 128
+    # (a scaled sign matrix takes one exact MMA: see sign_matrix_scale)
+    two_mma = rot_bf16x2 and rot_mma != "bf16" and not sign_matrix_scale(config, d)
+    default_launch = block_rows is None and num_warps is None and maxnreg is None
+    persist = _persistent(persistent, not interp and two_mma and 64 < d <= 128
+                          and store_mode in (1, 3) and max(config.bits) <= 4
+                          and default_launch) and rot_bf16x2 and d <= 128
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
         # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
@@ -597,7 +615,7 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
-        if not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3) and not persist:
+        if not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3):
             # With the record stores, on an H100 at d 128 (bfloat16 x, same run,
             # results/bench/encode_launch_sweep_store_2026-12-06_h100.md): 128 rows and 8
             # warps (S read once per 128 rows) ran 1.13x (paper) and 1.15x (polar-3) faster
@@ -607,9 +625,14 @@ def encode_into_triton(
             # the former, 5-bit ones the latter (polar-3.25/3.5/4.5 are not timed); 6-bit
             # levels (polar-5) keep the uncapped default: under the cap they spill 24 bytes
             # offline (Triton 3.6).
+            # Persistent there (see _PERSIST_MODES), the same tiles under a 128-register cap,
+            # so that two programs fit per SM (the default 1 stage: S's parts and x take 96 KB
+            # of shared memory).
             widest = max(config.bits)
             if widest <= 4:
                 block_rows, num_warps = 128, num_warps or 8
+                if persist and maxnreg is None:
+                    maxnreg = 128
             elif widest == 5 and maxnreg is None:
                 maxnreg = 128
     # (register-order columns need whole rows per warp: with fewer than 16 rows per warp

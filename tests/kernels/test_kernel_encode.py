@@ -7,6 +7,7 @@ level and a reconstruction error no worse than the reference's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -519,24 +520,33 @@ def test_encode_store_choice_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("preset,d,dtype,store,want", [
-    ("paper", 128, torch.bfloat16, None, (128, 8, None, 3)),
-    ("polar-3", 128, torch.bfloat16, None, (128, 8, None, 3)),
-    ("polar-4", 128, torch.bfloat16, None, (64, 4, 128, 3)),
-    ("polar-5", 128, torch.bfloat16, None, (64, 4, None, 3)),
-    ("paper", 64, torch.bfloat16, None, (64, 4, None, 3)),
-    ("polar-4", 64, torch.bfloat16, None, (64, 4, None, 3)),
-    ("paper", 256, torch.bfloat16, None, (128, 8, None, 3)),
-    ("polar-4", 256, torch.bfloat16, None, (128, 8, None, 3)),
-    ("paper", 128, torch.float32, None, (64, 4, None, 3)),
-    ("paper", 128, torch.bfloat16, "record", (128, 8, None, 1)),
-    ("paper", 128, torch.bfloat16, "strided", (64, 4, None, 0)),
-    ("paper", 128, torch.bfloat16, "whole", (64, 4, None, 2)),
+    ("paper", 128, torch.bfloat16, None, (128, 8, 128, 3, True)),
+    ("polar-3", 128, torch.bfloat16, None, (128, 8, 128, 3, True)),
+    ("polar-4", 128, torch.bfloat16, None, (64, 4, 128, 3, False)),
+    ("polar-5", 128, torch.bfloat16, None, (64, 4, None, 3, False)),
+    ("paper", 64, torch.bfloat16, None, (64, 4, None, 3, False)),
+    ("polar-4", 64, torch.bfloat16, None, (64, 4, None, 3, False)),
+    ("paper", 256, torch.bfloat16, None, (128, 8, None, 3, False)),
+    ("polar-4", 256, torch.bfloat16, None, (128, 8, None, 3, False)),
+    ("paper", 128, torch.float32, None, (64, 4, None, 3, False)),
+    ("paper", 128, torch.bfloat16, "record", (128, 8, 128, 1, True)),
+    ("paper", 128, torch.bfloat16, "strided", (64, 4, None, 0, False)),
+    ("paper", 128, torch.bfloat16, "whole", (64, 4, None, 2, False)),
 ])
 def test_encode_gpu_launch_defaults(preset, d, dtype, store, want, monkeypatch):
-    """The GPU's default launch (rows, warps, register cap, stores), captured without running
-    it: record16 stores at every head_dim; with them (or record) at d 128 and the bfloat16
-    rotation, 128 rows and 8 warps where every level has <= 4 bits, a 128-register cap where
-    the widest has 5, neither at 6 (spills offline); other paths keep 64 rows and 4 warps."""
+    """The GPU's default launch (rows, warps, register cap, stores, persistent), captured
+    without running it: record16 stores at every head_dim; with them (or record) at d 128 and
+    the bfloat16 rotation, 128 rows and 8 warps where every level has <= 4 bits, persistent
+    under a 128-register cap (two programs per SM); a 128-register cap per tile where the
+    widest has 5, neither at 6 (spills offline); other paths keep 64 rows and 4 warps."""
+    assert _default_launch(monkeypatch, preset, d, dtype,
+                           {"POLARTENSOR_ENCODE_STORE": store}) == want
+
+
+def _default_launch(monkeypatch, preset, d, dtype, env, rotation=None, **kw):
+    """The GPU launch encode_into_triton makes (rows, warps, register cap, stores,
+    persistent) under the environment settings ``env`` (None: unset), captured without
+    running it."""
     from polartensor.kernels import encode
 
     captured = []
@@ -545,34 +555,87 @@ def test_encode_gpu_launch_defaults(preset, d, dtype, store, want, monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 captured.append((kw["BN"], kw["num_warps"], kw.get("maxnreg"),
-                                 kw["STORE_MODE"]))
+                                 kw["STORE_MODE"], kw["PERSIST"]))
             return launch
 
     monkeypatch.setattr(encode, "_encode_kernel", _Capture())
     monkeypatch.setattr(encode, "interpreting", lambda: False)
-    if store is None:
-        monkeypatch.delenv("POLARTENSOR_ENCODE_STORE", raising=False)
-    else:
-        monkeypatch.setenv("POLARTENSOR_ENCODE_STORE", store)
-    monkeypatch.delenv("POLARTENSOR_ENCODE_PERSIST", raising=False)
-    monkeypatch.delenv("POLARTENSOR_ENCODE_ROT", raising=False)
+    for name in ("POLARTENSOR_ENCODE_STORE", "POLARTENSOR_ENCODE_PERSIST",
+                 "POLARTENSOR_ENCODE_ROT"):
+        if env.get(name) is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, env[name])
     cfg = get_preset(preset, head_dim=d)
+    if rotation:
+        cfg = dataclasses.replace(cfg, rotation=rotation)
     x = torch.randn(2, 300, d).to(dtype)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, "cpu", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     codes = torch.zeros(2, 300, cfg.record_bytes(d), dtype=torch.uint8)
     radii = torch.zeros(2, 300, cfg.num_blocks(d), dtype=cfg.torch_radius_dtype)
-    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
-    assert captured == [want]
+    assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, **kw)
+    assert len(captured) == 1
+    return captured[0]
 
 
+@pytest.mark.parametrize("preset,d,env,rotation,kw,want", [
+    # off everywhere, or on where it applies
+    ("paper", 128, {"POLARTENSOR_ENCODE_PERSIST": "0"}, None, {}, (128, 8, None, 3, False)),
+    ("paper", 64, {"POLARTENSOR_ENCODE_PERSIST": "1"}, None, {}, (64, 4, None, 3, True)),
+    ("polar-4", 128, {"POLARTENSOR_ENCODE_PERSIST": "1"}, None, {}, (64, 4, 128, 3, True)),
+    # auto: not where it was not timed faster (a launch named by the caller, the one-MMA
+    # rotations, the strided stores)
+    ("paper", 128, {}, None, {"block_rows": 64}, (64, 4, None, 3, False)),
+    ("paper", 128, {}, None, {"num_warps": 8}, (128, 8, None, 3, False)),
+    ("paper", 128, {}, "permuted_hadamard", {}, (128, 8, None, 3, False)),
+    ("paper", 128, {"POLARTENSOR_ENCODE_ROT": "bf16"}, None, {}, (128, 8, None, 3, False)),
+    ("paper", 128, {"POLARTENSOR_ENCODE_STORE": "strided"}, None, {}, (64, 4, None, 0, False)),
+    # persistent= beats the environment
+    ("paper", 128, {"POLARTENSOR_ENCODE_PERSIST": "1"}, None, {"persistent": False},
+     (128, 8, None, 3, False)),
+    ("paper", 64, {"POLARTENSOR_ENCODE_PERSIST": "0"}, None, {"persistent": True},
+     (64, 4, None, 3, True)),
+])
+def test_encode_persistent_setting(preset, d, env, rotation, kw, want, monkeypatch):
+    """POLARTENSOR_ENCODE_PERSIST: auto (the default) is persistent only at the default launch
+    of d 128 with the two-MMA rotation, the record(16) stores and levels of <= 4 bits (timed
+    faster there); 1 and 0 force it on (where it applies) and off; ``persistent=`` overrides
+    the setting."""
+    assert _default_launch(monkeypatch, preset, d, torch.bfloat16, env, rotation, **kw) == want
+
+
+def test_encode_persistent_setting_is_checked(monkeypatch):
+    """auto takes the launch's own answer, 1 and 0 replace it; anything else is refused,
+    naming the choices."""
+    from polartensor.kernels import encode
+
+    for value, want in ((None, (False, True)), ("auto", (False, True)), ("1", (True, True)),
+                        ("0", (False, False))):
+        if value is None:
+            monkeypatch.delenv("POLARTENSOR_ENCODE_PERSIST", raising=False)
+        else:
+            monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", value)
+        assert (encode._persistent(None, False), encode._persistent(None, True)) == want
+        # (the argument wins over the setting)
+        assert encode._persistent(True, False) and not encode._persistent(False, True)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_PERSIST", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_PERSIST='yes'.*'auto'.*'1'.*'0'"):
+        _default_launch(monkeypatch, "paper", 128, torch.bfloat16,
+                        {"POLARTENSOR_ENCODE_PERSIST": "yes"})
+
+
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("block_rows,num_warps,maxnreg", [(16, 4, None), (64, 8, None),
                                                            (64, 4, 168), (64, 4, 0),
-                                                           (32, 4, 128), (256, 16, None)])
-def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
+                                                           (32, 4, 128), (256, 16, None),
+                                                           (128, 8, 128)])
+def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg, persistent):
     """Rows per program, warps and a register cap (the encode launch sweep's settings) change
     the tiling, not the arithmetic: codes and radii equal the default launch's bit for bit
-    (the cap applies on the GPU only; 0 lifts any default cap)."""
+    (the cap applies on the GPU only; 0 lifts any default cap), per tile and persistent.
+    (The persistent launch contracts the rotation in one dot, per tile in two chunks of 64:
+    the two may differ in the last bit, so each is compared with its own kind.)"""
     d = 128 if ON_GPU else 32
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(29)
@@ -587,8 +650,9 @@ def test_encode_launch_settings_equal_default(block_rows, num_warps, maxnreg):
         assert encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False, **kw)
         return codes, radii
 
-    want = run()
-    got = run(block_rows=block_rows, num_warps=num_warps, maxnreg=maxnreg)
+    want = run(persistent=persistent)
+    got = run(block_rows=block_rows, num_warps=num_warps, maxnreg=maxnreg,
+              persistent=persistent)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -714,7 +778,6 @@ def test_persistent_encode_stages(stages, monkeypatch):
 
 
 @pytest.mark.parametrize("name,read,default", [
-    ("POLARTENSOR_ENCODE_PERSIST", lambda: _enc._persistent(None), False),
     ("POLARTENSOR_ENCODE_PERM", lambda: _enc._column_order(), True)])
 def test_encode_flag_settings_are_checked(name, read, default, monkeypatch):
     """The encode's 0/1 settings: their default, both values, and a clear error otherwise."""
@@ -726,9 +789,6 @@ def test_encode_flag_settings_are_checked(name, read, default, monkeypatch):
     monkeypatch.setenv(name, "yes")
     with pytest.raises(ValueError, match=f"{name}='yes'"):
         read()
-    if name == "POLARTENSOR_ENCODE_PERSIST":  # the argument wins over the setting
-        monkeypatch.setenv(name, "1")
-        assert not _enc._persistent(False)
 
 
 def _encode_under(monkeypatch, env, x, rot, mids, cfg, **kw):
