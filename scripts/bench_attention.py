@@ -222,6 +222,7 @@ def main():
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         decode=common._DECODE,
         code16=tree_decode._CODE16.value,
+        encode_persist=os.environ.get("POLARTENSOR_ENCODE_PERSIST", "auto"),
     )
     print(env, flush=True)
     result = dict(env=env, copy_bw=None, decode=[], sweep=[], encode=[], prefill=[],
@@ -361,12 +362,15 @@ def main():
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             io = (x.numel() * x.element_size() + codes.numel()
                   + radii.numel() * radii.element_size())
-            # the default encode (quantizer='cross', rotation_mma='bf16x2') beside the opt-in
-            # persistent launch and the former default (atan2, tf32x3), every preset; explicit
-            # so the environment cannot blur it
+            # the default encode (quantizer='cross', rotation_mma='bf16x2', the launch
+            # POLARTENSOR_ENCODE_PERSIST=auto picks: persistent at d 128 where every level has
+            # <= 4 bits; the env records the setting) beside one program per tile, the
+            # persistent launch and the former default (atan2, tf32x3), every preset;
+            # explicit so the environment cannot blur the others
             fast = dict(pre_rotate=False, quantizer="cross", rotation_mma="bf16x2",
                         persistent=False)
-            variants = [("fused", fast),
+            variants = [("fused", dict(fast, persistent=None)),
+                        ("fused_per_tile", fast),
                         ("fused_persistent", dict(fast, persistent=True)),
                         ("fused_atan2_tf32x3", dict(pre_rotate=False, quantizer="atan2",
                                                     rotation_mma="tf32x3"))]
@@ -709,6 +713,10 @@ def render_markdown(res) -> str:
                        f"{r['tbps']:.2f} |")
     if res["encode"]:
         out += ["", "## Encode / append (bf16 input, batch 8 x 32K tokens x KV heads)", "",
+                "fused: the default launch (POLARTENSOR_ENCODE_PERSIST="
+                f"{res['env'].get('encode_persist', 'auto')}: persistent at d 128 where every "
+                "level has <= 4 bits); fused_per_tile: one program per tile; fused_persistent: "
+                "persistent wherever it applies.", "",
                 "| model | preset | variant | ms | GB/s (in + out) | % of copy bandwidth |",
                 "|---|---|---|---|---|---|"]
         for r in res["encode"]:
