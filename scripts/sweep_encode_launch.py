@@ -42,7 +42,10 @@ MODELS = [("llama3.1-8b", 8, 128), ("smollm2-135m", 3, 64), ("gemma2-9b", 8, 256
 _PERM0 = {"POLARTENSOR_ENCODE_PERM": "0"}
 _BINARY = {"POLARTENSOR_ENCODE_SEARCH": "binary"}
 # the persistent launch (S loaded once per program) with 1, 2 or 3 pipeline stages (x copied
-# ahead into shared memory while a tile is encoded; d <= 128 only, elsewhere it is the default)
+# ahead into shared memory while a tile is encoded; d <= 128 only, elsewhere it is the default).
+# Its tiles are the default launch's: since a41d312 128 rows and 8 warps under a 128-register
+# cap at d 128 where every level has <= 4 bits (64 rows and 4 warps before), so there
+# default_persist_s1 is the default itself.
 _PERSIST = [{"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_STAGES": s}
             for s in ("1", "2", "3")]
 # the persistent launch on 128-row, 8-warp tiles at d 128 (one stage: S's two parts and x
