@@ -368,11 +368,11 @@ def cross_table(mids: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
 # results/bench/encode_launch_sweep_persist_2026-12-06_h100.md), at d 128 on the 128-row,
 # 8-warp tiles under a 128-register cap (two programs per SM; uncapped, 153 registers, one
 # fits and it ran 0.74x), it ran 1.08x (paper, 53.3% of copy bandwidth) and 1.04x (polar-3)
-# faster than one program per tile; polar-4 on its 64-row capped tiles 0.86x; at d 64
-# 0.70-0.94x. On the H200 it had measured slower with the strided stores (0.91 vs 0.72 ms,
-# results/bench/bench_encode.md), when those stores bounded the encode. ``auto``: persistent
-# at 64 < d <= 128 with the two-MMA rotation, the record(16) stores and levels of <= 4 bits,
-# at the default launch.
+# faster than one program per tile; polar-4 0.86x (64-row tiles) to 0.98x (128-row capped
+# ones); at d 64 0.70-0.94x. On the H200 it had measured slower with the strided stores
+# (0.91 vs 0.72 ms, results/bench/bench_encode.md), when those stores bounded the encode.
+# ``auto``: persistent at 64 < d <= 128 with the two-MMA rotation, the record(16) stores and
+# levels of <= 4 bits, at the default launch.
 _PERSIST_MODES = ("auto", "1", "0")
 
 
@@ -597,7 +597,8 @@ def encode_into_triton(
         rotate = True
     store_mode = _store_mode()
     # (a scaled sign matrix takes one exact MMA: see sign_matrix_scale)
-    two_mma = rot_bf16x2 and rot_mma != "bf16" and not sign_matrix_scale(config, d)
+    sign_c = sign_matrix_scale(config, d) if rot_bf16x2 else 0.0
+    two_mma = rot_bf16x2 and rot_mma != "bf16" and not sign_c
     default_launch = block_rows is None and num_warps is None and maxnreg is None
     persist = _persistent(persistent, not interp and two_mma and 64 < d <= 128
                           and store_mode in (1, 3) and max(config.bits) <= 4
@@ -640,7 +641,6 @@ def encode_into_triton(
     perm = _column_order() and rotate and block_rows >= 16 * (num_warps or 4)
     rot_lo, r_scale = rot_mma != "bf16", 1.0
     if rot_bf16x2:
-        sign_c = sign_matrix_scale(config, d)
         if sign_c:
             # (a scaled sign matrix, rotation="hadamard" or "permuted_hadamard": one exact MMA
             # against S / c, the block radii times c; the codes the two MMAs would give, up to
