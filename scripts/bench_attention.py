@@ -6,7 +6,9 @@ One process, side by side in the same run:
 - decode attention (q_len 1): our split-K kernel over the quantized cache vs PyTorch SDPA on a
   bf16 cache (cuDNN and flash backends) vs "dequantize then SDPA" (our dequant kernel writes a
   bf16 rotated cache, then cuDNN SDPA), for batch 1/8/32, contexts 4K/32K/128K, Llama-3.1-8B
-  heads (32 q / 8 kv, d 128) and SmolLM2 heads (9 / 3, d 64), every preset;
+  heads (32 q / 8 kv, d 128) and SmolLM2 heads (9 / 3, d 64), every preset, and key/value
+  preset pairs named ``K/V`` (``polar-4/polar-3``: the transformers integration's default
+  cache);
 - encode throughput (bytes in + out per second) against the measured device copy bandwidth;
 - chunked prefill (2K new tokens on a 32K quantized cache) vs bf16 SDPA.
 
@@ -40,6 +42,18 @@ MODELS = [("llama3.1-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64)]
 BATCHES = [1, 8, 32]
 CONTEXTS = [4096, 32768, 131072]
 TARGET = ("llama3.1-8b", 8, 32768, "paper")
+
+
+def preset_pair(name: str, d: int):
+    """The key and value configurations a ``--presets`` entry names: ``K/V`` (e.g.
+    ``polar-4/polar-3``, the transformers integration's default cache) or one preset for
+    both."""
+    from polartensor.config import get_preset
+
+    k_name, sep, v_name = name.partition("/")
+    if sep and (not k_name or not v_name or "/" in v_name):
+        raise ValueError(f"preset {name!r}: use one preset or KEY/VALUE, e.g. polar-4/polar-3")
+    return get_preset(k_name, head_dim=d), get_preset(v_name or k_name, head_dim=d)
 
 
 def bench(fn, rep_ms=30):
@@ -115,21 +129,23 @@ def warm_task(task):
     """Compile one kernel configuration in a worker process (fills Triton's disk cache with
     exactly what the timed run launches: same constexprs, dtypes and specialisations)."""
     try:
-        from polartensor.config import get_preset
         from polartensor.kernels.decode_attention import launch_attention
         from polartensor.kernels.dequant import dequantize_rotated_triton
         from polartensor.kernels.encode import encode_into_triton
 
         dev = torch.device("cuda")
         kind, hq, hk, d, preset, kw = task
-        cfg = get_preset(preset, head_dim=d)
+        cfg, v_cfg = preset_pair(preset, d)
         x, mids, c = _tiny_cache(cfg, 1, hk, 1024, d, dev)
+        cv = c if v_cfg == cfg else _tiny_cache(v_cfg, 1, hk, 1024, d, dev)[2]
         if kind == "decode":
             q = torch.randn(1, hq, 1, d, device=dev, dtype=torch.bfloat16)
-            launch_attention(q, c[0], c[1], c[2], cfg, c[0], c[1], c[2], cfg, c[3], c[3], None,
-                             None, None, False, d ** -0.5, num_splits=2, **kw)
+            launch_attention(q, c[0], c[1], c[2], cfg, cv[0], cv[1], cv[2], v_cfg, c[3], cv[3],
+                             None, None, None, False, d ** -0.5, num_splits=2, **kw)
         elif kind == "dequant":
             dequantize_rotated_triton(c[0], c[1], c[2], cfg, d, torch.bfloat16)
+            if v_cfg != cfg:
+                dequantize_rotated_triton(cv[0], cv[1], cv[2], v_cfg, d, torch.bfloat16)
         elif kind == "encode":
             encode_into_triton(x, c[3], mids, c[0], c[1], cfg, exact=False, **kw)
         elif kind == "prefill":
@@ -156,7 +172,7 @@ def warm_tasks(presets, sections=("sweep", "encode", "prefill", "decode"), joine
                     if d == 128:
                         tasks += [("decode", hq, hk, d, p,
                                    {"block_n": 64, "maxnreg": 128, "pack": False})]
-            if "encode" in sections:
+            if "encode" in sections and "/" not in p:  # (encode rows: one preset each)
                 tasks += [("encode", hq, hk, d, p, {"pre_rotate": False}),
                           ("encode", hq, hk, d, p, {"pre_rotate": False, "quantizer": "cross",
                                                     "rotation_mma": "bf16x2"})]
@@ -230,6 +246,8 @@ def main():
     presets = sorted(PRESETS) if args.presets == "all" else args.presets.split(",")
     if "paper" in presets:
         presets = ["paper"] + [p for p in presets if p != "paper"]
+    for p in presets:
+        preset_pair(p, 128)  # (a wrong name stops the run here, not in its middle)
     sections = set(args.sections.split(","))
 
     def save():
@@ -301,11 +319,12 @@ def main():
         print(row, flush=True)
         return row
 
-    def ours_fn(q, kq, vq, cfg, scale, **kw):
-        codes_k, radii_k, trig, rot = kq
-        codes_v, radii_v, _, _ = vq
-        return lambda: launch_attention(q, codes_k, radii_k, trig, cfg, codes_v, radii_v, trig,
-                                        cfg, rot, rot, None, None, None, False, scale, **kw)
+    def ours_fn(q, kq, vq, cfg, scale, v_cfg=None, **kw):
+        codes_k, radii_k, trig_k, rot_k = kq
+        codes_v, radii_v, trig_v, rot_v = vq
+        return lambda: launch_attention(q, codes_k, radii_k, trig_k, cfg, codes_v, radii_v,
+                                        trig_v, v_cfg or cfg, rot_k, rot_v, None, None, None,
+                                        False, scale, **kw)
 
     # -- decode: launch-parameter sweep at the target shape (d = 128, paper) ----------------
     for model, hq, hk, d in (MODELS[:1] if "sweep" in sections else []):
@@ -352,7 +371,7 @@ def main():
         except Exception as exc:  # noqa: BLE001
             record_error(f"encode alloc {model}", exc)
             continue
-        for preset in presets:
+        for preset in [p for p in presets if "/" not in p]:  # (one preset per encode row)
             cfg = get_preset(preset, head_dim=d)
             cent = codebook_for(cfg, device=dev)
             mids, _ = tables_for(cent, cfg)
@@ -501,11 +520,11 @@ def main():
                     return F.scaled_dot_product_attention(qf, k, v, scale=scale)
             decode_row(base, f"sdpa_bf16_{bk}", None, bf16_bytes, lambda f=f: (f, {}))
         for preset in presets:
-            cfg = get_preset(preset, head_dim=d)
+            cfg, v_cfg = preset_pair(preset, d)
             try:
-                kq, vq = quantize_cache(k, cfg), quantize_cache(v, cfg)
+                kq, vq = quantize_cache(k, cfg), quantize_cache(v, v_cfg)
                 qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
-                ms = bench(ours_fn(q, kq, vq, cfg, scale))
+                ms = bench(ours_fn(q, kq, vq, cfg, scale, v_cfg))
                 row = dict(base, method="polar_triton", preset=preset, ms=ms, bytes=qbytes,
                            tbps=qbytes / (ms * 1e-3) / 1e12)
             except Exception as exc:  # noqa: BLE001
@@ -518,13 +537,13 @@ def main():
                 continue
             if args.splits_baseline:
                 decode_row(base, "polar_triton_per_sm_splits", preset, qbytes,
-                           lambda kq=kq, vq=vq, cfg=cfg, q=q: (
-                               ours_fn(q, kq, vq, cfg, scale, split_rule="per_sm"), {}))
-            def env_fn(kq=kq, vq=vq, cfg=cfg, q=q, name="", value="1"):
+                           lambda kq=kq, vq=vq, cfg=cfg, v_cfg=v_cfg, q=q: (
+                               ours_fn(q, kq, vq, cfg, scale, v_cfg, split_rule="per_sm"), {}))
+            def env_fn(kq=kq, vq=vq, cfg=cfg, v_cfg=v_cfg, q=q, name="", value="1"):
                 """Our decode with one setting forced (read per call: set while the graph
                 is captured), and its largest difference from the default's output."""
-                default = ours_fn(q, kq, vq, cfg, scale)()
-                launch = ours_fn(q, kq, vq, cfg, scale)
+                default = ours_fn(q, kq, vq, cfg, scale, v_cfg)()
+                launch = ours_fn(q, kq, vq, cfg, scale, v_cfg)
 
                 def forced():
                     os.environ[name] = value
@@ -548,21 +567,20 @@ def main():
                     decode_row(base, method, preset, qbytes,
                                lambda name=name, value=value: env_fn(name=name, value=value))
             if args.joined:
-                def joined_fn(kq=kq, vq=vq, cfg=cfg, q=q):
-                    default = ours_fn(q, kq, vq, cfg, scale)()
-                    joined = ours_fn(q, kq, vq, cfg, scale, pack=False)
+                def joined_fn(kq=kq, vq=vq, cfg=cfg, v_cfg=v_cfg, q=q):
+                    default = ours_fn(q, kq, vq, cfg, scale, v_cfg)()
+                    joined = ours_fn(q, kq, vq, cfg, scale, v_cfg, pack=False)
                     diff = (joined().float() - default.float()).abs().max().item()
                     return joined, {"max_abs_diff_vs_default": diff}
                 decode_row(base, "polar_triton_joined", preset, qbytes, joined_fn)
-            rot = kq[3]
 
-            def deq_sdpa(kq=kq, vq=vq, cfg=cfg, rot=rot, qf=qf):
+            def deq_sdpa(kq=kq, vq=vq, cfg=cfg, v_cfg=v_cfg, qf=qf):
                 kd = dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)
-                vd = dequantize_rotated_triton(vq[0], vq[1], vq[2], cfg, d, torch.bfloat16)
-                qr = (qf.float() @ rot.T).to(torch.bfloat16)
+                vd = dequantize_rotated_triton(vq[0], vq[1], vq[2], v_cfg, d, torch.bfloat16)
+                qr = (qf.float() @ kq[3].T).to(torch.bfloat16)
                 with sdpa_backend("cudnn"):
                     o = F.scaled_dot_product_attention(qr, kd, vd, scale=scale)
-                return (o.float() @ rot).to(torch.bfloat16)
+                return (o.float() @ vq[3]).to(torch.bfloat16)
 
             decode_row(base, "dequant_then_sdpa", preset, qbytes, lambda f=deq_sdpa: (f, {}))
             del kq, vq

@@ -77,9 +77,10 @@ optin)
     ;;
 bench)
     # every table, with the joint table of levels 1 and 2 forced on (POLARTENSOR_JOINT12=1) and
-    # off (=0) timed beside the default (on where measured faster), in one run
+    # off (=0) timed beside the default (on where measured faster), in one run; polar-4/polar-3
+    # is the transformers integration's default cache (polar-4 keys, polar-3 values)
     step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 250 \
-        --presets paper,polar-3,polar-4 --joint12
+        --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
     ;;
 sweep)
     OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py

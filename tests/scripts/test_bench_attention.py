@@ -3,6 +3,8 @@ small result of the same shape (ratios are computed against the same run's basel
 
 from __future__ import annotations
 
+from polartensor.config import get_preset
+
 
 def test_render_markdown_ratios(load_script):
     mod = load_script("bench_attention")
@@ -39,3 +41,35 @@ def test_render_markdown_ratios(load_script):
     assert "| m | polar_dequant_sdpa | True | 4.000 | 20.0 | 0.50 |" in md
     assert "| m | polar_triton | False | — | — | — |" in md
     assert "- x skipped" in md
+
+
+def test_preset_pairs(load_script):
+    """``--presets`` entries name one preset for keys and values, or KEY/VALUE (the
+    transformers integration's default cache is polar-4/polar-3); a malformed pair is refused
+    with the form to use, and an unknown preset by the preset lookup."""
+    import pytest
+
+    mod = load_script("bench_attention")
+    k, v = mod.preset_pair("polar-4/polar-3", 128)
+    assert (k.bits, v.bits) == (get_preset("polar-4", head_dim=128).bits,
+                                get_preset("polar-3", head_dim=128).bits)
+    k, v = mod.preset_pair("paper", 64)
+    assert k == v == get_preset("paper", head_dim=64)
+    for bad in ("polar-4/", "/polar-3", "paper/polar-3/polar-4"):
+        with pytest.raises(ValueError, match="use one preset or KEY/VALUE"):
+            mod.preset_pair(bad, 128)
+    with pytest.raises((KeyError, ValueError), match="polar-9"):
+        mod.preset_pair("polar-4/polar-9", 128)
+    # a pair's rows render under its name, with ratios against the same run's baselines
+    env = dict(command="c", gpu="GPU", sms=132, torch="t", triton="tr", cuda="c", cudnn=1,
+               python="3.12", date="d")
+    dec = dict(model="m", batch=8, context=32768)
+    md = mod.render_markdown(dict(
+        env=env, copy_bw=4e12, elapsed_s=1.0, sweep=[], encode=[], errors=[], prefill=[],
+        decode=[dict(dec, method="sdpa_bf16_cudnn", preset=None, ms=0.4, tbps=2.0),
+                dict(dec, method="sdpa_bf16_flash", preset=None, ms=0.2, tbps=3.0),
+                dict(dec, method="polar_triton", preset="polar-4/polar-3", ms=0.5, tbps=1.0),
+                dict(dec, method="dequant_then_sdpa", preset="polar-4/polar-3", ms=0.8,
+                     tbps=0.2)]))
+    assert ("| m | 8 | 32K | polar-4/polar-3 | 0.5000 | 1.00 | 0.4000 | 0.2000 | 0.8000 | "
+            "0.80 | 0.40 | 1.60 |") in md
