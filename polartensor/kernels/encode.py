@@ -598,11 +598,12 @@ def encode_into_triton(
     store_mode = _store_mode()
     # (a scaled sign matrix takes one exact MMA: see sign_matrix_scale)
     sign_c = sign_matrix_scale(config, d) if rot_bf16x2 else 0.0
-    two_mma = rot_bf16x2 and rot_mma != "bf16" and not sign_c
+    # the timed d-128 launches below: the bfloat16 rotation with the record(16) stores
+    record_d128 = not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3)
+    widest = max(config.bits)
     default_launch = block_rows is None and num_warps is None and maxnreg is None
-    persist = _persistent(persistent, not interp and two_mma and 64 < d <= 128
-                          and store_mode in (1, 3) and max(config.bits) <= 4
-                          and default_launch) and rot_bf16x2 and d <= 128
+    persist = _persistent(persistent, record_d128 and rot_mma != "bf16" and not sign_c
+                          and widest <= 4 and default_launch) and rot_bf16x2 and d <= 128
     if block_rows is None:
         # The interpreter pays per op, not per element: one wide program is fastest there.
         # On the H200 (results/bench/encode_launch_sweep.md, bfloat16 x): at d <= 128, 64 rows
@@ -616,7 +617,7 @@ def encode_into_triton(
                       else (64 if d <= 128 else 128 if wide else 16))
         if num_warps is None and not interp and wide:
             num_warps = 8
-        if not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3):
+        if record_d128:
             # With the record stores, on an H100 at d 128 (bfloat16 x, same run,
             # results/bench/encode_launch_sweep_store_2026-12-06_h100.md): 128 rows and 8
             # warps (S read once per 128 rows) ran 1.13x (paper) and 1.15x (polar-3) faster
@@ -629,7 +630,6 @@ def encode_into_triton(
             # Persistent there (see _PERSIST_MODES), the same tiles under a 128-register cap,
             # so that two programs fit per SM (the default 1 stage: S's parts and x take 96 KB
             # of shared memory).
-            widest = max(config.bits)
             if widest <= 4:
                 block_rows, num_warps = 128, num_warps or 8
                 if persist and maxnreg is None:
