@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (bench_attention's timing)
 
 # (model, query heads, KV heads, head_dim)
-MODELS = {"llama3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+MODELS = {"llama3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64), "gemma2-9b": (16, 8, 256)}
 DECODE_SHAPES = ("llama3.1-8b:1:32768,llama3.1-8b:8:32768,llama3.1-8b:8:131072,"
                  "llama3.1-8b:32:32768,smollm2-135m:8:32768")
 ENCODE_SHAPES = "llama3.1-8b:8:32768,smollm2-135m:8:32768"

@@ -102,7 +102,7 @@ def code16_aligned(codes: torch.Tensor) -> torch.Tensor:
 
 @triton.constexpr_function
 def _word_codes(b, P, bitoff):
-    """Codes per word CW (power of two dividing P) and whether words are byte-aligned."""
+    """Codes per word CW (power of two dividing P), byte-aligned words where they can be."""
     cw = 1
     while cw * 2 <= P and cw * 2 * b <= 32:
         cw *= 2
@@ -125,6 +125,79 @@ def _in_two16(bit0, block_bits, wbits):
 @triton.constexpr_function
 def _aligned(b, cw, bitoff):
     return bitoff % 8 == 0 and (cw * b) % 8 == 0
+
+
+@triton.constexpr_function
+def _window32_inside(bit0, block_bits, wbits, nblocks, rbytes):
+    """Whether a field of ``wbits`` (<= 17) bits at bit ``bit0 + j * block_bits`` fits the
+    32-bit window of the two aligned 16-bit words from its first one, with both words inside
+    a record of ``rbytes`` bytes, for every block j < nblocks."""
+    return wbits <= 17 and all(((bit0 + j * block_bits) >> 4) * 2 + 4 <= rbytes
+                               for j in range(nblocks))
+
+
+@triton.constexpr_function
+def _word_read_path(code16, b, cw, bitoff, p, nblocks, rbytes, w):
+    """How _load_word reads word ``w`` (cw codes of b bits) of a level: 1 whole 16-bit words,
+    2 one 16-bit word, 3 the window of two 16-bit words, 4 aligned bytes (masked tl.loads),
+    5 unaligned bytes (masked tl.loads)."""
+    wbits = cw * b
+    w16 = code16 and rbytes % 2 == 0
+    aligned = _aligned(b, cw, bitoff)
+    bit0 = bitoff + w * cw * b
+    if w16 and aligned and wbits % 16 == 0 and bitoff % 16 == 0 and (p * b) % 16 == 0:
+        return 1
+    if w16 and not aligned and bitoff % wbits == 0 and 16 % wbits == 0:
+        return 2
+    if w16 and (wbits > 16 or not aligned) and _in_two16(bit0, p * b, wbits):
+        return 3
+    if aligned:
+        return 4
+    if w16 and _window32_inside(bit0, p * b, wbits, nblocks, rbytes):
+        return 3
+    return 5
+
+
+@triton.constexpr_function
+def _word_path(b, cw, bitoff, p, nblocks, rbytes, w):
+    return _word_read_path(_CODE16.value, b, cw, bitoff, p, nblocks, rbytes, w)
+
+
+@triton.constexpr_function
+def _level_bitoff(lv, nnodes, tail_byte):
+    """Bit offset of a level's codes from its layout word: head levels (>= 8 angles) keep a
+    byte offset, tail levels a bit offset inside the tail bytes."""
+    pos = lv >> 8
+    return pos * 8 if nnodes >= 8 else tail_byte * 8 + pos
+
+
+@triton.constexpr_function
+def _wants_layout_anchor(d, l0, nbb, tail_byte, rbytes, lv0, lv1, lv2, lv3, lv4, lv5, lv6,
+                         lv7):
+    """Whether the tree below the top levels takes _layout_anchor: at head_dim 128 with 16-bit
+    code loads, when no level l <= l0 reads aligned bytes (path 4), the masked loads that
+    otherwise lay the tree out across the lanes. Offline (Triton 3.6, sm_90, loop SASS per
+    128-key step) it took polar-4 at d 128 from 2289 instructions (262 shared stores) to 2136
+    (42) and polar-2 from 2482 to 1857. On an H100 (batch 8, 32K, Llama-3.1-8B heads, against
+    e75578f in one run, results/bench/ab_kernels_2026-12-06b_h100.md): polar-3.5 1.31x,
+    polar-4 1.10x as fast. Not at d 256: there it ran polar-4.5 and polar-5 1.09x as fast as
+    without it but polar-3.5 0.93x and polar-4 0.98x (ab_kernels_2026-12-06c_h100.md); not
+    at d 64, where offline it added ~180 instructions to every preset; and not where an
+    aligned byte level exists, where it only added instructions (polar-3 at d 128: +72)."""
+    if d != 128 or not _CODE16.value:
+        return False
+    words = (lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7)
+    for lvl in range(1, l0 + 1):
+        b = words[lvl - 1] & 15
+        if b == 0:
+            continue
+        p = 1 << (l0 - lvl)
+        bitoff = _level_bitoff(words[lvl - 1], nbb * p, tail_byte)
+        cw = _word_codes(b, p, bitoff)
+        if any(_word_read_path(True, b, cw, bitoff, p, nbb, rbytes, w) == 4
+               for w in range(p // cw)):
+            return False
+    return True
 
 
 @triton.constexpr_function
@@ -380,8 +453,8 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
     consumers that read only each code's low bits; offline, dropping the mask after byte
     loads as well made polar-4's loop longer)."""
     WBITS: tl.constexpr = CW * b
-    if (_CODE16 and R % 2 == 0 and _aligned(b, CW, BITOFF) and WBITS % 16 == 0
-            and BITOFF % 16 == 0 and (P * b) % 16 == 0):
+    PATH: tl.constexpr = _word_path(b, CW, BITOFF, P, blk.shape[1], R, w)
+    if PATH == 1:
         # whole 16-bit words at even byte offsets
         byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8
         word = _ld16(codes_ptr, byte0)
@@ -389,24 +462,23 @@ def _load_word(codes_ptr, rec_base, blk, valid2, w: tl.constexpr, P: tl.constexp
             word = word | (_ld16(codes_ptr, byte0, 2 * k) << (16 * k))
         if WBITS < 32 and MASK:
             word = word & ((1 << WBITS) - 1)
-    elif (_CODE16 and R % 2 == 0 and not _aligned(b, CW, BITOFF) and BITOFF % WBITS == 0
-            and 16 % WBITS == 0):
+    elif PATH == 2:
         # a field that never crosses a 16-bit word: one aligned 16-bit load
         bit0 = BITOFF + (blk * P + w * CW) * b
         word = _ld16(codes_ptr, rec_base + (bit0 >> 4) * 2) >> (bit0 & 15)
         if MASK:
             word = word & ((1 << WBITS) - 1)
-    elif (_CODE16 and R % 2 == 0 and (WBITS > 16 or not _aligned(b, CW, BITOFF))
-            and _in_two16(BITOFF + w * CW * b, P * b, WBITS)):
-        # a field inside two aligned 16-bit words (e.g. 5-bit or 3-bit codes): two unmasked
-        # 16-bit loads and one shift instead of 2-4 masked byte loads. Both words hold bits
-        # of the field, so neither lies outside the (even-sized) record.
+    elif PATH == 3:
+        # a field inside the two aligned 16-bit words from its first one (e.g. 5-bit or 3-bit
+        # codes), both inside the record: two unmasked 16-bit loads and one shift instead of
+        # 2-4 masked byte loads (which Triton would also make layout anchors of their own,
+        # laid one key per thread)
         bit0 = BITOFF + (blk * P + w * CW) * b
         byte0 = rec_base + (bit0 >> 4) * 2
         word = (_ld16(codes_ptr, byte0) | (_ld16(codes_ptr, byte0, 2) << 16)) >> (bit0 & 15)
         if MASK:
             word = word & ((1 << WBITS) - 1)
-    elif _aligned(b, CW, BITOFF):
+    elif PATH == 4:
         NBY: tl.constexpr = WBITS // 8
         # byte address of the word: BITOFF/8 + (blk * P + w * CW) * b / 8
         byte0 = rec_base + (BITOFF // 8) + blk * ((P * b) // 8) + (w * CW * b) // 8
@@ -603,6 +675,22 @@ def _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
     return out
 
 
+@triton.jit
+def _layout_anchor(codes_ptr, rec_base, u, valid2, r, R: tl.constexpr):
+    """r unchanged, tied to a masked load of the record's first NBB bytes (contiguous along
+    the blocks). Triton lays a decode out as its last expensive tl.load before the tree
+    dictates (its layout propagation runs from the last anchor first); this load is
+    contiguous across the blocks, so the tree's nodes, and the decoded tile, spread over the
+    lanes ([4, 8] threads per warp) instead of one key per thread, whose tile goes to shared
+    memory 16 bits at a time. (Without it, a config whose codes are all read by
+    layout-agnostic 16-bit loads takes the layout of its top levels' table gathers.)"""
+    if _ASM and R >= u.shape[1]:
+        a = tl.load(codes_ptr + rec_base + u, mask=valid2, other=0).to(tl.int32)
+        r = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [r, a], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return r
+
+
 @triton.constexpr_function
 def _level_word(lvl, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7):
     """The layout word LV of level ``lvl`` (1-based) among a kernel's LV0..LV7 constexprs."""
@@ -630,6 +718,9 @@ def _levels_down(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
                  LV7: tl.constexpr):
     """Levels LVL down to LAST, one _any_level each (unrolled at compile time: every level
     has its own constexpr layout word)."""
+    if LVL == L0 and _wants_layout_anchor(D, L0, NBB, TAIL_BYTE, R, LV0, LV1, LV2, LV3, LV4,
+                                          LV5, LV6, LV7):
+        r = _layout_anchor(codes_ptr, rec_base, u, valid2, r, R)
     r = _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT, SO, LVL, L0, NBB, D,
                    _level_word(LVL, LV0, LV1, LV2, LV3, LV4, LV5, LV6, LV7), TAIL_BYTE, R,
                    PACK)

@@ -289,3 +289,90 @@ def test_attention_on_misaligned_codes_matches_aligned():
             warnings.filterwarnings("error", message=".*not 2-byte aligned")
             got = F.scaled_dot_product_attention(q, k_odd, v, enable_gqa=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# -- how code words are read: the 16-bit windows and the layout anchor (pure host logic) ----
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from polartensor.kernels import tree_decode as td  # noqa: E402
+
+
+def _tree_words(config, d):
+    """(b, P, NBB, BITOFF, CW, w, path) of every code word the tree below the top levels
+    reads, as decode_tile_joined lays the levels out (16-bit code loads on)."""
+    lw = level_words(config, d)
+    L, NB, R = lw["L"], lw["NB"], lw["R"]
+    T = td._top_count(NB, L, td._NBB_MIN.value)
+    nbb, l0 = NB << T, L - T
+    out = []
+    for lvl in range(1, l0 + 1):
+        lv = lw[f"LV{lvl - 1}"]
+        b = lv & 15
+        if b == 0:
+            continue
+        p = 1 << (l0 - lvl)
+        bitoff = td._level_bitoff(lv, nbb * p, lw["TAIL_BYTE"])
+        cw = td._word_codes(b, p, bitoff)
+        for w in range(p // cw):
+            out.append((b, p, nbb, bitoff, cw, w,
+                        td._word_read_path(True, b, cw, bitoff, p, nbb, R, w)))
+    return out, lw
+
+
+@st.composite
+def _random_configs(draw):
+    levels = draw(st.integers(1, 7))
+    bits = (draw(st.integers(1, 8)),) + tuple(draw(st.integers(0, 8))
+                                              for _ in range(levels - 1))
+    d = draw(st.sampled_from([64, 128, 256]).filter(lambda d: d % (1 << levels) == 0))
+    return PolarQuantConfig(levels=levels, bits=bits), d
+
+
+@settings(max_examples=300, deadline=None)
+@given(_random_configs())
+def test_window_reads_hold_the_field_inside_the_record(cfg_d):
+    """Every word read through two 16-bit loads (path 3) lies inside those two words, and
+    both words lie inside the record, for every block: the unmasked loads never read
+    another record's bytes into a code, nor past the end of the cache."""
+    config, d = cfg_d
+    words, lw = _tree_words(config, d)
+    for b, p, nbb, bitoff, cw, w, path in words:
+        if path != 3:
+            continue
+        for j in range(nbb):
+            bit0 = bitoff + j * p * b + w * cw * b
+            assert bit0 % 16 + cw * b <= 32, (config, d, bit0, cw * b)
+            assert (bit0 // 16) * 2 + 4 <= lw["R"], (config, d, bit0, lw["R"])
+
+
+def test_three_bit_levels_take_16_bit_windows_not_byte_loads():
+    """polar-4's 3-bit levels 2 and 3 at d 128 (12- and 6-bit words that are not byte
+    aligned) are read through 16-bit windows: no unaligned byte loads remain in its tree."""
+    words, _ = _tree_words(get_preset("polar-4", 128), 128)
+    paths = {(b, p): path for b, p, *_, path in words}
+    assert paths[(3, 4)] == 3 and paths[(3, 2)] == 3
+    assert 5 not in paths.values()
+
+
+@pytest.mark.parametrize("preset,d,expected", [
+    ("polar-4", 128, True), ("polar-3.5", 128, True), ("polar-2", 128, True),
+    ("polar-4", 256, False), ("polar-5", 256, False),
+    ("paper", 128, False), ("polar-3", 128, False), ("polar-2.5", 128, False),
+    ("paper", 64, False), ("polar-4", 64, False),
+])
+def test_layout_anchor_rule(preset, d, expected):
+    """The layout anchor goes where no level of the tree reads aligned bytes (the loads that
+    otherwise spread the tree over the lanes), at head_dim 128 only (measured there; offline
+    SASS counts and H100 times in _wants_layout_anchor's docstring)."""
+    config = get_preset(preset, d)
+    lw = level_words(config, d)
+    words, _ = _tree_words(config, d)
+    T = td._top_count(lw["NB"], lw["L"], td._NBB_MIN.value)
+    got = td._wants_layout_anchor(d, lw["L"] - T, lw["NB"] << T, lw["TAIL_BYTE"], lw["R"],
+                                  *(lw[f"LV{i}"] for i in range(8)))
+    assert got is expected
+    # the rule's reason, checked independently: an aligned-byte word exists iff no anchor
+    if d == 128:
+        assert (not any(path == 4 for *_, path in words)) is expected
