@@ -417,15 +417,11 @@ def _top_level(codes_ptr, rec_base, u, valid2, r, cos_ptr, SINOFF: tl.constexpr,
     """A level above the tree root, decoded in 2-D: r [BN, NBB] (one entry per node u of the
     root level l0) times cos/sin of its ancestor's angle at this level (K = l - l0)."""
     b: tl.constexpr = LV & 15
-    pos: tl.constexpr = LV >> 8
     s = (u >> (K - 1)) & 1
     if b == 0:
         v = tl.where(s != 0, tl.load(cos_ptr + SINOFF), tl.load(cos_ptr))
     else:
-        if NNODES >= 8:
-            BITOFF: tl.constexpr = pos * 8
-        else:
-            BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
+        BITOFF: tl.constexpr = _level_bitoff(LV, NNODES, TAIL_BYTE)
         bit0 = BITOFF + (u >> K) * b
         if _CODE16 and R % 2 == 0 and BITOFF % b == 0 and 16 % b == 0:
             # the field never crosses a 16-bit word: one aligned 16-bit load
@@ -602,14 +598,8 @@ def _level_codes(codes_ptr, rec_base, blk, valid2, NB: tl.constexpr, P: tl.const
     """The codes of one level (b > 0 bits), shaped as that level's input r: [BN, NB, 2 (x m)]
     for P = 2**m nodes per block."""
     b: tl.constexpr = LV & 15
-    pos: tl.constexpr = LV >> 8
-    # head levels: pos is a byte offset; tail levels: a bit offset inside the tail
-    # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8).
-    NNODES: tl.constexpr = NB * P
-    if NNODES >= 8:
-        BITOFF: tl.constexpr = pos * 8
-    else:
-        BITOFF: tl.constexpr = TAIL_BYTE * 8 + pos
+    # (a level is a tail level when it has < 8 angles, i.e. NB * P < 8)
+    BITOFF: tl.constexpr = _level_bitoff(LV, NB * P, TAIL_BYTE)
     CW: tl.constexpr = _word_codes(b, P, BITOFF)
     K: tl.constexpr = _ilog2(P // CW)
     words = _word_tree(codes_ptr, rec_base, blk, valid2, 0, 1, K, P, b, CW, BITOFF, R, MASK)
@@ -677,13 +667,14 @@ def _any_level(codes_ptr, rec_base, u, valid2, r, trig_ptr, KT: tl.constexpr,
 
 @triton.jit
 def _layout_anchor(codes_ptr, rec_base, u, valid2, r, R: tl.constexpr):
-    """r unchanged, tied to a masked load of the record's first NBB bytes (contiguous along
-    the blocks). Triton lays a decode out as its last expensive tl.load before the tree
-    dictates (its layout propagation runs from the last anchor first); this load is
-    contiguous across the blocks, so the tree's nodes, and the decoded tile, spread over the
-    lanes ([4, 8] threads per warp) instead of one key per thread, whose tile goes to shared
-    memory 16 bits at a time. (Without it, a config whose codes are all read by
-    layout-agnostic 16-bit loads takes the layout of its top levels' table gathers.)"""
+    """r unchanged, tied to a masked load of the record's first NBB bytes. Triton 3.6 gives a
+    value the layout of the last expensive tl.load above it (its layout propagation starts
+    from the last anchor in program order and keeps the first layout that reaches a value).
+    This load is contiguous across the blocks, so the tree's nodes, and the decoded tile,
+    spread over the lanes ([4, 8] threads per warp) instead of one key per thread, a tile
+    that goes to shared memory 16 bits at a time. (Without it, a configuration whose tree
+    codes are all read by layout-agnostic 16-bit loads takes the layout of its top levels'
+    table gathers, one key per thread.)"""
     if _ASM and R >= u.shape[1]:
         a = tl.load(codes_ptr + rec_base + u, mask=valid2, other=0).to(tl.int32)
         r = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [r, a], dtype=tl.float32,
