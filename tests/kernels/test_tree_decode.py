@@ -301,7 +301,8 @@ from polartensor.kernels import tree_decode as td  # noqa: E402
 
 def _tree_words(config, d):
     """(b, P, NBB, BITOFF, CW, w, path) of every code word the tree below the top levels
-    reads, as decode_tile_joined lays the levels out (16-bit code loads on)."""
+    reads, as decode_tile_joined lays the levels out (16-bit code loads on); the kernel
+    constants; and the tree's root level l0 and block count NBB."""
     lw = level_words(config, d)
     L, NB, R = lw["L"], lw["NB"], lw["R"]
     T = td._top_count(NB, L, td._NBB_MIN.value)
@@ -318,7 +319,7 @@ def _tree_words(config, d):
         for w in range(p // cw):
             out.append((b, p, nbb, bitoff, cw, w,
                         td._word_read_path(True, b, cw, bitoff, p, nbb, R, w)))
-    return out, lw
+    return out, lw, l0, nbb
 
 
 @st.composite
@@ -337,7 +338,7 @@ def test_window_reads_hold_the_field_inside_the_record(cfg_d):
     both words lie inside the record, for every block: the unmasked loads never read
     another record's bytes into a code, nor past the end of the cache."""
     config, d = cfg_d
-    words, lw = _tree_words(config, d)
+    words, lw, _, _ = _tree_words(config, d)
     for b, p, nbb, bitoff, cw, w, path in words:
         if path != 3:
             continue
@@ -350,7 +351,7 @@ def test_window_reads_hold_the_field_inside_the_record(cfg_d):
 def test_three_bit_levels_take_16_bit_windows_not_byte_loads():
     """polar-4's 3-bit levels 2 and 3 at d 128 (12- and 6-bit words that are not byte
     aligned) are read through 16-bit windows: no unaligned byte loads remain in its tree."""
-    words, _ = _tree_words(get_preset("polar-4", 128), 128)
+    words, *_ = _tree_words(get_preset("polar-4", 128), 128)
     paths = {(b, p): path for b, p, *_, path in words}
     assert paths[(3, 4)] == 3 and paths[(3, 2)] == 3
     assert 5 not in paths.values()
@@ -366,13 +367,11 @@ def test_layout_anchor_rule(preset, d, expected):
     """The layout anchor goes where no level of the tree reads aligned bytes (the loads that
     otherwise spread the tree over the lanes), at head_dim 128 only (measured there; offline
     SASS counts and H100 times in _wants_layout_anchor's docstring)."""
-    config = get_preset(preset, d)
-    lw = level_words(config, d)
-    words, _ = _tree_words(config, d)
-    T = td._top_count(lw["NB"], lw["L"], td._NBB_MIN.value)
-    got = td._wants_layout_anchor(d, lw["L"] - T, lw["NB"] << T, lw["TAIL_BYTE"], lw["R"],
+    words, lw, l0, nbb = _tree_words(get_preset(preset, d), d)
+    got = td._wants_layout_anchor(d, l0, nbb, lw["TAIL_BYTE"], lw["R"],
                                   *(lw[f"LV{i}"] for i in range(8)))
     assert got is expected
-    # the rule's reason, checked independently: an aligned-byte word exists iff no anchor
+    # the rule's reason, from the word paths this file enumerates itself (with the package's
+    # path function): at d 128 an aligned-byte word exists iff no anchor
     if d == 128:
         assert (not any(path == 4 for *_, path in words)) is expected
