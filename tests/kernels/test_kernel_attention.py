@@ -887,3 +887,60 @@ def test_unknown_split_rule_is_refused():
     with pytest.raises(ValueError, match="split_rule='fast'.*'waves'"):
         launch_attention(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot,
                          scale=0.2, mode="decode", split_rule="fast")
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(preset=st.sampled_from(["paper", "polar-3", "polar-4"]), tq=st.sampled_from([1, 3]),
+       n=st.integers(1, MAX_N), splits=st.sampled_from([1, 2]), strided=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_tile_offsets_in_32_and_64_bits_agree(preset, tq, n, splits, strided, dtype,
+                                              monkeypatch):
+    """The decode's key offsets from a tile's first record in 32 bits (``off32``, the default
+    where they fit) address the same records as 64-bit offsets per key: bit-equal outputs,
+    for key counts that end mid-tile, several splits, and codes and radii read through
+    views whose key stride is not the record size."""
+    d = 128 if ON_GPU else 32
+    cfg, q, k, v, rot, trig, _ = _decode_inputs(preset, d, 2, 2, 2, n, tq, n, dtype)
+    kc, kr, vc, vr = k.codes, k.radii, v.codes, v.radii
+    if strided:
+        # [b, n, hk, ...] storage seen as [b, hk, n, ...]: key stride hk * record
+        kc, kr, vc, vr = (t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3])
+                          .transpose(1, 2).copy_(t) for t in (kc, kr, vc, vr))
+        assert kc.stride(2) == 2 * kc.shape[-1]
+    seen = _spy_kwarg(monkeypatch, "OFF32")
+
+    def launch(off32):
+        return launch_attention(q, kc, kr, trig, cfg, vc, vr, trig, cfg, rot, rot,
+                                scale=1 / math.sqrt(d), mode="decode", num_splits=splits,
+                                block_n=None if ON_GPU else 16, off32=off32)
+
+    want, got, auto = launch(False), launch(True), launch(None)
+    assert seen == [False, True, True]
+    assert torch.equal(got, want)
+    assert torch.equal(auto, want)
+
+
+def test_tile_offsets_past_int32_take_64_bits():
+    """A key stride so large that a tile's offsets overflow int32: the default takes 64-bit
+    offsets (and still matches the reference); asking for 32 bits is an error naming the
+    fix. (One key, so that the stride costs no memory.)"""
+    d = HEAD_DIMS[0]
+    cfg, q, k, v, rot, trig, _ = _decode_inputs("paper", d, 1, 1, 2, 1, 1, 3, torch.float32)
+    big = 2**30
+
+    def stretched(t):
+        return t.as_strided(t.shape, (t.stride(0), t.stride(1), big, 1))
+
+    kc, kr = stretched(k.codes), stretched(k.radii)
+    assert kc.stride(2) == big
+
+    def launch(off32):
+        return launch_attention(q, kc, kr, trig, cfg, kc, kr, trig, cfg, rot, rot,
+                                scale=1 / math.sqrt(d), mode="decode", off32=off32)
+
+    with pytest.raises(ValueError, match="overflow int32; pass off32=None"):
+        launch(True)
+    want = launch_attention(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot,
+                            rot, scale=1 / math.sqrt(d), mode="decode")
+    torch.testing.assert_close(launch(None), want, rtol=0, atol=0)
