@@ -145,23 +145,28 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
         cudnn_ms = _timed({"cudnn": cudnn}, 1, args.rep_ms, True)["cudnn"]
     rows = []
     for preset in presets:
-        cfg = get_preset(preset, head_dim=d)
-        mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
-        rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-        cache = []
-        for x in (k, v):
+        # "K/V" (e.g. polar-4/polar-3, the transformers integration's default): a preset each
+        kname, _, vname = preset.partition("/")
+        cache, tables = [], []
+        for x, name in ((k, kname), (v, vname or kname)):
+            cfg = get_preset(name, head_dim=d)
+            mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
+            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             codes, radii = _storage(cfg, b, hk, n, d, dev)
             assert kernels["work"][1].encode_into_triton(x, rot, mids, codes, radii, cfg,
                                                          exact=False)
             cache += [codes, radii]
+            tables += [(cfg, trig, rot)]
         outs = {}
 
-        def make(mod, name, cfg=cfg, trig=trig, rot=rot, cache=cache, outs=outs):
+        def make(mod, name, tables=tables, cache=cache, outs=outs):
             kc, kr, vc, vr = cache
+            (kcfg, ktrig, krot), (vcfg, vtrig, vrot) = tables
 
             def call():
-                outs[name] = mod.launch_attention(q, kc, kr, trig, cfg, vc, vr, trig, cfg, rot,
-                                                  rot, None, None, None, False, d ** -0.5)
+                outs[name] = mod.launch_attention(q, kc, kr, ktrig, kcfg, vc, vr, vtrig, vcfg,
+                                                  krot, vrot, None, None, None, False,
+                                                  d ** -0.5)
             return call
         fns = {name: make(mods[0], name) for name, mods in kernels.items()}
         ms = _timed(fns, args.rounds, args.rep_ms, timing)
@@ -194,7 +199,7 @@ def _encode_rows(kernels, model, b, n, presets, args, dev):
     x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16,
                     generator=torch.Generator(device=dev).manual_seed(1))
     rows = []
-    for preset in presets:
+    for preset in (p for p in presets if "/" not in p):  # (K/V pairs: decode only)
         cfg = get_preset(preset, head_dim=d)
         mids, _ = tables_for(codebook_for(cfg, device=dev), cfg)
         rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
@@ -236,15 +241,20 @@ def _warm(task):
             attn, enc = load_revision(alias, root)
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         hq, hk, d = MODELS[model]
-        cfg = get_preset(preset, head_dim=d)
-        mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
-        rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
-        codes = torch.randint(0, 256, (b, hk, n, cfg.record_bytes(d)), dtype=torch.uint8,
-                              device=dev)
-        radii = torch.rand(b, hk, n, cfg.num_blocks(d), device=dev).to(cfg.torch_radius_dtype)
+        kv = []
+        for name in dict.fromkeys(preset.split("/")):  # "K/V": a preset each (decode only)
+            cfg = get_preset(name, head_dim=d)
+            mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
+            rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
+            codes = torch.randint(0, 256, (b, hk, n, cfg.record_bytes(d)), dtype=torch.uint8,
+                                  device=dev)
+            radii = torch.rand(b, hk, n, cfg.num_blocks(d), device=dev).to(
+                cfg.torch_radius_dtype)
+            kv.append((codes, radii, trig, cfg, rot))
         if kind == "decode":
+            (kc, kr, kt, kcfg, krot), (vc, vr, vt, vcfg, vrot) = kv[0], kv[-1]
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
-            attn.launch_attention(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
+            attn.launch_attention(q, kc, kr, kt, kcfg, vc, vr, vt, vcfg, krot, vrot,
                                   None, None, None, False, d ** -0.5)
         else:
             x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
@@ -266,7 +276,8 @@ def warm(revs, args):
     for alias, root in [("work", ROOT)] + list(revs):
         for kind, spec in (("decode", args.decode), ("encode", args.encode)):
             for model, b, n in (_shapes(spec) if spec else []):
-                tasks += [(alias, root, kind, model, b, n, p) for p in args.presets.split(",")]
+                tasks += [(alias, root, kind, model, b, n, p) for p in args.presets.split(",")
+                          if kind == "decode" or "/" not in p]
     t0 = time.time()
     errors = []
     with mp.get_context("spawn").Pool(max(1, min(len(tasks), (os.cpu_count() or 4) - 1))) as pool:
@@ -335,7 +346,8 @@ def main(argv=None):
                     help="write REV's package to _ab/<REV>/ and exit (needs git)")
     ap.add_argument("--rev", action="append", default=[], metavar="NAME=DIR",
                     help="a revision to time: DIR holds its polartensor/ (repeatable)")
-    ap.add_argument("--presets", default="paper,polar-3,polar-4")
+    ap.add_argument("--presets", default="paper,polar-3,polar-4",
+                    help="comma list; K/V (e.g. polar-4/polar-3) sets a preset each (decode)")
     ap.add_argument("--decode", default=DECODE_SHAPES, help="model:batch:context,... ('' none)")
     ap.add_argument("--encode", default=ENCODE_SHAPES, help="model:batch:context,... ('' none)")
     ap.add_argument("--rounds", type=int, default=3)
