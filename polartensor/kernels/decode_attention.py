@@ -139,7 +139,6 @@ def polar_decode_attn_fwd_kernel(
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
     SINGLE: tl.constexpr, ROTQ: tl.constexpr, UNROT: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, RPREC: tl.constexpr, PACK: tl.constexpr, MMA_T: tl.constexpr = 0,
-    OFF32: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -185,37 +184,18 @@ def polar_decode_attn_fwd_kernel(
         acc = tl.zeros((M, D), dtype=tl.float32)
 
     qend = tl.minimum(end, N)
-    jj = tl.arange(0, BN)
     for n0 in range(start, qend, BN):
-        pos = n0 + jj
+        pos = n0 + tl.arange(0, BN)
         kv_ok = pos < qend
-        if OFF32:
-            # The tile's first record as one 64-bit pointer per tensor (scalar arithmetic) and
-            # each key's offset from it in 32 bits (launch_attention checks BN * stride <
-            # 2**31): one wide add per key and tensor instead of 64-bit multiplies, masks and
-            # pointer arithmetic per key (about 9 instructions each, 32 per thread and step
-            # for the paper preset at d 128).
-            n64 = tl.cast(n0, tl.int64)  # (the interpreter's loop index is a Python int)
-            kt = decode_tile(kc_ptr + (b * skc_b + hk * skc_h + n64 * skc_n),
-                             kr_ptr + (b * skr_b + hk * skr_h + n64 * skr_n), ktab_ptr,
-                             jj * skc_n, jj * skr_n, kv_ok, BN, D, K_KT, K_L, K_NB, K_TB,
-                             K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5, K_LV6, K_LV7,
-                             PACK)
-            vt = decode_tile(vc_ptr + (b * svc_b + hk * svc_h + n64 * svc_n),
-                             vr_ptr + (b * svr_b + hk * svr_h + n64 * svr_n), vtab_ptr,
-                             jj * svc_n, jj * svr_n, kv_ok, BN, D, V_KT, V_L, V_NB, V_TB,
-                             V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5, V_LV6, V_LV7,
-                             PACK)
-        else:
-            pos64 = pos.to(tl.int64)
-            kt = decode_tile(kc_ptr, kr_ptr, ktab_ptr, b * skc_b + hk * skc_h + pos64 * skc_n,
-                             b * skr_b + hk * skr_h + pos64 * skr_n, kv_ok, BN, D, K_KT, K_L,
-                             K_NB, K_TB, K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
-                             K_LV6, K_LV7, PACK)
-            vt = decode_tile(vc_ptr, vr_ptr, vtab_ptr, b * svc_b + hk * svc_h + pos64 * svc_n,
-                             b * svr_b + hk * svr_h + pos64 * svr_n, kv_ok, BN, D, V_KT, V_L,
-                             V_NB, V_TB, V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
-                             V_LV6, V_LV7, PACK)
+        pos64 = pos.to(tl.int64)
+        kt = decode_tile(kc_ptr, kr_ptr, ktab_ptr, b * skc_b + hk * skc_h + pos64 * skc_n,
+                         b * skr_b + hk * skr_h + pos64 * skr_n, kv_ok, BN, D, K_KT, K_L,
+                         K_NB, K_TB, K_TNB, K_LV0, K_LV1, K_LV2, K_LV3, K_LV4, K_LV5,
+                         K_LV6, K_LV7, PACK)
+        vt = decode_tile(vc_ptr, vr_ptr, vtab_ptr, b * svc_b + hk * svc_h + pos64 * svc_n,
+                         b * svr_b + hk * svr_h + pos64 * svr_n, kv_ok, BN, D, V_KT, V_L,
+                         V_NB, V_TB, V_TNB, V_LV0, V_LV1, V_LV2, V_LV3, V_LV4, V_LV5,
+                         V_LV6, V_LV7, PACK)
         m_i, l_i, acc = _scores_update(q, kt, vt, pos, kv_ok, t_idx, row_valid, b, h, m_i,
                                        l_i, acc, mask_ptr, sm_b, sm_h, sm_t, sm_n, total, Tq,
                                        scale_log2, MASK_KIND, CAUSAL, DT, PREC, MMA_T)
@@ -457,12 +437,10 @@ def launch_attention(
     mode: str = "auto", num_splits: int | None = None, block_n: int | None = None,
     block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     maxnreg: int | None = None, out: torch.Tensor | None = None, pack: bool | None = None,
-    split_rule: str = "waves", off32: bool | None = None,
+    split_rule: str = "waves",
 ) -> torch.Tensor:
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
-    already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride.
-    ``off32``: key offsets inside a tile in 32 bits (None: wherever they fit; False: 64-bit
-    offsets per key, as for strides past 2**31 // block_n)."""
+    already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
     if split_rule not in ("waves", "per_sm"):
         raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: no nearly "
                          "empty last wave) or 'per_sm' (~8 programs per SM)")
@@ -600,21 +578,13 @@ def launch_attention(
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t, ms = mask, mask.stride()
     kch = min(d, 64)
-    # 32-bit key offsets inside a tile wherever they fit (see the kernel's loop)
-    key_strides = (k_codes.stride(2), k_radii.stride(2), v_codes.stride(2), v_radii.stride(2))
-    fits32 = bn * max(key_strides) < 2**31
-    if off32 is None:
-        off32 = fits32
-    elif off32 and not fits32:
-        raise ValueError(f"off32=True with block_n={bn} and key strides {key_strides}: a "
-                         "tile's key offsets overflow int32; pass off32=None")
     kw = dict(
         GROUP=group, BLOCK_T=bt, M=m_rows, BN=bn, D=d, KCH=kch,
         **_cfg_args("K", level_words(k_cfg, d), k_trig.shape[-1]),
         **_cfg_args("V", level_words(v_cfg, d), v_trig.shape[-1]),
         HAS_TAIL=has_tail, MASK_KIND=mask_kind, CAUSAL=bool(is_causal),
         ROTQ=rot_k is not None, UNROT=rot_v is not None, DT=dt, PREC=prec, RPREC=rprec,
-        PACK=pack, MMA_T=mma_t, OFF32=off32, num_warps=warps,
+        PACK=pack, MMA_T=mma_t, num_warps=warps,
     )
     # One stage: the loop's loads are gathers feeding table look-ups; software pipelining
     # would multi-buffer them in shared memory (over the 227 KB limit at 3 stages, d 128).

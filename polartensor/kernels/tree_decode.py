@@ -750,11 +750,6 @@ def decode_tile_joined(codes_ptr, radii_ptr, trig_ptr, rec_off, rad_off, valid,
         rec_base = tl.where(valid2, rec_off[:, None], 0)
     else:
         rec_base = rec_off[:, None]
-    if rec_base.dtype == tl.int32:
-        # 32-bit offsets from a tile's first record (the attention's OFF32) widen once per key
-        # (zero-extended: they are >= 0), so that a record's loads share one 64-bit address
-        # and take their byte offsets as immediates (a 32-bit sum would widen per load)
-        rec_base = rec_base.to(tl.uint32, bitcast=True).to(tl.int64)
     if PACK:
         # layout-agnostic radius loads: Triton 3.6's coalescer gives a masked [BN, NB] load a
         # layout of its own and converts it back through shared memory inside the loop
