@@ -406,7 +406,9 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
     in all 27 rows; at d 128 (Llama) ``vp`` ran faster for the presets with 4-bit level-1
     angles (paper, polar-3) in 17 of 18 rows, up to 1.16x (batch 8 / 32K paper: 0.451 vs
     0.500 ms; the other row 0.98x), while for polar-4 (5-bit level 1) ``vp`` ran 0.91-1.00x
-    and ``kq`` 0.70-1.04x. Prefill tiles (more than 16 query rows), other dtypes, d 256 and
+    and ``kq`` 0.70-1.04x, both under the launch then taken (64 keys per step under a
+    128-register cap at batch 8-32); under 128 keys and a 168 cap ``kq`` became the faster
+    (below). Prefill tiles (more than 16 query rows), other dtypes, d 256 and
     the opt-out tile decodes (POLARTENSOR_DECODE=joined or reshape) were not measured:
     ``qk``."""
     if mode != "decode" or rows > 16 or q_dtype != torch.bfloat16 or not PACKED_DECODE:
@@ -415,6 +417,17 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
         return _DECODE_MMAS["kq"]
     if d == 128 and all(c.bits[0] <= 4 for c in (k_cfg, v_cfg)):
         return _DECODE_MMAS["vp"]
+    if d == 128:
+        # Wider level-1 angles (polar-4 and up, or a pair with one): kq, with 128 keys per
+        # step under a 168-register cap (launch_attention). On an H100 in one A/B run
+        # (results/bench/ab_kernels_2026-12-06d_h100.md, over a tree that also had 32-bit
+        # tile offsets) polar-4 ran 1.18x (batch 8 / 32K), 1.08x (batch 1) and 1.12x (batch
+        # 32) as fast as qk under the old launch (64 keys, 128 cap, at batch 8 and 32), while
+        # paper and polar-3 ran 0.91-0.96x of vp. Offline (Triton 3.6, sm_90): polar-4's
+        # loop 2075 -> 1889 SASS instructions: vp and qk move the query's register fragment
+        # into place for every mma.sync (~190 moves per step); kq reads it by wgmma from
+        # shared memory.
+        return _DECODE_MMAS["kq"]
     return 0
 
 
@@ -492,10 +505,12 @@ def launch_attention(
                 and d == 128 and gp * bt <= 16):
             if mma_t is None:
                 mma_t = auto_decode_mma(mode, d, gp * bt, q.dtype, k_cfg, v_cfg)
-            if (progs >= 64 and total >= 8192 and mma_t == _DECODE_MMAS["vp"]
+            if (progs >= 64 and total >= 8192 and mma_t in (_DECODE_MMAS["vp"],
+                                                             _DECODE_MMAS["kq"])
                     and shfl is not False):
                 # Many programs with the vp orientation and the shuffle tables (paper,
-                # polar-3): 128 keys per step under a 168-register cap. On an H100
+                # polar-3), or kq (polar-4 and up, auto_decode_mma): 128 keys per step under
+                # a 168-register cap. On an H100
                 # (results/bench/decode_launch_sweep_shfl.md) 1.05-1.11x as fast as 64 keys
                 # under a 128 cap in all 12 rows (batch 8-32, 8K-128K keys; paper batch 8 /
                 # 32K: 0.369 vs 0.406 ms), but 0.89-0.91x at batch 32 / 4K, and 0.99-1.01x

@@ -442,15 +442,15 @@ def test_decode_launch_settings_match_reference(block_n, warps, maxnreg, tq):
 
 
 @pytest.mark.parametrize("b,hk,n,preset,want", [
-    (16, 4, 8500, "paper", (128, 168)), (16, 4, 8500, "polar-4", (64, 128)),
+    (16, 4, 8500, "paper", (128, 168)), (16, 4, 8500, "polar-4", (128, 168)),
     (64, 4, 1000, "paper", (64, 128)), (1, 8, 8500, "paper", (128, 168))],
     ids=["many-long", "many-long-polar4", "many-short", "few"])
 def test_decode_default_launch_by_program_count(b, hk, n, preset, want, no_reference,
                                                 monkeypatch):
     """On the GPU at d 128 the decode's launch (keys per step, register cap) follows the
     (batch, KV head) program count: >= 64 programs over >= 8K tokens take 128 keys under a
-    168-register cap where the vp orientation and the shuffle tables serve (paper), else 64
-    keys under a 128 cap (polar-4), as do >= 256 programs over fewer tokens; < 64 programs
+    168-register cap where the vp (paper) or kq (polar-4) orientation and the shuffle tables
+    serve, else 64 keys under a 128 cap, as do >= 256 programs over fewer tokens; < 64 programs
     128 keys under a 168 cap. Through F.scaled_dot_product_attention each must still equal
     the reference."""
     d = 128 if ON_GPU else 32
@@ -675,7 +675,8 @@ def test_decode_settings_are_checked(getter, name, cases, bad, monkeypatch):
     ("decode", 64, 16, torch.bfloat16, "polar-4", 2),
     ("decode", 128, 16, torch.bfloat16, "paper", 1),     # d 128, 4-bit level 1: vp
     ("decode", 128, 16, torch.bfloat16, "polar-3", 1),
-    ("decode", 128, 16, torch.bfloat16, "polar-4", 0),   # 5-bit level 1: qk
+    ("decode", 128, 16, torch.bfloat16, "polar-4", 2),   # 5-bit level 1: kq
+    ("decode", 128, 16, torch.bfloat16, "polar-5", 2),
     ("decode", 256, 16, torch.bfloat16, "paper", 0),     # not measured: qk
     ("decode", 128, 16, torch.float16, "paper", 0),
     ("decode", 128, 16, torch.float32, "paper", 0),
@@ -690,9 +691,9 @@ def test_auto_decode_mma_follows_the_measured_rule(mode, d, rows, dtype, preset,
     cfg = get_preset(preset, head_dim=d)
     monkeypatch.setattr(decode_attention, "PACKED_DECODE", True)  # the measured tile decode
     assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == want
-    # one cache with 5-bit level-1 angles keeps qk
+    # one cache with 5-bit level-1 angles takes kq (the integration's default pair)
     if want == 1:
-        assert auto_decode_mma(mode, d, rows, dtype, cfg, get_preset("polar-4", head_dim=d)) == 0
+        assert auto_decode_mma(mode, d, rows, dtype, cfg, get_preset("polar-4", head_dim=d)) == 2
     # the opt-out tile decodes (POLARTENSOR_DECODE=joined or reshape) keep qk
     monkeypatch.setattr(decode_attention, "PACKED_DECODE", False)
     assert auto_decode_mma(mode, d, rows, dtype, cfg, cfg) == 0
