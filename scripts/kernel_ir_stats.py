@@ -68,7 +68,8 @@ def _signature(fn, args, kwargs):
 
 
 def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.bfloat16,
-          block_n: int | None = None, ptxas: bool = False, maxnreg: int | None = None):
+          block_n: int | None = None, ptxas: bool = False, maxnreg: int | None = None,
+          num_warps: int | None = None):
     """Compile the attention kernel as launch_attention would launch it; return the counts."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -118,7 +119,7 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         decode_attention.launch_attention(
             q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg, rot, rot, scale=0.1,
             mode="decode" if q_len <= 16 else "prefill", num_splits=2 if q_len <= 16 else None,
-            block_n=block_n, pack=decode in PACKED_DECODES)
+            block_n=block_n, num_warps=num_warps, pack=decode in PACKED_DECODES)
         args, kwargs = captured["args"]
         opts = {"num_warps": kwargs.pop("num_warps", 4),
                 "num_stages": kwargs.pop("num_stages", _DEFAULT_STAGES)}
@@ -143,7 +144,8 @@ def stats(preset: str, d: int, group: int, q_len: int, decode: str, dtype=torch.
         if hasattr(kernel, "hash"):
             kernel.hash = None
     out = dict(preset=preset, d=d, group=group, q_len=q_len, decode=decode,
-               block_n=captured["args"][1].get("BN"), **_counts(compiled))
+               block_n=captured["args"][1].get("BN"), num_warps=opts["num_warps"],
+               **_counts(compiled))
     if ptxas:
         out.update(maxnreg=maxnreg, **ptxas_counts(compiled.asm["ptx"], maxnreg))
     return out
@@ -338,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encodes", default="reshape", help="--kernel encode: variants")
     ap.add_argument("--block-rows", default="", help="--kernel encode: tile rows to compile "
                     "(comma list; default: what encode_into_triton picks on the GPU)")
-    ap.add_argument("--num-warps", default="", help="--kernel encode: warps per program "
-                    "(comma list; default: what encode_into_triton picks on the GPU)")
+    ap.add_argument("--num-warps", default="", help="warps per program (comma list; "
+                    "default: what encode_into_triton or launch_attention picks on the GPU)")
     ap.add_argument("--block-n", default="", help="--kernel attention: keys per step (comma "
                     "list; default: what launch_attention picks on the GPU)")
     ap.add_argument("--ptxas", action="store_true", help="also assemble with the bundled "
@@ -366,16 +368,18 @@ def main(argv: list[str] | None = None) -> int:
                     split(args.encodes, ","), split(args.block_rows, ","),
                     split(args.num_warps, ","), split(args.maxnreg, ",")))
     else:
-        cols = ["preset", "d", "q_len", "decode", "block_n", *counts]
+        cols = ["preset", "d", "q_len", "decode", "block_n", "num_warps", *counts]
         if args.ptxas:
             cols.append("maxnreg")
-        jobs = (lambda p=p, d=d, tq=tq, dec=dec, bn=bn, cap=cap: stats(
+        jobs = (lambda p=p, d=d, tq=tq, dec=dec, bn=bn, w=w, cap=cap: stats(
                     p, d, args.group, tq, dec, block_n=int(bn) if bn else None,
-                    ptxas=args.ptxas, maxnreg=int(cap) if cap else None)
-                for p, d, tq, dec, bn, cap in itertools.product(
+                    ptxas=args.ptxas, maxnreg=int(cap) if cap else None,
+                    num_warps=int(w) if w else None)
+                for p, d, tq, dec, bn, w, cap in itertools.product(
                     split(args.presets, ","), map(int, split(args.head_dims, ",")),
                     map(int, split(args.q_len, ",")), split(args.decodes, ","),
-                    split(args.block_n, ","), split(args.maxnreg, ",")))
+                    split(args.block_n, ","), split(args.num_warps, ","),
+                    split(args.maxnreg, ",")))
     if args.ptxas:
         cols += ["registers", "spill_store_bytes", "spill_load_bytes", "sass_instructions",
                  "loop_sass_instructions"]
