@@ -419,14 +419,14 @@ def auto_decode_mma(mode: str, d: int, rows: int, q_dtype: torch.dtype, k_cfg,
         return _DECODE_MMAS["vp"]
     if d == 128:
         # Wider level-1 angles (polar-4 and up, or a pair with one): kq, with 128 keys per
-        # step under a 168-register cap (launch_attention). On an H100 in one A/B run
-        # (results/bench/ab_kernels_2026-12-06d_h100.md, over a tree that also had 32-bit
-        # tile offsets) polar-4 ran 1.18x (batch 8 / 32K), 1.08x (batch 1) and 1.12x (batch
-        # 32) as fast as qk under the old launch (64 keys, 128 cap, at batch 8 and 32), while
-        # paper and polar-3 ran 0.91-0.96x of vp. Offline (Triton 3.6, sm_90): polar-4's
-        # loop 2075 -> 1889 SASS instructions: vp and qk move the query's register fragment
-        # into place for every mma.sync (~190 moves per step); kq reads it by wgmma from
-        # shared memory.
+        # step under a 168-register cap (launch_attention). On an H100 against qk under the
+        # launch before (64 keys, 128 cap, at batch 8 and 32), in one A/B run
+        # (results/bench/ab_kernels_2026-12-06e_h100.md, Llama heads): batch 8 / 32K polar-4
+        # 1.24x, polar-4/polar-3 1.31x, polar-4.5 1.23x, polar-5 1.19x; batch 1 1.09-1.14x,
+        # batch 32 1.05-1.26x, batch 8 / 128K 1.17-1.27x. paper and polar-3 keep vp: kq ran
+        # them 0.91-0.97x (ab_kernels_2026-12-06d_h100.md and -f). Offline (Triton 3.6,
+        # sm_90) vp and qk copy the query's register fragment into place for every mma.sync
+        # (~190 moves per 128-key step); kq reads it by wgmma from shared memory.
         return _DECODE_MMAS["kq"]
     return 0
 

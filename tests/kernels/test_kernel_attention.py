@@ -742,6 +742,37 @@ def test_auto_decode_shfl_is_what_launches(joint, want, monkeypatch):
     assert torch.equal(got, gathers)
 
 
+def test_default_pair_decodes_with_kq(monkeypatch):
+    """The transformers integration's default cache, polar-4 keys and polar-3 values, at d 128
+    with bfloat16 queries: unset POLARTENSOR_DECODE_MMA launches kq (5-bit level-1 keys), and
+    the output matches the qk launch and the reference within a bf16 SDPA's error."""
+    d, dtype, b, hk, group = 128, torch.bfloat16, 2, 2, 4
+    n = 1300 if ON_GPU else 37
+    g = torch.Generator().manual_seed(29)
+    kcfg, vcfg = get_preset("polar-4", head_dim=d), get_preset("polar-3", head_dim=d)
+    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), kcfg)
+    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), vcfg)
+    rk = rotation_matrix(d, kcfg.rotation, kcfg.seed, DEVICE, torch.float32).contiguous()
+    rv = rotation_matrix(d, vcfg.rotation, vcfg.seed, DEVICE, torch.float32).contiguous()
+    seen = _spy_kwarg(monkeypatch)
+
+    def launch():
+        return launch_attention(q, k.codes, k.radii, trig_table(k.centroids, kcfg.bits), kcfg,
+                                v.codes, v.radii, trig_table(v.centroids, vcfg.bits), vcfg,
+                                rk, rv, scale=1 / math.sqrt(d), mode="decode", num_splits=2,
+                                block_n=None if ON_GPU else 16)
+
+    monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
+    got = launch()
+    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
+    want = launch()
+    assert seen == [2 if common.PACKED_DECODE else 0, 0]
+    _close(got, want, dtype)
+    ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
+    _close(got, ref.to(dtype), dtype)
+
+
 def test_auto_decode_mma_is_what_launches(monkeypatch):
     """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
     kernel (bfloat16 queries, d 64: kq with the default tile decode), and its output equals
