@@ -742,19 +742,22 @@ def test_auto_decode_shfl_is_what_launches(joint, want, monkeypatch):
     assert torch.equal(got, gathers)
 
 
-def test_default_pair_decodes_with_kq(monkeypatch):
-    """The transformers integration's default cache, polar-4 keys and polar-3 values, at d 128
-    with bfloat16 queries: unset POLARTENSOR_DECODE_MMA launches kq (5-bit level-1 keys), and
-    the output matches the qk launch and the reference within a bf16 SDPA's error."""
-    d, dtype, b, hk, group = 128, torch.bfloat16, 2, 2, 4
-    n = 1300 if ON_GPU else 37
-    g = torch.Generator().manual_seed(29)
-    kcfg, vcfg = get_preset("polar-4", head_dim=d), get_preset("polar-3", head_dim=d)
-    q = torch.randn(b, hk * group, 1, d, generator=g).to(DEVICE, dtype)
-    k = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), kcfg)
-    v = quantize(torch.randn(b, hk, n, d, generator=g).to(DEVICE), vcfg)
-    rk = rotation_matrix(d, kcfg.rotation, kcfg.seed, DEVICE, torch.float32).contiguous()
-    rv = rotation_matrix(d, vcfg.rotation, vcfg.seed, DEVICE, torch.float32).contiguous()
+@pytest.mark.parametrize("d,kname,vname,group", [(64, "paper", "paper", 3),
+                                                  (128, "polar-4", "polar-3", 4)],
+                         ids=["d64", "d128-default-pair"])
+def test_auto_decode_mma_is_what_launches(d, kname, vname, group, monkeypatch):
+    """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
+    kernel (bfloat16 queries with the default tile decode: kq at d 64, and at d 128 for the
+    transformers integration's default cache, polar-4 keys with polar-3 values), and its
+    output equals the qk launch's and the reference within a bf16 SDPA's error."""
+    dtype, n = torch.bfloat16, 1300 if ON_GPU else 37
+    g = torch.Generator().manual_seed(5)
+    kcfg, vcfg = get_preset(kname, head_dim=d), get_preset(vname, head_dim=d)
+    q = torch.randn(1, 2 * group, 1, d, generator=g).to(DEVICE, dtype)
+    k = quantize(torch.randn(1, 2, n, d, generator=g).to(DEVICE), kcfg)
+    v = quantize(torch.randn(1, 2, n, d, generator=g).to(DEVICE), vcfg)
+    rk, rv = (rotation_matrix(d, c.rotation, c.seed, DEVICE, torch.float32).contiguous()
+              for c in (kcfg, vcfg))
     seen = _spy_kwarg(monkeypatch)
 
     def launch():
@@ -771,28 +774,6 @@ def test_default_pair_decodes_with_kq(monkeypatch):
     _close(got, want, dtype)
     ref = polar_sdpa(q.float(), k, v, scale=1 / math.sqrt(d), enable_gqa=True)
     _close(got, ref.to(dtype), dtype)
-
-
-def test_auto_decode_mma_is_what_launches(monkeypatch):
-    """Unset POLARTENSOR_DECODE_MMA: the launch passes auto_decode_mma's orientation to the
-    kernel (bfloat16 queries, d 64: kq with the default tile decode), and its output equals
-    the qk launch's."""
-    d, dtype = 64, torch.bfloat16
-    cfg, q, k, v, rot, trig, _ = _decode_inputs("paper", d, 1, 2, 3, 1300 if ON_GPU else 37, 1,
-                                                5, dtype)
-    seen = _spy_kwarg(monkeypatch)
-
-    def launch():
-        return launch_attention(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
-                                rot, rot, scale=1 / math.sqrt(d), mode="decode",
-                                num_splits=2, block_n=None if ON_GPU else 16)
-
-    monkeypatch.delenv("POLARTENSOR_DECODE_MMA", raising=False)
-    got = launch()
-    monkeypatch.setenv("POLARTENSOR_DECODE_MMA", "qk")
-    want = launch()
-    assert seen == [2 if common.PACKED_DECODE else 0, 0]
-    _close(got, want, dtype)
 
 
 @_RESHAPE
