@@ -121,7 +121,8 @@ def _storage(cfg, b, hk, n, d, dev):
 
 def _decode_rows(kernels, model, b, n, presets, args, dev):
     """Rows of one decode shape: every revision's attention on the working tree's caches."""
-    from polartensor.config import get_preset
+    from bench_attention import preset_pair
+
     from polartensor.kernels.ops import cached_rotation, tables_for
     from polartensor.polar_quant_tensor import codebook_for
 
@@ -146,10 +147,8 @@ def _decode_rows(kernels, model, b, n, presets, args, dev):
     rows = []
     for preset in presets:
         # "K/V" (e.g. polar-4/polar-3, the transformers integration's default): a preset each
-        kname, _, vname = preset.partition("/")
         cache, tables = [], []
-        for x, name in ((k, kname), (v, vname or kname)):
-            cfg = get_preset(name, head_dim=d)
+        for x, cfg in zip((k, v), preset_pair(preset, d)):
             mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             codes, radii = _storage(cfg, b, hk, n, d, dev)
@@ -230,7 +229,8 @@ def _warm(task):
     code bytes and radii instead of an encode, so the big bf16 inputs are not needed)."""
     alias, root, kind, model, b, n, preset = task
     try:
-        from polartensor.config import get_preset
+        from bench_attention import preset_pair
+
         from polartensor.kernels.ops import cached_rotation, tables_for
         from polartensor.polar_quant_tensor import codebook_for
 
@@ -242,8 +242,7 @@ def _warm(task):
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         hq, hk, d = MODELS[model]
         kv = []
-        for name in dict.fromkeys(preset.split("/")):  # "K/V": a preset each (decode only)
-            cfg = get_preset(name, head_dim=d)
+        for cfg in dict.fromkeys(preset_pair(preset, d)):  # ("K/V": decode only)
             mids, trig = tables_for(codebook_for(cfg, device=dev), cfg)
             rot = cached_rotation(cfg.rotation, cfg.seed, d, dev)
             codes = torch.randint(0, 256, (b, hk, n, cfg.record_bytes(d)), dtype=torch.uint8,
