@@ -3,13 +3,17 @@
 """Decode launch settings (keys per step, warps, register cap) against cuDNN bf16 SDPA in the
 same run, q_len 1 (results: results/bench/decode_launch_sweep*.{json,md}):
 
-    OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed] [--presets paper]
+    OUT=<dir> python3 scripts/sweep_decode_launch.py [--splits waves|fixed|sweep] [--presets paper]
         [--shapes llama3.1-8b:8:32768,...] [--settings 64:4:128,128:4:168,...]
         [--env POLARTENSOR_DECODE_MMA=qk,vp]
 
 ``--splits waves`` (the default) lets each launch pick its split count as the library does
 (whole waves of the compiled kernel's resident programs, which depend on warps and the
-register cap); ``fixed`` uses ~8 programs per SM for every setting. Each row also records
+register cap); ``fixed`` uses ~8 programs per SM for every setting; ``sweep`` times,
+with the default launch settings, every split count that gives a distinct number of key steps
+per split (down to an eighth of the largest count), beside the library's own choice, and
+records the compiled kernel's resident programs per SM, so that a split rule can be checked
+against the measured optimum (results/bench/decode_split_sweep*). Each row also records
 the largest difference from the default launch's output (the key order of the online softmax
 changes with the step size and the split count, so small differences are expected).
 """
@@ -56,7 +60,7 @@ def main():
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--splits", choices=("waves", "fixed"), default="waves")
+    ap.add_argument("--splits", choices=("waves", "fixed", "sweep"), default="waves")
     ap.add_argument("--shapes", default=None, help="model:batch:context,... (default: the "
                     "built-in list), e.g. llama3.1-8b:8:32768,llama3.1-8b:32:131072")
     ap.add_argument("--presets", default="paper", help="comma-separated presets")
@@ -91,7 +95,26 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from polartensor.config import get_preset
+    from polartensor.kernels import decode_attention
     from polartensor.kernels.decode_attention import launch_attention
+
+    if args.splits == "sweep":
+        settings = [(None, None, None)]
+        asked: list = []
+        rule = decode_attention._wave_splits
+
+        def recording_rule(*a, **kw):  # the library's requested split count, per launch
+            asked.append(rule(*a, **kw))
+            return asked[-1]
+
+        decode_attention._wave_splits = recording_rule
+        per_sm_of = decode_attention._split_kernel_blocks_per_sm
+
+        def recording_per_sm(kw, *a):  # keys per step and resident programs, per launch
+            asked.append((kw["BN"], per_sm_of(kw, *a)))
+            return asked[-1][1]
+
+        decode_attention._split_kernel_blocks_per_sm = recording_per_sm
 
     def bench(fn):
         fn()
@@ -122,6 +145,12 @@ def main():
                                                 vq[2], cfg, kq[3], kq[3], scale=d ** -0.5, **kw)
 
             ref = ours()()
+            if args.splits == "sweep":
+                sweep_splits(rows, ours, ref, bench, base, asked, decode_attention,
+                             dict(model=model, preset=preset, batch=b, context=n), n, sms)
+                k = v = kq = vq = None
+                torch.cuda.empty_cache()
+                continue
             for (bn, warps, maxnreg), env_value in itertools.product(settings, env_values):
                 splits = None  # the library's choice
                 if args.splits == "fixed" and bn is not None:
@@ -147,6 +176,44 @@ def main():
             k = v = kq = vq = None  # free before the next shape
             torch.cuda.empty_cache()
     save(rows)
+
+
+def sweep_splits(rows, ours, ref, bench, base, asked, mod, shape, n, sms):
+    """Time every split count with a distinct step count (default launch settings), and the
+    library's own choice (``splits='auto'``)."""
+    import triton
+
+    asked.clear()
+    auto = ours()
+    auto()
+    launch = [a for a in asked if isinstance(a, tuple)]
+    if not launch:
+        print("SKIP (the launch did not split)", shape)
+        return
+    bn, per_sm = launch[0]
+    chosen = next((a for a in asked if not isinstance(a, tuple)), None)
+    steps = triton.cdiv(n, bn)
+    max_splits = triton.cdiv(n, bn * 4)
+    counts = sorted({triton.cdiv(steps, triton.cdiv(steps, s)) for s in range(1, max_splits + 1)})
+    counts = [c for c in counts if c >= max(1, max_splits // 8)]
+    common = dict(shape, block_n=bn, per_sm=per_sm, sms=sms, cudnn_ms=base,
+                  library_asked=chosen,
+                  library_splits=(triton.cdiv(steps, triton.cdiv(steps, chosen))
+                                  if chosen else None))
+    for splits in ["auto", *counts]:
+        fn = auto if splits == "auto" else ours(num_splits=splits)
+        try:
+            diff = (fn().float() - ref.float()).abs().max().item()
+            ms = bench(fn)
+        except Exception as exc:  # noqa: BLE001
+            print("ERROR", shape, splits, str(exc)[:200])
+            continue
+        row = dict(common, splits=splits, steps_per_split=(
+            None if splits == "auto" else triton.cdiv(steps, splits)), ms=ms,
+            x_vs_cudnn=base / ms, max_diff=diff)
+        rows.append(row)
+        print(row, flush=True)
+        save(rows)
 
 
 def save(rows: list) -> None:
