@@ -29,8 +29,15 @@ def check_attention(preset: str, g: torch.Generator) -> None:
     ref = F.scaled_dot_product_attention(q.float(), kd.repeat_interleave(4, 1),
                                          vd.repeat_interleave(4, 1), attn_mask=j <= i + 2996)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
-    same = torch.equal(kq.codes.cpu(), pt.quantize(k.cpu(), preset).codes)
-    print(f"{preset}: cuda SDPA rel err vs dequantized {rel:.2e}; cuda codes == cpu codes: {same}")
+    # The GPU encode runs in float32 (the reference in float64), so an angle within rounding
+    # of a bin boundary may take the neighbouring code: report how many bytes agree.
+    ref_codes = pt.quantize(k.cpu(), preset).codes
+    same = (kq.codes.cpu() == ref_codes).float().mean().item()
+    print(f"{preset}: cuda SDPA rel err vs dequantized {rel:.2e}; code bytes equal to the cpu "
+          f"reference's: {same:.4%}")
+    # bf16 queries and outputs: ~5e-3 measured on an H100; a wrong decode lands near 1
+    assert rel < 2e-2, f"{preset}: cuda SDPA differs from SDPA on the dequantized cache ({rel:.2e})"
+    assert same > 0.99, f"{preset}: only {same:.2%} of the code bytes match the reference's"
 
 
 def check_generate() -> None:
@@ -43,6 +50,7 @@ def check_generate() -> None:
     quantize_(model, PolarQuantKVConfig())
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                          do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 48), f"generate returned {tuple(out.shape)}, not (2, 48)"
     print("tiny llama on cuda: quantize_ + generate ok", tuple(out.shape))
 
 

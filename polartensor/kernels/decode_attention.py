@@ -13,6 +13,7 @@ Reference: ``polartensor.attention.polar_sdpa`` (see ``kernels/naive.py``).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -294,27 +295,50 @@ def _blocks_per_sm(compiled, device: torch.device) -> int | None:
     return max(1, min(by_regs, by_shared, by_threads, 32))
 
 
-def _wave_splits(want: int, max_splits: int, progs: int, slots: int, total: int,
-                 bn: int) -> int:
-    """The split count near ``want`` that leaves no nearly empty last wave.
+# Throughput of an SM running c of the split kernel's programs, relative to a full SM (c >=
+# 3 or c >= its resident limit): fit on an H100 sweep of every split count (paper and polar-4,
+# Llama and SmolLM2 heads, batch 1-16, 4K-128K keys; results/bench/decode_split_sweep_h100.md):
+# one program alone ran a step in 0.54x the time of three sharing the SM (so at 0.62 of the
+# SM's throughput), two in 0.68-0.73x (at 0.89-0.95).
+_SM_SHARE = {1: 0.65, 2: 0.9}
 
-    ``slots`` programs run at once on the GPU. 17 splits x 64 programs on 528 slots (the
-    packed decode at Llama batch 8 / 32K) ran as 2 full waves and one of 32 programs, which
-    takes most of a wave's time (Nsight Compute estimated a 33% loss). Cost model: a full
-    wave costs one program's keys, a partial wave at least half of that (a lone program is
-    latency-bound: it runs well under twice as fast as two sharing an SM), and every program
-    one step of keys more. Among splits within 2% of the cheapest: the one closest to
-    ``want``, then the fewer."""
-    # candidates: want, and the counts that fill whole waves up to twice want's waves
-    cands = {min(max(want, 1), max_splits)}
-    for w in range(1, 2 * triton.cdiv(want * progs, slots) + 2):
-        s = w * slots // progs
-        cands.update(x for x in (s, s + 1) if 1 <= x <= max_splits)
+
+@functools.lru_cache(maxsize=4096)
+def _wave_splits(want: int, max_splits: int, progs: int, per_sm: int, sms: int,
+                 steps: int) -> int:
+    """The split count with the least modeled time, for ``progs`` (batch x KV head) programs
+    of ``steps`` key steps each, ``per_sm`` resident programs per SM, on ``sms`` SMs.
+
+    The time is set by the most loaded SM. Programs go out in grid order, one split index for
+    every head at a time, so the last splits (shorter where the steps do not divide evenly)
+    go out last. Model: whole rounds of ``per_sm x sms`` programs, then a last round of c
+    programs on the most loaded SM, each SM at ``_SM_SHARE[c]`` of its throughput; a last
+    split of at most half the steps takes the slots the last round left free, and a round of
+    its own where they do not suffice. A program costs its steps plus one (its prologue and
+    its partial result), a round one step more (its ragged end).
+
+    The earlier rule costed a partial wave by its share of all slots: at Llama batch 1 / 32K
+    it took 43 splits of 6 steps (344 programs: 80 SMs run 3) over 32 of 8 (2 on every SM),
+    0.069 vs 0.066 ms measured. Among counts within 2% of the cheapest: the one closest to
+    ``want``, then the fewer. In the sweep and in an A/B run of 12 other shapes
+    (results/bench/ab_kernels_2026-12-06h_h100.md) every pick ran within 1% of the fastest
+    count timed, but at Llama batch 2 / 128K: 49 splits, 3-4% slower than 24."""
+    slots = per_sm * sms
     costs = []
-    for s in sorted(cands):
-        chunk = triton.cdiv(triton.cdiv(total, s), bn) * bn + bn
-        full, rest = divmod(progs * s, slots)
-        costs.append(((full + (max(rest / slots, 0.5) if rest else 0.0)) * chunk, s))
+    for s in sorted({triton.cdiv(steps, triton.cdiv(steps, x)) for x in range(1, max_splits + 1)}):
+        per = triton.cdiv(steps, s)              # steps of every split but the last
+        last = steps - (s - 1) * per
+        short = 2 * last <= per
+        rounds, rest = divmod(progs * (s - 1 if short else s), slots)
+        cost = rounds * (per_sm * (per + 1) + 1)
+        if rest:
+            c = triton.cdiv(rest, sms)
+            cost += c / (1.0 if c >= min(per_sm, 3) else _SM_SHARE[c]) * (per + 1) + 1
+        left = progs - (slots - rest if rest else 0) if short else 0
+        if left > 0:
+            c = triton.cdiv(left, sms)
+            cost += c / (1.0 if c >= min(per_sm, 3) else _SM_SHARE[c]) * (last + 1) + 1
+        costs.append((cost, s))
     floor = min(c for c, _ in costs)
     return min((s for c, s in costs if c <= floor * 1.02), key=lambda s: (abs(s - want), s))
 
@@ -627,10 +651,11 @@ def launch_attention(
         if num_splits is None:
             # ~8 programs per SM measured best on the H200 (batch 8, 32K, d 128; see
             # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
-            # and more, shorter splits keep every SM busy. On the GPU the count is then moved
-            # to fill whole waves of the compiled kernel's resident programs (_wave_splits;
-            # results/bench/bench_decode_splits.md: 1.10-1.22x at batch 1 / 32K-128K and
-            # batch 8 / 4K and 128K, 0.95-1.05x elsewhere).
+            # and more, shorter splits keep every SM busy. On the GPU the count is then the
+            # one whose programs load the busiest SM least, from the compiled kernel's
+            # resident programs per SM (_wave_splits; the first such rule, by waves:
+            # results/bench/bench_decode_splits.md, 1.10-1.22x at batch 1 / 32K-128K and
+            # batch 8 / 4K and 128K; the per-SM model: decode_split_sweep_h100.md).
             want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
             min_chunk = bn * (2 if interp else 4)
             max_splits = triton.cdiv(max(total, 1), min_chunk)
@@ -638,8 +663,8 @@ def launch_attention(
             per_sm = (None if interp or split_rule == "per_sm"
                       else _split_kernel_blocks_per_sm(kw, args, dev))
             if per_sm is not None and num_splits > 1:
-                num_splits = _wave_splits(want, max_splits, progs, per_sm * _sm_count(dev),
-                                          max(total, 1), bn)
+                num_splits = _wave_splits(want, max_splits, progs, per_sm, _sm_count(dev),
+                                          triton.cdiv(max(total, 1), bn))
         kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn
         num_splits = max(1, triton.cdiv(max(total, 1), kv_per_split))
     else:

@@ -848,23 +848,41 @@ def test_packed_decode_refuses_non_bf16_queries():
                          scale=0.125, mode="decode", pack=True)
 
 
-def test_wave_splits_fill_the_last_wave():
-    """The split count launch_attention picks from a kernel's resident programs per SM: 17
-    splits x 64 programs on 132 SMs x 4 slots left a last wave of 32 programs (measured on the
-    H200); the pick fills whole waves, stays near the wanted count and is a valid count."""
+# (model, batch, context, resident programs per SM) -> the fastest split count measured on an
+# H100 by a sweep of every count (paper and polar-4 alike; results/bench/
+# decode_split_sweep_h100.md): 128 keys per step, 132 SMs
+_SWEEP_BEST = [(8, 1, 32768, 3, 32), (8, 1, 131072, 3, 49), (8, 2, 32768, 3, 24),
+               (8, 4, 32768, 3, 12), (8, 8, 4096, 2, 4), (8, 8, 32768, 3, 6),
+               (3, 1, 32768, 3, 43), (3, 8, 32768, 3, 16), (3, 1, 131072, 3, 128)]
+
+
+@pytest.mark.parametrize("hk,batch,context,per_sm,best", _SWEEP_BEST)
+def test_wave_splits_pick_the_measured_fastest(hk, batch, context, per_sm, best):
+    """The split count launch_attention picks from a kernel's resident programs per SM is the
+    one the H100 sweep measured fastest (the earlier rule took 43 splits at Llama batch 1 /
+    32K, where 32 ran 1.05x faster, and 64 at SmolLM2 batch 1 / 32K, where 43 ran 1.07x)."""
+    import triton
+
     from polartensor.kernels.decode_attention import _wave_splits
 
-    assert _wave_splits(17, 128, 64, 528, 32768, 64) == 16
-    for want, max_s, progs, slots, total, bn in [(17, 128, 64, 528, 32768, 64),
-                                                 (64, 64, 8, 264, 32768, 128),
-                                                 (5, 8, 256, 264, 4096, 128),
-                                                 (44, 64, 24, 396, 32768, 128),
-                                                 (3, 3, 1, 264, 1500, 128)]:
-        s = _wave_splits(want, max_s, progs, slots, total, bn)
-        assert 1 <= s <= max_s
-        rest = (progs * s) % slots
-        # no last wave under half full unless one wave of programs is all there is
-        assert rest == 0 or rest >= slots // 2 or progs * s < slots, (want, s)
+    progs, steps = batch * hk, triton.cdiv(context, 128)
+    want = triton.cdiv(8 * 132, progs)
+    assert _wave_splits(want, triton.cdiv(context, 512), progs, per_sm, 132, steps) == best
+
+
+@settings(max_examples=200, deadline=None)
+@given(want=st.integers(1, 300), max_splits=st.integers(1, 300), progs=st.integers(1, 600),
+       per_sm=st.integers(1, 8), sms=st.integers(1, 160), steps=st.integers(1, 2000))
+def test_wave_splits_is_a_launchable_count(want, max_splits, progs, per_sm, sms, steps):
+    """Any pick is a count the launch keeps as is (every split has keys: the kernel's
+    rounding to whole steps does not merge it into fewer) and within the allowed range."""
+    import triton
+
+    from polartensor.kernels.decode_attention import _wave_splits
+
+    s = _wave_splits(want, max_splits, progs, per_sm, sms, steps)
+    assert 1 <= s <= max(1, min(max_splits, steps))
+    assert triton.cdiv(steps, triton.cdiv(steps, s)) == s
 
 
 def test_blocks_per_sm_from_compiled_kernel(monkeypatch):
