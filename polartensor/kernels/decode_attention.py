@@ -312,18 +312,23 @@ def _wave_splits(want: int, max_splits: int, progs: int, per_sm: int, sms: int,
     The time is set by the most loaded SM. Programs go out in grid order, one split index for
     every head at a time, so the last splits (shorter where the steps do not divide evenly)
     go out last. Model: whole rounds of ``per_sm x sms`` programs, then a last round of c
-    programs on the most loaded SM, each SM at ``_SM_SHARE[c]`` of its throughput; a last
-    split of at most half the steps takes the slots the last round left free, and a round of
-    its own where they do not suffice. A program costs its steps plus one (its prologue and
-    its partial result), a round one step more (its ragged end).
+    programs on the most loaded SM, each SM at ``_SM_SHARE[c]`` of its throughput; last
+    splits of at most half the steps take the slots the last round left free (sharing its
+    SMs), and a round of their own where those do not suffice. A program costs its steps
+    plus one (its prologue and its partial result), a round one step more (its ragged end).
 
     The earlier rule costed a partial wave by its share of all slots: at Llama batch 1 / 32K
     it took 43 splits of 6 steps (344 programs: 80 SMs run 3) over 32 of 8 (2 on every SM),
     0.069 vs 0.066 ms measured. Among counts within 2% of the cheapest: the one closest to
-    ``want``, then the fewer. In the sweep and in an A/B run of 12 other shapes
-    (results/bench/ab_kernels_2026-12-06h_h100.md) every pick ran within 1% of the fastest
-    count timed, but at Llama batch 2 / 128K: 49 splits, 3-4% slower than 24."""
+    ``want``, then the fewer. Fit on the sweep and two A/B runs against the earlier rule
+    (results/bench/ab_kernels_2026-12-06{h,i}_h100.md, 31 shapes in all): every pick ran
+    within 1% of the fastest count timed but three, 3-4% slower (Llama batch 2 / 128K: 49
+    splits against 24; SmolLM2 batch 4 / 8K paper: 11 against 16)."""
     slots = per_sm * sms
+
+    def share(c):
+        return 1.0 if c >= min(per_sm, 3) else _SM_SHARE[c]
+
     costs = []
     for s in sorted({triton.cdiv(steps, triton.cdiv(steps, x)) for x in range(1, max_splits + 1)}):
         per = triton.cdiv(steps, s)              # steps of every split but the last
@@ -331,13 +336,15 @@ def _wave_splits(want: int, max_splits: int, progs: int, per_sm: int, sms: int,
         short = 2 * last <= per
         rounds, rest = divmod(progs * (s - 1 if short else s), slots)
         cost = rounds * (per_sm * (per + 1) + 1)
+        free = slots - rest if rest else 0
         if rest:
             c = triton.cdiv(rest, sms)
-            cost += c / (1.0 if c >= min(per_sm, 3) else _SM_SHARE[c]) * (per + 1) + 1
-        left = progs - (slots - rest if rest else 0) if short else 0
-        if left > 0:
-            c = triton.cdiv(left, sms)
-            cost += c / (1.0 if c >= min(per_sm, 3) else _SM_SHARE[c]) * (last + 1) + 1
+            # the short splits that fit the round's free slots share its SMs
+            ct = triton.cdiv(rest + min(progs, free), sms) if short else c
+            cost += (c * (per + 1) + (ct - c) * (last + 1)) / share(ct) + 1
+        if short and progs > free:
+            c = triton.cdiv(progs - free, sms)
+            cost += c * (last + 1) / share(c) + 1
         costs.append((cost, s))
     floor = min(c for c, _ in costs)
     return min((s for c, s in costs if c <= floor * 1.02), key=lambda s: (abs(s - want), s))

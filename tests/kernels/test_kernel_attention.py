@@ -853,7 +853,11 @@ def test_packed_decode_refuses_non_bf16_queries():
 # decode_split_sweep_h100.md): 128 keys per step, 132 SMs
 _SWEEP_BEST = [(8, 1, 32768, 3, 32), (8, 1, 131072, 3, 49), (8, 2, 32768, 3, 24),
                (8, 4, 32768, 3, 12), (8, 8, 4096, 2, 4), (8, 8, 32768, 3, 6),
-               (3, 1, 32768, 3, 43), (3, 8, 32768, 3, 16), (3, 1, 131072, 3, 128)]
+               (3, 1, 32768, 3, 43), (3, 8, 32768, 3, 16), (3, 1, 131072, 3, 128),
+               # the faster of the two rules' counts in an A/B run on an H100
+               # (results/bench/ab_kernels_2026-12-06i_h100.md): 8 splits against 6 at
+               # 1.08-1.13x, 13 against 16 at 1.09-1.15x
+               (8, 3, 4096, 3, 8), (3, 8, 4096, 3, 8), (3, 3, 8192, 3, 13)]
 
 
 @pytest.mark.parametrize("hk,batch,context,per_sm,best", _SWEEP_BEST)
