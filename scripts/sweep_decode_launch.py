@@ -146,7 +146,7 @@ def main():
 
             ref = ours()()
             if args.splits == "sweep":
-                sweep_splits(rows, ours, ref, bench, base, asked, decode_attention,
+                sweep_splits(rows, ours, ref, bench, base, asked,
                              dict(model=model, preset=preset, batch=b, context=n), n, sms)
                 k = v = kq = vq = None
                 torch.cuda.empty_cache()
@@ -178,7 +178,7 @@ def main():
     save(rows)
 
 
-def sweep_splits(rows, ours, ref, bench, base, asked, mod, shape, n, sms):
+def sweep_splits(rows, ours, ref, bench, base, asked, shape, n, sms):
     """Time every split count with a distinct step count (default launch settings), and the
     library's own choice (``splits='auto'``)."""
     import triton
