@@ -8,7 +8,7 @@ same run, q_len 1 (results: results/bench/decode_launch_sweep*.{json,md}):
         [--env POLARTENSOR_DECODE_MMA=qk,vp]
 
 ``--splits waves`` (the default) lets each launch pick its split count as the library does
-(whole waves of the compiled kernel's resident programs, which depend on warps and the
+(from the compiled kernel's resident programs per SM, which depend on warps and the
 register cap); ``fixed`` uses ~8 programs per SM for every setting; ``sweep`` times,
 with the default launch settings, every split count that gives a distinct number of key steps
 per split (down to an eighth of the largest count), beside the library's own choice, and
@@ -101,13 +101,13 @@ def main():
     if args.splits == "sweep":
         settings = [(None, None, None)]
         asked: list = []
-        rule = decode_attention._wave_splits
+        rule = decode_attention._split_count
 
         def recording_rule(*a, **kw):  # the library's requested split count, per launch
             asked.append(rule(*a, **kw))
             return asked[-1]
 
-        decode_attention._wave_splits = recording_rule
+        decode_attention._split_count = recording_rule
         per_sm_of = decode_attention._split_kernel_blocks_per_sm
 
         def recording_per_sm(kw, *a):  # keys per step and resident programs, per launch

@@ -304,7 +304,7 @@ _SM_SHARE = {1: 0.65, 2: 0.9}
 
 
 @functools.lru_cache(maxsize=4096)
-def _wave_splits(want: int, max_splits: int, progs: int, per_sm: int, sms: int,
+def _split_count(want: int, max_splits: int, progs: int, per_sm: int, sms: int,
                  steps: int) -> int:
     """The split count with the least modeled time, for ``progs`` (batch x KV head) programs
     of ``steps`` key steps each, ``per_sm`` resident programs per SM, on ``sms`` SMs.
@@ -486,8 +486,9 @@ def launch_attention(
     """Launch decode (split-K + combine) or prefill (query tiles) attention. Shapes are
     already validated; K/V storage is [B, Hk, N, R] / [B, Hk, N, NB] with unit last stride."""
     if split_rule not in ("waves", "per_sm"):
-        raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: no nearly "
-                         "empty last wave) or 'per_sm' (~8 programs per SM)")
+        raise ValueError(f"split_rule={split_rule!r}: use 'waves' (the default: the count "
+                         "that loads the busiest SM least, from the kernel's resident "
+                         "programs) or 'per_sm' (~8 programs per SM)")
     bsz, hq, tq, d = q.shape
     hk, n = k_codes.shape[1], k_codes.shape[2]
     group = hq // hk
@@ -660,7 +661,7 @@ def launch_attention(
             # results/bench/bench_attention.md, sweep): decode of the codes is the bottleneck,
             # and more, shorter splits keep every SM busy. On the GPU the count is then the
             # one whose programs load the busiest SM least, from the compiled kernel's
-            # resident programs per SM (_wave_splits; the first such rule, by waves:
+            # resident programs per SM (_split_count; the first such rule, by waves:
             # results/bench/bench_decode_splits.md, 1.10-1.22x at batch 1 / 32K-128K and
             # batch 8 / 4K and 128K; the per-SM model: decode_split_sweep_h100.md).
             want = triton.cdiv(8 * _sm_count(dev), max(progs, 1))
@@ -670,7 +671,7 @@ def launch_attention(
             per_sm = (None if interp or split_rule == "per_sm"
                       else _split_kernel_blocks_per_sm(kw, args, dev))
             if per_sm is not None and num_splits > 1:
-                num_splits = _wave_splits(want, max_splits, progs, per_sm, _sm_count(dev),
+                num_splits = _split_count(want, max_splits, progs, per_sm, _sm_count(dev),
                                           triton.cdiv(max(total, 1), bn))
         kv_per_split = triton.cdiv(triton.cdiv(max(total, 1), num_splits), bn) * bn
         num_splits = max(1, triton.cdiv(max(total, 1), kv_per_split))

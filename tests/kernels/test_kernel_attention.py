@@ -848,9 +848,9 @@ def test_packed_decode_refuses_non_bf16_queries():
                          scale=0.125, mode="decode", pack=True)
 
 
-# (model, batch, context, resident programs per SM) -> the fastest split count measured on an
-# H100 by a sweep of every count (paper and polar-4 alike; results/bench/
-# decode_split_sweep_h100.md): 128 keys per step, 132 SMs
+# (KV heads, batch, context, resident programs per SM, fastest split count): the fastest count
+# of an H100 sweep of every count, paper and polar-4 alike (results/bench/
+# decode_split_sweep_h100.md); 128 keys per step, 132 SMs
 _SWEEP_BEST = [(8, 1, 32768, 3, 32), (8, 1, 131072, 3, 49), (8, 2, 32768, 3, 24),
                (8, 4, 32768, 3, 12), (8, 8, 4096, 2, 4), (8, 8, 32768, 3, 6),
                (3, 1, 32768, 3, 43), (3, 8, 32768, 3, 16), (3, 1, 131072, 3, 128),
@@ -861,30 +861,30 @@ _SWEEP_BEST = [(8, 1, 32768, 3, 32), (8, 1, 131072, 3, 49), (8, 2, 32768, 3, 24)
 
 
 @pytest.mark.parametrize("hk,batch,context,per_sm,best", _SWEEP_BEST)
-def test_wave_splits_pick_the_measured_fastest(hk, batch, context, per_sm, best):
+def test_split_count_pick_the_measured_fastest(hk, batch, context, per_sm, best):
     """The split count launch_attention picks from a kernel's resident programs per SM is the
     one the H100 sweep measured fastest (the earlier rule took 43 splits at Llama batch 1 /
     32K, where 32 ran 1.05x faster, and 64 at SmolLM2 batch 1 / 32K, where 43 ran 1.07x)."""
     import triton
 
-    from polartensor.kernels.decode_attention import _wave_splits
+    from polartensor.kernels.decode_attention import _split_count
 
     progs, steps = batch * hk, triton.cdiv(context, 128)
     want = triton.cdiv(8 * 132, progs)
-    assert _wave_splits(want, triton.cdiv(context, 512), progs, per_sm, 132, steps) == best
+    assert _split_count(want, triton.cdiv(context, 512), progs, per_sm, 132, steps) == best
 
 
 @settings(max_examples=200, deadline=None)
 @given(want=st.integers(1, 300), max_splits=st.integers(1, 300), progs=st.integers(1, 600),
        per_sm=st.integers(1, 8), sms=st.integers(1, 160), steps=st.integers(1, 2000))
-def test_wave_splits_is_a_launchable_count(want, max_splits, progs, per_sm, sms, steps):
+def test_split_count_is_a_launchable_count(want, max_splits, progs, per_sm, sms, steps):
     """Any pick is a count the launch keeps as is (every split has keys: the kernel's
     rounding to whole steps does not merge it into fewer) and within the allowed range."""
     import triton
 
-    from polartensor.kernels.decode_attention import _wave_splits
+    from polartensor.kernels.decode_attention import _split_count
 
-    s = _wave_splits(want, max_splits, progs, per_sm, sms, steps)
+    s = _split_count(want, max_splits, progs, per_sm, sms, steps)
     assert 1 <= s <= max(1, min(max_splits, steps))
     assert triton.cdiv(steps, triton.cdiv(steps, s)) == s
 
