@@ -179,10 +179,13 @@ joint12)
     ;;
 profile)
     # Nsight Compute on one launch each of attention, dequant and encode (where time goes);
-    # the encode runs first in profile_decode.py, so it gets its own filter
+    # the encode runs first in profile_decode.py, so it gets its own filter. The compute
+    # section's pipe utilization says which pipe caps the decode's issue rate (the split
+    # sweep found three programs per SM only ~1.1x as fast as two: docs/kernel_history.md)
     NCU=(ncu --clock-control none --section SpeedOfLight --section WarpStateStats
          --section InstructionStats --section LaunchStats --section Occupancy
-         --section MemoryWorkloadAnalysis)
+         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+         --print-details all)
     step ncu_attention 300 "${NCU[@]}" -k regex:"polar_(decode_attn_fwd|dequant)" -c 2 \
         "$PY" scripts/profile_decode.py
     step ncu_encode 200 "${NCU[@]}" -k regex:polar_encode --launch-skip 2 -c 1 \
