@@ -889,6 +889,19 @@ def test_split_count_is_a_launchable_count(want, max_splits, progs, per_sm, sms,
     assert triton.cdiv(steps, triton.cdiv(steps, s)) == s
 
 
+@settings(max_examples=300, deadline=None)
+@given(steps=st.integers(1, 20000), max_splits=st.integers(1, 5000))
+def test_split_candidates_are_every_kept_count(steps, max_splits):
+    """The rule's candidates, enumerated in O(sqrt(steps)), are exactly the counts
+    cdiv(steps, cdiv(steps, x)) for x in 1..max_splits."""
+    import triton
+
+    from polartensor.kernels.decode_attention import _split_candidates
+
+    every = {triton.cdiv(steps, triton.cdiv(steps, x)) for x in range(1, max_splits + 1)}
+    assert _split_candidates(steps, max_splits) == sorted(every)
+
+
 def test_blocks_per_sm_from_compiled_kernel(monkeypatch):
     """Resident programs per SM from registers, shared memory and warps (H200 limits): the
     packed decode's 128 registers x 4 warps allow 4 (Nsight Compute said 4), 255 registers 2."""
