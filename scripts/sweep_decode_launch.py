@@ -183,6 +183,8 @@ def sweep_splits(rows, ours, ref, bench, base, asked, shape, n, sms):
     library's own choice (``splits='auto'``)."""
     import triton
 
+    from polartensor.kernels.decode_attention import _split_candidates
+
     asked.clear()
     auto = ours()
     auto()
@@ -194,8 +196,7 @@ def sweep_splits(rows, ours, ref, bench, base, asked, shape, n, sms):
     chosen = next((a for a in asked if not isinstance(a, tuple)), None)
     steps = triton.cdiv(n, bn)
     max_splits = triton.cdiv(n, bn * 4)
-    counts = sorted({triton.cdiv(steps, triton.cdiv(steps, s)) for s in range(1, max_splits + 1)})
-    counts = [c for c in counts if c >= max(1, max_splits // 8)]
+    counts = [c for c in _split_candidates(steps, max_splits) if c >= max(1, max_splits // 8)]
     common = dict(shape, block_n=bn, per_sm=per_sm, sms=sms, cudnn_ms=base,
                   library_asked=chosen,
                   library_splits=(triton.cdiv(steps, triton.cdiv(steps, chosen))
