@@ -10,7 +10,9 @@ results/bench/ncu_decode.md):
 (the encode launches first: profile it with ``-k regex:polar_encode --launch-skip 2 -c 1``;
 ``scripts/gpu_validate.sh profile`` runs both)
 
-Environment: N (keys, default 32768), PRESET (default paper), POLARTENSOR_DECODE.
+Environment: N (keys, default 32768), PRESET (default paper), POLARTENSOR_DECODE; GLUON=1
+launches the Gluon decode (``decode_attention_gluon``, kernel
+``polar_decode_attn_gluon_fwd_kernel``, SPLITS programs per head, default 24) instead.
 """
 
 from __future__ import annotations
@@ -52,8 +54,15 @@ def main():
     x = torch.randn(b, hk, n, d, device=dev, dtype=torch.bfloat16)
     for _ in range(2):  # the first launch compiles
         quantized(x, cfg)
-        launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, kq[3], kq[3],
-                         scale=d ** -0.5)
+        if os.environ.get("GLUON") == "1":
+            from polartensor.kernels.decode_attention_gluon import launch_attention_gluon
+
+            launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg,
+                                   kq[3], kq[3], d ** -0.5, int(os.environ.get("SPLITS", 24)),
+                                   maxnreg=168)
+        else:
+            launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, kq[3],
+                             kq[3], scale=d ** -0.5)
         dequantize_rotated_triton(kq[0], kq[1], kq[2], cfg, d, torch.bfloat16)
     torch.cuda.synchronize()
     print("ok")

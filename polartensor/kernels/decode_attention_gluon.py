@@ -1,0 +1,379 @@
+"""Decode attention whose tree decode writes the tensor-core operands in registers (Gluon).
+
+The Triton kernel (``decode_attention``) decodes a [keys, D] tile in a layout of Triton's
+choosing and moves it through shared memory into the MMA's operand layout: on the H200 that
+traffic and its bank conflicts were ~half of the L1 pipe's wavefronts (results/bench/
+ncu_decode.md). Here every layout is explicit, and the coordinates of the rotated domain are
+relabelled (a permutation, undone for the query on the host and for the output at the
+partial store) so that each thread's MMA operand registers hold whole 16-coordinate blocks
+of the polar tree:
+
+* ``S = Q K^T`` (``mma.sync`` m16n8k16, K^T as the B operand): a thread holds, for key
+  ``lane // 4`` of each 8-key tile, the 32 operand coordinates ``16 t + 8 h + 2 (lane % 4) +
+  e``. Those are blocks ``2 (lane % 4)`` and ``2 (lane % 4) + 1`` of the key, e being the
+  level-1 (cos, sin) half, h level 2 and t levels 3-4 and the block's low bit.
+* ``O = P V`` (V as the B operand): a thread holds keys ``2 (lane % 4) + {0, 1, 8, 9}`` of
+  each 16-key tile at operand columns ``lane // 4 + 8 u``: block ``lane // 4`` whole, u
+  being the coordinate inside the block.
+
+So a thread decodes whole trees (radius, then one packed bf16x2 multiply per node, the
+tables read by warp shuffles) straight into its operand registers: no shared memory in the
+loop. One warp per program (the softmax state stays in the warp); the split partials go to
+the Triton combine kernel, which un-rotates.
+
+The arithmetic is the Triton kernel's packed decode (``tree_decode``: radius rounded to
+bfloat16, one ``mul.rn.bf16x2`` per level), so the decoded keys and values are the same
+bfloat16 numbers. Scope: decode (one query row per head, group <= 16), bfloat16 queries,
+head_dim 128, four levels over 16-coordinate blocks (the paper preset's shape: 8 radii per
+vector), level widths <= 5 bits, no mask, no full-precision tail. CUDA only: Gluon has no
+interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+__all__ = ["polar_decode_attn_gluon_fwd_kernel", "gluon_decode_supported",
+           "launch_attention_gluon", "k_permutation", "v_permutation"]
+
+_LOG2E = 1.4426950408889634
+
+
+# The decoded tile [key, blk2, blk1, blk0, i3, i2, i1, i0] (block bits, then the coordinate's
+# bits inside the block: level 4's split first) is permuted to these dim orders, then read as
+# [key, operand column]. K: column kappa = i0 | blk1 << 1 | blk2 << 2 | i1 << 3 | i2 << 4 |
+# i3 << 5 | blk0 << 6, the B operand's k index of S = Q K^T. V: column nu = blk + 8 i, the B
+# operand's n index of O = P V.
+_K_ORDER = gl.constexpr((0, 3, 4, 5, 6, 1, 2, 7))
+_V_ORDER = gl.constexpr((0, 4, 5, 6, 7, 1, 2, 3))
+
+
+def _operand_coords(order) -> torch.Tensor:
+    """coordinate[column] for a tile permuted to ``order`` (the key dim left out)."""
+    c = torch.arange(128).reshape(2, 2, 2, 2, 2, 2, 2)
+    return c.permute(*[o - 1 for o in order[1:]]).reshape(128)
+
+
+def k_permutation() -> torch.Tensor:
+    """coordinate[kappa] for the K operand's column kappa (head_dim 128)."""
+    return _operand_coords(_K_ORDER.value)
+
+
+def v_permutation() -> torch.Tensor:
+    """coordinate[nu] for the V operand's column nu (head_dim 128)."""
+    return _operand_coords(_V_ORDER.value)
+
+
+@triton.constexpr_function
+def _lane_table_asm(n):
+    """PTX: lane l reads 32-bit word l mod n of the table at $1."""
+    return ("{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; and.b32 l, l, " + str(n - 1)
+            + "; mad.wide.u32 a, l, 4, $1; ld.global.nc.b32 $0, [a]; }")
+
+
+@gluon.jit
+def _lane_word(base, like, N: gl.constexpr):
+    """Word (lane id mod N) of the 32-bit table at ``base`` in every element of ``like``'s
+    shape (one load per thread: the asm is pure with one operand for every element)."""
+    zero = gl.zeros_like(like)
+    return gl.inline_asm_elementwise(_lane_table_asm(N), "=r,l", [base + zero],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _shfl(t, i):
+    return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;",
+                                     "=r,r,r", [t, i], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _children_f32(r, w):
+    """(r cos, r sin) in bfloat16 from float32 r and the packed bf16x2 (cos, sin) word w."""
+    lo, hi = gl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $2; mul.rn.bf16x2 t, t, $3; "
+        "mov.b32 {$0, $1}, t; }",
+        "=h,=h,r,r", [r, w], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    return gl.join(lo, hi)
+
+
+@gluon.jit
+def _children(r, w):
+    """(r cos, r sin) in bfloat16 from bfloat16 r: one mul.rn.bf16x2."""
+    lo, hi = gl.inline_asm_elementwise(
+        "{ .reg .b32 t; mov.b32 t, {$2, $2}; mul.rn.bf16x2 t, t, $3; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h,r", [r, w], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    return gl.join(lo, hi)
+
+
+@gluon.jit
+def _ld16(ptr):
+    return gl.load(ptr.to(gl.pointer_type(gl.uint16), bitcast=True)).to(gl.int32)
+
+
+@gluon.jit
+def _decode_trees(rowp, radp, valid, trig_ptr, MASKED: gl.constexpr, KT: gl.constexpr,
+                  B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
+                  blk):
+    """[BN, 8] (key, block) -> [BN, 8, 2, 2, 2, 2] bfloat16 decoded blocks (levels 4 to 1 as
+    the minor dims), each tree inside one thread. ``rowp`` [BN, 1] points at each key's
+    record, ``radp`` [BN, 8] at its radii; with ``MASKED`` the keys where ``valid`` is
+    false (their pointers clamped to a real key) decode to zeros.
+
+    Record (head_dim 128, four levels): level 1 at bit 0 (8 codes of B1 bits per block),
+    level 2 after it (4 per block), then 3 (2) and 4 (1)."""
+    r = gl.load(radp).to(gl.float32)
+    if MASKED:
+        r = gl.where(valid, r, 0.0)
+    # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
+    pk = trig_ptr + 2 * 4 * KT
+    OFF2: gl.constexpr = 64 * B1
+    OFF3: gl.constexpr = OFF2 + 32 * B2
+    OFF4: gl.constexpr = OFF3 + 16 * B3
+    # level 4: one code per block
+    bit4 = OFF4 + blk * B4
+    c4 = _ld16(rowp + (bit4 >> 4) * 2) >> (bit4 & 15)
+    n = _children_f32(r, _shfl(_lane_word(pk + 3 * KT, c4, 1 << B4), c4))
+    # level 3: two codes per block, as [BN, 8, 2]
+    bit3 = OFF3 + blk * (2 * B3)
+    w3 = _ld16(rowp + (bit3 >> 4) * 2) >> (bit3 & 15)
+    c3 = gl.join(w3, w3 >> B3)
+    n = _children(n, _shfl(_lane_word(pk + 2 * KT, c3, 1 << B3), c3))
+    # level 2: four codes per block
+    bit2 = OFF2 + blk * (4 * B2)
+    w2 = _ld16(rowp + (bit2 >> 4) * 2) >> (bit2 & 15)
+    w2 = gl.join(w2, w2 >> (2 * B2))
+    c2 = gl.join(w2, w2 >> B2)
+    n = _children(n, _shfl(_lane_word(pk + KT, c2, 1 << B2), c2))
+    # level 1: eight codes per block
+    if B1 == 4:
+        # one 16-bit word per half block: no combine, no shift
+        p1 = rowp + blk * 4
+        w1 = gl.join(_ld16(p1), _ld16(p1 + 2))
+    else:
+        # B1 * 8 <= 24 bits inside the two 16-bit words from the first
+        bit1 = blk * (8 * B1)
+        p1 = rowp + (bit1 >> 4) * 2
+        w1 = (_ld16(p1) | (_ld16(p1 + 2) << 16)) >> (bit1 & 15)
+        w1 = gl.join(w1, w1 >> (4 * B1))
+    w1 = gl.join(w1, w1 >> (2 * B1))
+    c1 = gl.join(w1, w1 >> B1)
+    n = _children(n, _shfl(_lane_word(pk, c1, 1 << B1), c1))
+    return n
+
+
+@gluon.jit
+def _attn_step(q, m_i, l_i, acc, kcp, krp, vcp, vrp, kok, vok, sok, ktab_ptr, vtab_ptr,
+               kblk, vblk, scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
+               a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
+               K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
+               K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
+               V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
+               V_B4: gl.constexpr):
+    """One BN-key step of the online softmax."""
+    D: gl.constexpr = 128
+    M: gl.constexpr = 16
+    kt = _decode_trees(kcp, krp, kok, ktab_ptr, MASKED, K_KT, K_B1, K_B2, K_B3, K_B4, kblk)
+    # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_K_ORDER)
+    kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
+    kt = gl.permute(kt, _K_ORDER.value)
+    kt = gl.reshape(kt, [BN, D])
+    kt = gl.convert_layout(gl.permute(kt, (1, 0)), b_op, assert_trivial=True)
+    s = mma_v2(q, kt, gl.zeros([M, BN], gl.float32, layout=mma)) * scale_log2
+    if MASKED:
+        s = gl.where(sok[None, :], s, float("-inf"))
+    # The running maximum moves only when some row's grows by more than 8 (log2 units): the
+    # stale maximum keeps p <= 2^8 (bfloat16 and the float32 sums hold that exactly as
+    # well), and the rescale of the 64 accumulator registers is skipped in most steps.
+    m_cur = gl.max(s, 1)
+    if gl.max(m_cur - m_i, 0) > 8.0:
+        m_new = gl.maximum(m_i, m_cur)
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    p = gl.exp2(s - m_i[:, None])
+    l_i = l_i + gl.sum(p, 1)
+
+    vt = _decode_trees(vcp, vrp, vok, vtab_ptr, MASKED, V_KT, V_B1, V_B2, V_B3, V_B4, vblk)
+    # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_V_ORDER)
+    vt = gl.reshape(vt, [BN, 2, 2, 2, 2, 2, 2, 2])
+    vt = gl.permute(vt, _V_ORDER.value)
+    vt = gl.convert_layout(gl.reshape(vt, [BN, D]), b_op, assert_trivial=True)
+    pa = gl.convert_layout(p.to(gl.bfloat16), a_op)
+    acc = mma_v2(pa, vt, acc)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def polar_decode_attn_gluon_fwd_kernel(
+    q_ptr, sq_b, sq_h,
+    kc_ptr, skc_b, skc_h, skc_n, kr_ptr, skr_b, skr_h, skr_n, ktab_ptr,
+    vc_ptr, svc_b, svc_h, svc_n, vr_ptr, svr_b, svr_h, svr_n, vtab_ptr,
+    pacc_ptr, pml_ptr,
+    Hk, N, kv_per_split, n_splits, scale_log2,
+    GROUP: gl.constexpr, BN: gl.constexpr, k_lay: gl.constexpr, v_lay: gl.constexpr,
+    K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr, K_B3: gl.constexpr,
+    K_B4: gl.constexpr,
+    V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
+    V_B4: gl.constexpr,
+):
+    M: gl.constexpr = 16
+    D: gl.constexpr = 128
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                  instr_shape=[16, 8])
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+
+    pid_bh = gl.program_id(0)
+    split = gl.program_id(1)
+    b = (pid_bh // Hk).to(gl.int64)
+    hk = (pid_bh % Hk).to(gl.int64)
+
+    # the query rows, rotated and permuted on the host (float32), as the A operand
+    qr = gl.arange(0, M, layout=gl.SliceLayout(1, a_op))
+    qc = gl.arange(0, D, layout=gl.SliceLayout(0, a_op))
+    q_row = b * sq_b + (hk * GROUP + qr.to(gl.int64)) * sq_h
+    q = gl.load(q_ptr + q_row[:, None] + qc[None, :], mask=(qr < GROUP)[:, None],
+                other=0.0).to(gl.bfloat16)
+
+    start = split * kv_per_split
+    end = gl.minimum(start + kv_per_split, N)
+    full_end = start + ((end - start) // BN) * BN
+
+    m_i = gl.full([M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
+    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, mma))
+    acc = gl.zeros([M, D], gl.float32, layout=mma)
+
+    kkey = gl.arange(0, BN, layout=gl.SliceLayout(1, k_lay))[:, None]
+    kblk = gl.arange(0, 8, layout=gl.SliceLayout(0, k_lay))[None, :]
+    vkey = gl.arange(0, BN, layout=gl.SliceLayout(1, v_lay))[:, None]
+    vblk = gl.arange(0, 8, layout=gl.SliceLayout(0, v_lay))[None, :]
+    skey = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+    # per-head bases (64-bit), then pointers that step BN keys per iteration
+    kc_h = kc_ptr + (b * skc_b + hk * skc_h)
+    kr_h = kr_ptr + (b * skr_b + hk * skr_h)
+    vc_h = vc_ptr + (b * svc_b + hk * svc_h)
+    vr_h = vr_ptr + (b * svr_b + hk * svr_h)
+    # loop-invariant 32-bit offsets of each key's record and radii inside a step
+    koff = kkey * skc_n
+    kroff = kkey * skr_n + kblk
+    voff = vkey * svc_n
+    vroff = vkey * svr_n + vblk
+    kok = kkey < BN
+    vok = vkey < BN
+    sok = skey < BN
+    for n0 in range(start, full_end, BN):
+        n64 = n0.to(gl.int64)
+        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, (kc_h + n64 * skc_n) + koff,
+                                   (kr_h + n64 * skr_n) + kroff, (vc_h + n64 * svc_n) + voff,
+                                   (vr_h + n64 * svr_n) + vroff, kok, vok, sok,
+                                   ktab_ptr, vtab_ptr, kblk, vblk, scale_log2, False, BN,
+                                   a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3, K_B4,
+                                   V_KT, V_B1, V_B2, V_B3, V_B4)
+    if full_end < end:
+        # the last, partial step: keys past the end read the last key and decode to zeros
+        kpos = full_end + kkey
+        vpos = full_end + vkey
+        kok = kpos < end
+        vok = vpos < end
+        sok = full_end + skey < end
+        kpc = gl.minimum(kpos, end - 1).to(gl.int64)
+        vpc = gl.minimum(vpos, end - 1).to(gl.int64)
+        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kc_h + kpc * skc_n,
+                                   kr_h + kpc * skr_n + kblk, vc_h + vpc * svc_n,
+                                   vr_h + vpc * svr_n + vblk, kok, vok, sok,
+                                   ktab_ptr, vtab_ptr, kblk, vblk, scale_log2, True, BN,
+                                   a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3, K_B4,
+                                   V_KT, V_B1, V_B2, V_B3, V_B4)
+
+    # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
+    # v_permutation)
+    rows = gl.arange(0, M, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    coord = 16 * (cols & 7) + (cols >> 3)
+    slot = pid_bh.to(gl.int64) * n_splits + split
+    gl.store(pacc_ptr + slot * (M * D) + rows[:, None] * D + coord[None, :], acc)
+    gl.store(pml_ptr + slot * (2 * M) + rows, m_i)
+    gl.store(pml_ptr + slot * (2 * M) + M + rows, l_i)
+
+
+def gluon_decode_supported(q, k_cfg, v_cfg, k_tail, mask, d, group, tq) -> bool:
+    """Whether ``launch_attention_gluon`` serves this call (see the module docstring)."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and d == 128 and tq == 1
+            and 1 <= group <= 16 and k_tail is None and mask is None
+            and all(c.levels == 4 and all(1 <= x <= 5 for x in c.bits)
+                    and c.rotation != "none" for c in (k_cfg, v_cfg)))
+
+
+def tile_layouts(block_n: int):
+    """The [keys, 8 blocks] layouts of the K and V tile decodes (one warp).
+
+    K: key bits 0-2 on lanes 2-4 (the MMA's n), the block's bits 1-2 on lanes 0-1 and bit 0
+    in a register, key bits 3+ (8-key tiles) in registers. V: key bits 1-2 on lanes 0-1 (the
+    MMA's k), bits 0 and 3+ in registers, the block on lanes 2-4."""
+    more = [[8 << i, 0] for i in range(block_n.bit_length() - 4)]
+    k_lay = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1]] + more, lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[], block_bases=[], shape=[block_n, 8])
+    v_lay = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0]] + more, lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[], block_bases=[], shape=[block_n, 8])
+    return k_lay, v_lay
+
+
+_PERMUTED: dict = {}
+
+
+def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
+    """S_k's rows in the K operand's column order, transposed: q @ this = (q S_k^T)[perm]."""
+    key = (rot.data_ptr(), rot.device, rot.shape[0])
+    if key not in _PERMUTED:
+        _PERMUTED[key] = rot[k_permutation().to(rot.device)].T.contiguous()
+    return _PERMUTED[key]
+
+
+def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
+                           v_cfg, rot_k, rot_v, scale, num_splits, block_n=16,
+                           maxnreg=None, out=None):
+    """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel."""
+    from .decode_attention import polar_attn_combine_kernel
+
+    bsz, hq, tq, d = q.shape
+    hk, n = k_codes.shape[1], k_codes.shape[2]
+    group = hq // hk
+    dev = q.device
+    if out is None:
+        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
+    sk = _permuted_rotation(rot_k)
+    qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
+    kv_per_split = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
+    num_splits = max(1, triton.cdiv(max(n, 1), kv_per_split))
+    m_rows = 16
+    slots = bsz * hk * num_splits
+    pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
+    pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
+    kb, vb = k_cfg.bits, v_cfg.bits
+    k_lay, v_lay = tile_layouts(block_n)
+    polar_decode_attn_gluon_fwd_kernel[(bsz * hk, num_splits)](
+        qr, qr.stride(0), qr.stride(1),
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+        v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
+        pacc, pml, hk, n, kv_per_split, num_splits, scale * _LOG2E,
+        GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
+        K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
+        V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
+        num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+    )
+    polar_attn_combine_kernel[(bsz * hk, 1)](
+        pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),
+        hk, tq, num_splits, 1,
+        GROUP=group, BLOCK_T=1, M=m_rows, D=d, JC=64, UNROT=True, RPREC="tf32x3",
+        num_warps=4,
+    )
+    return out

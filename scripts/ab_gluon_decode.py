@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The Gluon decode attention (register-operand tree decode) against the Triton kernel and
+cuDNN bf16 SDPA, in one process on the same inputs (CUDA only):
+
+    python3 scripts/ab_gluon_decode.py --out $OUT/gluon
+
+For each shape: the outputs of both kernels are compared (they decode the same bfloat16
+keys and values; the relative difference is printed and must stay under 2e-2), then every
+launch variant (keys per step x register cap x programs per SM) is timed as CUDA-graph
+replays, the order rotated per round, with cuDNN and the Triton default beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_attention import bench, fold_gqa, sdpa_backend  # noqa: E402
+from profile_decode import quantized  # noqa: E402
+
+from polartensor.config import get_preset  # noqa: E402
+from polartensor.kernels.decode_attention import launch_attention  # noqa: E402
+from polartensor.kernels.decode_attention_gluon import launch_attention_gluon  # noqa: E402
+
+
+def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
+    """Check and time every variant at one shape; the row of results."""
+    import triton
+
+    hq, hk, d = 32, 8, 128
+    g = torch.Generator(device=dev).manual_seed(1)
+    k = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
+    q = torch.randn(b, hq, 1, d, device=dev, generator=g, dtype=torch.bfloat16)
+    kq, vq = quantized(k, cfg), quantized(v, cfg)
+    scale = d ** -0.5
+
+    def triton_fn():
+        return launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg,
+                                kq[3], vq[3], scale=scale)
+
+    ref = triton_fn().float()
+    fns = {"triton": triton_fn}
+    qf = fold_gqa(q, hk)
+
+    def cudnn_fn():
+        with sdpa_backend("cudnn"):
+            return F.scaled_dot_product_attention(qf, k, v, scale=scale)
+    fns["cudnn"] = cudnn_fn
+    checks = {}
+    for bn, cap in variants:
+        for ps in per_sm:
+            splits = max(1, min(triton.cdiv(ps * sms, b * hk), triton.cdiv(n, 4 * bn)))
+            name = f"gluon_bn{bn}_cap{cap}_ps{ps}"
+
+            def fn(bn=bn, cap=cap, splits=splits):
+                return launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
+                                              vq[2], cfg, kq[3], vq[3], scale,
+                                              splits, block_n=bn,
+                                              maxnreg=cap or None)
+            try:
+                out = fn().float()
+                err = ((out - ref).norm() / ref.norm()).item()
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                checks[name] = dict(error=str(exc)[:400])
+                continue
+            checks[name] = dict(rel_diff_vs_triton=err, splits=splits)
+            print(f"{preset} b{b} n{n} {name} splits {splits}: rel diff vs triton "
+                  f"{err:.2e}", flush=True)
+            if not err < 2e-2:
+                print("  MISMATCH: not timed", flush=True)
+                continue
+            fns[name] = fn
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(bench(fns[name], args.rep_ms))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    best = min((x for x in med if x.startswith("gluon")), key=med.get, default=None)
+    row = dict(preset=preset, batch=b, context=n, ms=med, checks=checks, best=best)
+    if best:
+        row["best_vs_triton"] = med["triton"] / med[best]
+        row["best_vs_cudnn"] = med["cudnn"] / med[best]
+        row["triton_vs_cudnn"] = med["cudnn"] / med["triton"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gluon_ab")
+    ap.add_argument("--shapes", default="3:1000,8:32768,1:32768,32:8192,8:4096,8:131072,2:131072")
+    ap.add_argument("--presets", default="paper")
+    ap.add_argument("--variants", default="16:0,32:0,16:168,32:168",
+                    help="block_n:maxnreg (0: no cap)")
+    ap.add_argument("--per-sm", default="4,8,12", help="programs per SM to try")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep-ms", type=int, default=25)
+    ap.add_argument("--budget-s", type=float, default=400)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    import triton
+
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                command="python3 scripts/ab_gluon_decode.py " + " ".join(sys.argv[1:]))
+    print(meta, flush=True)
+    rows = []
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    per_sm = [int(x) for x in args.per_sm.split(",")]
+    for preset in args.presets.split(","):
+        cfg = get_preset(preset, head_dim=128)
+        for shape in args.shapes.split(","):
+            if time.time() - t_start > args.budget_s:
+                print("budget spent: stopping", flush=True)
+                break
+            b, n = (int(x) for x in shape.split(":"))
+            row = _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    res = dict(meta=meta, rows=rows)
+    with open(os.path.join(args.out, "ab_gluon_decode.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+    lines = [f"# Gluon decode vs Triton decode vs cuDNN ({meta['gpu']})", "",
+             f"- command: `{meta['command']}`",
+             f"- torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}",
+             "- median of rounds of CUDA-graph medians, order rotated; Llama heads 32/8, d 128",
+             "", "| preset | batch | context | cuDNN ms | Triton ms | best Gluon | Gluon ms | "
+             "Gluon / Triton | Gluon vs cuDNN | Triton vs cuDNN |", "|---|---|---|---|---|---|"
+             "---|---|---|---|"]
+    for r in rows:
+        if not r.get("best"):
+            continue
+        lines.append(f"| {r['preset']} | {r['batch']} | {r['context']} | {r['ms']['cudnn']:.4f} "
+                     f"| {r['ms']['triton']:.4f} | {r['best']} | {r['ms'][r['best']]:.4f} | "
+                     f"{r['best_vs_triton']:.2f}x | {r['best_vs_cudnn']:.2f}x | "
+                     f"{r['triton_vs_cudnn']:.2f}x |")
+    with open(os.path.join(args.out, "ab_gluon_decode.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
