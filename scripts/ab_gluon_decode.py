@@ -61,7 +61,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     checks = {}
     for bn, cap in variants:
         for ps in per_sm:
-            splits = max(1, min(triton.cdiv(ps * sms, b * hk), triton.cdiv(n, 4 * bn)))
+            splits = max(1, min(ps * sms // (b * hk), triton.cdiv(n, 4 * bn)))
             name = f"gluon_bn{bn}_cap{cap}_ps{ps}"
 
             def fn(bn=bn, cap=cap, splits=splits):

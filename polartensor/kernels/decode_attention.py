@@ -526,6 +526,20 @@ def launch_attention(
                             v_cfg, rot_k, rot_v, k_tail, v_tail, mask, is_causal, scale, out)
     k_codes = code16_aligned(k_codes)
     v_codes = code16_aligned(v_codes)
+    if (mode == "decode" and not interp and block_n is None and block_t is None
+            and num_warps is None and maxnreg is None and pack is None):
+        from . import decode_attention_gluon as dg
+
+        # the Gluon decode (operands decoded in registers) where it serves the call and,
+        # unless POLARTENSOR_DECODE_GLUON says otherwise, where it measured faster
+        use = dg.gluon_decode_setting()
+        if use is None:
+            use = dg.gluon_decode_auto(bsz, hk, total)
+        if use and dg.gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask,
+                                             group):
+            return dg.launch_attention_gluon(
+                q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig, v_cfg, rot_k,
+                rot_v, scale, num_splits, out=out)
     # the per-call settings, read once (None: the measured rules below)
     mma_t, shfl, joint12 = decode_mma_setting(), decode_shfl_setting(), joint12_setting()
     gp = _next_pow2(group)

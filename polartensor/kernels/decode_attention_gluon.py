@@ -31,6 +31,8 @@ interpreter.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -115,50 +117,55 @@ def _ld16(ptr):
 
 
 @gluon.jit
-def _decode_trees(rowp, radp, valid, trig_ptr, MASKED: gl.constexpr, KT: gl.constexpr,
-                  B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
-                  blk):
-    """[BN, 8] (key, block) -> [BN, 8, 2, 2, 2, 2] bfloat16 decoded blocks (levels 4 to 1 as
-    the minor dims), each tree inside one thread. ``rowp`` [BN, 1] points at each key's
-    record, ``radp`` [BN, 8] at its radii; with ``MASKED`` the keys where ``valid`` is
-    false (their pointers clamped to a real key) decode to zeros.
-
-    Record (head_dim 128, four levels): level 1 at bit 0 (8 codes of B1 bits per block),
-    level 2 after it (4 per block), then 3 (2) and 4 (1)."""
+def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
+                B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk):
+    """The radii (float32, 0 where not ``valid`` with ``MASKED``) and the code words of
+    every (key, block) of a [BN, 8] tile: ``rowp`` [BN, 1] points at each key's record,
+    ``radp`` [BN, 8] at its radii. Record (head_dim 128, four levels): level 1 at bit 0 (8
+    codes of B1 bits per block), level 2 after it (4 per block), then 3 (2) and 4 (1).
+    Issued apart from the tree so that a step's K and V loads all go out before its first
+    use of them."""
     r = gl.load(radp).to(gl.float32)
     if MASKED:
         r = gl.where(valid, r, 0.0)
-    # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
-    pk = trig_ptr + 2 * 4 * KT
     OFF2: gl.constexpr = 64 * B1
     OFF3: gl.constexpr = OFF2 + 32 * B2
     OFF4: gl.constexpr = OFF3 + 16 * B3
-    # level 4: one code per block
     bit4 = OFF4 + blk * B4
-    c4 = _ld16(rowp + (bit4 >> 4) * 2) >> (bit4 & 15)
-    n = _children_f32(r, _shfl(_lane_word(pk + 3 * KT, c4, 1 << B4), c4))
-    # level 3: two codes per block, as [BN, 8, 2]
+    w4 = _ld16(rowp + (bit4 >> 4) * 2) >> (bit4 & 15)
     bit3 = OFF3 + blk * (2 * B3)
     w3 = _ld16(rowp + (bit3 >> 4) * 2) >> (bit3 & 15)
-    c3 = gl.join(w3, w3 >> B3)
-    n = _children(n, _shfl(_lane_word(pk + 2 * KT, c3, 1 << B3), c3))
-    # level 2: four codes per block
     bit2 = OFF2 + blk * (4 * B2)
     w2 = _ld16(rowp + (bit2 >> 4) * 2) >> (bit2 & 15)
-    w2 = gl.join(w2, w2 >> (2 * B2))
-    c2 = gl.join(w2, w2 >> B2)
-    n = _children(n, _shfl(_lane_word(pk + KT, c2, 1 << B2), c2))
-    # level 1: eight codes per block
     if B1 == 4:
-        # one 16-bit word per half block: no combine, no shift
+        # one 16-bit word per half block
         p1 = rowp + blk * 4
-        w1 = gl.join(_ld16(p1), _ld16(p1 + 2))
+        w1a = _ld16(p1)
+        w1b = _ld16(p1 + 2)
     else:
         # B1 * 8 <= 24 bits inside the two 16-bit words from the first
         bit1 = blk * (8 * B1)
         p1 = rowp + (bit1 >> 4) * 2
-        w1 = (_ld16(p1) | (_ld16(p1 + 2) << 16)) >> (bit1 & 15)
-        w1 = gl.join(w1, w1 >> (4 * B1))
+        w1a = (_ld16(p1) | (_ld16(p1 + 2) << 16)) >> (bit1 & 15)
+        w1b = w1a >> (4 * B1)
+    return r, w4, w3, w2, w1a, w1b
+
+
+@gluon.jit
+def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.constexpr,
+                  B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
+    """[BN, 8] (key, block) radii and code words (``_load_codes``) -> [BN, 8, 2, 2, 2, 2]
+    bfloat16 decoded blocks (levels 4 to 1 as the minor dims), each tree inside one
+    thread."""
+    # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
+    pk = trig_ptr + 2 * 4 * KT
+    n = _children_f32(r, _shfl(_lane_word(pk + 3 * KT, w4, 1 << B4), w4))
+    c3 = gl.join(w3, w3 >> B3)
+    n = _children(n, _shfl(_lane_word(pk + 2 * KT, c3, 1 << B3), c3))
+    w2 = gl.join(w2, w2 >> (2 * B2))
+    c2 = gl.join(w2, w2 >> B2)
+    n = _children(n, _shfl(_lane_word(pk + KT, c2, 1 << B2), c2))
+    w1 = gl.join(w1a, w1b)
     w1 = gl.join(w1, w1 >> (2 * B1))
     c1 = gl.join(w1, w1 >> B1)
     n = _children(n, _shfl(_lane_word(pk, c1, 1 << B1), c1))
@@ -176,7 +183,11 @@ def _attn_step(q, m_i, l_i, acc, kcp, krp, vcp, vrp, kok, vok, sok, ktab_ptr, vt
     """One BN-key step of the online softmax."""
     D: gl.constexpr = 128
     M: gl.constexpr = 16
-    kt = _decode_trees(kcp, krp, kok, ktab_ptr, MASKED, K_KT, K_B1, K_B2, K_B3, K_B4, kblk)
+    kr, k4, k3, k2, k1a, k1b = _load_codes(kcp, krp, kok, MASKED, K_B1, K_B2, K_B3, K_B4,
+                                           kblk)
+    vr, v4, v3, v2, v1a, v1b = _load_codes(vcp, vrp, vok, MASKED, V_B1, V_B2, V_B3, V_B4,
+                                           vblk)
+    kt = _decode_trees(kr, k4, k3, k2, k1a, k1b, ktab_ptr, K_KT, K_B1, K_B2, K_B3, K_B4)
     # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_K_ORDER)
     kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
     kt = gl.permute(kt, _K_ORDER.value)
@@ -198,7 +209,7 @@ def _attn_step(q, m_i, l_i, acc, kcp, krp, vcp, vrp, kok, vok, sok, ktab_ptr, vt
     p = gl.exp2(s - m_i[:, None])
     l_i = l_i + gl.sum(p, 1)
 
-    vt = _decode_trees(vcp, vrp, vok, vtab_ptr, MASKED, V_KT, V_B1, V_B2, V_B3, V_B4, vblk)
+    vt = _decode_trees(vr, v4, v3, v2, v1a, v1b, vtab_ptr, V_KT, V_B1, V_B2, V_B3, V_B4)
     # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_V_ORDER)
     vt = gl.reshape(vt, [BN, 2, 2, 2, 2, 2, 2, 2])
     vt = gl.permute(vt, _V_ORDER.value)
@@ -301,12 +312,33 @@ def polar_decode_attn_gluon_fwd_kernel(
     gl.store(pml_ptr + slot * (2 * M) + M + rows, l_i)
 
 
-def gluon_decode_supported(q, k_cfg, v_cfg, k_tail, mask, d, group, tq) -> bool:
+def gluon_decode_setting() -> bool | None:
+    """POLARTENSOR_DECODE_GLUON (read per call): 1, decode through this kernel wherever
+    ``gluon_decode_supported``; 0, never (the Triton kernel); unset (None), where it measured
+    faster (``gluon_decode_auto``)."""
+    import os
+
+    v = os.environ.get("POLARTENSOR_DECODE_GLUON")
+    if v is None:
+        return None
+    if v not in ("0", "1"):
+        raise ValueError(f"POLARTENSOR_DECODE_GLUON={v!r}: use 1 (the Gluon decode where it "
+                         "serves the call) or 0 (the Triton kernel), or leave it unset")
+    return v == "1"
+
+
+def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
     """Whether ``launch_attention_gluon`` serves this call (see the module docstring)."""
-    return (q.is_cuda and q.dtype == torch.bfloat16 and d == 128 and tq == 1
-            and 1 <= group <= 16 and k_tail is None and mask is None
-            and all(c.levels == 4 and all(1 <= x <= 5 for x in c.bits)
-                    and c.rotation != "none" for c in (k_cfg, v_cfg)))
+    return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 128
+            and q.shape[-2] == 1 and 1 <= group <= 16 and k_tail is None and mask is None
+            and rot_k is not None and rot_v is not None
+            and all(_record_fits(c.bits) for c in (k_cfg, v_cfg)))
+
+
+def _record_fits(bits) -> bool:
+    """Four levels whose code fields the kernel reads with aligned 16-bit loads inside the
+    record: 2-bit upper levels and a 2- to 4-bit level 1 (paper: (4, 2, 2, 2), 46 bytes)."""
+    return len(bits) == 4 and tuple(bits[1:]) == (2, 2, 2) and 2 <= bits[0] <= 4
 
 
 def tile_layouts(block_n: int):
@@ -329,17 +361,55 @@ _PERMUTED: dict = {}
 
 
 def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
-    """S_k's rows in the K operand's column order, transposed: q @ this = (q S_k^T)[perm]."""
-    key = (rot.data_ptr(), rot.device, rot.shape[0])
-    if key not in _PERMUTED:
-        _PERMUTED[key] = rot[k_permutation().to(rot.device)].T.contiguous()
-    return _PERMUTED[key]
+    """S_k's rows in the K operand's column order, transposed: q @ this = (q S_k^T)[perm].
+    Kept per rotation tensor while it lives (dropped when it is freed) and is not modified in
+    place (its version counter)."""
+    key = id(rot)
+    hit = _PERMUTED.get(key)
+    if hit is None or hit[0]() is not rot or hit[1] != rot._version:
+        if hit is None or hit[0]() is not rot:
+            weakref.finalize(rot, _PERMUTED.pop, key, None)
+        hit = (weakref.ref(rot), rot._version,
+               rot[k_permutation().to(rot.device)].T.contiguous())
+        _PERMUTED[key] = hit
+    return hit[2]
+
+
+# The launch, from an H100 A/B run (results/bench/ab_gluon_decode_2026-12-06b_h100.md): 16 keys
+# per step without a register cap (231 registers: 8 one-warp programs per SM) and splits for
+# 8 programs per SM (one round) ran fastest of 16 or 32 keys x no cap or 168 x 8 or 12
+# programs per SM at every shape timed.
+PROGRAMS_PER_SM = 8
+BLOCK_N = 16
+MAXNREG = None
+# Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x
+# KV heads x keys of at least 2^20. On an H100 against the Triton kernel, in two runs
+# (results/bench/ab_gluon_decode_2026-12-06{b,c}_h100.md, paper, Llama heads): 1.08x at
+# batch 8 / 16K (exactly 2^20), 1.24-1.25x at batch 8 / 32K, 1.26-1.50x at 2^21-2^23; below
+# it 0.55-0.90x (batch 1 / 32K, 2 / 32K, 4 / 8K, 8 / 4K, 16 / 4K: fixed costs, the query's
+# rotation on the host among them, and too few steps per program).
+GLUON_MIN_KEY_HEADS = 1 << 20
+
+
+def gluon_decode_auto(bsz: int, hk: int, n: int) -> bool:
+    """Whether the decode takes this kernel by default where it serves the call."""
+    return bsz * hk * n >= GLUON_MIN_KEY_HEADS
+
+
+def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N) -> int:
+    """Splits per (batch, KV head): about PROGRAMS_PER_SM one-warp programs per SM, each of
+    at least four steps."""
+    return max(1, min(PROGRAMS_PER_SM * sms // max(programs, 1),
+                      triton.cdiv(max(n, 1), 4 * block_n)))
 
 
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
-                           v_cfg, rot_k, rot_v, scale, num_splits, block_n=16,
-                           maxnreg=None, out=None):
-    """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel."""
+                           v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
+                           maxnreg=MAXNREG, out=None):
+    """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
+    Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
+    ``gluon_split_count``."""
+    from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
     bsz, hq, tq, d = q.shape
@@ -348,6 +418,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     dev = q.device
     if out is None:
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
+    if num_splits is None:
+        num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n)
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n

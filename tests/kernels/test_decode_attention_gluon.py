@@ -57,13 +57,16 @@ def test_supported_scope():
     paper = get_preset("paper", head_dim=128)
     polar4 = get_preset("polar-4", head_dim=128)
     # (on the CPU nothing is served: the kernel is CUDA only)
-    assert not gluon_decode_supported(q, paper, paper, None, None, 128, 4, 1)
+    rot = torch.eye(128)
+    assert not gluon_decode_supported(q, paper, paper, rot, rot, None, None, 4)
     if ON_GPU:
-        qc = q.cuda()
-        assert gluon_decode_supported(qc, paper, paper, None, None, 128, 4, 1)
-        assert not gluon_decode_supported(qc, polar4, polar4, None, None, 128, 4, 1)
-        assert not gluon_decode_supported(qc.float(), paper, paper, None, None, 128, 4, 1)
-        assert not gluon_decode_supported(qc, paper, paper, None, None, 128, 4, 2)
+        qc, rot = q.cuda(), rot.cuda()
+        assert gluon_decode_supported(qc, paper, paper, rot, rot, None, None, 4)
+        assert not gluon_decode_supported(qc, polar4, polar4, rot, rot, None, None, 4)
+        assert not gluon_decode_supported(qc, paper, paper, None, None, None, None, 4)
+        assert not gluon_decode_supported(qc.float(), paper, paper, rot, rot, None, None, 4)
+        assert not gluon_decode_supported(qc.expand(1, 8, 2, 128), paper, paper, rot, rot,
+                                          None, None, 4)
 
 
 @needs_gpu
@@ -87,3 +90,128 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, seed):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_sdpa_routes_to_gluon_decode(monkeypatch, setting):
+    """F.scaled_dot_product_attention on the quantized cache takes the Gluon decode with
+    POLARTENSOR_DECODE_GLUON=1 (and not with 0), and matches the reference either way."""
+    import torch.nn.functional as F
+
+    from polartensor.kernels import decode_attention_gluon as dg
+
+    calls = []
+    real = dg.launch_attention_gluon
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dg, "launch_attention_gluon", spy)
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", setting)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 128, generator=g).to(torch.bfloat16).cuda()
+    k = quantize(torch.randn(2, 2, 700, 128, generator=g).cuda(), "paper")
+    v = quantize(torch.randn(2, 2, 700, 128, generator=g).cuda(), "paper")
+    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert len(calls) == (1 if setting == "1" else 0)
+    ref = polar_sdpa(q.float(), k, v, enable_gqa=True)
+    err = (out.double() - ref.double()).norm() / ref.double().norm()
+    assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+def test_gluon_setting_rejects_bad_values(monkeypatch):
+    from polartensor.kernels.decode_attention_gluon import gluon_decode_setting
+
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_DECODE_GLUON"):
+        gluon_decode_setting()
+
+
+def test_gluon_default_from_the_measured_size():
+    """By default, from 2^20 (batch x KV heads x keys) up, where it measured faster."""
+    from polartensor.kernels.decode_attention_gluon import gluon_decode_auto
+
+    assert gluon_decode_auto(8, 8, 16384) and gluon_decode_auto(8, 8, 32768)
+    assert gluon_decode_auto(1, 8, 131072) and gluon_decode_auto(2, 8, 131072)
+    assert not gluon_decode_auto(8, 8, 16383) and not gluon_decode_auto(1, 8, 32768)
+    assert not gluon_decode_auto(16, 8, 4096)
+
+
+@needs_gpu
+def test_large_decode_takes_gluon_by_default(monkeypatch):
+    """Unset POLARTENSOR_DECODE_GLUON: a decode of 2^20 key-heads goes to the Gluon kernel,
+    one just below to the Triton kernel; both match the reference."""
+    import torch.nn.functional as F
+
+    from polartensor.kernels import decode_attention_gluon as dg
+
+    monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
+    calls = []
+    real = dg.launch_attention_gluon
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dg, "launch_attention_gluon", spy)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 32, 1, 128, generator=g).to(torch.bfloat16).cuda()
+    for n, routed in ((131072, 1), (131071, 0)):
+        calls.clear()
+        k = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
+        v = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert len(calls) == routed
+        ref = polar_sdpa(q.float(), k, v, enable_gqa=True)
+        err = (out.double() - ref.double()).norm() / ref.double().norm()
+        assert err <= 2e-2, f"n={n}: relative error {err:.2e}"
+
+
+@needs_gpu
+def test_gluon_decode_int64_offsets():
+    """A cache whose batch stride puts later batch rows past 2^31 elements (the per-head
+    bases are 64-bit; offsets inside a step are 32-bit)."""
+    d, cfg = 128, get_preset("paper", head_dim=128)
+    cap = (1 << 31) // (2 * cfg.record_bytes(d)) + 1000
+    codes = torch.zeros(3, 1, cap, cfg.record_bytes(d), dtype=torch.uint8, device="cuda")
+    radii = torch.zeros(3, 1, cap, cfg.num_blocks(d), dtype=torch.float16, device="cuda")
+    assert codes.stride(0) * 2 > 2**31
+    g = torch.Generator().manual_seed(9)
+    ref = quantize(torch.randn(3, 1, 300, d, generator=g).cuda(), cfg)
+    codes[:, :, :300] = ref.codes
+    radii[:, :, :300] = ref.radii
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, codes.device, torch.float32).contiguous()
+    trig = trig_table(ref.centroids, cfg.bits)
+    q = torch.randn(3, 4, 1, d, generator=g).to(torch.bfloat16).cuda()
+    out = launch_attention_gluon(q, codes[:, :, :300], radii[:, :, :300], trig, cfg,
+                                 codes[:, :, :300], radii[:, :, :300], trig, cfg, rot, rot,
+                                 d ** -0.5, 3)
+    want = polar_sdpa(q.float(), ref, ref, enable_gqa=True)
+    err = (out.double() - want.double()).norm() / want.double().norm()
+    assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+def test_permuted_rotation_cache_follows_the_tensor():
+    """The host's permuted S_k is q's rotation in operand order, kept per live tensor and
+    recomputed after an in-place change."""
+    import gc
+
+    from polartensor.kernels import decode_attention_gluon as dg
+
+    rot = torch.randn(128, 128)
+    q = torch.randn(3, 128)
+    first = dg._permuted_rotation(rot)
+    assert dg._permuted_rotation(rot) is first
+    torch.testing.assert_close(q @ first, (q @ rot.T)[:, k_permutation()])
+    rot.mul_(2)
+    again = dg._permuted_rotation(rot)
+    assert again is not first
+    torch.testing.assert_close(q @ again, (q @ rot.T)[:, k_permutation()])
+    other = torch.randn(128, 128)
+    dg._permuted_rotation(other)
+    key = id(other)
+    del other
+    gc.collect()
+    assert key not in dg._PERMUTED

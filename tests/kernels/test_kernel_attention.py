@@ -57,6 +57,14 @@ def _close(out, ref, dtype):
     assert err <= REL[dtype], f"relative error {err:.2e}"
 
 
+@pytest.fixture(autouse=True)
+def triton_decode(monkeypatch):
+    """These tests are the Triton kernel's (its launch rules, its bit-exact variants): keep
+    the Gluon decode, which large paper-preset decodes take by default, out of them
+    (tests/kernels/test_decode_attention_gluon.py tests it)."""
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
+
+
 @pytest.fixture
 def no_reference(monkeypatch):
     """Fail if dispatch falls back to the reference attention."""
