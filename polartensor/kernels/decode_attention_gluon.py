@@ -39,6 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .tree_decode import _lane_table_asm
+
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "gluon_decode_supported",
            "launch_attention_gluon", "k_permutation", "v_permutation"]
 
@@ -68,13 +70,6 @@ def k_permutation() -> torch.Tensor:
 def v_permutation() -> torch.Tensor:
     """coordinate[nu] for the V operand's column nu (head_dim 128)."""
     return _operand_coords(_V_ORDER.value)
-
-
-@triton.constexpr_function
-def _lane_table_asm(n):
-    """PTX: lane l reads 32-bit word l mod n of the table at $1."""
-    return ("{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; and.b32 l, l, " + str(n - 1)
-            + "; mad.wide.u32 a, l, 4, $1; ld.global.nc.b32 $0, [a]; }")
 
 
 @gluon.jit

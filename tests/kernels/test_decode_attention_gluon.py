@@ -92,13 +92,9 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, seed):
     assert err <= 2e-2, f"relative error {err:.2e}"
 
 
-@needs_gpu
-@pytest.mark.parametrize("setting", ["1", "0"])
-def test_sdpa_routes_to_gluon_decode(monkeypatch, setting):
-    """F.scaled_dot_product_attention on the quantized cache takes the Gluon decode with
-    POLARTENSOR_DECODE_GLUON=1 (and not with 0), and matches the reference either way."""
-    import torch.nn.functional as F
-
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """A list that grows by one per launch of the Gluon decode."""
     from polartensor.kernels import decode_attention_gluon as dg
 
     calls = []
@@ -109,13 +105,23 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, setting):
         return real(*a, **k)
 
     monkeypatch.setattr(dg, "launch_attention_gluon", spy)
+    return calls
+
+
+@needs_gpu
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
+    """F.scaled_dot_product_attention on the quantized cache takes the Gluon decode with
+    POLARTENSOR_DECODE_GLUON=1 (and not with 0), and matches the reference either way."""
+    import torch.nn.functional as F
+
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", setting)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 8, 1, 128, generator=g).to(torch.bfloat16).cuda()
     k = quantize(torch.randn(2, 2, 700, 128, generator=g).cuda(), "paper")
     v = quantize(torch.randn(2, 2, 700, 128, generator=g).cuda(), "paper")
     out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert len(calls) == (1 if setting == "1" else 0)
+    assert len(gluon_calls) == (1 if setting == "1" else 0)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=True)
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
@@ -140,30 +146,20 @@ def test_gluon_default_from_the_measured_size():
 
 
 @needs_gpu
-def test_large_decode_takes_gluon_by_default(monkeypatch):
+def test_large_decode_takes_gluon_by_default(monkeypatch, gluon_calls):
     """Unset POLARTENSOR_DECODE_GLUON: a decode of 2^20 key-heads goes to the Gluon kernel,
     one just below to the Triton kernel; both match the reference."""
     import torch.nn.functional as F
 
-    from polartensor.kernels import decode_attention_gluon as dg
-
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
-    calls = []
-    real = dg.launch_attention_gluon
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(dg, "launch_attention_gluon", spy)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 32, 1, 128, generator=g).to(torch.bfloat16).cuda()
     for n, routed in ((131072, 1), (131071, 0)):
-        calls.clear()
+        gluon_calls.clear()
         k = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
         v = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        assert len(calls) == routed
+        assert len(gluon_calls) == routed
         ref = polar_sdpa(q.float(), k, v, enable_gqa=True)
         err = (out.double() - ref.double()).norm() / ref.double().norm()
         assert err <= 2e-2, f"n={n}: relative error {err:.2e}"
