@@ -98,6 +98,27 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     return row
 
 
+def render_markdown(res: dict) -> str:
+    """The markdown table of a result: per shape the fastest Gluon launch against the
+    Triton kernel and cuDNN of the same run."""
+    meta = res["meta"]
+    lines = [f"# Gluon decode vs Triton decode vs cuDNN ({meta['gpu']})", "",
+             f"- command: `{meta['command']}`",
+             f"- torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}",
+             "- median of rounds of CUDA-graph medians, order rotated; Llama heads 32/8, d 128",
+             "", "| preset | batch | context | cuDNN ms | Triton ms | best Gluon | Gluon ms | "
+             "Gluon / Triton | Gluon vs cuDNN | Triton vs cuDNN |", "|---|---|---|---|---|---|"
+             "---|---|---|---|"]
+    for r in res["rows"]:
+        if not r.get("best"):
+            continue
+        lines.append(f"| {r['preset']} | {r['batch']} | {r['context']} | {r['ms']['cudnn']:.4f} "
+                     f"| {r['ms']['triton']:.4f} | {r['best']} | {r['ms'][r['best']]:.4f} | "
+                     f"{r['best_vs_triton']:.2f}x | {r['best_vs_cudnn']:.2f}x | "
+                     f"{r['triton_vs_cudnn']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gluon_ab")
@@ -137,23 +158,10 @@ def main():
     res = dict(meta=meta, rows=rows)
     with open(os.path.join(args.out, "ab_gluon_decode.json"), "w") as fh:
         json.dump(res, fh, indent=1)
-    lines = [f"# Gluon decode vs Triton decode vs cuDNN ({meta['gpu']})", "",
-             f"- command: `{meta['command']}`",
-             f"- torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}",
-             "- median of rounds of CUDA-graph medians, order rotated; Llama heads 32/8, d 128",
-             "", "| preset | batch | context | cuDNN ms | Triton ms | best Gluon | Gluon ms | "
-             "Gluon / Triton | Gluon vs cuDNN | Triton vs cuDNN |", "|---|---|---|---|---|---|"
-             "---|---|---|---|"]
-    for r in rows:
-        if not r.get("best"):
-            continue
-        lines.append(f"| {r['preset']} | {r['batch']} | {r['context']} | {r['ms']['cudnn']:.4f} "
-                     f"| {r['ms']['triton']:.4f} | {r['best']} | {r['ms'][r['best']]:.4f} | "
-                     f"{r['best_vs_triton']:.2f}x | {r['best_vs_cudnn']:.2f}x | "
-                     f"{r['triton_vs_cudnn']:.2f}x |")
+    md = render_markdown(res)
     with open(os.path.join(args.out, "ab_gluon_decode.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        fh.write(md)
+    print(md)
 
 
 if __name__ == "__main__":

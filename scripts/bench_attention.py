@@ -223,6 +223,10 @@ def main():
     from polartensor.config import PRESETS, get_preset
     from polartensor.kernels import common, tree_decode
     from polartensor.kernels.decode_attention import launch_attention
+    from polartensor.kernels.decode_attention_gluon import (
+        gluon_decode_auto,
+        gluon_decode_supported,
+    )
     from polartensor.kernels.dequant import dequantize_rotated_triton
     from polartensor.kernels.encode import encode_into_triton
     from polartensor.kernels.ops import cached_rotation, tables_for
@@ -525,8 +529,14 @@ def main():
                 kq, vq = quantize_cache(k, cfg), quantize_cache(v, v_cfg)
                 qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
                 ms = bench(ours_fn(q, kq, vq, cfg, scale, v_cfg))
+                # which decode the default took: the Gluon kernel where it serves the call
+                # and the size measured faster (decode_attention_gluon), else Triton's
+                gluon = (gluon_decode_auto(b, hk, n)
+                         and gluon_decode_supported(q, cfg, v_cfg, kq[3], vq[3], None, None,
+                                                    hq // hk))
                 row = dict(base, method="polar_triton", preset=preset, ms=ms, bytes=qbytes,
-                           tbps=qbytes / (ms * 1e-3) / 1e12)
+                           tbps=qbytes / (ms * 1e-3) / 1e12,
+                           kernel="gluon" if gluon else "triton")
             except Exception as exc:  # noqa: BLE001
                 record_error(f"decode ours {preset} {base}", exc)
                 row = dict(base, method="polar_triton", preset=preset, error=str(exc)[:200])
@@ -555,6 +565,9 @@ def main():
                 return forced, {"max_abs_diff_vs_default": diff}
             # one row per forced value of a per-call setting: (flag, variable, rows)
             forced_rows = [
+                # where the default took the Gluon decode, the Triton kernel beside it
+                (row.get("kernel") == "gluon", "POLARTENSOR_DECODE_GLUON",
+                 (("polar_triton_kernel", "0"),)),
                 (args.joint12, "POLARTENSOR_JOINT12",
                  (("polar_triton_joint12", "1"), ("polar_triton_joint12_off", "0"))),
                 (args.shfl, "POLARTENSOR_DECODE_SHFL",
@@ -701,6 +714,11 @@ def render_markdown(res) -> str:
         ("polar_triton_shfl_off",
          "Default vs table gathers everywhere (`POLARTENSOR_DECODE_SHFL=0`), same run:",
          ["gathers ms", "× ours vs gathers", "× gathers vs cuDNN", "max abs diff vs ours"]),
+        ("polar_triton_kernel",
+         "Default (the Gluon decode where it applies: paper-shaped caches, batch x KV heads "
+         "x keys >= 2^20) vs the Triton kernel (`POLARTENSOR_DECODE_GLUON=0`), same run:",
+         ["Triton kernel ms", "× ours vs Triton kernel", "× Triton kernel vs cuDNN",
+          "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "
          "(~8 programs per SM, `split_rule='per_sm'`), same run:",

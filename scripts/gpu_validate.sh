@@ -21,13 +21,15 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh ab        # the working tree's decode / encode
 #       timed against each revision under _ab/ in one process (make them here with
 #       `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~5 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then its A/B
+#       against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py; ~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|gluon|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -176,6 +178,14 @@ joint12)
     POLARTENSOR_JOINT12=1 POLARTENSOR_FAILLOG="$OUT/failures_joint12.txt" \
         step tests_joint12 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_kernel_attention.py tests/kernels/test_tree_decode.py
+    ;;
+gluon)
+    # the Gluon decode (kernels/decode_attention_gluon.py): its tests, then the A/B of its
+    # launches against the Triton kernel and cuDNN at Llama heads (outputs compared first)
+    POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
+        step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py
+    step ab_gluon 240 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 180
     ;;
 profile)
     # Nsight Compute on one launch each of attention, dequant and encode (where time goes);

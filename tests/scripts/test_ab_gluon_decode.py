@@ -1,0 +1,22 @@
+"""scripts/ab_gluon_decode.py needs CUDA; here its table is checked on a small result of the
+same shape (ratios against the same run's Triton kernel and cuDNN)."""
+
+from __future__ import annotations
+
+
+def test_render_markdown_ratios(load_script):
+    mod = load_script("ab_gluon_decode")
+    meta = dict(gpu="GPU", torch="t", triton="tr", python="3.12",
+                command="python3 scripts/ab_gluon_decode.py")
+    ms = {"triton": 0.3, "cudnn": 0.36, "gluon_bn16_cap0_ps8": 0.24}
+    rows = [dict(preset="paper", batch=8, context=32768, ms=ms, best="gluon_bn16_cap0_ps8",
+                 best_vs_triton=0.3 / 0.24, best_vs_cudnn=0.36 / 0.24,
+                 triton_vs_cudnn=0.36 / 0.3),
+            # a shape whose every launch failed its check: no best, no row
+            dict(preset="paper", batch=1, context=64, ms={"triton": 0.01, "cudnn": 0.01},
+                 best=None)]
+    md = mod.render_markdown(dict(meta=meta, rows=rows))
+    assert "| paper | 8 | 32768 | 0.3600 | 0.3000 | gluon_bn16_cap0_ps8 | 0.2400 | 1.25x | " \
+           "1.50x | 1.20x |" in md
+    assert "| paper | 1 | 64 |" not in md
+    assert "- command: `python3 scripts/ab_gluon_decode.py`" in md
