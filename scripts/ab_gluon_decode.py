@@ -59,16 +59,16 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
             return F.scaled_dot_product_attention(qf, k, v, scale=scale)
     fns["cudnn"] = cudnn_fn
     checks = {}
-    for bn, cap in variants:
+    for bn, cap, pf in variants:
         for ps in per_sm:
             splits = max(1, min(ps * sms // (b * hk), triton.cdiv(n, 4 * bn)))
-            name = f"gluon_bn{bn}_cap{cap}_ps{ps}"
+            name = f"gluon_bn{bn}_cap{cap}_ps{ps}" + ("_pf" if pf else "")
 
-            def fn(bn=bn, cap=cap, splits=splits):
+            def fn(bn=bn, cap=cap, splits=splits, pf=pf):
                 return launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
                                               vq[2], cfg, kq[3], vq[3], scale,
                                               splits, block_n=bn,
-                                              maxnreg=cap or None)
+                                              maxnreg=cap or None, prefetch=pf)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -124,9 +124,10 @@ def main():
     ap.add_argument("--out", default="gluon_ab")
     ap.add_argument("--shapes", default="3:1000,8:32768,1:32768,32:8192,8:4096,8:131072,2:131072")
     ap.add_argument("--presets", default="paper")
-    ap.add_argument("--variants", default="16:0,32:0,16:168,32:168",
-                    help="block_n:maxnreg (0: no cap)")
-    ap.add_argument("--per-sm", default="4,8,12", help="programs per SM to try")
+    ap.add_argument("--variants", default="16:0,16:0:pf,32:0,16:168",
+                    help="block_n:maxnreg (0: no cap), :pf for the prefetch of the next "
+                    "step's codes (POLARTENSOR_GLUON_PREFETCH)")
+    ap.add_argument("--per-sm", default="8,12", help="programs per SM to try")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)
     ap.add_argument("--budget-s", type=float, default=400)
@@ -142,7 +143,8 @@ def main():
                 command="python3 scripts/ab_gluon_decode.py " + " ".join(sys.argv[1:]))
     print(meta, flush=True)
     rows = []
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    variants = [(int(v.split(":")[0]), int(v.split(":")[1]), v.endswith(":pf"))
+                for v in args.variants.split(",")]
     per_sm = [int(x) for x in args.per_sm.split(",")]
     for preset in args.presets.split(","):
         cfg = get_preset(preset, head_dim=128)

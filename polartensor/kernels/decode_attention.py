@@ -535,8 +535,8 @@ def launch_attention(
         use = dg.gluon_decode_setting()
         if use is None:
             use = dg.gluon_decode_auto(bsz, hk, total)
-        if use and dg.gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask,
-                                             group):
+        if use and total > 0 and dg.gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v,
+                                                           k_tail, mask, group):
             return dg.launch_attention_gluon(
                 q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig, v_cfg, rot_k,
                 rot_v, scale, num_splits, out=out)

@@ -168,20 +168,19 @@ def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.co
 
 
 @gluon.jit
-def _attn_step(q, m_i, l_i, acc, kcp, krp, vcp, vrp, kok, vok, sok, ktab_ptr, vtab_ptr,
-               kblk, vblk, scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
+def _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+               scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
                a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
                K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
                V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
                V_B4: gl.constexpr):
-    """One BN-key step of the online softmax."""
+    """One BN-key step of the online softmax, from the step's loaded K and V radii and code
+    words (``_load_codes``)."""
     D: gl.constexpr = 128
     M: gl.constexpr = 16
-    kr, k4, k3, k2, k1a, k1b = _load_codes(kcp, krp, kok, MASKED, K_B1, K_B2, K_B3, K_B4,
-                                           kblk)
-    vr, v4, v3, v2, v1a, v1b = _load_codes(vcp, vrp, vok, MASKED, V_B1, V_B2, V_B3, V_B4,
-                                           vblk)
+    kr, k4, k3, k2, k1a, k1b = kraw
+    vr, v4, v3, v2, v1a, v1b = vraw
     kt = _decode_trees(kr, k4, k3, k2, k1a, k1b, ktab_ptr, K_KT, K_B1, K_B2, K_B3, K_B4)
     # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_K_ORDER)
     kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
@@ -225,7 +224,7 @@ def polar_decode_attn_gluon_fwd_kernel(
     K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr, K_B3: gl.constexpr,
     K_B4: gl.constexpr,
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-    V_B4: gl.constexpr,
+    V_B4: gl.constexpr, PREFETCH: gl.constexpr = False,
 ):
     M: gl.constexpr = 16
     D: gl.constexpr = 128
@@ -272,14 +271,37 @@ def polar_decode_attn_gluon_fwd_kernel(
     kok = kkey < BN
     vok = vkey < BN
     sok = skey < BN
-    for n0 in range(start, full_end, BN):
-        n64 = n0.to(gl.int64)
-        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, (kc_h + n64 * skc_n) + koff,
-                                   (kr_h + n64 * skr_n) + kroff, (vc_h + n64 * svc_n) + voff,
-                                   (vr_h + n64 * svr_n) + vroff, kok, vok, sok,
-                                   ktab_ptr, vtab_ptr, kblk, vblk, scale_log2, False, BN,
-                                   a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3, K_B4,
-                                   V_KT, V_B1, V_B2, V_B3, V_B4)
+    if PREFETCH:
+        # the next step's loads go out before this step's trees (the last full step loads
+        # itself again); the first load clamps its keys to the split (which may have no full
+        # step)
+        k1st = gl.minimum(start + kkey, end - 1).to(gl.int64)
+        v1st = gl.minimum(start + vkey, end - 1).to(gl.int64)
+        kraw = _load_codes(kc_h + k1st * skc_n, kr_h + k1st * skr_n + kblk, kok, False,
+                           K_B1, K_B2, K_B3, K_B4, kblk)
+        vraw = _load_codes(vc_h + v1st * svc_n, vr_h + v1st * svr_n + vblk, vok, False,
+                           V_B1, V_B2, V_B3, V_B4, vblk)
+        for n0 in range(start, full_end, BN):
+            nn = gl.minimum(n0 + BN, full_end - BN).to(gl.int64)
+            knext = _load_codes((kc_h + nn * skc_n) + koff, (kr_h + nn * skr_n) + kroff, kok,
+                                False, K_B1, K_B2, K_B3, K_B4, kblk)
+            vnext = _load_codes((vc_h + nn * svc_n) + voff, (vr_h + nn * svr_n) + vroff, vok,
+                                False, V_B1, V_B2, V_B3, V_B4, vblk)
+            m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                                       scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
+                                       K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+            kraw = knext
+            vraw = vnext
+    else:
+        for n0 in range(start, full_end, BN):
+            n64 = n0.to(gl.int64)
+            kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok,
+                               False, K_B1, K_B2, K_B3, K_B4, kblk)
+            vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok,
+                               False, V_B1, V_B2, V_B3, V_B4, vblk)
+            m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                                       scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
+                                       K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
     if full_end < end:
         # the last, partial step: keys past the end read the last key and decode to zeros
         kpos = full_end + kkey
@@ -289,12 +311,13 @@ def polar_decode_attn_gluon_fwd_kernel(
         sok = full_end + skey < end
         kpc = gl.minimum(kpos, end - 1).to(gl.int64)
         vpc = gl.minimum(vpos, end - 1).to(gl.int64)
-        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kc_h + kpc * skc_n,
-                                   kr_h + kpc * skr_n + kblk, vc_h + vpc * svc_n,
-                                   vr_h + vpc * svr_n + vblk, kok, vok, sok,
-                                   ktab_ptr, vtab_ptr, kblk, vblk, scale_log2, True, BN,
-                                   a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3, K_B4,
-                                   V_KT, V_B1, V_B2, V_B3, V_B4)
+        kraw = _load_codes(kc_h + kpc * skc_n, kr_h + kpc * skr_n + kblk, kok, True, K_B1,
+                           K_B2, K_B3, K_B4, kblk)
+        vraw = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
+                           V_B2, V_B3, V_B4, vblk)
+        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                                   scale_log2, True, BN, a_op, b_op, mma, K_KT, K_B1, K_B2,
+                                   K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
 
     # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
     # v_permutation)
@@ -319,6 +342,22 @@ def gluon_decode_setting() -> bool | None:
     if v not in ("0", "1"):
         raise ValueError(f"POLARTENSOR_DECODE_GLUON={v!r}: use 1 (the Gluon decode where it "
                          "serves the call) or 0 (the Triton kernel), or leave it unset")
+    return v == "1"
+
+
+def gluon_prefetch_setting() -> bool:
+    """POLARTENSOR_GLUON_PREFETCH=1 (read per call; opt-in, not yet timed on a GPU): the
+    Gluon decode loads step i+1's codes and radii before decoding step i, to hide their
+    latency across steps (its first version stalled on them: results/bench/
+    ncu_decode_2026-12-06_h100.md). Offline (Triton 3.6, sm_90, 16 keys per step, no cap):
+    245 registers against 231 (still 8 one-warp programs per SM), no spills, 831 loop
+    instructions against 752."""
+    import os
+
+    v = os.environ.get("POLARTENSOR_GLUON_PREFETCH", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"POLARTENSOR_GLUON_PREFETCH={v!r}: use 1 (prefetch the next step's "
+                         "codes) or 0 (the default)")
     return v == "1"
 
 
@@ -400,10 +439,11 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N) -
 
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
-                           maxnreg=MAXNREG, out=None):
+                           maxnreg=MAXNREG, out=None, prefetch=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
-    ``gluon_split_count``."""
+    ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``. Needs at least
+    one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -413,8 +453,13 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     dev = q.device
     if out is None:
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
+    if n < 1:
+        raise ValueError("the Gluon decode needs at least one key; an empty cache takes "
+                         "launch_attention's other paths")
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n)
+    if prefetch is None:
+        prefetch = gluon_prefetch_setting()
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
@@ -435,7 +480,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
-        num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PREFETCH=bool(prefetch), num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     polar_attn_combine_kernel[(bsz * hk, 1)](
         pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),

@@ -74,8 +74,8 @@ def test_supported_scope():
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 7, 16]),
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
-       seed=st.integers(0, 2**16))
-def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, seed):
+       prefetch=st.booleans(), seed=st.integers(0, 2**16))
+def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch, seed):
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +85,8 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, seed):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, q.device, torch.float32).contiguous()
     trig = trig_table(k.centroids, cfg.bits)
     out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
-                                 rot, rot, 1 / math.sqrt(d), splits, block_n=block_n)
+                                 rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
+                                 prefetch=prefetch)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / ref.double().norm()
@@ -127,12 +128,24 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     assert err <= 2e-2, f"relative error {err:.2e}"
 
 
-def test_gluon_setting_rejects_bad_values(monkeypatch):
-    from polartensor.kernels.decode_attention_gluon import gluon_decode_setting
+def test_gluon_settings_read_and_reject(monkeypatch):
+    from polartensor.kernels.decode_attention_gluon import (
+        gluon_decode_setting,
+        gluon_prefetch_setting,
+    )
 
+    monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
+    monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
+    assert gluon_decode_setting() is None and gluon_prefetch_setting() is False
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
+    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "1")
+    assert gluon_decode_setting() is False and gluon_prefetch_setting() is True
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_DECODE_GLUON"):
         gluon_decode_setting()
+    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "on")
+    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_PREFETCH"):
+        gluon_prefetch_setting()
 
 
 def test_gluon_default_from_the_measured_size():
