@@ -24,9 +24,10 @@ the Triton combine kernel, which un-rotates.
 The arithmetic is the Triton kernel's packed decode (``tree_decode``: radius rounded to
 bfloat16, one ``mul.rn.bf16x2`` per level), so the decoded keys and values are the same
 bfloat16 numbers. Scope: decode (one query row per head, group <= 16), bfloat16 queries,
-head_dim 128, four levels over 16-coordinate blocks (the paper preset's shape: 8 radii per
-vector), level widths <= 5 bits, no mask, no full-precision tail. CUDA only: Gluon has no
-interpreter.
+head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and a 2- to
+4-bit level 1 (the paper preset: 8 radii per vector), no mask, no full-precision tail.
+``launch_attention`` takes it by default from 2^20 batch x KV heads x keys
+(``gluon_decode_auto``, measured). CUDA only: Gluon has no interpreter.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .tree_decode import _lane_table_asm
 
-__all__ = ["polar_decode_attn_gluon_fwd_kernel", "gluon_decode_supported",
-           "launch_attention_gluon", "k_permutation", "v_permutation"]
+__all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
+           "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
+           "gluon_prefetch_setting", "gluon_split_count", "tile_layouts", "k_permutation",
+           "v_permutation"]
 
 _LOG2E = 1.4426950408889634
 
@@ -190,9 +193,10 @@ def _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
     s = mma_v2(q, kt, gl.zeros([M, BN], gl.float32, layout=mma)) * scale_log2
     if MASKED:
         s = gl.where(sok[None, :], s, float("-inf"))
-    # The running maximum moves only when some row's grows by more than 8 (log2 units): the
-    # stale maximum keeps p <= 2^8 (bfloat16 and the float32 sums hold that exactly as
-    # well), and the rescale of the 64 accumulator registers is skipped in most steps.
+    # The running maximum moves only when some row's grows by more than 8 (log2 units), so
+    # the 64 accumulator registers are rescaled in few steps. Against a stale maximum p
+    # stays <= 2^8: far inside bfloat16's and float32's range, with the same relative
+    # rounding; the partials carry the maximum they used, so the combine stays exact.
     m_cur = gl.max(s, 1)
     if gl.max(m_cur - m_i, 0) > 8.0:
         m_new = gl.maximum(m_i, m_cur)
