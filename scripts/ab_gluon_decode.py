@@ -47,8 +47,14 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     scale = d ** -0.5
 
     def triton_fn():
-        return launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg,
-                                kq[3], vq[3], scale=scale)
+        # the Triton kernel even where launch_attention's default takes the Gluon decode
+        # (read per call, so set while a CUDA graph is captured)
+        os.environ["POLARTENSOR_DECODE_GLUON"] = "0"
+        try:
+            return launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg,
+                                    kq[3], vq[3], scale=scale)
+        finally:
+            os.environ.pop("POLARTENSOR_DECODE_GLUON", None)
 
     ref = triton_fn().float()
     fns = {"triton": triton_fn}

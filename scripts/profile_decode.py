@@ -12,7 +12,7 @@ results/bench/ncu_decode.md):
 
 Environment: N (keys, default 32768), PRESET (default paper), POLARTENSOR_DECODE; GLUON=1
 launches the Gluon decode (``decode_attention_gluon``, kernel
-``polar_decode_attn_gluon_fwd_kernel``, SPLITS programs per head, default 24) instead.
+``polar_decode_attn_gluon_fwd_kernel``, its default launch, or SPLITS splits per head) instead.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def main():
             from polartensor.kernels.decode_attention_gluon import launch_attention_gluon
 
             launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg,
-                                   kq[3], kq[3], d ** -0.5, int(os.environ.get("SPLITS", 24)),
-                                   maxnreg=168)
+                                   kq[3], kq[3], d ** -0.5,
+                                   int(os.environ["SPLITS"]) if "SPLITS" in os.environ
+                                   else None)
         else:
             launch_attention(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1], vq[2], cfg, kq[3],
                              kq[3], scale=d ** -0.5)
