@@ -59,6 +59,9 @@ def with_env(name: str | None, value: str | None, fn):
 def main():
     import argparse
 
+    # the Triton kernel's launch is what this sweeps: keep the Gluon decode, which the
+    # default takes for large paper-preset decodes, out unless asked for
+    os.environ.setdefault("POLARTENSOR_DECODE_GLUON", "0")
     ap = argparse.ArgumentParser()
     ap.add_argument("--splits", choices=("waves", "fixed", "sweep"), default="waves")
     ap.add_argument("--shapes", default=None, help="model:batch:context,... (default: the "
