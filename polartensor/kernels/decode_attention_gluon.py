@@ -150,6 +150,21 @@ def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
 
 
 @gluon.jit
+def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
+               vroff, kok, vok, kblk, vblk, K_B1: gl.constexpr, K_B2: gl.constexpr,
+               K_B3: gl.constexpr, K_B4: gl.constexpr, V_B1: gl.constexpr,
+               V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr):
+    """The K and V loads (``_load_codes``) of the full step at key ``n0``: the per-head
+    bases moved by n0 (64-bit scalars) plus the loop-invariant 32-bit offsets."""
+    n64 = n0.to(gl.int64)
+    kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok, False,
+                       K_B1, K_B2, K_B3, K_B4, kblk)
+    vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok, False,
+                       V_B1, V_B2, V_B3, V_B4, vblk)
+    return kraw, vraw
+
+
+@gluon.jit
 def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.constexpr,
                   B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
     """[BN, 8] (key, block) radii and code words (``_load_codes``) -> [BN, 8, 2, 2, 2, 2]
@@ -286,11 +301,10 @@ def polar_decode_attn_gluon_fwd_kernel(
         vraw = _load_codes(vc_h + v1st * svc_n, vr_h + v1st * svr_n + vblk, vok, False,
                            V_B1, V_B2, V_B3, V_B4, vblk)
         for n0 in range(start, full_end, BN):
-            nn = gl.minimum(n0 + BN, full_end - BN).to(gl.int64)
-            knext = _load_codes((kc_h + nn * skc_n) + koff, (kr_h + nn * skr_n) + kroff, kok,
-                                False, K_B1, K_B2, K_B3, K_B4, kblk)
-            vnext = _load_codes((vc_h + nn * svc_n) + voff, (vr_h + nn * svr_n) + vroff, vok,
-                                False, V_B1, V_B2, V_B3, V_B4, vblk)
+            knext, vnext = _load_step(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h, vc_h,
+                                      vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
+                                      vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3, K_B4,
+                                      V_B1, V_B2, V_B3, V_B4)
             m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
                                        scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
                                        K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
@@ -298,11 +312,9 @@ def polar_decode_attn_gluon_fwd_kernel(
             vraw = vnext
     else:
         for n0 in range(start, full_end, BN):
-            n64 = n0.to(gl.int64)
-            kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok,
-                               False, K_B1, K_B2, K_B3, K_B4, kblk)
-            vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok,
-                               False, V_B1, V_B2, V_B3, V_B4, vblk)
+            kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
+                                    koff, kroff, voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2,
+                                    K_B3, K_B4, V_B1, V_B2, V_B3, V_B4)
             m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
                                        scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
                                        K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
