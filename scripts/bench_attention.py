@@ -223,10 +223,7 @@ def main():
     from polartensor.config import PRESETS, get_preset
     from polartensor.kernels import common, tree_decode
     from polartensor.kernels.decode_attention import launch_attention
-    from polartensor.kernels.decode_attention_gluon import (
-        gluon_decode_auto,
-        gluon_decode_supported,
-    )
+    from polartensor.kernels.decode_attention_gluon import takes_gluon_decode
     from polartensor.kernels.dequant import dequantize_rotated_triton
     from polartensor.kernels.encode import encode_into_triton
     from polartensor.kernels.ops import cached_rotation, tables_for
@@ -529,11 +526,9 @@ def main():
                 kq, vq = quantize_cache(k, cfg), quantize_cache(v, v_cfg)
                 qbytes = sum(t.numel() * t.element_size() for t in (kq[0], kq[1], vq[0], vq[1]))
                 ms = bench(ours_fn(q, kq, vq, cfg, scale, v_cfg))
-                # which decode the default took: the Gluon kernel where it serves the call
-                # and the size measured faster (decode_attention_gluon), else Triton's
-                gluon = (gluon_decode_auto(b, hk, n)
-                         and gluon_decode_supported(q, cfg, v_cfg, kq[3], vq[3], None, None,
-                                                    hq // hk))
+                # which decode the default took (decode_attention_gluon's rule)
+                gluon = takes_gluon_decode(q, cfg, v_cfg, kq[3], vq[3], None, None, hq // hk,
+                                           b, hk, n)
                 row = dict(base, method="polar_triton", preset=preset, ms=ms, bytes=qbytes,
                            tbps=qbytes / (ms * 1e-3) / 1e12,
                            kernel="gluon" if gluon else "triton")

@@ -532,11 +532,8 @@ def launch_attention(
 
         # the Gluon decode (operands decoded in registers) where it serves the call and,
         # unless POLARTENSOR_DECODE_GLUON says otherwise, where it measured faster
-        use = dg.gluon_decode_setting()
-        if use is None:
-            use = dg.gluon_decode_auto(bsz, hk, total)
-        if use and total > 0 and dg.gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v,
-                                                           k_tail, mask, group):
+        if dg.takes_gluon_decode(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group, bsz, hk,
+                                 total):
             return dg.launch_attention_gluon(
                 q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig, v_cfg, rot_k,
                 rot_v, scale, num_splits, out=out)

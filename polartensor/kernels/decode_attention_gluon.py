@@ -32,6 +32,8 @@ head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and 
 
 from __future__ import annotations
 
+import functools
+import os
 import weakref
 
 import torch
@@ -40,10 +42,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .common import env_flag
 from .tree_decode import _lane_table_asm
 
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
+           "takes_gluon_decode",
            "gluon_prefetch_setting", "gluon_split_count", "tile_layouts", "k_permutation",
            "v_permutation"]
 
@@ -350,15 +354,10 @@ def gluon_decode_setting() -> bool | None:
     """POLARTENSOR_DECODE_GLUON (read per call): 1, decode through this kernel wherever
     ``gluon_decode_supported``; 0, never (the Triton kernel); unset (None), where it measured
     faster (``gluon_decode_auto``)."""
-    import os
-
-    v = os.environ.get("POLARTENSOR_DECODE_GLUON")
-    if v is None:
+    if os.environ.get("POLARTENSOR_DECODE_GLUON") is None:
         return None
-    if v not in ("0", "1"):
-        raise ValueError(f"POLARTENSOR_DECODE_GLUON={v!r}: use 1 (the Gluon decode where it "
-                         "serves the call) or 0 (the Triton kernel), or leave it unset")
-    return v == "1"
+    return env_flag("POLARTENSOR_DECODE_GLUON", False, "the Gluon decode where it serves the "
+                    "call", "the Triton kernel; unset: where measured faster")
 
 
 def gluon_prefetch_setting() -> bool:
@@ -368,13 +367,8 @@ def gluon_prefetch_setting() -> bool:
     ncu_decode_2026-12-06_h100.md). Offline (Triton 3.6, sm_90, 16 keys per step, no cap):
     245 registers against 231 (still 8 one-warp programs per SM), no spills, 831 loop
     instructions against 752."""
-    import os
-
-    v = os.environ.get("POLARTENSOR_GLUON_PREFETCH", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"POLARTENSOR_GLUON_PREFETCH={v!r}: use 1 (prefetch the next step's "
-                         "codes) or 0 (the default)")
-    return v == "1"
+    return env_flag("POLARTENSOR_GLUON_PREFETCH", False, "prefetch the next step's codes",
+                    "load each step's codes in that step")
 
 
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
@@ -385,12 +379,24 @@ def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -
             and all(_record_fits(c.bits) for c in (k_cfg, v_cfg)))
 
 
+def takes_gluon_decode(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group, bsz, hk,
+                       total) -> bool:
+    """Whether a decode call goes to this kernel: where it serves the call and
+    POLARTENSOR_DECODE_GLUON says so, or (unset) where it measured faster."""
+    use = gluon_decode_setting()
+    if use is None:
+        use = gluon_decode_auto(bsz, hk, total)
+    return bool(use and total > 0 and gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v,
+                                                             k_tail, mask, group))
+
+
 def _record_fits(bits) -> bool:
     """Four levels whose code fields the kernel reads with aligned 16-bit loads inside the
     record: 2-bit upper levels and a 2- to 4-bit level 1 (paper: (4, 2, 2, 2), 46 bytes)."""
     return len(bits) == 4 and tuple(bits[1:]) == (2, 2, 2) and 2 <= bits[0] <= 4
 
 
+@functools.lru_cache(maxsize=8)
 def tile_layouts(block_n: int):
     """The [keys, 8 blocks] layouts of the K and V tile decodes (one warp).
 
@@ -450,7 +456,7 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N) -
     """Splits per (batch, KV head): about PROGRAMS_PER_SM one-warp programs per SM, each of
     at least four steps."""
     return max(1, min(PROGRAMS_PER_SM * sms // max(programs, 1),
-                      triton.cdiv(max(n, 1), 4 * block_n)))
+                      triton.cdiv(n, 4 * block_n)))
 
 
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
@@ -467,19 +473,19 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     hk, n = k_codes.shape[1], k_codes.shape[2]
     group = hq // hk
     dev = q.device
-    if out is None:
-        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
     if n < 1:
         raise ValueError("the Gluon decode needs at least one key; an empty cache takes "
                          "launch_attention's other paths")
+    if out is None:
+        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n)
     if prefetch is None:
         prefetch = gluon_prefetch_setting()
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
-    kv_per_split = triton.cdiv(triton.cdiv(max(n, 1), num_splits), block_n) * block_n
-    num_splits = max(1, triton.cdiv(max(n, 1), kv_per_split))
+    kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(n, kv_per_split)
     m_rows = 16
     slots = bsz * hk * num_splits
     pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
@@ -496,7 +502,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
-        PREFETCH=bool(prefetch), num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PREFETCH=bool(prefetch), num_warps=1,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     polar_attn_combine_kernel[(bsz * hk, 1)](
         pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),

@@ -224,3 +224,24 @@ def test_permuted_rotation_cache_follows_the_tensor():
     del other
     gc.collect()
     assert key not in dg._PERMUTED
+
+
+def test_takes_gluon_decode_needs_setting_size_and_scope(monkeypatch):
+    """The dispatch's one decision: the setting (or, unset, the measured size), at least one
+    key, and a call the kernel serves (never a CPU tensor)."""
+    from polartensor.kernels.decode_attention_gluon import takes_gluon_decode
+
+    paper = get_preset("paper", head_dim=128)
+    rot = torch.eye(128)
+    q = torch.zeros(1, 32, 1, 128, dtype=torch.bfloat16)
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "1")
+    assert not takes_gluon_decode(q, paper, paper, rot, rot, None, None, 4, 1, 8, 1 << 17)
+    if ON_GPU:
+        qc, rc = q.cuda(), rot.cuda()
+        assert takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 10)
+        assert not takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 0)
+        monkeypatch.delenv("POLARTENSOR_DECODE_GLUON")
+        assert takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 1 << 17)
+        assert not takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 1000)
+        monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
+        assert not takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 1 << 17)
