@@ -361,13 +361,13 @@ def gluon_decode_setting() -> bool | None:
 
 
 def gluon_prefetch_setting() -> bool:
-    """POLARTENSOR_GLUON_PREFETCH=1 (read per call; opt-in, not yet timed on a GPU): the
-    Gluon decode loads step i+1's codes and radii before decoding step i, to hide their
-    latency across steps (its first version stalled on them: results/bench/
-    ncu_decode_2026-12-06_h100.md). Offline (Triton 3.6, sm_90, 16 keys per step, no cap):
-    245 registers against 231 (still 8 one-warp programs per SM), no spills, 831 loop
-    instructions against 752."""
-    return env_flag("POLARTENSOR_GLUON_PREFETCH", False, "prefetch the next step's codes",
+    """POLARTENSOR_GLUON_PREFETCH (read per call; default on): the Gluon decode loads step
+    i+1's codes and radii before decoding step i, hiding their latency across steps (the
+    first version stalled on them: results/bench/ncu_decode_2026-12-06_h100.md). 245
+    registers against 231 (still 8 one-warp programs per SM), 831 loop instructions against
+    752, and on an H100 4-6% faster at every shape the default sends here (0 = each step
+    loads its own codes: results/bench/ab_gluon_decode_2026-12-06{d,e}_h100.md)."""
+    return env_flag("POLARTENSOR_GLUON_PREFETCH", True, "prefetch the next step's codes",
                     "load each step's codes in that step")
 
 

@@ -136,10 +136,13 @@ def test_gluon_settings_read_and_reject(monkeypatch):
 
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
     monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
-    assert gluon_decode_setting() is None and gluon_prefetch_setting() is False
+    assert gluon_decode_setting() is None and gluon_prefetch_setting() is True
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
+    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "0")
+    assert gluon_decode_setting() is False and gluon_prefetch_setting() is False
+    monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "1")
     monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "1")
-    assert gluon_decode_setting() is False and gluon_prefetch_setting() is True
+    assert gluon_decode_setting() is True and gluon_prefetch_setting() is True
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_DECODE_GLUON"):
         gluon_decode_setting()
