@@ -21,8 +21,9 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh ab        # the working tree's decode / encode
 #       timed against each revision under _ab/ in one process (make them here with
 #       `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~5 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then its A/B
-#       against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py; ~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests (also with its
+#       transposed step forced on), then the A/B of its variants against the Triton kernel
+#       and cuDNN (scripts/ab_gluon_decode.py; ~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
@@ -185,7 +186,15 @@ gluon)
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
-    step ab_gluon 240 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 180
+    # the attention and integration tests with Gluon and its transposed step forced on
+    # (the Triton-launch tests pin the Triton kernel)
+    POLARTENSOR_DECODE_GLUON=1 POLARTENSOR_GLUON_TRANS=1 \
+        POLARTENSOR_FAILLOG="$OUT/failures_gluon_trans.txt" \
+        step tests_gluon_trans 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py tests/kernels/test_kernel_attention.py \
+        tests/integrations
+    step ab_gluon 240 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 180 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384
     ;;
 profile)
     # Nsight Compute on one launch each of attention, dequant and encode (where time goes);

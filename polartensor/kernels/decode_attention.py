@@ -251,9 +251,11 @@ def polar_attn_combine_kernel(
     base = (pid_bh.to(tl.int64) * n_ttiles + pid_t) * n_splits
     for s in range(n_splits):
         slot = base + s
-        ms = tl.load(pml_ptr + slot * (2 * M) + rows)
-        ls = tl.load(pml_ptr + slot * (2 * M) + M + rows)
-        a_s = tl.load(pacc_ptr + slot * (M * D) + rows[:, None] * D + dd[None, :])
+        # rows past the group are never written by the Gluon decode's transposed step
+        ms = tl.load(pml_ptr + slot * (2 * M) + rows, mask=row_valid, other=float("-inf"))
+        ls = tl.load(pml_ptr + slot * (2 * M) + M + rows, mask=row_valid, other=0.0)
+        a_s = tl.load(pacc_ptr + slot * (M * D) + rows[:, None] * D + dd[None, :],
+                      mask=row_valid[:, None], other=0.0)
         m_new = tl.maximum(m_i, ms)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         c_old = tl.exp2(m_i - m_use)

@@ -28,6 +28,10 @@ head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and 
 4-bit level 1 (the paper preset: 8 radii per vector), no mask, no full-precision tail.
 ``launch_attention`` takes it by default from 2^20 batch x KV heads x keys
 (``gluon_decode_auto``, measured). CUDA only: Gluon has no interpreter.
+
+Opt-in, not yet run on a GPU (``gluon_transposed_setting``): for groups of at most 8, both
+products transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
+coordinates rather than a group padded to 16 (``_attn_step_t``).
 """
 
 from __future__ import annotations
@@ -47,9 +51,8 @@ from .tree_decode import _lane_table_asm
 
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
-           "takes_gluon_decode",
-           "gluon_prefetch_setting", "gluon_split_count", "tile_layouts", "k_permutation",
-           "v_permutation"]
+           "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
+           "gluon_split_count", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
 
@@ -237,6 +240,80 @@ def _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
 
 
 @gluon.jit
+def _transpose8x8(p):
+    """Each 8 x 8 block of a bfloat16 [16, 8] tile in the MMA accumulator layout (thread:
+    row lane // 4 (+8), columns 2 (lane % 4) + {0, 1}) transposed in registers by one
+    ``movmatrix`` per block: the thread then holds that block's row 2 (lane % 4) + {0, 1} at
+    column lane // 4, returned relabelled as [16, 8] with rows and columns in place."""
+    t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                  [p], dtype=gl.bfloat16, is_pure=True, pack=2)
+    # element (8 kb + i, j) of t holds p[8 kb + j, i]: swap i and j in the labels
+    t = gl.reshape(t, [2, 8, 8])
+    t = gl.permute(t, (0, 2, 1))
+    return gl.reshape(t, [16, 8])
+
+
+@gluon.jit
+def _attn_step_t(qt, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                 scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
+                 a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
+                 K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
+                 K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
+                 V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
+                 V_B4: gl.constexpr):
+    """``_attn_step`` with both products transposed, for groups of at most 8 queries:
+    S^T = K Q^T (K the A operand, keys as the MMA's rows) and O^T = V^T P^T (V^T the A
+    operand, coordinates as rows). The 16-row MMAs then carry keys and coordinates, not 16
+    query rows of which a group of 4 fills 4: half the MMAs, and 32 accumulator registers
+    instead of 64. P^T reaches the B operand by two ``movmatrix`` transposes."""
+    D: gl.constexpr = 128
+    kr, k4, k3, k2, k1a, k1b = kraw
+    vr, v4, v3, v2, v1a, v1b = vraw
+    kt = _decode_trees(kr, k4, k3, k2, k1a, k1b, ktab_ptr, K_KT, K_B1, K_B2, K_B3, K_B4)
+    kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
+    kt = gl.permute(kt, _K_ORDER.value)
+    kt = gl.convert_layout(gl.reshape(kt, [BN, D]), a_op, assert_trivial=True)
+    s = mma_v2(kt, qt, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
+    if MASKED:
+        s = gl.where(sok[:, None], s, float("-inf"))
+    # the lazy running maximum of _attn_step, per query column
+    m_cur = gl.max(s, 0)
+    if gl.max(m_cur - m_i, 0) > 8.0:
+        m_new = gl.maximum(m_i, m_cur)
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[None, :]
+        m_i = m_new
+    p = gl.exp2(s - m_i[None, :])
+    l_i = l_i + gl.sum(p, 0)
+
+    vt = _decode_trees(vr, v4, v3, v2, v1a, v1b, vtab_ptr, V_KT, V_B1, V_B2, V_B3, V_B4)
+    vt = gl.reshape(vt, [BN, 2, 2, 2, 2, 2, 2, 2])
+    vt = gl.permute(vt, _V_ORDER.value)
+    vt = gl.convert_layout(gl.permute(gl.reshape(vt, [BN, D]), (1, 0)), a_op,
+                           assert_trivial=True)
+    pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16)), b_op, assert_trivial=True)
+    acc = mma_v2(vt, pt, acc)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+          scale_log2, MASKED: gl.constexpr, BN: gl.constexpr, a_op: gl.constexpr,
+          b_op: gl.constexpr, mma: gl.constexpr, K_KT: gl.constexpr, K_B1: gl.constexpr,
+          K_B2: gl.constexpr, K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
+          V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr):
+    if TRANS:
+        return _attn_step_t(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                            scale_log2, MASKED, BN, a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3,
+                            K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+    else:
+        return _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+                          scale_log2, MASKED, BN, a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3,
+                          K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+
+
+@gluon.jit
 def polar_decode_attn_gluon_fwd_kernel(
     q_ptr, sq_b, sq_h,
     kc_ptr, skc_b, skc_h, skc_n, kr_ptr, skr_b, skr_h, skr_n, ktab_ptr,
@@ -247,9 +324,10 @@ def polar_decode_attn_gluon_fwd_kernel(
     K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr, K_B3: gl.constexpr,
     K_B4: gl.constexpr,
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-    V_B4: gl.constexpr, PREFETCH: gl.constexpr = False,
+    V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
 ):
-    M: gl.constexpr = 16
+    # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
+    M: gl.constexpr = 8 if TRANS else 16
     D: gl.constexpr = 128
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                   instr_shape=[16, 8])
@@ -261,26 +339,39 @@ def polar_decode_attn_gluon_fwd_kernel(
     b = (pid_bh // Hk).to(gl.int64)
     hk = (pid_bh % Hk).to(gl.int64)
 
-    # the query rows, rotated and permuted on the host (float32), as the A operand
-    qr = gl.arange(0, M, layout=gl.SliceLayout(1, a_op))
-    qc = gl.arange(0, D, layout=gl.SliceLayout(0, a_op))
-    q_row = b * sq_b + (hk * GROUP + qr.to(gl.int64)) * sq_h
-    q = gl.load(q_ptr + q_row[:, None] + qc[None, :], mask=(qr < GROUP)[:, None],
-                other=0.0).to(gl.bfloat16)
+    # the query rows, rotated and permuted on the host (float32), as the A operand (TRANS:
+    # transposed, as the B operand)
+    if TRANS:
+        qc = gl.arange(0, D, layout=gl.SliceLayout(1, b_op))
+        qr = gl.arange(0, M, layout=gl.SliceLayout(0, b_op))
+        q_row = b * sq_b + (hk * GROUP + qr.to(gl.int64)) * sq_h
+        q = gl.load(q_ptr + q_row[None, :] + qc[:, None], mask=(qr < GROUP)[None, :],
+                    other=0.0).to(gl.bfloat16)
+    else:
+        qr = gl.arange(0, M, layout=gl.SliceLayout(1, a_op))
+        qc = gl.arange(0, D, layout=gl.SliceLayout(0, a_op))
+        q_row = b * sq_b + (hk * GROUP + qr.to(gl.int64)) * sq_h
+        q = gl.load(q_ptr + q_row[:, None] + qc[None, :], mask=(qr < GROUP)[:, None],
+                    other=0.0).to(gl.bfloat16)
 
     start = split * kv_per_split
     end = gl.minimum(start + kv_per_split, N)
     full_end = start + ((end - start) // BN) * BN
 
-    m_i = gl.full([M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
-    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, mma))
-    acc = gl.zeros([M, D], gl.float32, layout=mma)
+    # TRANS: the queries are the MMA's columns, the accumulator O^T [D, M]
+    q_dim: gl.constexpr = 0 if TRANS else 1
+    m_i = gl.full([M], float("-inf"), gl.float32, layout=gl.SliceLayout(q_dim, mma))
+    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(q_dim, mma))
+    if TRANS:
+        acc = gl.zeros([D, M], gl.float32, layout=mma)
+    else:
+        acc = gl.zeros([M, D], gl.float32, layout=mma)
 
     kkey = gl.arange(0, BN, layout=gl.SliceLayout(1, k_lay))[:, None]
     kblk = gl.arange(0, 8, layout=gl.SliceLayout(0, k_lay))[None, :]
     vkey = gl.arange(0, BN, layout=gl.SliceLayout(1, v_lay))[:, None]
     vblk = gl.arange(0, 8, layout=gl.SliceLayout(0, v_lay))[None, :]
-    skey = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+    skey = gl.arange(0, BN, layout=gl.SliceLayout(1 - q_dim, mma))
     # per-head bases (64-bit), then pointers that step BN keys per iteration
     kc_h = kc_ptr + (b * skc_b + hk * skc_h)
     kr_h = kr_ptr + (b * skr_b + hk * skr_h)
@@ -309,9 +400,9 @@ def polar_decode_attn_gluon_fwd_kernel(
                                       vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
                                       vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3, K_B4,
                                       V_B1, V_B2, V_B3, V_B4)
-            m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                                       scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
-                                       K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+            m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                  vtab_ptr, scale_log2, False, BN, a_op, b_op, mma, K_KT,
+                                  K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
             kraw = knext
             vraw = vnext
     else:
@@ -319,9 +410,9 @@ def polar_decode_attn_gluon_fwd_kernel(
             kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
                                     koff, kroff, voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2,
                                     K_B3, K_B4, V_B1, V_B2, V_B3, V_B4)
-            m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                                       scale_log2, False, BN, a_op, b_op, mma, K_KT, K_B1,
-                                       K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+            m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                  vtab_ptr, scale_log2, False, BN, a_op, b_op, mma, K_KT,
+                                  K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
     if full_end < end:
         # the last, partial step: keys past the end read the last key and decode to zeros
         kpos = full_end + kkey
@@ -335,19 +426,25 @@ def polar_decode_attn_gluon_fwd_kernel(
                            K_B2, K_B3, K_B4, kblk)
         vraw = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
                            V_B2, V_B3, V_B4, vblk)
-        m_i, l_i, acc = _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                                   scale_log2, True, BN, a_op, b_op, mma, K_KT, K_B1, K_B2,
-                                   K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+        m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                              vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT, K_B1,
+                              K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
 
     # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
     # v_permutation)
-    rows = gl.arange(0, M, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    rows = gl.arange(0, M, layout=gl.SliceLayout(q_dim, mma))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(1 - q_dim, mma))
     coord = 16 * (cols & 7) + (cols >> 3)
+    # 16 rows a slot either way (the combine's tile); TRANS writes the first 8, and the
+    # combine reads only the group's rows
+    R: gl.constexpr = 16
     slot = pid_bh.to(gl.int64) * n_splits + split
-    gl.store(pacc_ptr + slot * (M * D) + rows[:, None] * D + coord[None, :], acc)
-    gl.store(pml_ptr + slot * (2 * M) + rows, m_i)
-    gl.store(pml_ptr + slot * (2 * M) + M + rows, l_i)
+    if TRANS:
+        gl.store(pacc_ptr + slot * (R * D) + rows[None, :] * D + coord[:, None], acc)
+    else:
+        gl.store(pacc_ptr + slot * (R * D) + rows[:, None] * D + coord[None, :], acc)
+    gl.store(pml_ptr + slot * (2 * R) + rows, m_i)
+    gl.store(pml_ptr + slot * (2 * R) + R + rows, l_i)
 
 
 def gluon_decode_setting() -> bool | None:
@@ -369,6 +466,17 @@ def gluon_prefetch_setting() -> bool:
     loads its own codes: results/bench/ab_gluon_decode_2026-12-06{d,e}_h100.md)."""
     return env_flag("POLARTENSOR_GLUON_PREFETCH", True, "prefetch the next step's codes",
                     "load each step's codes in that step")
+
+
+def gluon_transposed_setting() -> bool:
+    """POLARTENSOR_GLUON_TRANS=1 (read per call; opt-in, not yet run on a GPU): groups of at
+    most 8 queries take the transposed step (``_attn_step_t``: S^T = K Q^T, O^T = V^T P^T,
+    half the MMAs and half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step):
+    168 registers without a cap (12 one-warp programs per SM where the default's 231 fit 8)
+    and 649 loop instructions against 752; with the prefetch 218 registers and 720 against
+    831."""
+    return env_flag("POLARTENSOR_GLUON_TRANS", False, "the transposed step for groups of "
+                    "at most 8", "the query rows as the MMA's rows")
 
 
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
@@ -461,11 +569,11 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N) -
 
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
-                           maxnreg=MAXNREG, out=None, prefetch=None):
+                           maxnreg=MAXNREG, out=None, prefetch=None, transposed=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
-    ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``. Needs at least
-    one key."""
+    ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
+    None: ``gluon_transposed_setting`` (groups of at most 8 only). Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -482,6 +590,11 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n)
     if prefetch is None:
         prefetch = gluon_prefetch_setting()
+    if transposed is None:
+        transposed = group <= 8 and gluon_transposed_setting()
+    elif transposed and group > 8:
+        raise ValueError(f"the transposed Gluon step serves groups of at most 8 queries per "
+                         f"KV head, not {group}: pass transposed=False")
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
@@ -502,7 +615,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
-        PREFETCH=bool(prefetch), num_warps=1,
+        PREFETCH=bool(prefetch), TRANS=bool(transposed), num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     polar_attn_combine_kernel[(bsz * hk, 1)](

@@ -74,8 +74,11 @@ def test_supported_scope():
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 7, 16]),
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
-       prefetch=st.booleans(), seed=st.integers(0, 2**16))
-def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch, seed):
+       prefetch=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
+                                        transposed, seed):
+    """Every launch variant against the reference; the transposed step where it serves
+    (groups of at most 8)."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -86,11 +89,25 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     trig = trig_table(k.centroids, cfg.bits)
     out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
-                                 prefetch=prefetch)
+                                 prefetch=prefetch, transposed=transposed and group <= 8)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+def test_transposed_step_refuses_groups_over_8():
+    """Asked for explicitly, the transposed step names the group it cannot serve (checked
+    before anything is launched, so on every device)."""
+    d, n = 128, 40
+    cfg = get_preset("paper", head_dim=d)
+    q = torch.zeros(1, 16, 1, d, dtype=torch.bfloat16)
+    k = quantize(torch.randn(1, 1, n, d), cfg)
+    rot = torch.eye(d)
+    trig = trig_table(k.centroids, cfg.bits)
+    with pytest.raises(ValueError, match="at most 8 queries per KV head, not 16"):
+        launch_attention_gluon(q, k.codes, k.radii, trig, cfg, k.codes, k.radii, trig, cfg,
+                               rot, rot, 1 / math.sqrt(d), 2, transposed=True)
 
 
 @pytest.fixture
@@ -132,11 +149,19 @@ def test_gluon_settings_read_and_reject(monkeypatch):
     from polartensor.kernels.decode_attention_gluon import (
         gluon_decode_setting,
         gluon_prefetch_setting,
+        gluon_transposed_setting,
     )
 
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
     monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
+    monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
     assert gluon_decode_setting() is None and gluon_prefetch_setting() is True
+    assert gluon_transposed_setting() is False
+    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "1")
+    assert gluon_transposed_setting() is True
+    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "2")
+    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_TRANS"):
+        gluon_transposed_setting()
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
     monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "0")
     assert gluon_decode_setting() is False and gluon_prefetch_setting() is False

@@ -20,3 +20,17 @@ def test_render_markdown_ratios(load_script):
            "1.50x | 1.20x |" in md
     assert "| paper | 1 | 64 |" not in md
     assert "- command: `python3 scripts/ab_gluon_decode.py`" in md
+
+
+def test_parse_variant(load_script):
+    import pytest
+
+    mod = load_script("ab_gluon_decode")
+    assert mod.parse_variant("16:0") == (16, 0, False, False)
+    assert mod.parse_variant("16:0:pf") == (16, 0, True, False)
+    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True)
+    assert mod.parse_variant("32:168:tr") == (32, 168, False, True)
+    with pytest.raises(ValueError, match="16:0:pf:tr"):
+        mod.parse_variant("16:0:prefetch")
+    with pytest.raises(ValueError, match="block_n:maxnreg"):
+        mod.parse_variant("16")
