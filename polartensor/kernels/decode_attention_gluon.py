@@ -544,6 +544,10 @@ def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
 # 8 programs per SM (one round) ran fastest of 16 or 32 keys x no cap or 168 x 8 or 12
 # programs per SM at every shape timed.
 PROGRAMS_PER_SM = 8
+# The same rule (one round at the register limit) for the opt-in transposed step, from its
+# offline register counts (Triton 3.6, sm_90, 16 keys, no cap: 168 registers alone, 218 with
+# the prefetch; 65,536 registers per SM, granted per warp in 256s): not yet timed.
+PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 9}     # by prefetch
 BLOCK_N = 16
 MAXNREG = None
 # Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x
@@ -560,10 +564,11 @@ def gluon_decode_auto(bsz: int, hk: int, n: int) -> bool:
     return bsz * hk * n >= GLUON_MIN_KEY_HEADS
 
 
-def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N) -> int:
-    """Splits per (batch, KV head): about PROGRAMS_PER_SM one-warp programs per SM, each of
-    at least four steps."""
-    return max(1, min(PROGRAMS_PER_SM * sms // max(programs, 1),
+def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
+                      per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Splits per (batch, KV head): about ``per_sm`` one-warp programs per SM, each of at
+    least four steps."""
+    return max(1, min(per_sm * sms // max(programs, 1),
                       triton.cdiv(n, 4 * block_n)))
 
 
@@ -586,8 +591,6 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
                          "launch_attention's other paths")
     if out is None:
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
-    if num_splits is None:
-        num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n)
     if prefetch is None:
         prefetch = gluon_prefetch_setting()
     if transposed is None:
@@ -595,6 +598,10 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     elif transposed and group > 8:
         raise ValueError(f"the transposed Gluon step serves groups of at most 8 queries per "
                          f"KV head, not {group}: pass transposed=False")
+    if num_splits is None:
+        per_sm = (PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed
+                  else PROGRAMS_PER_SM)
+        num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n, per_sm)
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n

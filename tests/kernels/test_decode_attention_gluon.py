@@ -273,3 +273,18 @@ def test_takes_gluon_decode_needs_setting_size_and_scope(monkeypatch):
         assert not takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 1000)
         monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
         assert not takes_gluon_decode(qc, paper, paper, rc, rc, None, None, 4, 1, 8, 1 << 17)
+
+
+def test_split_count_fills_one_round():
+    """Splits put about ``per_sm`` programs on each SM (one round), each of >= 4 steps."""
+    from polartensor.kernels.decode_attention_gluon import (
+        PROGRAMS_PER_SM_TRANSPOSED,
+        gluon_split_count,
+    )
+
+    # batch 8 x 8 KV heads on 132 SMs: 8 per SM -> 16 splits, 12 per SM -> 24
+    assert gluon_split_count(64, 32768, 132) == 16
+    assert gluon_split_count(64, 32768, 132, per_sm=PROGRAMS_PER_SM_TRANSPOSED[False]) == 24
+    # short caches: no split shorter than four 16-key steps; never fewer than one split
+    assert gluon_split_count(1, 200, 132) == 4
+    assert gluon_split_count(4096, 32768, 132) == 1
