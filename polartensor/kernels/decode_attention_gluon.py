@@ -31,7 +31,7 @@ head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and 
 
 Opt-in, not yet run on a GPU (``gluon_transposed_setting``): for groups of at most 8, both
 products transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
-coordinates rather than a group padded to 16 (``_attn_step_t``).
+coordinates rather than a group padded to 16 (``_attn_step`` with TRANS).
 """
 
 from __future__ import annotations
@@ -193,53 +193,6 @@ def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.co
 
 
 @gluon.jit
-def _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-               scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
-               a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
-               K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
-               K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
-               V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-               V_B4: gl.constexpr):
-    """One BN-key step of the online softmax, from the step's loaded K and V radii and code
-    words (``_load_codes``)."""
-    D: gl.constexpr = 128
-    M: gl.constexpr = 16
-    kr, k4, k3, k2, k1a, k1b = kraw
-    vr, v4, v3, v2, v1a, v1b = vraw
-    kt = _decode_trees(kr, k4, k3, k2, k1a, k1b, ktab_ptr, K_KT, K_B1, K_B2, K_B3, K_B4)
-    # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_K_ORDER)
-    kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
-    kt = gl.permute(kt, _K_ORDER.value)
-    kt = gl.reshape(kt, [BN, D])
-    kt = gl.convert_layout(gl.permute(kt, (1, 0)), b_op, assert_trivial=True)
-    s = mma_v2(q, kt, gl.zeros([M, BN], gl.float32, layout=mma)) * scale_log2
-    if MASKED:
-        s = gl.where(sok[None, :], s, float("-inf"))
-    # The running maximum moves only when some row's grows by more than 8 (log2 units), so
-    # the 64 accumulator registers are rescaled in few steps. Against a stale maximum p
-    # stays <= 2^8: far inside bfloat16's and float32's range, with the same relative
-    # rounding; the partials carry the maximum they used, so the combine stays exact.
-    m_cur = gl.max(s, 1)
-    if gl.max(m_cur - m_i, 0) > 8.0:
-        m_new = gl.maximum(m_i, m_cur)
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    p = gl.exp2(s - m_i[:, None])
-    l_i = l_i + gl.sum(p, 1)
-
-    vt = _decode_trees(vr, v4, v3, v2, v1a, v1b, vtab_ptr, V_KT, V_B1, V_B2, V_B3, V_B4)
-    # [key, blk2, blk1, blk0, i3, i2, i1, i0] -> [key, operand column] (_V_ORDER)
-    vt = gl.reshape(vt, [BN, 2, 2, 2, 2, 2, 2, 2])
-    vt = gl.permute(vt, _V_ORDER.value)
-    vt = gl.convert_layout(gl.reshape(vt, [BN, D]), b_op, assert_trivial=True)
-    pa = gl.convert_layout(p.to(gl.bfloat16), a_op)
-    acc = mma_v2(pa, vt, acc)
-    return m_i, l_i, acc
-
-
-@gluon.jit
 def _transpose8x8(p):
     """Each 8 x 8 block of a bfloat16 [16, 8] tile in the MMA accumulator layout (thread:
     row lane // 4 (+8), columns 2 (lane % 4) + {0, 1}) transposed in registers by one
@@ -254,63 +207,68 @@ def _transpose8x8(p):
 
 
 @gluon.jit
-def _attn_step_t(qt, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                 scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
-                 a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
-                 K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
-                 K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
-                 V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-                 V_B4: gl.constexpr):
-    """``_attn_step`` with both products transposed, for groups of at most 8 queries:
-    S^T = K Q^T (K the A operand, keys as the MMA's rows) and O^T = V^T P^T (V^T the A
-    operand, coordinates as rows). The 16-row MMAs then carry keys and coordinates, not 16
-    query rows of which a group of 4 fills 4: half the MMAs, and 32 accumulator registers
-    instead of 64. P^T reaches the B operand by two ``movmatrix`` transposes."""
-    D: gl.constexpr = 128
-    kr, k4, k3, k2, k1a, k1b = kraw
-    vr, v4, v3, v2, v1a, v1b = vraw
-    kt = _decode_trees(kr, k4, k3, k2, k1a, k1b, ktab_ptr, K_KT, K_B1, K_B2, K_B3, K_B4)
-    kt = gl.reshape(kt, [BN, 2, 2, 2, 2, 2, 2, 2])
-    kt = gl.permute(kt, _K_ORDER.value)
-    kt = gl.convert_layout(gl.reshape(kt, [BN, D]), a_op, assert_trivial=True)
-    s = mma_v2(kt, qt, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
-    if MASKED:
-        s = gl.where(sok[:, None], s, float("-inf"))
-    # the lazy running maximum of _attn_step, per query column
-    m_cur = gl.max(s, 0)
+def _operand_tile(raw, trig_ptr, ORDER: gl.constexpr, BN: gl.constexpr, KT: gl.constexpr,
+                  B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
+    """A step's decoded K or V [BN, 128]: the trees of ``_load_codes``' words, the tile
+    [key, blk2, blk1, blk0, i3, i2, i1, i0] read in operand-column order (``ORDER``)."""
+    r, w4, w3, w2, w1a, w1b = raw
+    t = _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT, B1, B2, B3, B4)
+    t = gl.reshape(t, [BN, 2, 2, 2, 2, 2, 2, 2])
+    return gl.reshape(gl.permute(t, ORDER.value), [BN, 128])
+
+
+@gluon.jit
+def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
+               scale_log2, MASKED: gl.constexpr, BN: gl.constexpr,
+               a_op: gl.constexpr, b_op: gl.constexpr, mma: gl.constexpr,
+               K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
+               K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
+               V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
+               V_B4: gl.constexpr):
+    """One BN-key step of the online softmax, from the step's loaded K and V radii and code
+    words (``_load_codes``).
+
+    Default: S = Q K^T and O = P V with the group's query rows as the MMAs' 16 rows (K^T and
+    V the B operands). TRANS (groups of at most 8): S^T = K Q^T and O^T = V^T P^T, the 16
+    rows carrying keys and coordinates instead of a group padded to 16: half the MMAs and
+    32 accumulator registers instead of 64. K and V as A operands hold the same coordinates
+    per thread as they do as B operands, so the decode is the same; P^T reaches its B
+    operand by two ``movmatrix`` transposes."""
+    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4)
+    if TRANS:
+        kt = gl.convert_layout(kt, a_op, assert_trivial=True)
+        s = mma_v2(kt, q, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
+        if MASKED:
+            s = gl.where(sok[:, None], s, float("-inf"))
+    else:
+        kt = gl.convert_layout(gl.permute(kt, (1, 0)), b_op, assert_trivial=True)
+        s = mma_v2(q, kt, gl.zeros([16, BN], gl.float32, layout=mma)) * scale_log2
+        if MASKED:
+            s = gl.where(sok[None, :], s, float("-inf"))
+    # The running maximum moves only when some query's grows by more than 8 (log2 units),
+    # so the accumulator is rescaled in few steps. Against a stale maximum p stays <= 2^8:
+    # far inside bfloat16's and float32's range, with the same relative rounding; the
+    # partials carry the maximum they used, so the combine stays exact.
+    KEYS: gl.constexpr = 0 if TRANS else 1       # the axis of s that runs over keys
+    m_cur = gl.max(s, KEYS)
     if gl.max(m_cur - m_i, 0) > 8.0:
         m_new = gl.maximum(m_i, m_cur)
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha
-        acc = acc * alpha[None, :]
+        acc = acc * gl.expand_dims(alpha, KEYS)
         m_i = m_new
-    p = gl.exp2(s - m_i[None, :])
-    l_i = l_i + gl.sum(p, 0)
+    p = gl.exp2(s - gl.expand_dims(m_i, KEYS))
+    l_i = l_i + gl.sum(p, KEYS)
 
-    vt = _decode_trees(vr, v4, v3, v2, v1a, v1b, vtab_ptr, V_KT, V_B1, V_B2, V_B3, V_B4)
-    vt = gl.reshape(vt, [BN, 2, 2, 2, 2, 2, 2, 2])
-    vt = gl.permute(vt, _V_ORDER.value)
-    vt = gl.convert_layout(gl.permute(gl.reshape(vt, [BN, D]), (1, 0)), a_op,
-                           assert_trivial=True)
-    pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16)), b_op, assert_trivial=True)
-    acc = mma_v2(vt, pt, acc)
-    return m_i, l_i, acc
-
-
-@gluon.jit
-def _step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-          scale_log2, MASKED: gl.constexpr, BN: gl.constexpr, a_op: gl.constexpr,
-          b_op: gl.constexpr, mma: gl.constexpr, K_KT: gl.constexpr, K_B1: gl.constexpr,
-          K_B2: gl.constexpr, K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
-          V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr):
+    vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4)
     if TRANS:
-        return _attn_step_t(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                            scale_log2, MASKED, BN, a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3,
-                            K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+        vt = gl.convert_layout(gl.permute(vt, (1, 0)), a_op, assert_trivial=True)
+        pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16)), b_op, assert_trivial=True)
+        acc = mma_v2(vt, pt, acc)
     else:
-        return _attn_step(q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr, vtab_ptr,
-                          scale_log2, MASKED, BN, a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3,
-                          K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+        vt = gl.convert_layout(vt, b_op, assert_trivial=True)
+        acc = mma_v2(gl.convert_layout(p.to(gl.bfloat16), a_op), vt, acc)
+    return m_i, l_i, acc
 
 
 @gluon.jit
@@ -400,9 +358,10 @@ def polar_decode_attn_gluon_fwd_kernel(
                                       vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
                                       vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3, K_B4,
                                       V_B1, V_B2, V_B3, V_B4)
-            m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
-                                  vtab_ptr, scale_log2, False, BN, a_op, b_op, mma, K_KT,
-                                  K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+            m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                       vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                       K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
+                                       V_B4)
             kraw = knext
             vraw = vnext
     else:
@@ -410,9 +369,10 @@ def polar_decode_attn_gluon_fwd_kernel(
             kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
                                     koff, kroff, voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2,
                                     K_B3, K_B4, V_B1, V_B2, V_B3, V_B4)
-            m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
-                                  vtab_ptr, scale_log2, False, BN, a_op, b_op, mma, K_KT,
-                                  K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+            m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                       vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                       K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
+                                       V_B4)
     if full_end < end:
         # the last, partial step: keys past the end read the last key and decode to zeros
         kpos = full_end + kkey
@@ -426,9 +386,9 @@ def polar_decode_attn_gluon_fwd_kernel(
                            K_B2, K_B3, K_B4, kblk)
         vraw = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
                            V_B2, V_B3, V_B4, vblk)
-        m_i, l_i, acc = _step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
-                              vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT, K_B1,
-                              K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+        m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                   vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT,
+                                   K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
 
     # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
     # v_permutation)
@@ -470,7 +430,7 @@ def gluon_prefetch_setting() -> bool:
 
 def gluon_transposed_setting() -> bool:
     """POLARTENSOR_GLUON_TRANS=1 (read per call; opt-in, not yet run on a GPU): groups of at
-    most 8 queries take the transposed step (``_attn_step_t``: S^T = K Q^T, O^T = V^T P^T,
+    most 8 queries take the transposed step (``_attn_step``, TRANS: S^T = K Q^T, O^T = V^T P^T,
     half the MMAs and half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step):
     168 registers without a cap (12 one-warp programs per SM where the default's 231 fit 8)
     and 649 loop instructions against 752; with the prefetch 218 registers and 720 against
