@@ -249,16 +249,24 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     # so the accumulator is rescaled in few steps. Against a stale maximum p stays <= 2^8:
     # far inside bfloat16's and float32's range, with the same relative rounding; the
     # partials carry the maximum they used, so the combine stays exact.
+    # TRANS keeps l_i per key row too ([BN, 8], summed once at the end): the sum over keys
+    # would otherwise take three shuffle rounds a step
     KEYS: gl.constexpr = 0 if TRANS else 1       # the axis of s that runs over keys
     m_cur = gl.max(s, KEYS)
     if gl.max(m_cur - m_i, 0) > 8.0:
         m_new = gl.maximum(m_i, m_cur)
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha
+        if TRANS:
+            l_i = l_i * gl.expand_dims(alpha, KEYS)
+        else:
+            l_i = l_i * alpha
         acc = acc * gl.expand_dims(alpha, KEYS)
         m_i = m_new
     p = gl.exp2(s - gl.expand_dims(m_i, KEYS))
-    l_i = l_i + gl.sum(p, KEYS)
+    if TRANS:
+        l_i = l_i + p
+    else:
+        l_i = l_i + gl.sum(p, KEYS)
 
     vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4)
     if TRANS:
@@ -319,10 +327,11 @@ def polar_decode_attn_gluon_fwd_kernel(
     # TRANS: the queries are the MMA's columns, the accumulator O^T [D, M]
     q_dim: gl.constexpr = 0 if TRANS else 1
     m_i = gl.full([M], float("-inf"), gl.float32, layout=gl.SliceLayout(q_dim, mma))
-    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(q_dim, mma))
     if TRANS:
+        l_i = gl.zeros([BN, M], gl.float32, layout=mma)      # per key row (_attn_step)
         acc = gl.zeros([D, M], gl.float32, layout=mma)
     else:
+        l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(q_dim, mma))
         acc = gl.zeros([M, D], gl.float32, layout=mma)
 
     kkey = gl.arange(0, BN, layout=gl.SliceLayout(1, k_lay))[:, None]
@@ -400,6 +409,7 @@ def polar_decode_attn_gluon_fwd_kernel(
     R: gl.constexpr = 16
     slot = pid_bh.to(gl.int64) * n_splits + split
     if TRANS:
+        l_i = gl.sum(l_i, 0)
         gl.store(pacc_ptr + slot * (R * D) + rows[None, :] * D + coord[:, None], acc)
     else:
         gl.store(pacc_ptr + slot * (R * D) + rows[:, None] * D + coord[None, :], acc)
@@ -433,7 +443,7 @@ def gluon_transposed_setting() -> bool:
     most 8 queries take the transposed step (``_attn_step``, TRANS: S^T = K Q^T, O^T = V^T P^T,
     half the MMAs and half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step):
     168 registers without a cap (12 one-warp programs per SM where the default's 231 fit 8)
-    and 649 loop instructions against 752; with the prefetch 218 registers and 720 against
+    and 639 loop instructions against 752; with the prefetch 222 registers and 714 against
     831."""
     return env_flag("POLARTENSOR_GLUON_TRANS", False, "the transposed step for groups of "
                     "at most 8", "the query rows as the MMA's rows")
@@ -505,7 +515,7 @@ def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
 # programs per SM at every shape timed.
 PROGRAMS_PER_SM = 8
 # The same rule (one round at the register limit) for the opt-in transposed step, from its
-# offline register counts (Triton 3.6, sm_90, 16 keys, no cap: 168 registers alone, 218 with
+# offline register counts (Triton 3.6, sm_90, 16 keys, no cap: 168 registers alone, 222 with
 # the prefetch; 65,536 registers per SM, granted per warp in 256s): not yet timed.
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 9}     # by prefetch
 BLOCK_N = 16
