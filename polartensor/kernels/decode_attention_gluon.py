@@ -193,17 +193,18 @@ def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.co
 
 
 @gluon.jit
-def _transpose8x8(p):
-    """Each 8 x 8 block of a bfloat16 [16, 8] tile in the MMA accumulator layout (thread:
-    row lane // 4 (+8), columns 2 (lane % 4) + {0, 1}) transposed in registers by one
-    ``movmatrix`` per block: the thread then holds that block's row 2 (lane % 4) + {0, 1} at
-    column lane // 4, returned relabelled as [16, 8] with rows and columns in place."""
+def _transpose8x8(p, BN: gl.constexpr):
+    """Each 8 x 8 block of a bfloat16 [BN, 8] tile in the MMA accumulator layout (thread:
+    row lane // 4 (+8 per register), columns 2 (lane % 4) + {0, 1}) transposed in registers
+    by one ``movmatrix`` per block: the thread then holds that block's row 2 (lane % 4) +
+    {0, 1} at column lane // 4, returned relabelled as [BN, 8] with rows and columns in
+    place."""
     t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
                                   [p], dtype=gl.bfloat16, is_pure=True, pack=2)
     # element (8 kb + i, j) of t holds p[8 kb + j, i]: swap i and j in the labels
-    t = gl.reshape(t, [2, 8, 8])
+    t = gl.reshape(t, [BN // 8, 8, 8])
     t = gl.permute(t, (0, 2, 1))
-    return gl.reshape(t, [16, 8])
+    return gl.reshape(t, [BN, 8])
 
 
 @gluon.jit
@@ -271,7 +272,8 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4)
     if TRANS:
         vt = gl.convert_layout(gl.permute(vt, (1, 0)), a_op, assert_trivial=True)
-        pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16)), b_op, assert_trivial=True)
+        pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16), BN), b_op,
+                              assert_trivial=True)
         acc = mma_v2(vt, pt, acc)
     else:
         vt = gl.convert_layout(vt, b_op, assert_trivial=True)
