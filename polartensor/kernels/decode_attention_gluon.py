@@ -561,15 +561,15 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     if n < 1:
         raise ValueError("the Gluon decode needs at least one key; an empty cache takes "
                          "launch_attention's other paths")
-    if out is None:
-        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
-    if prefetch is None:
-        prefetch = gluon_prefetch_setting()
     if transposed is None:
         transposed = group <= 8 and gluon_transposed_setting()
     elif transposed and group > 8:
         raise ValueError(f"the transposed Gluon step serves groups of at most 8 queries per "
                          f"KV head, not {group}: pass transposed=False")
+    if out is None:
+        out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
+    if prefetch is None:
+        prefetch = gluon_prefetch_setting()
     if num_splits is None:
         per_sm = (PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed
                   else PROGRAMS_PER_SM)
