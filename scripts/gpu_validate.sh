@@ -23,7 +23,7 @@
 #       `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests (also with its
 #       transposed step forced on), then the A/B of its variants against the Triton kernel
-#       and cuDNN (scripts/ab_gluon_decode.py; ~6 min)
+#       and cuDNN (scripts/ab_gluon_decode.py; at most ~8.5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
@@ -193,7 +193,7 @@ gluon)
         step tests_gluon_trans 150 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py tests/kernels/test_kernel_attention.py \
         tests/integrations
-    step ab_gluon 240 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 180 \
+    step ab_gluon 200 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 140 \
         --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384
     ;;
 profile)
