@@ -288,3 +288,37 @@ def test_split_count_fills_one_round():
     # short caches: no split shorter than four 16-key steps; never fewer than one split
     assert gluon_split_count(1, 200, 132) == 4
     assert gluon_split_count(4096, 32768, 132) == 1
+
+
+
+_TRACE_VARIANTS = ["16:4", "pf:16:4", "pf:32:16", "32:1", "tr:16:4", "tr:pf:16:4",
+                   "tr:pf:32:7", "tr:32:8", "tr:pf:16:1"]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """scripts/gluon_offline_stats.py --trace-only over the variants, in a subprocess: the
+    interpreter (which CI runs under) replaces the functions that Gluon traces."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts",
+                                                       "gluon_offline_stats.py"),
+                          "--trace-only", "--variants", ",".join(_TRACE_VARIANTS)],
+                         capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(_TRACE_VARIANTS), res.stdout[-2000:] + res.stderr[-2000:]
+    return {r["variant"]: r for r in rows}
+
+
+@pytest.mark.parametrize("variant", _TRACE_VARIANTS)
+def test_kernel_traces_with_trivial_operand_layouts(traced, variant):
+    """Every launch variant traces for sm_90 on any machine: the decoded K and V tiles reach
+    the MMA operands (and, transposed, P^T its B operand) with no data movement. (A 32-key
+    transposed step once failed here: a reshape of the wrong size.)"""
+    row = traced[variant]
+    assert row.get("traced") is True, row.get("error")
+    assert row["movmatrix"] == variant.startswith("tr:")
