@@ -4,14 +4,15 @@ machine, no GPU needed: registers, spills and static SASS per launch variant, th
 counts that its docstrings and docs/kernel_history.md quote.
 
     python scripts/gluon_offline_stats.py                      # the default variants
-    python scripts/gluon_offline_stats.py --variants tr:pf:16:4,pf:16:4:200
+    python scripts/gluon_offline_stats.py --variants 16:0:pf:tr,16:200:pf:tr --groups 4,8
     python scripts/gluon_offline_stats.py --trace-only         # trace to Triton GPU IR only
 
-A variant is ``[tr:][pf:]block_n:group[:maxnreg]`` (tr: the transposed step, pf: the
-prefetch). ``--trace-only`` stops at Triton GPU IR: every shape, layout and
+Variants are ``scripts/ab_gluon_decode.py``'s (``block_n:maxnreg[:pf][:tr]``, maxnreg 0 for
+no cap), each built for every group of ``--groups`` it serves (the transposed step: at most
+8). ``--trace-only`` stops at Triton GPU IR: every shape, layout and
 ``convert_layout(..., assert_trivial=True)`` is checked there, in about 0.1 s a variant
 (the tests run it); the full build also assembles with the ptxas bundled with Triton. One
-JSON line per variant; the exit status is 1 if any variant failed.
+JSON line per variant and group; the exit status is 1 if any failed.
 
 Measured with Triton 3.6 (the GPU stack) for the numbers quoted in the docs; other Triton
 versions build the same source with other counts. TRITON_INTERPRET is dropped: the
@@ -28,20 +29,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_VARIANTS = "16:4,pf:16:4,tr:16:4,tr:pf:16:4,tr:pf:16:4:200"
-
-
-def parse_variant(text: str) -> dict:
-    """'[tr:][pf:]block_n:group[:maxnreg]' -> the variant's settings."""
-    parts = text.split(":")
-    flags = []
-    while parts and parts[0] in ("tr", "pf"):
-        flags.append(parts.pop(0))
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"variant {text!r}: use [tr:][pf:]block_n:group[:maxnreg], "
-                         f"e.g. tr:pf:16:4:200")
-    return dict(trans="tr" in flags, prefetch="pf" in flags, block_n=int(parts[0]),
-                group=int(parts[1]), maxnreg=int(parts[2]) if len(parts) == 3 else None)
+DEFAULT_VARIANTS = "16:0,16:0:pf,16:0:tr,16:0:pf:tr,16:200:pf:tr"
 
 
 def _source(trans: bool, prefetch: bool, block_n: int, group: int):
@@ -101,18 +89,25 @@ def main(argv=None) -> int:
         os.environ.pop("TRITON_INTERPRET", None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--groups", default="4", help="query heads per KV head")
     ap.add_argument("--trace-only", action="store_true")
     args = ap.parse_args(argv)
+    from ab_gluon_decode import parse_variant  # imports triton: after the pop above
+
     failed = False
-    for text in args.variants.split(","):
-        v = parse_variant(text)
-        row = dict(variant=text)
+    runs = [(text, g) for text in args.variants.split(",")
+            for g in map(int, args.groups.split(","))]
+    for text, group in runs:
+        block_n, cap, prefetch, trans = parse_variant(text)
+        if trans and group > 8:
+            continue
+        row = dict(variant=text, group=group)
         try:
             if args.trace_only:
-                ir_text = trace(v["trans"], v["prefetch"], v["block_n"], v["group"])
+                ir_text = trace(trans, prefetch, block_n, group)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
             else:
-                stats = build(**v)
+                stats = build(trans, prefetch, block_n, group, cap or None)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "loop_ops")})

@@ -291,8 +291,12 @@ def test_split_count_fills_one_round():
 
 
 
-_TRACE_VARIANTS = ["16:4", "pf:16:4", "pf:32:16", "32:1", "tr:16:4", "tr:pf:16:4",
-                   "tr:pf:32:7", "tr:32:8", "tr:pf:16:1"]
+# (scripts/ab_gluon_decode.py's variants) x groups; the transposed step serves groups <= 8
+_TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr", "32:0:tr",
+                   "32:0:pf:tr"]
+_TRACE_GROUPS = [1, 4, 7, 8, 16]
+_TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
+           if not (v.endswith(":tr") and g > 8)]
 
 
 @pytest.fixture(scope="module")
@@ -307,18 +311,19 @@ def traced():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, os.path.join(root, "scripts",
                                                        "gluon_offline_stats.py"),
-                          "--trace-only", "--variants", ",".join(_TRACE_VARIANTS)],
+                          "--trace-only", "--variants", ",".join(_TRACE_VARIANTS),
+                          "--groups", ",".join(map(str, _TRACE_GROUPS))],
                          capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(_TRACE_VARIANTS), res.stdout[-2000:] + res.stderr[-2000:]
-    return {r["variant"]: r for r in rows}
+    assert len(rows) == len(_TRACES), res.stdout[-2000:] + res.stderr[-2000:]
+    return {(r["variant"], r["group"]): r for r in rows}
 
 
-@pytest.mark.parametrize("variant", _TRACE_VARIANTS)
-def test_kernel_traces_with_trivial_operand_layouts(traced, variant):
+@pytest.mark.parametrize("variant,group", _TRACES)
+def test_kernel_traces_with_trivial_operand_layouts(traced, variant, group):
     """Every launch variant traces for sm_90 on any machine: the decoded K and V tiles reach
     the MMA operands (and, transposed, P^T its B operand) with no data movement. (A 32-key
     transposed step once failed here: a reshape of the wrong size.)"""
-    row = traced[variant]
+    row = traced[(variant, group)]
     assert row.get("traced") is True, row.get("error")
-    assert row["movmatrix"] == variant.startswith("tr:")
+    assert row["movmatrix"] == variant.endswith(":tr")
