@@ -131,7 +131,8 @@ def parse_variant(text: str) -> tuple[int, int, bool, bool]:
     """'block_n:maxnreg[:pf][:tr]' -> (block_n, maxnreg, prefetch, transposed)."""
     parts = text.split(":")
     flags = parts[2:]
-    if len(parts) < 2 or any(f not in ("pf", "tr") for f in flags):
+    if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
+            or any(f not in ("pf", "tr") for f in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then :pf "
                          f"and/or :tr, e.g. 16:0:pf:tr")
     return int(parts[0]), int(parts[1]), "pf" in flags, "tr" in flags

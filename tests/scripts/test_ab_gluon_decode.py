@@ -32,5 +32,6 @@ def test_parse_variant(load_script):
     assert mod.parse_variant("32:168:tr") == (32, 168, False, True)
     with pytest.raises(ValueError, match="16:0:pf:tr"):
         mod.parse_variant("16:0:prefetch")
-    with pytest.raises(ValueError, match="block_n:maxnreg"):
-        mod.parse_variant("16")
+    for bad in ("16", "x:0", "16:cap:pf"):
+        with pytest.raises(ValueError, match="block_n:maxnreg"):
+            mod.parse_variant(bad)
