@@ -32,25 +32,68 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = "16:0,16:0:pf,16:0:tr,16:0:pf:tr,16:200:pf:tr"
 
 
-def _source(trans: bool, prefetch: bool, block_n: int, group: int):
+class _Launched(Exception):
+    """Raised by the stand-in kernel once it has the launch's arguments."""
+
+
+def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
+                 maxnreg: int | None):
+    """The Gluon kernel's arguments as ``launch_attention_gluon`` passes them, at Llama
+    heads (8 KV heads, d 128), batch 8, 32K keys, paper, split for 132 SMs: the launch runs
+    on CPU tensors up to the kernel, which a stand-in records."""
+    import torch
+
+    from polartensor import quantize
+    from polartensor.config import get_preset
+    from polartensor.kernels import decode_attention_gluon as G
+    from polartensor.kernels.common import trig_table
+    from polartensor.rotation import rotation_matrix
+
+    b, hk, n, d = 8, 8, 32768, 128
+    cfg = get_preset("paper", head_dim=d)
+    small = quantize(torch.randn(1, 1, 1, d), cfg)
+    trig = trig_table(small.centroids, cfg.bits)
+    codes = torch.empty(b, hk, n, small.codes.shape[-1], dtype=small.codes.dtype)
+    radii = torch.empty(b, hk, n, small.radii.shape[-1], dtype=small.radii.dtype)
+    rot = rotation_matrix(d, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
+    q = torch.zeros(b, hk * group, 1, d, dtype=torch.bfloat16)
+    per_sm = G.PROGRAMS_PER_SM_TRANSPOSED[prefetch] if trans else G.PROGRAMS_PER_SM
+    splits = G.gluon_split_count(b * hk, n, 132, block_n, per_sm)
+    seen = {}
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(args=args, kwargs=kwargs)
+                raise _Launched
+            return launch
+
+    real, G.polar_decode_attn_gluon_fwd_kernel = G.polar_decode_attn_gluon_fwd_kernel, _Recorder()
+    try:
+        G.launch_attention_gluon(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
+                                 d ** -0.5, splits, block_n=block_n, maxnreg=maxnreg,
+                                 prefetch=prefetch, transposed=trans)
+    except _Launched:
+        pass
+    finally:
+        G.polar_decode_attn_gluon_fwd_kernel = real
+    return real, seen["args"], seen["kwargs"]
+
+
+def _source(trans: bool, prefetch: bool, block_n: int, group: int,
+            maxnreg: int | None = None):
+    """The kernel's source with the signature, constexprs and 16-byte specializations that
+    its launch gives (``kernel_ir_stats._signature``), and its warps."""
+    from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from polartensor.kernels import decode_attention_gluon as G
-
-    fn = G.polar_decode_attn_gluon_fwd_kernel
-    k_lay, v_lay = G.tile_layouts(block_n)
-    # the paper preset's levels, as the kernel serves them
-    consts = dict(TRANS=trans, PREFETCH=prefetch, GROUP=group, BN=block_n, k_lay=k_lay,
-                  v_lay=v_lay, K_KT=16, K_B1=4, K_B2=2, K_B3=2, K_B4=2, V_KT=16, V_B1=4,
-                  V_B2=2, V_B3=2, V_B4=2)
-    ptrs = dict(q_ptr="*fp32", kc_ptr="*u8", kr_ptr="*fp16", ktab_ptr="*fp32",
-                vc_ptr="*u8", vr_ptr="*fp16", vtab_ptr="*fp32", pacc_ptr="*fp32",
-                pml_ptr="*fp32")
-    names = fn.arg_names
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "scale_log2"
-                                                       else "i32") for a in names}
-    return GluonASTSource(fn=fn, signature=sig,
-                          constexprs={(names.index(k),): v for k, v in consts.items()})
+    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg)
+    sig, consts, attrs = _signature(fn, args, kwargs)
+    names = list(sig)
+    src = GluonASTSource(fn=fn, signature=sig, attrs=attrs,
+                         constexprs={(names.index(k),): v for k, v in consts.items()})
+    opts = dict(num_warps=kwargs["num_warps"])     # (the register cap: ptxas_counts)
+    return src, opts
 
 
 def trace(trans: bool, prefetch: bool, block_n: int, group: int) -> str:
@@ -61,11 +104,11 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int) -> str:
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    opts = backend.parse_options(dict(num_warps=1))
+    src, opts = _source(trans, prefetch, block_n, group)
+    opts = backend.parse_options(opts)
     ctx = ir.context()
     ir.load_dialects(ctx)
     backend.load_dialects(ctx)
-    src = _source(trans, prefetch, block_n, group)
     return str(src.make_ir(target, opts, backend.get_codegen_implementation(opts),
                            backend.get_module_map(), ctx))
 
@@ -77,8 +120,8 @@ def build(trans: bool, prefetch: bool, block_n: int, group: int,
     from kernel_ir_stats import ptxas_counts
     from triton.backends.compiler import GPUTarget
 
-    compiled = triton.compile(_source(trans, prefetch, block_n, group),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    src, opts = _source(trans, prefetch, block_n, group, maxnreg)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return ptxas_counts(compiled.asm["ptx"], maxnreg)
 
 

@@ -432,10 +432,11 @@ def gluon_decode_setting() -> bool | None:
 def gluon_prefetch_setting() -> bool:
     """POLARTENSOR_GLUON_PREFETCH (read per call; default on): the Gluon decode loads step
     i+1's codes and radii before decoding step i, hiding their latency across steps (the
-    first version stalled on them: results/bench/ncu_decode_2026-12-06_h100.md). 245
-    registers against 231 (still 8 one-warp programs per SM), 831 loop instructions against
-    752, and on an H100 4-6% faster at every shape the default sends here (0 = each step
-    loads its own codes: results/bench/ab_gluon_decode_2026-12-06{d,e}_h100.md)."""
+    first version stalled on them: results/bench/ncu_decode_2026-12-06_h100.md). Offline
+    (scripts/gluon_offline_stats.py) 236 registers against 231 (still 8 one-warp programs
+    per SM), 834 loop instructions against 752, and on an H100 4-6% faster at every shape
+    the default sends here (0 = each step loads its own codes: results/bench/
+    ab_gluon_decode_2026-12-06{d,e}_h100.md)."""
     return env_flag("POLARTENSOR_GLUON_PREFETCH", True, "prefetch the next step's codes",
                     "load each step's codes in that step")
 
@@ -446,7 +447,7 @@ def gluon_transposed_setting() -> bool:
     half the MMAs and half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step):
     168 registers without a cap (12 one-warp programs per SM where the default's 231 fit 8)
     and 639 loop instructions against 752; with the prefetch 222 registers and 714 against
-    831."""
+    834."""
     return env_flag("POLARTENSOR_GLUON_TRANS", False, "the transposed step for groups of "
                     "at most 8", "the query rows as the MMA's rows")
 
