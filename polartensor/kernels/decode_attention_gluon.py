@@ -29,9 +29,10 @@ head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and 
 ``launch_attention`` takes it by default from 2^20 batch x KV heads x keys
 (``gluon_decode_auto``, measured). CUDA only: Gluon has no interpreter.
 
-Opt-in, not yet run on a GPU (``gluon_transposed_setting``): for groups of at most 8, both
-products transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
-coordinates rather than a group padded to 16 (``_attn_step`` with TRANS).
+For groups of at most 8, by default (``gluon_transposed_setting``), both products are
+transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
+coordinates rather than a group padded to 16 (``_attn_step`` with TRANS): K and V as A
+operands hold the coordinates they hold as B operands, so the tree decode is the same.
 """
 
 from __future__ import annotations
@@ -442,13 +443,15 @@ def gluon_prefetch_setting() -> bool:
 
 
 def gluon_transposed_setting() -> bool:
-    """POLARTENSOR_GLUON_TRANS=1 (read per call; opt-in, not yet run on a GPU): groups of at
-    most 8 queries take the transposed step (``_attn_step``, TRANS: S^T = K Q^T, O^T = V^T P^T,
-    half the MMAs and half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step):
-    168 registers without a cap (12 one-warp programs per SM where the default's 231 fit 8)
-    and 639 loop instructions against 752; with the prefetch 222 registers and 714 against
-    834."""
-    return env_flag("POLARTENSOR_GLUON_TRANS", False, "the transposed step for groups of "
+    """POLARTENSOR_GLUON_TRANS (read per call; default on): groups of at most 8 queries take
+    the transposed step (``_attn_step``, TRANS: S^T = K Q^T, O^T = V^T P^T, half the MMAs and
+    half the accumulator). Offline (Triton 3.6, sm_90, 16 keys per step): 168 registers
+    without the prefetch (12 one-warp programs per SM where the default's 231 fit 8) and 639
+    loop instructions against 752; with the prefetch 222 registers and 714 against 834. On an
+    H100, with the prefetch and 8 programs per SM, 1.12-1.25x faster than without it at every
+    shape timed (results/bench/ab_gluon_decode_2026-12-06{f,g}_h100.md); 0 = the query rows
+    as the MMA's rows (as groups over 8 always are)."""
+    return env_flag("POLARTENSOR_GLUON_TRANS", True, "the transposed step for groups of "
                     "at most 8", "the query rows as the MMA's rows")
 
 
@@ -517,10 +520,12 @@ def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
 # 8 programs per SM (one round) ran fastest of 16 or 32 keys x no cap or 168 x 8 or 12
 # programs per SM at every shape timed.
 PROGRAMS_PER_SM = 8
-# The same rule (one round at the register limit) for the opt-in transposed step, from its
-# offline register counts (Triton 3.6, sm_90, 16 keys, no cap: 168 registers alone, 222 with
-# the prefetch; 65,536 registers per SM, granted per warp in 256s): not yet timed.
-PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 9}     # by prefetch
+# The transposed step (groups <= 8, the default there), from an H100 A/B run of 8, 9, 10 and
+# 12 programs per SM x register caps (results/bench/ab_gluon_decode_2026-12-06g_h100.md):
+# alone (168 registers) 12 per SM ran fastest; with the prefetch (222 registers offline, which
+# should fit 9) 8 per SM did, and 9 ran 1.2-1.5x slower than 8 at batch 8 and more (a second
+# round: 9 did not fit there, not examined further).
+PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
 BLOCK_N = 16
 MAXNREG = None
 # Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x

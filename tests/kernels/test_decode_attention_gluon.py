@@ -156,6 +156,8 @@ def test_gluon_settings_read_and_reject(monkeypatch):
     monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
     monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
     assert gluon_decode_setting() is None and gluon_prefetch_setting() is True
+    assert gluon_transposed_setting() is True
+    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "0")
     assert gluon_transposed_setting() is False
     monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "1")
     assert gluon_transposed_setting() is True
@@ -285,6 +287,7 @@ def test_split_count_fills_one_round():
     # batch 8 x 8 KV heads on 132 SMs: 8 per SM -> 16 splits, 12 per SM -> 24
     assert gluon_split_count(64, 32768, 132) == 16
     assert gluon_split_count(64, 32768, 132, per_sm=PROGRAMS_PER_SM_TRANSPOSED[False]) == 24
+    assert gluon_split_count(64, 32768, 132, per_sm=PROGRAMS_PER_SM_TRANSPOSED[True]) == 16
     # short caches: no split shorter than four 16-key steps; never fewer than one split
     assert gluon_split_count(1, 200, 132) == 4
     assert gluon_split_count(4096, 32768, 132) == 1
