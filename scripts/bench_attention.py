@@ -711,7 +711,8 @@ def render_markdown(res) -> str:
          ["gathers ms", "× ours vs gathers", "× gathers vs cuDNN", "max abs diff vs ours"]),
         ("polar_triton_kernel",
          "Default (the Gluon decode where it applies: paper-shaped caches, batch x KV heads "
-         "x keys >= 2^20) vs the Triton kernel (`POLARTENSOR_DECODE_GLUON=0`), same run:",
+         "x keys >= 2^20, or >= 2^19 over >= 16 batch x KV heads with groups <= 8) vs "
+         "the Triton kernel (`POLARTENSOR_DECODE_GLUON=0`), same run:",
          ["Triton kernel ms", "× ours vs Triton kernel", "× Triton kernel vs cuDNN",
           "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",

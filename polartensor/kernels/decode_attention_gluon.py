@@ -26,8 +26,9 @@ bfloat16, one ``mul.rn.bf16x2`` per level), so the decoded keys and values are t
 bfloat16 numbers. Scope: decode (one query row per head, group <= 16), bfloat16 queries,
 head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and a 2- to
 4-bit level 1 (the paper preset: 8 radii per vector), no mask, no full-precision tail.
-``launch_attention`` takes it by default from 2^20 batch x KV heads x keys
-(``gluon_decode_auto``, measured). CUDA only: Gluon has no interpreter.
+``launch_attention`` takes it by default from 2^20 batch x KV heads x keys, or 2^19 with
+the transposed step over at least 16 batch x KV heads (``gluon_decode_auto``, measured).
+CUDA only: Gluon has no interpreter.
 
 For groups of at most 8, by default (``gluon_transposed_setting``), both products are
 transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
@@ -469,7 +470,7 @@ def takes_gluon_decode(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group, bsz, 
     POLARTENSOR_DECODE_GLUON says so, or (unset) where it measured faster."""
     use = gluon_decode_setting()
     if use is None:
-        use = gluon_decode_auto(bsz, hk, total)
+        use = gluon_decode_auto(bsz, hk, total, group <= 8 and gluon_transposed_setting())
     return bool(use and total > 0 and gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v,
                                                              k_tail, mask, group))
 
@@ -530,15 +531,27 @@ BLOCK_N = 16
 MAXNREG = None
 # Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x
 # KV heads x keys of at least 2^20. On an H100 against the Triton kernel, in two runs
-# (results/bench/ab_gluon_decode_2026-12-06{b,c}_h100.md, paper, Llama heads): 1.08x at
-# batch 8 / 16K (exactly 2^20), 1.24-1.25x at batch 8 / 32K, 1.26-1.50x at 2^21-2^23; below
-# it 0.55-0.90x (batch 1 / 32K, 2 / 32K, 4 / 8K, 8 / 4K, 16 / 4K: fixed costs, the query's
-# rotation on the host among them, and too few steps per program).
+# (results/bench/ab_gluon_decode_2026-12-06{b,c}_h100.md, paper, Llama heads, the step
+# that is not transposed): 1.08x at batch 8 / 16K (exactly 2^20), 1.24-1.25x at batch 8 /
+# 32K, 1.26-1.50x at 2^21-2^23; below it 0.55-0.90x (batch 1 / 32K, 2 / 32K, 4 / 8K, 8 / 4K,
+# 16 / 4K: fixed costs, the query's rotation on the host among them, and too few steps per
+# program).
 GLUON_MIN_KEY_HEADS = 1 << 20
+# The transposed step (groups <= 8) also from 2^19 where batch x KV heads >= 16. On an H100
+# against the Triton kernel (results/bench/ab_gluon_decode_2026-12-06h_h100.md, with the
+# prefetch): 1.12x at batch 2 / 32K, 1.29x at 16 / 4K, 1.16x at 4 / 16K (2^19, 16 to 128
+# heads); 0.98x at batch 1 / 64K (2^19, 8 heads); 2^18: 1.01x at 4 / 8K, 0.98x at 8 / 4K,
+# 0.84x at 1 / 32K. At 2^20 with 8 heads (batch 1 / 128K) 1.19x
+# (bench_attention_2026-12-06j_h100.md).
+GLUON_MIN_KEY_HEADS_TRANSPOSED = 1 << 19
+GLUON_MIN_HEADS_TRANSPOSED = 16
 
 
-def gluon_decode_auto(bsz: int, hk: int, n: int) -> bool:
-    """Whether the decode takes this kernel by default where it serves the call."""
+def gluon_decode_auto(bsz: int, hk: int, n: int, transposed: bool) -> bool:
+    """Whether the decode takes this kernel by default where it serves the call
+    (``transposed``: whether the call takes the transposed step)."""
+    if transposed and bsz * hk >= GLUON_MIN_HEADS_TRANSPOSED:
+        return bsz * hk * n >= GLUON_MIN_KEY_HEADS_TRANSPOSED
     return bsz * hk * n >= GLUON_MIN_KEY_HEADS
 
 

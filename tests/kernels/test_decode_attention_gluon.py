@@ -179,28 +179,35 @@ def test_gluon_settings_read_and_reject(monkeypatch):
 
 
 def test_gluon_default_from_the_measured_size():
-    """By default, from 2^20 (batch x KV heads x keys) up, where it measured faster."""
+    """By default, from 2^20 (batch x KV heads x keys) up, where it measured faster; with the
+    transposed step also from 2^19 where batch x KV heads >= 16."""
     from polartensor.kernels.decode_attention_gluon import gluon_decode_auto
 
-    assert gluon_decode_auto(8, 8, 16384) and gluon_decode_auto(8, 8, 32768)
-    assert gluon_decode_auto(1, 8, 131072) and gluon_decode_auto(2, 8, 131072)
-    assert not gluon_decode_auto(8, 8, 16383) and not gluon_decode_auto(1, 8, 32768)
-    assert not gluon_decode_auto(16, 8, 4096)
+    for tr in (False, True):
+        assert gluon_decode_auto(8, 8, 16384, tr) and gluon_decode_auto(8, 8, 32768, tr)
+        assert gluon_decode_auto(1, 8, 131072, tr) and gluon_decode_auto(2, 8, 131072, tr)
+        assert not gluon_decode_auto(1, 8, 32768, tr) and not gluon_decode_auto(1, 8, 65536, tr)
+        assert not gluon_decode_auto(4, 8, 8192, tr) and not gluon_decode_auto(8, 8, 4096, tr)
+    assert not gluon_decode_auto(8, 8, 16383, False) and not gluon_decode_auto(16, 8, 4096, False)
+    assert gluon_decode_auto(16, 8, 4096, True) and gluon_decode_auto(2, 8, 32768, True)
+    assert not gluon_decode_auto(2, 8, 32767, True)
 
 
 @needs_gpu
 def test_large_decode_takes_gluon_by_default(monkeypatch, gluon_calls):
-    """Unset POLARTENSOR_DECODE_GLUON: a decode of 2^20 key-heads goes to the Gluon kernel,
-    one just below to the Triton kernel; both match the reference."""
+    """Unset POLARTENSOR_DECODE_GLUON: a decode of 2^20 key-heads over 8 heads, or 2^19 over
+    16 (the transposed step's threshold), goes to the Gluon kernel, one just below to the
+    Triton kernel; all match the reference."""
     import torch.nn.functional as F
 
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
+    monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 32, 1, 128, generator=g).to(torch.bfloat16).cuda()
-    for n, routed in ((131072, 1), (131071, 0)):
+    for b, n, routed in ((1, 131072, 1), (1, 131071, 0), (2, 32768, 1), (2, 32767, 0)):
         gluon_calls.clear()
-        k = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
-        v = quantize(torch.randn(1, 8, n, 128, generator=g).cuda(), "paper")
+        q = torch.randn(b, 32, 1, 128, generator=g).to(torch.bfloat16).cuda()
+        k = quantize(torch.randn(b, 8, n, 128, generator=g).cuda(), "paper")
+        v = quantize(torch.randn(b, 8, n, 128, generator=g).cuda(), "paper")
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         assert len(gluon_calls) == routed
         ref = polar_sdpa(q.float(), k, v, enable_gqa=True)
