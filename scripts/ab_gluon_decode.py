@@ -65,18 +65,18 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
             return F.scaled_dot_product_attention(qf, k, v, scale=scale)
     fns["cudnn"] = cudnn_fn
     checks = {}
-    for bn, cap, pf, tr in variants:
+    for bn, cap, pf, tr, pr in variants:
         for ps in per_sm:
             splits = max(1, min(ps * sms // (b * hk), triton.cdiv(n, 4 * bn)))
             name = (f"gluon_bn{bn}_cap{cap}_ps{ps}" + ("_pf" if pf else "")
-                    + ("_tr" if tr else ""))
+                    + ("_tr" if tr else "") + ("_pr" if pr else ""))
 
-            def fn(bn=bn, cap=cap, splits=splits, pf=pf, tr=tr):
+            def fn(bn=bn, cap=cap, splits=splits, pf=pf, tr=tr, pr=pr):
                 return launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
                                               vq[2], cfg, kq[3], vq[3], scale,
                                               splits, block_n=bn,
                                               maxnreg=cap or None, prefetch=pf,
-                                              transposed=tr)
+                                              transposed=tr, pairs=pr)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -127,15 +127,17 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_variant(text: str) -> tuple[int, int, bool, bool]:
-    """'block_n:maxnreg[:pf][:tr]' -> (block_n, maxnreg, prefetch, transposed)."""
+def parse_variant(text: str) -> tuple[int, int, bool, bool, bool]:
+    """'block_n:maxnreg[:pf][:tr][:pr]' -> (block_n, maxnreg, prefetch, transposed, pairs)
+    (pairs: two steps an iteration, with the prefetch only)."""
     parts = text.split(":")
     flags = parts[2:]
     if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
-            or any(f not in ("pf", "tr") for f in flags)):
-        raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then :pf "
-                         f"and/or :tr, e.g. 16:0:pf:tr")
-    return int(parts[0]), int(parts[1]), "pf" in flags, "tr" in flags
+            or any(f not in ("pf", "tr", "pr") for f in flags)
+            or ("pr" in flags and "pf" not in flags)):
+        raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then :pf, :tr "
+                         f"and/or :pr (with :pf), e.g. 16:0:pf:tr")
+    return int(parts[0]), int(parts[1]), "pf" in flags, "tr" in flags, "pr" in flags
 
 
 def main():
@@ -143,10 +145,11 @@ def main():
     ap.add_argument("--out", default="gluon_ab")
     ap.add_argument("--shapes", default="3:1000,8:32768,1:32768,32:8192,8:4096,8:131072,2:131072")
     ap.add_argument("--presets", default="paper")
-    ap.add_argument("--variants", default="16:0:pf,16:0,16:0:tr,16:0:pf:tr,16:200:pf:tr",
+    ap.add_argument("--variants", default="16:0:pf:tr,16:0:pf:tr:pr,16:0:pf,16:0:pf:pr,16:0:tr",
                     help="block_n:maxnreg (0: no cap), :pf for the prefetch of the next "
                     "step's codes (POLARTENSOR_GLUON_PREFETCH), :tr for the transposed step "
-                    "(POLARTENSOR_GLUON_TRANS)")
+                    "(POLARTENSOR_GLUON_TRANS), :pr (with :pf) for two steps an iteration "
+                    "(POLARTENSOR_GLUON_PAIRS)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

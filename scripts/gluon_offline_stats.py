@@ -7,7 +7,7 @@ counts that its docstrings and docs/kernel_history.md quote.
     python scripts/gluon_offline_stats.py --variants 16:0:pf:tr,16:200:pf:tr --groups 4,8
     python scripts/gluon_offline_stats.py --trace-only         # trace to Triton GPU IR only
 
-Variants are ``scripts/ab_gluon_decode.py``'s (``block_n:maxnreg[:pf][:tr]``, maxnreg 0 for
+Variants are ``scripts/ab_gluon_decode.py``'s (``block_n:maxnreg[:pf][:tr][:pr]``, maxnreg 0 for
 no cap), each built for every group of ``--groups`` it serves (the transposed step: at most
 8). ``--trace-only`` stops at Triton GPU IR: every shape, layout and
 ``convert_layout(..., assert_trivial=True)`` is checked there, in about 0.1 s a variant
@@ -37,7 +37,7 @@ class _Launched(Exception):
 
 
 def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
-                 maxnreg: int | None):
+                 maxnreg: int | None, pairs: bool = False):
     """The Gluon kernel's arguments as ``launch_attention_gluon`` passes them, at Llama
     heads (8 KV heads, d 128), batch 8, 32K keys, paper, split for 132 SMs: the launch runs
     on CPU tensors up to the kernel, which a stand-in records."""
@@ -72,7 +72,7 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     try:
         G.launch_attention_gluon(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
                                  d ** -0.5, splits, block_n=block_n, maxnreg=maxnreg,
-                                 prefetch=prefetch, transposed=trans)
+                                 prefetch=prefetch, transposed=trans, pairs=pairs)
     except _Launched:
         pass
     finally:
@@ -81,13 +81,13 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
 
 
 def _source(trans: bool, prefetch: bool, block_n: int, group: int,
-            maxnreg: int | None = None):
+            maxnreg: int | None = None, pairs: bool = False):
     """The kernel's source with the signature, constexprs and 16-byte specializations that
     its launch gives (``kernel_ir_stats._signature``), and its warps."""
     from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg)
+    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg, pairs)
     sig, consts, attrs = _signature(fn, args, kwargs)
     names = list(sig)
     src = GluonASTSource(fn=fn, signature=sig, attrs=attrs,
@@ -96,7 +96,7 @@ def _source(trans: bool, prefetch: bool, block_n: int, group: int,
     return src, opts
 
 
-def trace(trans: bool, prefetch: bool, block_n: int, group: int) -> str:
+def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = False) -> str:
     """The kernel traced to Triton GPU IR for sm_90 (text)."""
     import triton
     from triton._C.libtriton import ir
@@ -104,7 +104,7 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int) -> str:
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    src, opts = _source(trans, prefetch, block_n, group)
+    src, opts = _source(trans, prefetch, block_n, group, pairs=pairs)
     opts = backend.parse_options(opts)
     ctx = ir.context()
     ir.load_dialects(ctx)
@@ -114,13 +114,13 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int) -> str:
 
 
 def build(trans: bool, prefetch: bool, block_n: int, group: int,
-          maxnreg: int | None) -> dict:
+          maxnreg: int | None, pairs: bool = False) -> dict:
     """Registers, spills and static SASS (whole kernel and its main loop) for sm_90."""
     import triton
     from kernel_ir_stats import ptxas_counts
     from triton.backends.compiler import GPUTarget
 
-    src, opts = _source(trans, prefetch, block_n, group, maxnreg)
+    src, opts = _source(trans, prefetch, block_n, group, maxnreg, pairs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return ptxas_counts(compiled.asm["ptx"], maxnreg)
 
@@ -141,16 +141,16 @@ def main(argv=None) -> int:
     runs = [(text, g) for text in args.variants.split(",")
             for g in map(int, args.groups.split(","))]
     for text, group in runs:
-        block_n, cap, prefetch, trans = parse_variant(text)
+        block_n, cap, prefetch, trans, pairs = parse_variant(text)
         if trans and group > 8:
             continue
         row = dict(variant=text, group=group)
         try:
             if args.trace_only:
-                ir_text = trace(trans, prefetch, block_n, group)
+                ir_text = trace(trans, prefetch, block_n, group, pairs)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
             else:
-                stats = build(trans, prefetch, block_n, group, cap or None)
+                stats = build(trans, prefetch, block_n, group, cap or None, pairs)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "loop_ops")})

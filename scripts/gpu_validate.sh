@@ -21,16 +21,18 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh ab        # the working tree's decode / encode
 #       timed against each revision under _ab/ in one process (make them here with
 #       `python3 scripts/ab_kernels.py --snapshot REV`, carry _ab; ~5 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests (also with its
-#       transposed step forced off), then the A/B of its variants against the Triton kernel
-#       and cuDNN (scripts/ab_gluon_decode.py; at most ~10 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
+#       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
+#       at most ~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon_forced  # attention and integration tests
+#       with Gluon forced on: its transposed step off, then two steps an iteration on (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|gluon|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|gluon|gluon_forced|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -186,16 +188,24 @@ gluon)
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
-    # the attention and integration tests with Gluon forced on and its transposed step (the
-    # default for groups <= 8) forced off (the Triton-launch tests pin the Triton kernel;
-    # 150 s cut this off at ~90% on an H100)
+    step ab_gluon 200 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 140 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 --per-sm 8
+    ;;
+gluon_forced)
+    # the attention and integration tests with Gluon forced on, first with its transposed
+    # step (the default for groups <= 8) off, then with two steps an iteration (opt-in) on
+    # (the Triton-launch tests pin the Triton kernel; 150 s cut one such run off at ~90% on
+    # an H100)
     POLARTENSOR_DECODE_GLUON=1 POLARTENSOR_GLUON_TRANS=0 \
         POLARTENSOR_FAILLOG="$OUT/failures_gluon_untransposed.txt" \
         step tests_gluon_untransposed 240 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py tests/kernels/test_kernel_attention.py \
         tests/integrations
-    step ab_gluon 200 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 140 \
-        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384
+    POLARTENSOR_DECODE_GLUON=1 POLARTENSOR_GLUON_PAIRS=1 \
+        POLARTENSOR_FAILLOG="$OUT/failures_gluon_pairs.txt" \
+        step tests_gluon_pairs 240 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py tests/kernels/test_kernel_attention.py \
+        tests/integrations
     ;;
 profile)
     # Nsight Compute on one launch each of attention, dequant and encode (where time goes);

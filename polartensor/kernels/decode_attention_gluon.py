@@ -54,6 +54,7 @@ from .tree_decode import _lane_table_asm
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
+           "gluon_pairs_setting",
            "gluon_split_count", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
@@ -119,64 +120,102 @@ def _children(r, w):
 
 
 @gluon.jit
-def _ld16(ptr):
-    return gl.load(ptr.to(gl.pointer_type(gl.uint16), bitcast=True)).to(gl.int32)
+def _ld16(ptr, ZEXT: gl.constexpr):
+    if ZEXT:
+        # zero-extended into a 32-bit register by the load itself (a gl.load of uint16 and
+        # its conversion compile to a load and a LOP3 & 0xffff where the value crosses the
+        # prefetch loop's back edge)
+        return gl.inline_asm_elementwise("ld.global.nc.u16 $0, [$1];", "=r,l", [ptr],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        return gl.load(ptr.to(gl.pointer_type(gl.uint16), bitcast=True)).to(gl.int32)
 
 
 @gluon.jit
 def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
-                B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk):
-    """The radii (float32, 0 where not ``valid`` with ``MASKED``) and the code words of
-    every (key, block) of a [BN, 8] tile: ``rowp`` [BN, 1] points at each key's record,
-    ``radp`` [BN, 8] at its radii. Record (head_dim 128, four levels): level 1 at bit 0 (8
-    codes of B1 bits per block), level 2 after it (4 per block), then 3 (2) and 4 (1).
-    Issued apart from the tree so that a step's K and V loads all go out before its first
-    use of them."""
-    r = gl.load(radp).to(gl.float32)
-    if MASKED:
-        r = gl.where(valid, r, 0.0)
+                B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk,
+                RAW: gl.constexpr = False):
+    """The radii and the code words of every (key, block) of a [BN, 8] tile, for
+    ``_code_words``: ``rowp`` [BN, 1] points at each key's record, ``radp`` [BN, 8] at its
+    radii (0 where not ``valid`` with ``MASKED``). Record (head_dim 128, four levels): level
+    1 at bit 0 (8 codes of B1 bits per block), level 2 after it (4 per block), then 3 (2) and
+    4 (1). Issued apart from the tree so that a step's K and V loads all go out before its
+    first use of them.
+
+    Default: float32 radii and the words shifted into place here. RAW (the PAIRS loop): the
+    float16 radii and 16-bit words as loaded (zero-extended by the load) with each word's
+    bit offset, shifted and converted where they are used, so that what crosses the loop's
+    back edge is the loads' own registers."""
     OFF2: gl.constexpr = 64 * B1
     OFF3: gl.constexpr = OFF2 + 32 * B2
     OFF4: gl.constexpr = OFF3 + 16 * B3
     bit4 = OFF4 + blk * B4
-    w4 = _ld16(rowp + (bit4 >> 4) * 2) >> (bit4 & 15)
     bit3 = OFF3 + blk * (2 * B3)
-    w3 = _ld16(rowp + (bit3 >> 4) * 2) >> (bit3 & 15)
     bit2 = OFF2 + blk * (4 * B2)
-    w2 = _ld16(rowp + (bit2 >> 4) * 2) >> (bit2 & 15)
-    if B1 == 4:
-        # one 16-bit word per half block
-        p1 = rowp + blk * 4
-        w1a = _ld16(p1)
-        w1b = _ld16(p1 + 2)
-    else:
-        # B1 * 8 <= 24 bits inside the two 16-bit words from the first
+    if RAW:
+        r = gl.load(radp)
+        if MASKED:
+            r = gl.where(valid, r, 0.0)
+        w4 = _ld16(rowp + (bit4 >> 4) * 2, True)
+        w3 = _ld16(rowp + (bit3 >> 4) * 2, True)
+        w2 = _ld16(rowp + (bit2 >> 4) * 2, True)
+        # level 1: one 16-bit word per half block (B1 4), else B1 * 8 <= 24 bits inside the
+        # two 16-bit words from the first
         bit1 = blk * (8 * B1)
         p1 = rowp + (bit1 >> 4) * 2
-        w1a = (_ld16(p1) | (_ld16(p1 + 2) << 16)) >> (bit1 & 15)
+        return (r, w4, bit4 & 15, w3, bit3 & 15, w2, bit2 & 15, _ld16(p1, True),
+                _ld16(p1 + 2, True), bit1 & 15)
+    else:
+        r = gl.load(radp).to(gl.float32)
+        if MASKED:
+            r = gl.where(valid, r, 0.0)
+        w4 = _ld16(rowp + (bit4 >> 4) * 2, False) >> (bit4 & 15)
+        w3 = _ld16(rowp + (bit3 >> 4) * 2, False) >> (bit3 & 15)
+        w2 = _ld16(rowp + (bit2 >> 4) * 2, False) >> (bit2 & 15)
+        if B1 == 4:
+            # one 16-bit word per half block
+            p1 = rowp + blk * 4
+            w1a = _ld16(p1, False)
+            w1b = _ld16(p1 + 2, False)
+        else:
+            # B1 * 8 <= 24 bits inside the two 16-bit words from the first
+            bit1 = blk * (8 * B1)
+            p1 = rowp + (bit1 >> 4) * 2
+            w1a = (_ld16(p1, False) | (_ld16(p1 + 2, False) << 16)) >> (bit1 & 15)
+            w1b = w1a >> (4 * B1)
+        return r, w4, w3, w2, w1a, w1b
+
+
+@gluon.jit
+def _code_words(raw, B1: gl.constexpr):
+    """``_load_codes``' RAW loads -> float32 radii and the code words shifted into place."""
+    r, w4, s4, w3, s3, w2, s2, w1a, w1b, s1 = raw
+    if B1 != 4:
+        w1a = (w1a | (w1b << 16)) >> s1
         w1b = w1a >> (4 * B1)
-    return r, w4, w3, w2, w1a, w1b
+    return r.to(gl.float32), w4 >> s4, w3 >> s3, w2 >> s2, w1a, w1b
 
 
 @gluon.jit
 def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
                vroff, kok, vok, kblk, vblk, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_B1: gl.constexpr,
-               V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr):
+               V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr,
+               RAW: gl.constexpr = False):
     """The K and V loads (``_load_codes``) of the full step at key ``n0``: the per-head
     bases moved by n0 (64-bit scalars) plus the loop-invariant 32-bit offsets."""
     n64 = n0.to(gl.int64)
     kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok, False,
-                       K_B1, K_B2, K_B3, K_B4, kblk)
+                       K_B1, K_B2, K_B3, K_B4, kblk, RAW)
     vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok, False,
-                       V_B1, V_B2, V_B3, V_B4, vblk)
+                       V_B1, V_B2, V_B3, V_B4, vblk, RAW)
     return kraw, vraw
 
 
 @gluon.jit
 def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.constexpr,
                   B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
-    """[BN, 8] (key, block) radii and code words (``_load_codes``) -> [BN, 8, 2, 2, 2, 2]
+    """[BN, 8] (key, block) radii and code words (``_code_words``) -> [BN, 8, 2, 2, 2, 2]
     bfloat16 decoded blocks (levels 4 to 1 as the minor dims), each tree inside one
     thread."""
     # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
@@ -211,10 +250,14 @@ def _transpose8x8(p, BN: gl.constexpr):
 
 @gluon.jit
 def _operand_tile(raw, trig_ptr, ORDER: gl.constexpr, BN: gl.constexpr, KT: gl.constexpr,
-                  B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
+                  B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
+                  RAW: gl.constexpr):
     """A step's decoded K or V [BN, 128]: the trees of ``_load_codes``' words, the tile
     [key, blk2, blk1, blk0, i3, i2, i1, i0] read in operand-column order (``ORDER``)."""
-    r, w4, w3, w2, w1a, w1b = raw
+    if RAW:
+        r, w4, w3, w2, w1a, w1b = _code_words(raw, B1)
+    else:
+        r, w4, w3, w2, w1a, w1b = raw
     t = _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT, B1, B2, B3, B4)
     t = gl.reshape(t, [BN, 2, 2, 2, 2, 2, 2, 2])
     return gl.reshape(gl.permute(t, ORDER.value), [BN, 128])
@@ -227,9 +270,9 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
                V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-               V_B4: gl.constexpr):
+               V_B4: gl.constexpr, RAW: gl.constexpr = False):
     """One BN-key step of the online softmax, from the step's loaded K and V radii and code
-    words (``_load_codes``).
+    words (``_load_codes``, RAW as there).
 
     Default: S = Q K^T and O = P V with the group's query rows as the MMAs' 16 rows (K^T and
     V the B operands). TRANS (groups of at most 8): S^T = K Q^T and O^T = V^T P^T, the 16
@@ -237,7 +280,7 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     32 accumulator registers instead of 64. K and V as A operands hold the same coordinates
     per thread as they do as B operands, so the decode is the same; P^T reaches its B
     operand by two ``movmatrix`` transposes."""
-    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4)
+    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW)
     if TRANS:
         kt = gl.convert_layout(kt, a_op, assert_trivial=True)
         s = mma_v2(kt, q, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
@@ -271,7 +314,7 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     else:
         l_i = l_i + gl.sum(p, KEYS)
 
-    vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4)
+    vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4, RAW)
     if TRANS:
         vt = gl.convert_layout(gl.permute(vt, (1, 0)), a_op, assert_trivial=True)
         pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16), BN), b_op,
@@ -295,6 +338,7 @@ def polar_decode_attn_gluon_fwd_kernel(
     K_B4: gl.constexpr,
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
     V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
+    PAIRS: gl.constexpr = False,
 ):
     # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
     M: gl.constexpr = 8 if TRANS else 16
@@ -363,20 +407,48 @@ def polar_decode_attn_gluon_fwd_kernel(
         k1st = gl.minimum(start + kkey, end - 1).to(gl.int64)
         v1st = gl.minimum(start + vkey, end - 1).to(gl.int64)
         kraw = _load_codes(kc_h + k1st * skc_n, kr_h + k1st * skr_n + kblk, kok, False,
-                           K_B1, K_B2, K_B3, K_B4, kblk)
+                           K_B1, K_B2, K_B3, K_B4, kblk, PAIRS)
         vraw = _load_codes(vc_h + v1st * svc_n, vr_h + v1st * svr_n + vblk, vok, False,
-                           V_B1, V_B2, V_B3, V_B4, vblk)
-        for n0 in range(start, full_end, BN):
-            knext, vnext = _load_step(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h, vc_h,
-                                      vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
-                                      vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3, K_B4,
-                                      V_B1, V_B2, V_B3, V_B4)
-            m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
-                                       vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
-                                       K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
-                                       V_B4)
-            kraw = knext
-            vraw = vnext
+                           V_B1, V_B2, V_B3, V_B4, vblk, PAIRS)
+        if PAIRS:
+            # two steps an iteration, the loads as loaded (RAW): the second step's loads go
+            # where the first's registers were, so nothing is copied across the back edge
+            # (one step an iteration with RAW loads took ~27 register moves a step)
+            pair_end = start + ((full_end - start) // (2 * BN)) * (2 * BN)
+            for n0 in range(start, pair_end, 2 * BN):
+                ka, va = _load_step(n0 + BN, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n,
+                                    svr_n, koff, kroff, voff, vroff, kok, vok, kblk, vblk,
+                                    K_B1, K_B2, K_B3, K_B4, V_B1, V_B2, V_B3, V_B4, True)
+                m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                           vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                           K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
+                                           V_B3, V_B4, True)
+                kraw, vraw = _load_step(gl.minimum(n0 + 2 * BN, full_end - BN), kc_h, kr_h,
+                                        vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff,
+                                        voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3,
+                                        K_B4, V_B1, V_B2, V_B3, V_B4, True)
+                m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, ka, va, sok, ktab_ptr,
+                                           vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                           K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
+                                           V_B3, V_B4, True)
+            if pair_end < full_end:
+                # an odd full step left: the last iteration loaded it (or the first load)
+                m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                           vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                           K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
+                                           V_B3, V_B4, True)
+        else:
+            for n0 in range(start, full_end, BN):
+                knext, vnext = _load_step(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h,
+                                          vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff,
+                                          voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3,
+                                          K_B4, V_B1, V_B2, V_B3, V_B4)
+                m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                           vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                           K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
+                                           V_B3, V_B4)
+                kraw = knext
+                vraw = vnext
     else:
         for n0 in range(start, full_end, BN):
             kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
@@ -395,11 +467,11 @@ def polar_decode_attn_gluon_fwd_kernel(
         sok = full_end + skey < end
         kpc = gl.minimum(kpos, end - 1).to(gl.int64)
         vpc = gl.minimum(vpos, end - 1).to(gl.int64)
-        kraw = _load_codes(kc_h + kpc * skc_n, kr_h + kpc * skr_n + kblk, kok, True, K_B1,
+        kpart = _load_codes(kc_h + kpc * skc_n, kr_h + kpc * skr_n + kblk, kok, True, K_B1,
                            K_B2, K_B3, K_B4, kblk)
-        vraw = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
+        vpart = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
                            V_B2, V_B3, V_B4, vblk)
-        m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+        m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kpart, vpart, sok, ktab_ptr,
                                    vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT,
                                    K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
 
@@ -454,6 +526,18 @@ def gluon_transposed_setting() -> bool:
     as the MMA's rows (as groups over 8 always are)."""
     return env_flag("POLARTENSOR_GLUON_TRANS", True, "the transposed step for groups of "
                     "at most 8", "the query rows as the MMA's rows")
+
+
+def gluon_pairs_setting() -> bool:
+    """POLARTENSOR_GLUON_PAIRS=1 (read per call; opt-in, not yet run on a GPU): with the
+    prefetch, two steps an iteration (PAIRS), the codes and radii kept as loaded (16-bit
+    words zero-extended by the load itself) until the step that uses them, so that no
+    register is copied across the loop's back edge. Offline (Triton 3.6, sm_90, 16 keys a
+    step, scripts/gluon_offline_stats.py): 654 loop instructions a step against the default's
+    714 (transposed, 254 registers against 222: still 8 programs per SM) and 768 against 834
+    (not transposed, 255 against 236). Without the prefetch it changes nothing."""
+    return env_flag("POLARTENSOR_GLUON_PAIRS", False, "two steps an iteration with the "
+                    "prefetch", "one step an iteration")
 
 
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
@@ -565,11 +649,13 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
 
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
-                           maxnreg=MAXNREG, out=None, prefetch=None, transposed=None):
+                           maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
+                           pairs=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
-    None: ``gluon_transposed_setting`` (groups of at most 8 only). Needs at least one key."""
+    None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
+    ``gluon_pairs_setting`` (with the prefetch only). Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -589,6 +675,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         out = torch.empty(bsz, hq, tq, d, dtype=q.dtype, device=dev)
     if prefetch is None:
         prefetch = gluon_prefetch_setting()
+    if pairs is None:
+        pairs = gluon_pairs_setting()
     if num_splits is None:
         per_sm = (PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed
                   else PROGRAMS_PER_SM)
@@ -613,7 +701,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
-        PREFETCH=bool(prefetch), TRANS=bool(transposed), num_warps=1,
+        PREFETCH=bool(prefetch), TRANS=bool(transposed), PAIRS=bool(prefetch and pairs),
+        num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     polar_attn_combine_kernel[(bsz * hk, 1)](

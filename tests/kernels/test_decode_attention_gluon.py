@@ -74,11 +74,13 @@ def test_supported_scope():
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 7, 16]),
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
-       prefetch=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**16))
+       prefetch=st.booleans(), transposed=st.booleans(), pairs=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
-                                        transposed, seed):
+                                        transposed, pairs, seed):
     """Every launch variant against the reference; the transposed step where it serves
-    (groups of at most 8)."""
+    (groups of at most 8); two steps an iteration (with the prefetch), which with up to 9
+    splits of up to 3000 keys meets an even and an odd number of full steps."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +91,8 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     trig = trig_table(k.centroids, cfg.bits)
     out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
-                                 prefetch=prefetch, transposed=transposed and group <= 8)
+                                 prefetch=prefetch, transposed=transposed and group <= 8,
+                                 pairs=pairs)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / ref.double().norm()
@@ -148,6 +151,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
 def test_gluon_settings_read_and_reject(monkeypatch):
     from polartensor.kernels.decode_attention_gluon import (
         gluon_decode_setting,
+        gluon_pairs_setting,
         gluon_prefetch_setting,
         gluon_transposed_setting,
     )
@@ -155,7 +159,14 @@ def test_gluon_settings_read_and_reject(monkeypatch):
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
     monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
     monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
+    monkeypatch.delenv("POLARTENSOR_GLUON_PAIRS", raising=False)
     assert gluon_decode_setting() is None and gluon_prefetch_setting() is True
+    assert gluon_pairs_setting() is False
+    monkeypatch.setenv("POLARTENSOR_GLUON_PAIRS", "1")
+    assert gluon_pairs_setting() is True
+    monkeypatch.setenv("POLARTENSOR_GLUON_PAIRS", "true")
+    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_PAIRS"):
+        gluon_pairs_setting()
     assert gluon_transposed_setting() is True
     monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "0")
     assert gluon_transposed_setting() is False
@@ -303,10 +314,10 @@ def test_split_count_fills_one_round():
 
 # (scripts/ab_gluon_decode.py's variants) x groups; the transposed step serves groups <= 8
 _TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr", "32:0:tr",
-                   "32:0:pf:tr"]
+                   "32:0:pf:tr", "16:0:pf:pr", "16:0:pf:tr:pr", "32:0:pf:tr:pr"]
 _TRACE_GROUPS = [1, 4, 7, 8, 16]
 _TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
-           if not (v.endswith(":tr") and g > 8)]
+           if not ("tr" in v.split(":") and g > 8)]
 
 
 @pytest.fixture(scope="module")
@@ -336,4 +347,4 @@ def test_kernel_traces_with_trivial_operand_layouts(traced, variant, group):
     transposed step once failed here: a reshape of the wrong size.)"""
     row = traced[(variant, group)]
     assert row.get("traced") is True, row.get("error")
-    assert row["movmatrix"] == variant.endswith(":tr")
+    assert row["movmatrix"] == ("tr" in variant.split(":"))

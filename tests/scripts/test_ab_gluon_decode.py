@@ -26,12 +26,13 @@ def test_parse_variant(load_script):
     import pytest
 
     mod = load_script("ab_gluon_decode")
-    assert mod.parse_variant("16:0") == (16, 0, False, False)
-    assert mod.parse_variant("16:0:pf") == (16, 0, True, False)
-    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True)
-    assert mod.parse_variant("32:168:tr") == (32, 168, False, True)
+    assert mod.parse_variant("16:0") == (16, 0, False, False, False)
+    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False)
+    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False)
+    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False)
+    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True)
     with pytest.raises(ValueError, match="16:0:pf:tr"):
         mod.parse_variant("16:0:prefetch")
-    for bad in ("16", "x:0", "16:cap:pf"):
+    for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr"):
         with pytest.raises(ValueError, match="block_n:maxnreg"):
             mod.parse_variant(bad)
