@@ -148,45 +148,41 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     assert err <= 2e-2, f"relative error {err:.2e}"
 
 
-def test_gluon_settings_read_and_reject(monkeypatch):
-    from polartensor.kernels.decode_attention_gluon import (
-        gluon_decode_setting,
-        gluon_pairs_setting,
-        gluon_prefetch_setting,
-        gluon_transposed_setting,
-    )
+@pytest.mark.parametrize("env,getter,default", [
+    ("POLARTENSOR_GLUON_PREFETCH", "gluon_prefetch_setting", True),
+    ("POLARTENSOR_GLUON_TRANS", "gluon_transposed_setting", True),
+    ("POLARTENSOR_GLUON_PAIRS", "gluon_pairs_setting", False),
+])
+def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
+    """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
+    anything else refused with the variable's name."""
+    from polartensor.kernels import decode_attention_gluon as dg
+
+    read = getattr(dg, getter)
+    monkeypatch.delenv(env, raising=False)
+    assert read() is default
+    for text, want in (("0", False), ("1", True)):
+        monkeypatch.setenv(env, text)
+        assert read() is want
+    for bad in ("2", "on", "true"):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=env):
+            read()
+
+
+def test_gluon_decode_setting_three_ways(monkeypatch):
+    """POLARTENSOR_DECODE_GLUON: unset (None: the measured default), 0, 1; else refused."""
+    from polartensor.kernels.decode_attention_gluon import gluon_decode_setting
 
     monkeypatch.delenv("POLARTENSOR_DECODE_GLUON", raising=False)
-    monkeypatch.delenv("POLARTENSOR_GLUON_PREFETCH", raising=False)
-    monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
-    monkeypatch.delenv("POLARTENSOR_GLUON_PAIRS", raising=False)
-    assert gluon_decode_setting() is None and gluon_prefetch_setting() is True
-    assert gluon_pairs_setting() is False
-    monkeypatch.setenv("POLARTENSOR_GLUON_PAIRS", "1")
-    assert gluon_pairs_setting() is True
-    monkeypatch.setenv("POLARTENSOR_GLUON_PAIRS", "true")
-    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_PAIRS"):
-        gluon_pairs_setting()
-    assert gluon_transposed_setting() is True
-    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "0")
-    assert gluon_transposed_setting() is False
-    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "1")
-    assert gluon_transposed_setting() is True
-    monkeypatch.setenv("POLARTENSOR_GLUON_TRANS", "2")
-    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_TRANS"):
-        gluon_transposed_setting()
+    assert gluon_decode_setting() is None
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "0")
-    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "0")
-    assert gluon_decode_setting() is False and gluon_prefetch_setting() is False
+    assert gluon_decode_setting() is False
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "1")
-    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "1")
-    assert gluon_decode_setting() is True and gluon_prefetch_setting() is True
+    assert gluon_decode_setting() is True
     monkeypatch.setenv("POLARTENSOR_DECODE_GLUON", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_DECODE_GLUON"):
         gluon_decode_setting()
-    monkeypatch.setenv("POLARTENSOR_GLUON_PREFETCH", "on")
-    with pytest.raises(ValueError, match="POLARTENSOR_GLUON_PREFETCH"):
-        gluon_prefetch_setting()
 
 
 def test_gluon_default_from_the_measured_size():
