@@ -534,8 +534,9 @@ def gluon_pairs_setting() -> bool:
     words zero-extended by the load itself) until the step that uses them, so that no
     register is copied across the loop's back edge. Offline (Triton 3.6, sm_90, 16 keys a
     step, scripts/gluon_offline_stats.py): 654 loop instructions a step against the default's
-    714 (transposed, 254 registers against 222: still 8 programs per SM) and 768 against 834
-    (not transposed, 255 against 236). Without the prefetch it changes nothing."""
+    714 (transposed, 255 registers against 222: still 8 programs per SM) and 780 against 834
+    (not transposed, 255 against 236); 32 keys a step spills. Without the prefetch it changes
+    nothing."""
     return env_flag("POLARTENSOR_GLUON_PAIRS", False, "two steps an iteration with the "
                     "prefetch", "one step an iteration")
 
@@ -608,8 +609,8 @@ PROGRAMS_PER_SM = 8
 # The transposed step (groups <= 8, the default there), from an H100 A/B run of 8, 9, 10 and
 # 12 programs per SM x register caps (results/bench/ab_gluon_decode_2026-12-06g_h100.md):
 # alone (168 registers) 12 per SM ran fastest; with the prefetch (222 registers offline, which
-# should fit 9) 8 per SM did, and 9 ran 1.2-1.5x slower than 8 at batch 8 and more (a second
-# round: 9 did not fit there, not examined further).
+# should fit 9) 8 per SM did, and 9 ran 1.45-1.52x slower than 8 at three of four shapes (as
+# a second round would; equal at batch 32 / 8K; not examined further).
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
 BLOCK_N = 16
 MAXNREG = None
