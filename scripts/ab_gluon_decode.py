@@ -31,13 +31,14 @@ from profile_decode import quantized  # noqa: E402
 
 from polartensor.config import get_preset  # noqa: E402
 from polartensor.kernels.decode_attention import launch_attention  # noqa: E402
-from polartensor.kernels.decode_attention_gluon import launch_attention_gluon  # noqa: E402
+from polartensor.kernels.decode_attention_gluon import (  # noqa: E402
+    gluon_split_count,
+    launch_attention_gluon,
+)
 
 
 def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     """Check and time every variant at one shape; the row of results."""
-    import triton
-
     hq, hk, d = 32, 8, 128
     g = torch.Generator(device=dev).manual_seed(1)
     k = torch.randn(b, hk, n, d, device=dev, generator=g, dtype=torch.bfloat16)
@@ -67,7 +68,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     checks = {}
     for bn, cap, pf, tr, pr in variants:
         for ps in per_sm:
-            splits = max(1, min(ps * sms // (b * hk), triton.cdiv(n, 4 * bn)))
+            splits = gluon_split_count(b * hk, n, sms, bn, ps)
             name = (f"gluon_bn{bn}_cap{cap}_ps{ps}" + ("_pf" if pf else "")
                     + ("_tr" if tr else "") + ("_pr" if pr else ""))
 

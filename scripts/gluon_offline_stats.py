@@ -57,8 +57,7 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     radii = torch.empty(b, hk, n, small.radii.shape[-1], dtype=small.radii.dtype)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
     q = torch.zeros(b, hk * group, 1, d, dtype=torch.bfloat16)
-    per_sm = G.PROGRAMS_PER_SM_TRANSPOSED[prefetch] if trans else G.PROGRAMS_PER_SM
-    splits = G.gluon_split_count(b * hk, n, 132, block_n, per_sm)
+    splits = G.gluon_split_count(b * hk, n, 132, block_n, G.programs_per_sm(trans, prefetch))
     seen = {}
 
     class _Recorder:

@@ -54,8 +54,8 @@ from .tree_decode import _lane_table_asm
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
-           "gluon_pairs_setting",
-           "gluon_split_count", "tile_layouts", "k_permutation", "v_permutation"]
+           "gluon_pairs_setting", "gluon_split_count", "programs_per_sm", "tile_layouts",
+           "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
 
@@ -612,6 +612,12 @@ PROGRAMS_PER_SM = 8
 # should fit 9) 8 per SM did, and 9 ran 1.45-1.52x slower than 8 at three of four shapes (as
 # a second round would; equal at batch 32 / 8K; not examined further).
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
+
+
+def programs_per_sm(transposed: bool, prefetch: bool) -> int:
+    """The one-round split rule's programs per SM for a launch variant (measured above)."""
+    return PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed else PROGRAMS_PER_SM
+
 BLOCK_N = 16
 MAXNREG = None
 # Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x
@@ -679,9 +685,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     if pairs is None:
         pairs = gluon_pairs_setting()
     if num_splits is None:
-        per_sm = (PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed
-                  else PROGRAMS_PER_SM)
-        num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n, per_sm)
+        num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
+                                       programs_per_sm(transposed, prefetch))
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n

@@ -296,12 +296,16 @@ def test_split_count_fills_one_round():
     from polartensor.kernels.decode_attention_gluon import (
         PROGRAMS_PER_SM_TRANSPOSED,
         gluon_split_count,
+        programs_per_sm,
     )
 
     # batch 8 x 8 KV heads on 132 SMs: 8 per SM -> 16 splits, 12 per SM -> 24
     assert gluon_split_count(64, 32768, 132) == 16
     assert gluon_split_count(64, 32768, 132, per_sm=PROGRAMS_PER_SM_TRANSPOSED[False]) == 24
     assert gluon_split_count(64, 32768, 132, per_sm=PROGRAMS_PER_SM_TRANSPOSED[True]) == 16
+    # each launch variant's rule: transposed 12 alone, 8 with the prefetch; else 8
+    assert [programs_per_sm(tr, pf) for tr in (False, True) for pf in (False, True)] == [
+        8, 8, 12, 8]
     # short caches: no split shorter than four 16-key steps; never fewer than one split
     assert gluon_split_count(1, 200, 132) == 4
     assert gluon_split_count(4096, 32768, 132) == 1
