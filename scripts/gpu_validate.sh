@@ -15,6 +15,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile_gluon   # ncu of the Gluon decode, default and
+#       two steps an iteration (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench, shuffle tables on/off (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
@@ -32,7 +34,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_detail|compile|ab|gluon|gluon_forced|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_detail|compile|ab|gluon|gluon_forced|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -154,6 +156,20 @@ persist)
             step "tests_persist_$p" 200 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
             tests/kernels/test_kernel_encode.py
     done
+    ;;
+profile_gluon)
+    # Nsight Compute on the Gluon decode at batch 8 / 32K, paper (the target shape): its
+    # default launch, then two steps an iteration (POLARTENSOR_GLUON_PAIRS=1); the pipes and
+    # the L1 wavefronts say whether the shuffles and the code loads (both on the LSU/MIO
+    # path) or the issue rate cap it, SourceCounters which instructions stall
+    NCU=(ncu --clock-control none --section SpeedOfLight --section WarpStateStats
+         --section InstructionStats --section LaunchStats --section Occupancy
+         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+         --section SchedulerStats --section SourceCounters --print-details all)
+    GLUON=1 step ncu_gluon 200 "${NCU[@]}" -k regex:polar_decode_attn_gluon --launch-skip 1 \
+        -c 1 "$PY" scripts/profile_decode.py
+    GLUON=1 POLARTENSOR_GLUON_PAIRS=1 step ncu_gluon_pairs 200 "${NCU[@]}" \
+        -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
     ;;
 mma)
     # the MMA orientations (POLARTENSOR_DECODE_MMA): the kernels' tests with kq forced (the
