@@ -32,6 +32,7 @@ from profile_decode import quantized  # noqa: E402
 from polartensor.config import get_preset  # noqa: E402
 from polartensor.kernels.decode_attention import launch_attention  # noqa: E402
 from polartensor.kernels.decode_attention_gluon import (  # noqa: E402
+    LAST_LAUNCH,
     gluon_split_count,
     launch_attention_gluon,
 )
@@ -85,9 +86,11 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
                 checks[name] = dict(error=str(exc)[:400])
                 continue
-            checks[name] = dict(rel_diff_vs_triton=err, splits=splits)
+            regs, spills = LAST_LAUNCH.get("registers"), LAST_LAUNCH.get("spills")
+            checks[name] = dict(rel_diff_vs_triton=err, splits=splits, registers=regs,
+                                spills=spills)
             print(f"{preset} b{b} n{n} {name} splits {splits}: rel diff vs triton "
-                  f"{err:.2e}", flush=True)
+                  f"{err:.2e}, {regs} registers, {spills} spills", flush=True)
             if not err < 2e-2:
                 print("  MISMATCH: not timed", flush=True)
                 continue
@@ -116,15 +119,16 @@ def render_markdown(res: dict) -> str:
              f"- torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}",
              "- median of rounds of CUDA-graph medians, order rotated; Llama heads 32/8, d 128",
              "", "| preset | batch | context | cuDNN ms | Triton ms | best Gluon | Gluon ms | "
-             "Gluon / Triton | Gluon vs cuDNN | Triton vs cuDNN |", "|---|---|---|---|---|---|"
-             "---|---|---|---|"]
+             "Gluon / Triton | Gluon vs cuDNN | Triton vs cuDNN | best's registers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if not r.get("best"):
             continue
         lines.append(f"| {r['preset']} | {r['batch']} | {r['context']} | {r['ms']['cudnn']:.4f} "
                      f"| {r['ms']['triton']:.4f} | {r['best']} | {r['ms'][r['best']]:.4f} | "
                      f"{r['best_vs_triton']:.2f}x | {r['best_vs_cudnn']:.2f}x | "
-                     f"{r['triton_vs_cudnn']:.2f}x |")
+                     f"{r['triton_vs_cudnn']:.2f}x | "
+                     f"{r['checks'][r['best']].get('registers')} |")
     return "\n".join(lines) + "\n"
 
 

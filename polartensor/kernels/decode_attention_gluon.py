@@ -620,6 +620,8 @@ def programs_per_sm(transposed: bool, prefetch: bool) -> int:
 
 BLOCK_N = 16
 MAXNREG = None
+# registers, spills and splits of the last launch_attention_gluon (read by the benchmarks)
+LAST_LAUNCH: dict = {}
 # Where the decode takes this kernel by default (POLARTENSOR_DECODE_GLUON unset): batch x
 # KV heads x keys of at least 2^20. On an H100 against the Triton kernel, in two runs
 # (results/bench/ab_gluon_decode_2026-12-06{b,c}_h100.md, paper, Llama heads, the step
@@ -697,7 +699,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
     kb, vb = k_cfg.bits, v_cfg.bits
     k_lay, v_lay = tile_layouts(block_n)
-    polar_decode_attn_gluon_fwd_kernel[(bsz * hk, num_splits)](
+    kernel = polar_decode_attn_gluon_fwd_kernel[(bsz * hk, num_splits)](
         qr, qr.stride(0), qr.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
@@ -711,6 +713,9 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
+    # what the launch compiled to, for the benchmarks (the split rule assumes a register count)
+    LAST_LAUNCH.update(registers=getattr(kernel, "n_regs", None),
+                       spills=getattr(kernel, "n_spills", None), splits=num_splits)
     polar_attn_combine_kernel[(bsz * hk, 1)](
         pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),
         hk, tq, num_splits, 1,
