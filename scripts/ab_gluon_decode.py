@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,18 +68,19 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
             return F.scaled_dot_product_attention(qf, k, v, scale=scale)
     fns["cudnn"] = cudnn_fn
     checks = {}
-    for bn, cap, pf, tr, pr in variants:
+    for var in variants:
         for ps in per_sm:
-            splits = gluon_split_count(b * hk, n, sms, bn, ps)
-            name = (f"gluon_bn{bn}_cap{cap}_ps{ps}" + ("_pf" if pf else "")
-                    + ("_tr" if tr else "") + ("_pr" if pr else ""))
+            splits = gluon_split_count(b * hk, n, sms, var.block_n, ps)
+            name = var.name.replace(f"_cap{var.maxnreg}", f"_cap{var.maxnreg}_ps{ps}")
 
-            def fn(bn=bn, cap=cap, splits=splits, pf=pf, tr=tr, pr=pr):
+            def fn(var=var, splits=splits):
                 return launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
                                               vq[2], cfg, kq[3], vq[3], scale,
-                                              splits, block_n=bn,
-                                              maxnreg=cap or None, prefetch=pf,
-                                              transposed=tr, pairs=pr)
+                                              splits, block_n=var.block_n,
+                                              maxnreg=var.maxnreg or None,
+                                              prefetch=var.prefetch,
+                                              transposed=var.transposed, pairs=var.pairs,
+                                              kpairs=var.kpairs)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -128,21 +130,38 @@ def render_markdown(res: dict) -> str:
                      f"| {r['ms']['triton']:.4f} | {r['best']} | {r['ms'][r['best']]:.4f} | "
                      f"{r['best_vs_triton']:.2f}x | {r['best_vs_cudnn']:.2f}x | "
                      f"{r['triton_vs_cudnn']:.2f}x | "
-                     f"{r['checks'][r['best']].get('registers')} |")
+                     f"{r.get('checks', {}).get(r['best'], {}).get('registers', '?')} |")
     return "\n".join(lines) + "\n"
 
 
-def parse_variant(text: str) -> tuple[int, int, bool, bool, bool]:
-    """'block_n:maxnreg[:pf][:tr][:pr]' -> (block_n, maxnreg, prefetch, transposed, pairs)
-    (pairs: two steps an iteration, with the prefetch only)."""
+class Variant(NamedTuple):
+    block_n: int
+    maxnreg: int          # 0: no cap
+    prefetch: bool        # :pf, POLARTENSOR_GLUON_PREFETCH
+    transposed: bool      # :tr, POLARTENSOR_GLUON_TRANS
+    pairs: bool           # :pr (with :pf), POLARTENSOR_GLUON_PAIRS
+    kpairs: bool = False  # :kp, POLARTENSOR_GLUON_KPAIRS
+
+    @property
+    def name(self) -> str:
+        return (f"gluon_bn{self.block_n}_cap{self.maxnreg}"
+                + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:]) if on))
+
+
+_FLAGS = ("pf", "tr", "pr", "kp")
+
+
+def parse_variant(text: str) -> Variant:
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp]' -> Variant (pairs: two steps an iteration,
+    with the prefetch only)."""
     parts = text.split(":")
     flags = parts[2:]
     if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
-            or any(f not in ("pf", "tr", "pr") for f in flags)
+            or any(f not in _FLAGS for f in flags)
             or ("pr" in flags and "pf" not in flags)):
-        raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then :pf, :tr "
-                         f"and/or :pr (with :pf), e.g. 16:0:pf:tr")
-    return int(parts[0]), int(parts[1]), "pf" in flags, "tr" in flags, "pr" in flags
+        raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
+                         f":pf, :tr, :pr (with :pf) and :kp, e.g. 16:0:pf:tr")
+    return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS))
 
 
 def main():
@@ -154,7 +173,8 @@ def main():
                     help="block_n:maxnreg (0: no cap), :pf for the prefetch of the next "
                     "step's codes (POLARTENSOR_GLUON_PREFETCH), :tr for the transposed step "
                     "(POLARTENSOR_GLUON_TRANS), :pr (with :pf) for two steps an iteration "
-                    "(POLARTENSOR_GLUON_PAIRS)")
+                    "(POLARTENSOR_GLUON_PAIRS), :kp for K's code words loaded per block pair "
+                    "(POLARTENSOR_GLUON_KPAIRS)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

@@ -37,7 +37,7 @@ class _Launched(Exception):
 
 
 def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
-                 maxnreg: int | None, pairs: bool = False):
+                 maxnreg: int | None, pairs: bool = False, kpairs: bool = False):
     """The Gluon kernel's arguments as ``launch_attention_gluon`` passes them, at Llama
     heads (8 KV heads, d 128), batch 8, 32K keys, paper, split for 132 SMs: the launch runs
     on CPU tensors up to the kernel, which a stand-in records."""
@@ -71,7 +71,8 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     try:
         G.launch_attention_gluon(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
                                  d ** -0.5, splits, block_n=block_n, maxnreg=maxnreg,
-                                 prefetch=prefetch, transposed=trans, pairs=pairs)
+                                 prefetch=prefetch, transposed=trans, pairs=pairs,
+                                 kpairs=kpairs)
     except _Launched:
         pass
     finally:
@@ -80,13 +81,14 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
 
 
 def _source(trans: bool, prefetch: bool, block_n: int, group: int,
-            maxnreg: int | None = None, pairs: bool = False):
+            maxnreg: int | None = None, pairs: bool = False, kpairs: bool = False):
     """The kernel's source with the signature, constexprs and 16-byte specializations that
     its launch gives (``kernel_ir_stats._signature``), and its warps."""
     from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg, pairs)
+    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg, pairs,
+                                    kpairs)
     sig, consts, attrs = _signature(fn, args, kwargs)
     names = list(sig)
     src = GluonASTSource(fn=fn, signature=sig, attrs=attrs,
@@ -95,7 +97,8 @@ def _source(trans: bool, prefetch: bool, block_n: int, group: int,
     return src, opts
 
 
-def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = False) -> str:
+def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = False,
+          kpairs: bool = False) -> str:
     """The kernel traced to Triton GPU IR for sm_90 (text)."""
     import triton
     from triton._C.libtriton import ir
@@ -103,7 +106,7 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = F
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    src, opts = _source(trans, prefetch, block_n, group, pairs=pairs)
+    src, opts = _source(trans, prefetch, block_n, group, pairs=pairs, kpairs=kpairs)
     opts = backend.parse_options(opts)
     ctx = ir.context()
     ir.load_dialects(ctx)
@@ -113,13 +116,13 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = F
 
 
 def build(trans: bool, prefetch: bool, block_n: int, group: int,
-          maxnreg: int | None, pairs: bool = False) -> dict:
+          maxnreg: int | None, pairs: bool = False, kpairs: bool = False) -> dict:
     """Registers, spills and static SASS (whole kernel and its main loop) for sm_90."""
     import triton
     from kernel_ir_stats import ptxas_counts
     from triton.backends.compiler import GPUTarget
 
-    src, opts = _source(trans, prefetch, block_n, group, maxnreg, pairs)
+    src, opts = _source(trans, prefetch, block_n, group, maxnreg, pairs, kpairs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return ptxas_counts(compiled.asm["ptx"], maxnreg)
 
@@ -140,16 +143,16 @@ def main(argv=None) -> int:
     runs = [(text, g) for text in args.variants.split(",")
             for g in map(int, args.groups.split(","))]
     for text, group in runs:
-        block_n, cap, prefetch, trans, pairs = parse_variant(text)
+        block_n, cap, prefetch, trans, pairs, kpairs = parse_variant(text)
         if trans and group > 8:
             continue
         row = dict(variant=text, group=group)
         try:
             if args.trace_only:
-                ir_text = trace(trans, prefetch, block_n, group, pairs)
+                ir_text = trace(trans, prefetch, block_n, group, pairs, kpairs)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
             else:
-                stats = build(trans, prefetch, block_n, group, cap or None, pairs)
+                stats = build(trans, prefetch, block_n, group, cap or None, pairs, kpairs)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "loop_ops")})

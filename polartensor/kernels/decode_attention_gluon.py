@@ -54,8 +54,8 @@ from .tree_decode import _lane_table_asm
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
-           "gluon_pairs_setting", "gluon_split_count", "programs_per_sm", "tile_layouts",
-           "k_permutation", "v_permutation"]
+           "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_split_count",
+           "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
 
@@ -187,6 +187,72 @@ def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
 
 
 @gluon.jit
+def _pair_join(a, b, like):
+    """[BN, 4] block-pair words a (even block) and b (odd block) -> [BN, 8] in ``like``'s
+    layout (the K tile's: a block pair's two blocks in one thread's registers, so this moves
+    nothing)."""
+    BN: gl.constexpr = a.shape[0]
+    t = gl.reshape(gl.join(a, b), [BN, 8])
+    return gl.convert_layout(t, like.type.layout, assert_trivial=True)
+
+
+@gluon.jit
+def _load_codes_kpairs(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
+                       B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk, pair,
+                       RAW: gl.constexpr = False):
+    """``_load_codes`` for the K tile, whose threads hold blocks 2j and 2j + 1 of a key: the
+    upper levels' codes of a block pair share one 16-bit word (level 2: 16 bits a pair,
+    level 3: 8, level 4: 4) and level 1 fills B1 (3 or 4) consecutive words, so each word
+    is addressed and shifted once per pair (``rowp`` [BN, 1] and ``pair`` [1, 4] in the
+    [BN, 4] pair layout), the odd block's codes then one shift on. (The loads themselves
+    were already one per word: the compiler merges those of equal addresses.) Returns
+    ``_load_codes``' tuple with the upper levels' words as [BN, 4] (``_pair_words`` expands
+    them at use) and level 1 as [BN, 8]."""
+    OFF2: gl.constexpr = 64 * B1
+    OFF3: gl.constexpr = OFF2 + 32 * B2
+    OFF4: gl.constexpr = OFF3 + 16 * B3
+    bit4 = OFF4 + pair * (2 * B4)
+    bit3 = OFF3 + pair * (4 * B3)
+    bit2 = OFF2 + pair * (8 * B2)
+    r = gl.load(radp)
+    if MASKED:
+        r = gl.where(valid, r, 0.0)
+    w4 = _ld16(rowp + (bit4 >> 4) * 2, RAW)
+    w3 = _ld16(rowp + (bit3 >> 4) * 2, RAW)
+    w2 = _ld16(rowp + (bit2 >> 4) * 2, RAW)
+    # level 1: the pair's 16 B1 bits from word 0; the odd block's from bit 8 B1
+    p1 = rowp + pair * (2 * B1)
+    x0 = _ld16(p1, RAW)
+    x1 = _ld16(p1 + 2, RAW)
+    x2 = _ld16(p1 + 4, RAW)
+    if B1 == 4:
+        x3 = _ld16(p1 + 6, RAW)
+        w1a = _pair_join(x0, x2, r)
+        w1b = _pair_join(x1, x3, r)
+    else:
+        # the odd block from word 1, at bit 8 B1 - 16 (s1); B1 2 reads x2 only as filler
+        w1a = _pair_join(x0, x1, r)
+        w1b = _pair_join(x1, x2, r)
+    s1 = (blk & 1) * ((8 * B1) % 16)
+    if RAW:
+        return (r, w4, bit4 & 15, w3, bit3 & 15, w2, bit2 & 15, w1a, w1b, s1)
+    else:
+        r = r.to(gl.float32)
+        if B1 != 4:
+            w1a = (w1a | (w1b << 16)) >> s1
+            w1b = w1a >> (4 * B1)
+        return r, w4 >> (bit4 & 15), w3 >> (bit3 & 15), w2 >> (bit2 & 15), w1a, w1b
+
+
+@gluon.jit
+def _pair_words(w4, w3, w2, like, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
+    """The K tile's [BN, 4] upper-level pair words (shifted into place) -> [BN, 8] per block:
+    the odd block's codes follow the even block's."""
+    return (_pair_join(w4, w4 >> B4, like), _pair_join(w3, w3 >> (2 * B3), like),
+            _pair_join(w2, w2 >> (4 * B2), like))
+
+
+@gluon.jit
 def _code_words(raw, B1: gl.constexpr):
     """``_load_codes``' RAW loads -> float32 radii and the code words shifted into place."""
     r, w4, s4, w3, s3, w2, s2, w1a, w1b, s1 = raw
@@ -201,12 +267,17 @@ def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kro
                vroff, kok, vok, kblk, vblk, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_B1: gl.constexpr,
                V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr,
-               RAW: gl.constexpr = False):
-    """The K and V loads (``_load_codes``) of the full step at key ``n0``: the per-head
-    bases moved by n0 (64-bit scalars) plus the loop-invariant 32-bit offsets."""
+               RAW: gl.constexpr = False, KPAIR: gl.constexpr = False, kpair=None):
+    """The K and V loads (``_load_codes``; KPAIR: K's by ``_load_codes_kpairs``, ``koff``
+    and ``kpair`` in its pair layout) of the full step at key ``n0``: the per-head bases
+    moved by n0 (64-bit scalars) plus the loop-invariant 32-bit offsets."""
     n64 = n0.to(gl.int64)
-    kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok, False,
-                       K_B1, K_B2, K_B3, K_B4, kblk, RAW)
+    if KPAIR:
+        kraw = _load_codes_kpairs((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff,
+                                  kok, False, K_B1, K_B2, K_B3, K_B4, kblk, kpair, RAW)
+    else:
+        kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok,
+                           False, K_B1, K_B2, K_B3, K_B4, kblk, RAW)
     vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok, False,
                        V_B1, V_B2, V_B3, V_B4, vblk, RAW)
     return kraw, vraw
@@ -251,13 +322,16 @@ def _transpose8x8(p, BN: gl.constexpr):
 @gluon.jit
 def _operand_tile(raw, trig_ptr, ORDER: gl.constexpr, BN: gl.constexpr, KT: gl.constexpr,
                   B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
-                  RAW: gl.constexpr):
-    """A step's decoded K or V [BN, 128]: the trees of ``_load_codes``' words, the tile
-    [key, blk2, blk1, blk0, i3, i2, i1, i0] read in operand-column order (``ORDER``)."""
+                  RAW: gl.constexpr, KPAIR: gl.constexpr = False):
+    """A step's decoded K or V [BN, 128]: the trees of ``_load_codes``' words (KPAIR:
+    ``_load_codes_kpairs``'), the tile [key, blk2, blk1, blk0, i3, i2, i1, i0] read in
+    operand-column order (``ORDER``)."""
     if RAW:
         r, w4, w3, w2, w1a, w1b = _code_words(raw, B1)
     else:
         r, w4, w3, w2, w1a, w1b = raw
+    if KPAIR:
+        w4, w3, w2 = _pair_words(w4, w3, w2, r, B2, B3, B4)
     t = _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT, B1, B2, B3, B4)
     t = gl.reshape(t, [BN, 2, 2, 2, 2, 2, 2, 2])
     return gl.reshape(gl.permute(t, ORDER.value), [BN, 128])
@@ -270,7 +344,7 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
                V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-               V_B4: gl.constexpr, RAW: gl.constexpr = False):
+               V_B4: gl.constexpr, RAW: gl.constexpr = False, KPAIR: gl.constexpr = False):
     """One BN-key step of the online softmax, from the step's loaded K and V radii and code
     words (``_load_codes``, RAW as there).
 
@@ -280,7 +354,7 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     32 accumulator registers instead of 64. K and V as A operands hold the same coordinates
     per thread as they do as B operands, so the decode is the same; P^T reaches its B
     operand by two ``movmatrix`` transposes."""
-    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW)
+    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW, KPAIR)
     if TRANS:
         kt = gl.convert_layout(kt, a_op, assert_trivial=True)
         s = mma_v2(kt, q, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
@@ -334,11 +408,12 @@ def polar_decode_attn_gluon_fwd_kernel(
     pacc_ptr, pml_ptr,
     Hk, N, kv_per_split, n_splits, scale_log2,
     GROUP: gl.constexpr, BN: gl.constexpr, k_lay: gl.constexpr, v_lay: gl.constexpr,
+    kp_lay: gl.constexpr,
     K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr, K_B3: gl.constexpr,
     K_B4: gl.constexpr,
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
     V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
-    PAIRS: gl.constexpr = False,
+    PAIRS: gl.constexpr = False, KPAIR: gl.constexpr = False,
 ):
     # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
     M: gl.constexpr = 8 if TRANS else 16
@@ -393,7 +468,13 @@ def polar_decode_attn_gluon_fwd_kernel(
     vc_h = vc_ptr + (b * svc_b + hk * svc_h)
     vr_h = vr_ptr + (b * svr_b + hk * svr_h)
     # loop-invariant 32-bit offsets of each key's record and radii inside a step
-    koff = kkey * skc_n
+    # KPAIR: K's code words loaded per block pair ([BN, 4], _load_codes_kpairs)
+    kpkey = gl.arange(0, BN, layout=gl.SliceLayout(1, kp_lay))[:, None]
+    kpair = gl.arange(0, 4, layout=gl.SliceLayout(0, kp_lay))[None, :]
+    if KPAIR:
+        koff = kpkey * skc_n
+    else:
+        koff = kkey * skc_n
     kroff = kkey * skr_n + kblk
     voff = vkey * svc_n
     vroff = vkey * svr_n + vblk
@@ -406,8 +487,13 @@ def polar_decode_attn_gluon_fwd_kernel(
         # step)
         k1st = gl.minimum(start + kkey, end - 1).to(gl.int64)
         v1st = gl.minimum(start + vkey, end - 1).to(gl.int64)
-        kraw = _load_codes(kc_h + k1st * skc_n, kr_h + k1st * skr_n + kblk, kok, False,
-                           K_B1, K_B2, K_B3, K_B4, kblk, PAIRS)
+        if KPAIR:
+            kp1st = gl.minimum(start + kpkey, end - 1).to(gl.int64)
+            kraw = _load_codes_kpairs(kc_h + kp1st * skc_n, kr_h + k1st * skr_n + kblk, kok,
+                                      False, K_B1, K_B2, K_B3, K_B4, kblk, kpair, PAIRS)
+        else:
+            kraw = _load_codes(kc_h + k1st * skc_n, kr_h + k1st * skr_n + kblk, kok, False,
+                               K_B1, K_B2, K_B3, K_B4, kblk, PAIRS)
         vraw = _load_codes(vc_h + v1st * svc_n, vr_h + v1st * svr_n + vblk, vok, False,
                            V_B1, V_B2, V_B3, V_B4, vblk, PAIRS)
         if PAIRS:
@@ -418,46 +504,48 @@ def polar_decode_attn_gluon_fwd_kernel(
             for n0 in range(start, pair_end, 2 * BN):
                 ka, va = _load_step(n0 + BN, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n,
                                     svr_n, koff, kroff, voff, vroff, kok, vok, kblk, vblk,
-                                    K_B1, K_B2, K_B3, K_B4, V_B1, V_B2, V_B3, V_B4, True)
+                                    K_B1, K_B2, K_B3, K_B4, V_B1, V_B2, V_B3, V_B4, True,
+                                    KPAIR=KPAIR, kpair=kpair)
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True)
+                                           V_B3, V_B4, True, KPAIR=KPAIR)
                 kraw, vraw = _load_step(gl.minimum(n0 + 2 * BN, full_end - BN), kc_h, kr_h,
                                         vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff,
                                         voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3,
-                                        K_B4, V_B1, V_B2, V_B3, V_B4, True)
+                                        K_B4, V_B1, V_B2, V_B3, V_B4, True,
+                                        KPAIR=KPAIR, kpair=kpair)
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, ka, va, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True)
+                                           V_B3, V_B4, True, KPAIR=KPAIR)
             if pair_end < full_end:
                 # an odd full step left: the last iteration loaded it (or the first load)
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True)
+                                           V_B3, V_B4, True, KPAIR=KPAIR)
         else:
             for n0 in range(start, full_end, BN):
                 knext, vnext = _load_step(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h,
                                           vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff,
                                           voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3,
-                                          K_B4, V_B1, V_B2, V_B3, V_B4)
+                                          K_B4, V_B1, V_B2, V_B3, V_B4, KPAIR=KPAIR, kpair=kpair)
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4)
+                                           V_B3, V_B4, KPAIR=KPAIR)
                 kraw = knext
                 vraw = vnext
     else:
         for n0 in range(start, full_end, BN):
             kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
                                     koff, kroff, voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2,
-                                    K_B3, K_B4, V_B1, V_B2, V_B3, V_B4)
+                                    K_B3, K_B4, V_B1, V_B2, V_B3, V_B4, KPAIR=KPAIR, kpair=kpair)
             m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                        vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                        K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
-                                       V_B4)
+                                       V_B4, KPAIR=KPAIR)
     if full_end < end:
         # the last, partial step: keys past the end read the last key and decode to zeros
         kpos = full_end + kkey
@@ -467,13 +555,19 @@ def polar_decode_attn_gluon_fwd_kernel(
         sok = full_end + skey < end
         kpc = gl.minimum(kpos, end - 1).to(gl.int64)
         vpc = gl.minimum(vpos, end - 1).to(gl.int64)
-        kpart = _load_codes(kc_h + kpc * skc_n, kr_h + kpc * skr_n + kblk, kok, True, K_B1,
-                           K_B2, K_B3, K_B4, kblk)
+        if KPAIR:
+            kppc = gl.minimum(full_end + kpkey, end - 1).to(gl.int64)
+            kpart = _load_codes_kpairs(kc_h + kppc * skc_n, kr_h + kpc * skr_n + kblk, kok,
+                                       True, K_B1, K_B2, K_B3, K_B4, kblk, kpair)
+        else:
+            kpart = _load_codes(kc_h + kpc * skc_n, kr_h + kpc * skr_n + kblk, kok, True,
+                                K_B1, K_B2, K_B3, K_B4, kblk)
         vpart = _load_codes(vc_h + vpc * svc_n, vr_h + vpc * svr_n + vblk, vok, True, V_B1,
                            V_B2, V_B3, V_B4, vblk)
         m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kpart, vpart, sok, ktab_ptr,
                                    vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT,
-                                   K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4)
+                                   K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4,
+                                   KPAIR=KPAIR)
 
     # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
     # v_permutation)
@@ -541,6 +635,19 @@ def gluon_pairs_setting() -> bool:
                     "prefetch", "one step an iteration")
 
 
+def gluon_kpairs_setting() -> bool:
+    """POLARTENSOR_GLUON_KPAIRS=1 (read per call; opt-in, not yet run on a GPU): K's code
+    words addressed and shifted once per block pair (``_load_codes_kpairs``: a K thread
+    holds blocks 2j and 2j + 1 of a key, whose upper levels share one 16-bit word). The
+    same decoded words, so the same output bit for bit. Offline (Triton 3.6, sm_90, 16 keys
+    a step, loop instructions a step): transposed with the prefetch 688 against 714 (228
+    registers against 222, still 8 programs per SM); with two steps an iteration 649 against
+    654; not transposed with the prefetch 805 against 834 (245 registers); the same 46
+    loads a step either way."""
+    return env_flag("POLARTENSOR_GLUON_KPAIRS", False, "K's code words loaded per block "
+                    "pair", "per block")
+
+
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
     """Whether ``launch_attention_gluon`` serves this call (see the module docstring)."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 128
@@ -568,7 +675,8 @@ def _record_fits(bits) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def tile_layouts(block_n: int):
-    """The [keys, 8 blocks] layouts of the K and V tile decodes (one warp).
+    """The [keys, 8 blocks] layouts of the K and V tile decodes (one warp), and K's [keys,
+    4 block pairs] layout of its pair loads.
 
     K: key bits 0-2 on lanes 2-4 (the MMA's n), the block's bits 1-2 on lanes 0-1 and bit 0
     in a register, key bits 3+ (8-key tiles) in registers. V: key bits 1-2 on lanes 0-1 (the
@@ -580,7 +688,11 @@ def tile_layouts(block_n: int):
     v_lay = gl.DistributedLinearLayout(
         reg_bases=[[1, 0]] + more, lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[], block_bases=[], shape=[block_n, 8])
-    return k_lay, v_lay
+    # K by block pairs [keys, 4]: k_lay less the block's bit 0 (the pair's two blocks)
+    kp_lay = gl.DistributedLinearLayout(
+        reg_bases=more, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[], block_bases=[], shape=[block_n, 4])
+    return k_lay, v_lay, kp_lay
 
 
 _PERMUTED: dict = {}
@@ -659,12 +771,13 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
                            maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
-                           pairs=None):
+                           pairs=None, kpairs=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
     None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
-    ``gluon_pairs_setting`` (with the prefetch only). Needs at least one key."""
+    ``gluon_pairs_setting`` (with the prefetch only); ``kpairs`` None:
+    ``gluon_kpairs_setting``. Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -686,6 +799,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         prefetch = gluon_prefetch_setting()
     if pairs is None:
         pairs = gluon_pairs_setting()
+    if kpairs is None:
+        kpairs = gluon_kpairs_setting()
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
                                        programs_per_sm(transposed, prefetch))
@@ -698,7 +813,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     pacc = torch.empty(slots * m_rows * d, dtype=torch.float32, device=dev)
     pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
     kb, vb = k_cfg.bits, v_cfg.bits
-    k_lay, v_lay = tile_layouts(block_n)
+    k_lay, v_lay, kp_lay = tile_layouts(block_n)
     kernel = polar_decode_attn_gluon_fwd_kernel[(bsz * hk, num_splits)](
         qr, qr.stride(0), qr.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
@@ -706,10 +821,11 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
         pacc, pml, hk, n, kv_per_split, num_splits, scale * _LOG2E,
-        GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay,
+        GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay, kp_lay=kp_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
         PREFETCH=bool(prefetch), TRANS=bool(transposed), PAIRS=bool(prefetch and pairs),
+        KPAIR=bool(kpairs),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )

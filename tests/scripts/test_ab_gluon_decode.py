@@ -11,13 +11,14 @@ def test_render_markdown_ratios(load_script):
     ms = {"triton": 0.3, "cudnn": 0.36, "gluon_bn16_cap0_ps8": 0.24}
     rows = [dict(preset="paper", batch=8, context=32768, ms=ms, best="gluon_bn16_cap0_ps8",
                  best_vs_triton=0.3 / 0.24, best_vs_cudnn=0.36 / 0.24,
-                 triton_vs_cudnn=0.36 / 0.3),
+                 triton_vs_cudnn=0.36 / 0.3,
+                 checks={"gluon_bn16_cap0_ps8": dict(registers=222)}),
             # a shape whose every launch failed its check: no best, no row
             dict(preset="paper", batch=1, context=64, ms={"triton": 0.01, "cudnn": 0.01},
                  best=None)]
     md = mod.render_markdown(dict(meta=meta, rows=rows))
     assert "| paper | 8 | 32768 | 0.3600 | 0.3000 | gluon_bn16_cap0_ps8 | 0.2400 | 1.25x | " \
-           "1.50x | 1.20x |" in md
+           "1.50x | 1.20x | 222 |" in md
     assert "| paper | 1 | 64 |" not in md
     assert "- command: `python3 scripts/ab_gluon_decode.py`" in md
 
@@ -26,11 +27,13 @@ def test_parse_variant(load_script):
     import pytest
 
     mod = load_script("ab_gluon_decode")
-    assert mod.parse_variant("16:0") == (16, 0, False, False, False)
-    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False)
-    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False)
-    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False)
-    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True)
+    assert mod.parse_variant("16:0") == (16, 0, False, False, False, False)
+    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False, False)
+    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False, False)
+    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False, False)
+    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True, False)
+    assert mod.parse_variant("16:0:tr:kp") == (16, 0, False, True, False, True)
+    assert mod.parse_variant("16:0:pf:tr:pr:kp").name == "gluon_bn16_cap0_pf_tr_pr_kp"
     with pytest.raises(ValueError, match="16:0:pf:tr"):
         mod.parse_variant("16:0:prefetch")
     for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr"):
