@@ -80,7 +80,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
                                               maxnreg=var.maxnreg or None,
                                               prefetch=var.prefetch,
                                               transposed=var.transposed, pairs=var.pairs,
-                                              kpairs=var.kpairs)
+                                              kpairs=var.kpairs, lshift=var.lshift)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -141,6 +141,7 @@ class Variant(NamedTuple):
     transposed: bool      # :tr, POLARTENSOR_GLUON_TRANS
     pairs: bool           # :pr (with :pf), POLARTENSOR_GLUON_PAIRS
     kpairs: bool = False  # :kp, POLARTENSOR_GLUON_KPAIRS
+    lshift: bool = False  # :ls, POLARTENSOR_GLUON_LSHIFT
 
     @property
     def name(self) -> str:
@@ -148,11 +149,11 @@ class Variant(NamedTuple):
                 + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:]) if on))
 
 
-_FLAGS = ("pf", "tr", "pr", "kp")
+_FLAGS = ("pf", "tr", "pr", "kp", "ls")
 
 
 def parse_variant(text: str) -> Variant:
-    """'block_n:maxnreg[:pf][:tr][:pr][:kp]' -> Variant (pairs: two steps an iteration,
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls]' -> Variant (pairs: two steps an iteration,
     with the prefetch only)."""
     parts = text.split(":")
     flags = parts[2:]
@@ -160,7 +161,7 @@ def parse_variant(text: str) -> Variant:
             or any(f not in _FLAGS for f in flags)
             or ("pr" in flags and "pf" not in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
-                         f":pf, :tr, :pr (with :pf) and :kp, e.g. 16:0:pf:tr")
+                         f":pf, :tr, :pr (with :pf), :kp and :ls, e.g. 16:0:pf:tr")
     return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS))
 
 
@@ -174,7 +175,8 @@ def main():
                     "step's codes (POLARTENSOR_GLUON_PREFETCH), :tr for the transposed step "
                     "(POLARTENSOR_GLUON_TRANS), :pr (with :pf) for two steps an iteration "
                     "(POLARTENSOR_GLUON_PAIRS), :kp for K's code words loaded per block pair "
-                    "(POLARTENSOR_GLUON_KPAIRS)")
+                    "(POLARTENSOR_GLUON_KPAIRS), :ls for shifted tables of 2-bit code pairs "
+                    "(POLARTENSOR_GLUON_LSHIFT)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

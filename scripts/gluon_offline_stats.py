@@ -36,9 +36,9 @@ class _Launched(Exception):
     """Raised by the stand-in kernel once it has the launch's arguments."""
 
 
-def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
-                 maxnreg: int | None, pairs: bool = False, kpairs: bool = False):
-    """The Gluon kernel's arguments as ``launch_attention_gluon`` passes them, at Llama
+def _launch_args(var, group: int):
+    """The Gluon kernel's arguments as ``launch_attention_gluon`` passes them for a launch
+    variant (``ab_gluon_decode.Variant``) and query group, at Llama
     heads (8 KV heads, d 128), batch 8, 32K keys, paper, split for 132 SMs: the launch runs
     on CPU tensors up to the kernel, which a stand-in records."""
     import torch
@@ -57,7 +57,8 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     radii = torch.empty(b, hk, n, small.radii.shape[-1], dtype=small.radii.dtype)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
     q = torch.zeros(b, hk * group, 1, d, dtype=torch.bfloat16)
-    splits = G.gluon_split_count(b * hk, n, 132, block_n, G.programs_per_sm(trans, prefetch))
+    splits = G.gluon_split_count(b * hk, n, 132, var.block_n,
+                                 G.programs_per_sm(var.transposed, var.prefetch))
     seen = {}
 
     class _Recorder:
@@ -70,9 +71,10 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     real, G.polar_decode_attn_gluon_fwd_kernel = G.polar_decode_attn_gluon_fwd_kernel, _Recorder()
     try:
         G.launch_attention_gluon(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
-                                 d ** -0.5, splits, block_n=block_n, maxnreg=maxnreg,
-                                 prefetch=prefetch, transposed=trans, pairs=pairs,
-                                 kpairs=kpairs)
+                                 d ** -0.5, splits, block_n=var.block_n,
+                                 maxnreg=var.maxnreg or None, prefetch=var.prefetch,
+                                 transposed=var.transposed, pairs=var.pairs,
+                                 kpairs=var.kpairs, lshift=var.lshift)
     except _Launched:
         pass
     finally:
@@ -80,15 +82,13 @@ def _launch_args(trans: bool, prefetch: bool, block_n: int, group: int,
     return real, seen["args"], seen["kwargs"]
 
 
-def _source(trans: bool, prefetch: bool, block_n: int, group: int,
-            maxnreg: int | None = None, pairs: bool = False, kpairs: bool = False):
+def _source(var, group: int):
     """The kernel's source with the signature, constexprs and 16-byte specializations that
     its launch gives (``kernel_ir_stats._signature``), and its warps."""
     from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn, args, kwargs = _launch_args(trans, prefetch, block_n, group, maxnreg, pairs,
-                                    kpairs)
+    fn, args, kwargs = _launch_args(var, group)
     sig, consts, attrs = _signature(fn, args, kwargs)
     names = list(sig)
     src = GluonASTSource(fn=fn, signature=sig, attrs=attrs,
@@ -97,8 +97,7 @@ def _source(trans: bool, prefetch: bool, block_n: int, group: int,
     return src, opts
 
 
-def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = False,
-          kpairs: bool = False) -> str:
+def trace(var, group: int) -> str:
     """The kernel traced to Triton GPU IR for sm_90 (text)."""
     import triton
     from triton._C.libtriton import ir
@@ -106,7 +105,7 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = F
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    src, opts = _source(trans, prefetch, block_n, group, pairs=pairs, kpairs=kpairs)
+    src, opts = _source(var, group)
     opts = backend.parse_options(opts)
     ctx = ir.context()
     ir.load_dialects(ctx)
@@ -115,16 +114,15 @@ def trace(trans: bool, prefetch: bool, block_n: int, group: int, pairs: bool = F
                            backend.get_module_map(), ctx))
 
 
-def build(trans: bool, prefetch: bool, block_n: int, group: int,
-          maxnreg: int | None, pairs: bool = False, kpairs: bool = False) -> dict:
+def build(var, group: int) -> dict:
     """Registers, spills and static SASS (whole kernel and its main loop) for sm_90."""
     import triton
     from kernel_ir_stats import ptxas_counts
     from triton.backends.compiler import GPUTarget
 
-    src, opts = _source(trans, prefetch, block_n, group, maxnreg, pairs, kpairs)
+    src, opts = _source(var, group)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    return ptxas_counts(compiled.asm["ptx"], maxnreg)
+    return ptxas_counts(compiled.asm["ptx"], var.maxnreg or None)
 
 
 def main(argv=None) -> int:
@@ -143,16 +141,16 @@ def main(argv=None) -> int:
     runs = [(text, g) for text in args.variants.split(",")
             for g in map(int, args.groups.split(","))]
     for text, group in runs:
-        block_n, cap, prefetch, trans, pairs, kpairs = parse_variant(text)
-        if trans and group > 8:
+        var = parse_variant(text)
+        if var.transposed and group > 8:
             continue
         row = dict(variant=text, group=group)
         try:
             if args.trace_only:
-                ir_text = trace(trans, prefetch, block_n, group, pairs, kpairs)
+                ir_text = trace(var, group)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
             else:
-                stats = build(trans, prefetch, block_n, group, cap or None, pairs, kpairs)
+                stats = build(var, group)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "loop_ops")})

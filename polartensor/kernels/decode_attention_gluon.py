@@ -54,7 +54,8 @@ from .tree_decode import _lane_table_asm
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
-           "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_split_count",
+           "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_lshift_setting",
+           "gluon_split_count",
            "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
@@ -92,6 +93,33 @@ def _lane_word(base, like, N: gl.constexpr):
     zero = gl.zeros_like(like)
     return gl.inline_asm_elementwise(_lane_table_asm(N), "=r,l", [base + zero],
                                      dtype=gl.int32, is_pure=True, pack=1)
+
+
+@triton.constexpr_function
+def _shifted_lane_table_asm(n, s):
+    """PTX: lane l reads 32-bit word (l >> s) mod n of the table at $1."""
+    return ("{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; shr.u32 l, l, " + str(s)
+            + "; and.b32 l, l, " + str(n - 1)
+            + "; mad.wide.u32 a, l, 4, $1; ld.global.nc.b32 $0, [a]; }")
+
+
+@gluon.jit
+def _lane_word_shifted(base, like, N: gl.constexpr, S: gl.constexpr):
+    """``_lane_word`` read at lane bits S and up: word ((lane id >> S) mod N), so that a
+    shuffle indexed by a code word reads the code at bit S of it (bits S to S + log2 N
+    must lie in the 5 that a shuffle's index keeps)."""
+    zero = gl.zeros_like(like)
+    return gl.inline_asm_elementwise(_shifted_lane_table_asm(N, S), "=r,l", [base + zero],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _tables(base, like, B: gl.constexpr):
+    """For ``like`` = join(w, w): the table at lane bits 0 for the first and at lane bits B
+    for the second (LSHIFT, where a code pair fits the shuffle's 5 index bits), so that one
+    word serves both codes unshifted."""
+    a, b = gl.split(like)
+    return gl.join(_lane_word(base, a, 1 << B), _lane_word_shifted(base, b, 1 << B, B))
 
 
 @gluon.jit
@@ -284,23 +312,33 @@ def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kro
 
 
 @gluon.jit
+def _level(n, w, base, B: gl.constexpr, LSHIFT: gl.constexpr):
+    """One level of the trees: n's children from the code pairs in w (the first code at bit
+    0, the second at bit B). LSHIFT where 2 B <= 5: the second read unshifted through the
+    table at lane bits B (``_tables``)."""
+    if LSHIFT and 2 * B <= 5:
+        c = gl.join(w, w)
+        t = _tables(base, c, B)
+    else:
+        c = gl.join(w, w >> B)
+        t = _lane_word(base, c, 1 << B)
+    return _children(n, _shfl(t, c))
+
+
+@gluon.jit
 def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.constexpr,
-                  B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr):
+                  B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
+                  LSHIFT: gl.constexpr = False):
     """[BN, 8] (key, block) radii and code words (``_code_words``) -> [BN, 8, 2, 2, 2, 2]
     bfloat16 decoded blocks (levels 4 to 1 as the minor dims), each tree inside one
     thread."""
     # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
     pk = trig_ptr + 2 * 4 * KT
     n = _children_f32(r, _shfl(_lane_word(pk + 3 * KT, w4, 1 << B4), w4))
-    c3 = gl.join(w3, w3 >> B3)
-    n = _children(n, _shfl(_lane_word(pk + 2 * KT, c3, 1 << B3), c3))
-    w2 = gl.join(w2, w2 >> (2 * B2))
-    c2 = gl.join(w2, w2 >> B2)
-    n = _children(n, _shfl(_lane_word(pk + KT, c2, 1 << B2), c2))
+    n = _level(n, w3, pk + 2 * KT, B3, LSHIFT)
+    n = _level(n, gl.join(w2, w2 >> (2 * B2)), pk + KT, B2, LSHIFT)
     w1 = gl.join(w1a, w1b)
-    w1 = gl.join(w1, w1 >> (2 * B1))
-    c1 = gl.join(w1, w1 >> B1)
-    n = _children(n, _shfl(_lane_word(pk, c1, 1 << B1), c1))
+    n = _level(n, gl.join(w1, w1 >> (2 * B1)), pk, B1, LSHIFT)
     return n
 
 
@@ -322,7 +360,8 @@ def _transpose8x8(p, BN: gl.constexpr):
 @gluon.jit
 def _operand_tile(raw, trig_ptr, ORDER: gl.constexpr, BN: gl.constexpr, KT: gl.constexpr,
                   B1: gl.constexpr, B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr,
-                  RAW: gl.constexpr, KPAIR: gl.constexpr = False):
+                  RAW: gl.constexpr, KPAIR: gl.constexpr = False,
+                  LSHIFT: gl.constexpr = False):
     """A step's decoded K or V [BN, 128]: the trees of ``_load_codes``' words (KPAIR:
     ``_load_codes_kpairs``'), the tile [key, blk2, blk1, blk0, i3, i2, i1, i0] read in
     operand-column order (``ORDER``)."""
@@ -332,7 +371,7 @@ def _operand_tile(raw, trig_ptr, ORDER: gl.constexpr, BN: gl.constexpr, KT: gl.c
         r, w4, w3, w2, w1a, w1b = raw
     if KPAIR:
         w4, w3, w2 = _pair_words(w4, w3, w2, r, B2, B3, B4)
-    t = _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT, B1, B2, B3, B4)
+    t = _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT, B1, B2, B3, B4, LSHIFT)
     t = gl.reshape(t, [BN, 2, 2, 2, 2, 2, 2, 2])
     return gl.reshape(gl.permute(t, ORDER.value), [BN, 128])
 
@@ -344,7 +383,8 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                K_KT: gl.constexpr, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_KT: gl.constexpr,
                V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
-               V_B4: gl.constexpr, RAW: gl.constexpr = False, KPAIR: gl.constexpr = False):
+               V_B4: gl.constexpr, RAW: gl.constexpr = False, KPAIR: gl.constexpr = False,
+               LSHIFT: gl.constexpr = False):
     """One BN-key step of the online softmax, from the step's loaded K and V radii and code
     words (``_load_codes``, RAW as there).
 
@@ -354,7 +394,8 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     32 accumulator registers instead of 64. K and V as A operands hold the same coordinates
     per thread as they do as B operands, so the decode is the same; P^T reaches its B
     operand by two ``movmatrix`` transposes."""
-    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW, KPAIR)
+    kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW, KPAIR,
+                       LSHIFT)
     if TRANS:
         kt = gl.convert_layout(kt, a_op, assert_trivial=True)
         s = mma_v2(kt, q, gl.zeros([BN, 8], gl.float32, layout=mma)) * scale_log2
@@ -388,7 +429,8 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     else:
         l_i = l_i + gl.sum(p, KEYS)
 
-    vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4, RAW)
+    vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4, RAW,
+                       LSHIFT=LSHIFT)
     if TRANS:
         vt = gl.convert_layout(gl.permute(vt, (1, 0)), a_op, assert_trivial=True)
         pt = gl.convert_layout(_transpose8x8(p.to(gl.bfloat16), BN), b_op,
@@ -413,7 +455,7 @@ def polar_decode_attn_gluon_fwd_kernel(
     K_B4: gl.constexpr,
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
     V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
-    PAIRS: gl.constexpr = False, KPAIR: gl.constexpr = False,
+    PAIRS: gl.constexpr = False, KPAIR: gl.constexpr = False, LSHIFT: gl.constexpr = False,
 ):
     # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
     M: gl.constexpr = 8 if TRANS else 16
@@ -509,7 +551,7 @@ def polar_decode_attn_gluon_fwd_kernel(
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True, KPAIR=KPAIR)
+                                           V_B3, V_B4, True, KPAIR=KPAIR, LSHIFT=LSHIFT)
                 kraw, vraw = _load_step(gl.minimum(n0 + 2 * BN, full_end - BN), kc_h, kr_h,
                                         vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff,
                                         voff, vroff, kok, vok, kblk, vblk, K_B1, K_B2, K_B3,
@@ -518,13 +560,13 @@ def polar_decode_attn_gluon_fwd_kernel(
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, ka, va, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True, KPAIR=KPAIR)
+                                           V_B3, V_B4, True, KPAIR=KPAIR, LSHIFT=LSHIFT)
             if pair_end < full_end:
                 # an odd full step left: the last iteration loaded it (or the first load)
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, True, KPAIR=KPAIR)
+                                           V_B3, V_B4, True, KPAIR=KPAIR, LSHIFT=LSHIFT)
         else:
             for n0 in range(start, full_end, BN):
                 knext, vnext = _load_step(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h,
@@ -534,7 +576,7 @@ def polar_decode_attn_gluon_fwd_kernel(
                 m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                            vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                            K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2,
-                                           V_B3, V_B4, KPAIR=KPAIR)
+                                           V_B3, V_B4, KPAIR=KPAIR, LSHIFT=LSHIFT)
                 kraw = knext
                 vraw = vnext
     else:
@@ -545,7 +587,7 @@ def polar_decode_attn_gluon_fwd_kernel(
             m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
                                        vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
                                        K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
-                                       V_B4, KPAIR=KPAIR)
+                                       V_B4, KPAIR=KPAIR, LSHIFT=LSHIFT)
     if full_end < end:
         # the last, partial step: keys past the end read the last key and decode to zeros
         kpos = full_end + kkey
@@ -567,7 +609,7 @@ def polar_decode_attn_gluon_fwd_kernel(
         m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kpart, vpart, sok, ktab_ptr,
                                    vtab_ptr, scale_log2, True, BN, a_op, b_op, mma, K_KT,
                                    K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3, V_B4,
-                                   KPAIR=KPAIR)
+                                   KPAIR=KPAIR, LSHIFT=LSHIFT)
 
     # the partial result, columns back in coordinate order (c = 16 (nu % 8) + nu // 8:
     # v_permutation)
@@ -646,6 +688,15 @@ def gluon_kpairs_setting() -> bool:
     loads a step either way."""
     return env_flag("POLARTENSOR_GLUON_KPAIRS", False, "K's code words loaded per block "
                     "pair", "per block")
+
+
+def gluon_lshift_setting() -> bool:
+    """POLARTENSOR_GLUON_LSHIFT=1 (read per call; opt-in, not yet run on a GPU): the second
+    code of each pair of 2-bit codes read through a table held at lane bits 2 (a shuffle
+    keeps its index's low 5 bits), not shifted down first (``_level``). The same table
+    words, so the same output bit for bit."""
+    return env_flag("POLARTENSOR_GLUON_LSHIFT", False, "shifted tables for 2-bit code "
+                    "pairs", "each code shifted to bit 0")
 
 
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
@@ -771,13 +822,14 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
                            maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
-                           pairs=None, kpairs=None):
+                           pairs=None, kpairs=None, lshift=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
     None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
     ``gluon_pairs_setting`` (with the prefetch only); ``kpairs`` None:
-    ``gluon_kpairs_setting``. Needs at least one key."""
+    ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``. Needs at least one
+    key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -801,6 +853,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         pairs = gluon_pairs_setting()
     if kpairs is None:
         kpairs = gluon_kpairs_setting()
+    if lshift is None:
+        lshift = gluon_lshift_setting()
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
                                        programs_per_sm(transposed, prefetch))
@@ -825,7 +879,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
         PREFETCH=bool(prefetch), TRANS=bool(transposed), PAIRS=bool(prefetch and pairs),
-        KPAIR=bool(kpairs),
+        KPAIR=bool(kpairs), LSHIFT=bool(lshift),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )

@@ -75,13 +75,14 @@ def test_supported_scope():
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 7, 16]),
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
        prefetch=st.booleans(), transposed=st.booleans(), pairs=st.booleans(),
-       kpairs=st.booleans(), seed=st.integers(0, 2**16))
+       kpairs=st.booleans(), lshift=st.booleans(), seed=st.integers(0, 2**16))
 def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
-                                        transposed, pairs, kpairs, seed):
+                                        transposed, pairs, kpairs, lshift, seed):
     """Every launch variant against the reference; the transposed step where it serves
     (groups of at most 8); two steps an iteration (with the prefetch), which with up to 9
     splits of up to 3000 keys meets an even and an odd number of full steps. K's loads by
-    block pairs decode the same words, so they give the same output bit for bit."""
+    block pairs and the shifted tables decode the same words from the same tables, so they
+    give the same output bit for bit as the launch without them."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -93,15 +94,15 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
                                  prefetch=prefetch, transposed=transposed and group <= 8,
-                                 pairs=pairs, kpairs=kpairs)
+                                 pairs=pairs, kpairs=kpairs, lshift=lshift)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    if kpairs:
-        per_block = launch_attention_gluon(
+    if kpairs or lshift:
+        plain = launch_attention_gluon(
             q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
             1 / math.sqrt(d), splits, block_n=block_n, prefetch=prefetch,
-            transposed=transposed and group <= 8, pairs=pairs, kpairs=False)
-        assert torch.equal(out, per_block)
+            transposed=transposed and group <= 8, pairs=pairs, kpairs=False, lshift=False)
+        assert torch.equal(out, plain)
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
 
@@ -160,6 +161,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_TRANS", "gluon_transposed_setting", True),
     ("POLARTENSOR_GLUON_PAIRS", "gluon_pairs_setting", False),
     ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", False),
+    ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", False),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -323,7 +325,8 @@ def test_split_count_fills_one_round():
 # (scripts/ab_gluon_decode.py's variants) x groups; the transposed step serves groups <= 8
 _TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr", "32:0:tr",
                    "32:0:pf:tr", "16:0:pf:pr", "16:0:pf:tr:pr", "32:0:pf:tr:pr", "16:0:kp",
-                   "16:0:pf:tr:kp", "16:0:pf:tr:pr:kp", "32:0:pf:kp"]
+                   "16:0:pf:tr:kp", "16:0:pf:tr:pr:kp", "32:0:pf:kp", "16:0:tr:ls",
+                   "16:0:pf:tr:pr:kp:ls", "32:0:pf:kp:ls"]
 _TRACE_GROUPS = [1, 4, 7, 8, 16]
 _TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
            if not ("tr" in v.split(":") and g > 8)]
