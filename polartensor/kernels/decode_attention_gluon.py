@@ -664,38 +664,46 @@ def gluon_transposed_setting() -> bool:
                     "at most 8", "the query rows as the MMA's rows")
 
 
-def gluon_pairs_setting() -> bool:
-    """POLARTENSOR_GLUON_PAIRS=1 (read per call; opt-in, not yet run on a GPU): with the
-    prefetch, two steps an iteration (PAIRS), the codes and radii kept as loaded (16-bit
-    words zero-extended by the load itself) until the step that uses them, so that no
-    register is copied across the loop's back edge. Offline (Triton 3.6, sm_90, 16 keys a
-    step, scripts/gluon_offline_stats.py): 654 loop instructions a step against the default's
-    714 (transposed, 255 registers against 222: still 8 programs per SM) and 780 against 834
-    (not transposed, 255 against 236); 32 keys a step spills. Without the prefetch it changes
-    nothing."""
+def gluon_pairs_setting() -> bool | None:
+    """POLARTENSOR_GLUON_PAIRS (read per call): with the prefetch, two steps an iteration
+    (PAIRS), the codes and radii kept as loaded (16-bit words zero-extended by the load
+    itself) until the step that uses them, so that no register is copied across the loop's
+    back edge; 1 everywhere, 0 never, unset (None) where measured faster: the step that is
+    not transposed (groups over 8). Offline (Triton 3.6, sm_90, 16 keys a step,
+    scripts/gluon_offline_stats.py): 654 loop instructions a step against 714 (transposed,
+    255 registers against 222: still 8 programs per SM) and 780 against 834 (not
+    transposed). On an H100 (results/bench/ab_gluon_decode_2026-12-06i_h100.md, group 4):
+    transposed, 1.00-1.01x of one step an iteration, and with K pairs and shifted tables
+    beside it 0.987-0.993x (so off there); not transposed, with K pairs and shifted
+    tables, 1.053-1.077x of the former default (one step, per block) at the six shapes
+    timed (the three apart not measured). Without the prefetch it changes nothing."""
+    if os.environ.get("POLARTENSOR_GLUON_PAIRS") is None:
+        return None
     return env_flag("POLARTENSOR_GLUON_PAIRS", False, "two steps an iteration with the "
-                    "prefetch", "one step an iteration")
+                    "prefetch", "one step an iteration; unset: where measured faster")
 
 
 def gluon_kpairs_setting() -> bool:
-    """POLARTENSOR_GLUON_KPAIRS=1 (read per call; opt-in, not yet run on a GPU): K's code
-    words addressed and shifted once per block pair (``_load_codes_kpairs``: a K thread
-    holds blocks 2j and 2j + 1 of a key, whose upper levels share one 16-bit word). The
-    same decoded words, so the same output bit for bit. Offline (Triton 3.6, sm_90, 16 keys
-    a step, loop instructions a step): transposed with the prefetch 688 against 714 (228
-    registers against 222, still 8 programs per SM); with two steps an iteration 649 against
-    654; not transposed with the prefetch 805 against 834 (245 registers); the same 46
-    loads a step either way."""
-    return env_flag("POLARTENSOR_GLUON_KPAIRS", False, "K's code words loaded per block "
+    """POLARTENSOR_GLUON_KPAIRS (read per call; default on): K's code words addressed and
+    shifted once per block pair (``_load_codes_kpairs``: a K thread holds blocks 2j and
+    2j + 1 of a key, whose upper levels share one 16-bit word). The same decoded words, so
+    the same output bit for bit. Offline (Triton 3.6, sm_90, 16 keys a step, loop
+    instructions a step): transposed with the prefetch 688 against 714 (228 registers
+    against 222, still 8 programs per SM), 674 with the shifted tables too; the same 46
+    loads a step (the compiler had already merged the loads of equal addresses). With the
+    shifted tables, on an H100, 1.012-1.025x (transposed) at the six shapes timed
+    (results/bench/ab_gluon_decode_2026-12-06i_h100.md); 0 = per block."""
+    return env_flag("POLARTENSOR_GLUON_KPAIRS", True, "K's code words loaded per block "
                     "pair", "per block")
 
 
 def gluon_lshift_setting() -> bool:
-    """POLARTENSOR_GLUON_LSHIFT=1 (read per call; opt-in, not yet run on a GPU): the second
-    code of each pair of 2-bit codes read through a table held at lane bits 2 (a shuffle
-    keeps its index's low 5 bits), not shifted down first (``_level``). The same table
-    words, so the same output bit for bit."""
-    return env_flag("POLARTENSOR_GLUON_LSHIFT", False, "shifted tables for 2-bit code "
+    """POLARTENSOR_GLUON_LSHIFT (read per call; default on): the second code of each pair of
+    2-bit codes read through a table held at lane bits 2 (a shuffle keeps its index's low 5
+    bits), not shifted down first (``_level``). The same table words, so the same output
+    bit for bit. Offline 704 loop instructions a step against 714 (224 registers); measured
+    together with K pairs (``gluon_kpairs_setting``); 0 = each code shifted to bit 0."""
+    return env_flag("POLARTENSOR_GLUON_LSHIFT", True, "shifted tables for 2-bit code "
                     "pairs", "each code shifted to bit 0")
 
 
@@ -827,7 +835,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
     None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
-    ``gluon_pairs_setting`` (with the prefetch only); ``kpairs`` None:
+    ``gluon_pairs_setting`` (with the prefetch only; unset: when not transposed); ``kpairs`` None:
     ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``. Needs at least one
     key."""
     from .common import _sm_count
@@ -851,6 +859,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         prefetch = gluon_prefetch_setting()
     if pairs is None:
         pairs = gluon_pairs_setting()
+    if pairs is None:
+        pairs = not transposed
     if kpairs is None:
         kpairs = gluon_kpairs_setting()
     if lshift is None:

@@ -159,9 +159,9 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
 @pytest.mark.parametrize("env,getter,default", [
     ("POLARTENSOR_GLUON_PREFETCH", "gluon_prefetch_setting", True),
     ("POLARTENSOR_GLUON_TRANS", "gluon_transposed_setting", True),
-    ("POLARTENSOR_GLUON_PAIRS", "gluon_pairs_setting", False),
-    ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", False),
-    ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", False),
+    ("POLARTENSOR_GLUON_PAIRS", "gluon_pairs_setting", None),
+    ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", True),
+    ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -267,11 +267,15 @@ def test_permuted_rotation_cache_follows_the_tensor():
     q = torch.randn(3, 128)
     first = dg._permuted_rotation(rot)
     assert dg._permuted_rotation(rot) is first
-    torch.testing.assert_close(q @ first, (q @ rot.T)[:, k_permutation()])
+    torch.testing.assert_close(q @ first, (q @ rot.T)[:, k_permutation()], rtol=1e-5,
+                               atol=1e-4)
     rot.mul_(2)
     again = dg._permuted_rotation(rot)
     assert again is not first
-    torch.testing.assert_close(q @ again, (q @ rot.T)[:, k_permutation()])
+    # (float32 sums of 128 products in another order: one element in 384 went past the
+    # default 1.3e-6 relative on a GPU machine's CPU)
+    torch.testing.assert_close(q @ again, (q @ rot.T)[:, k_permutation()], rtol=1e-5,
+                               atol=1e-4)
     other = torch.randn(128, 128)
     dg._permuted_rotation(other)
     key = id(other)
