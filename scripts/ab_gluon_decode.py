@@ -80,7 +80,8 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
                                               maxnreg=var.maxnreg or None,
                                               prefetch=var.prefetch,
                                               transposed=var.transposed, pairs=var.pairs,
-                                              kpairs=var.kpairs, lshift=var.lshift)
+                                              kpairs=var.kpairs, lshift=var.lshift,
+                                              stagger=var.stagger)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -142,6 +143,7 @@ class Variant(NamedTuple):
     pairs: bool           # :pr (with :pf), POLARTENSOR_GLUON_PAIRS
     kpairs: bool = False  # :kp, POLARTENSOR_GLUON_KPAIRS
     lshift: bool = False  # :ls, POLARTENSOR_GLUON_LSHIFT
+    stagger: bool = False  # :sg (with :pf), POLARTENSOR_GLUON_STAGGER
 
     @property
     def name(self) -> str:
@@ -149,19 +151,19 @@ class Variant(NamedTuple):
                 + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:]) if on))
 
 
-_FLAGS = ("pf", "tr", "pr", "kp", "ls")
+_FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg")
 
 
 def parse_variant(text: str) -> Variant:
-    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls]' -> Variant (pairs: two steps an iteration,
-    with the prefetch only)."""
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg]' -> Variant (pairs: two steps an
+    iteration, and sg: the prefetch half a step ahead, with the prefetch only)."""
     parts = text.split(":")
     flags = parts[2:]
     if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
             or any(f not in _FLAGS for f in flags)
-            or ("pr" in flags and "pf" not in flags)):
+            or (("pr" in flags or "sg" in flags) and "pf" not in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
-                         f":pf, :tr, :pr (with :pf), :kp and :ls, e.g. 16:0:pf:tr")
+                         f":pf, :tr, :pr and :sg (with :pf), :kp and :ls, e.g. 16:0:pf:tr")
     return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS))
 
 
@@ -176,7 +178,8 @@ def main():
                     "(POLARTENSOR_GLUON_TRANS), :pr (with :pf) for two steps an iteration "
                     "(POLARTENSOR_GLUON_PAIRS), :kp for K's code words loaded per block pair "
                     "(POLARTENSOR_GLUON_KPAIRS), :ls for shifted tables of 2-bit code pairs "
-                    "(POLARTENSOR_GLUON_LSHIFT)")
+                    "(POLARTENSOR_GLUON_LSHIFT), :sg (with :pf) for the prefetch half a step "
+                    "ahead (POLARTENSOR_GLUON_STAGGER)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

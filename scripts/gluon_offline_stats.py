@@ -58,7 +58,8 @@ def _launch_args(var, group: int):
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
     q = torch.zeros(b, hk * group, 1, d, dtype=torch.bfloat16)
     splits = G.gluon_split_count(b * hk, n, 132, var.block_n,
-                                 G.programs_per_sm(var.transposed, var.prefetch))
+                                 G.programs_per_sm(var.transposed, var.prefetch,
+                                                   var.stagger))
     seen = {}
 
     class _Recorder:
@@ -74,7 +75,8 @@ def _launch_args(var, group: int):
                                  d ** -0.5, splits, block_n=var.block_n,
                                  maxnreg=var.maxnreg or None, prefetch=var.prefetch,
                                  transposed=var.transposed, pairs=var.pairs,
-                                 kpairs=var.kpairs, lshift=var.lshift)
+                                 kpairs=var.kpairs, lshift=var.lshift,
+                                 stagger=var.stagger)
     except _Launched:
         pass
     finally:

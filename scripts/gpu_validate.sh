@@ -204,9 +204,9 @@ gluon)
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
-    step ab_gluon 200 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 140 \
-        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 --per-sm 8 \
-        --variants 16:0:pf:tr,16:0:pf:tr:kp:ls,16:0:pf:tr:pr,16:0:pf:tr:pr:kp:ls,16:0:pf,16:0:pf:pr:kp:ls
+    step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 --per-sm 8,12 \
+        --variants 16:0:pf:tr:kp:ls,16:0:pf:tr:kp:ls:sg,16:0:pf:pr:kp:ls,16:0:pf:kp:ls:sg
     ;;
 gluon_forced)
     # the attention and integration tests with Gluon forced on, first with its transposed

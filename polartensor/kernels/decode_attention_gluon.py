@@ -55,6 +55,7 @@ __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
            "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_lshift_setting",
+           "gluon_stagger_setting",
            "gluon_split_count",
            "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
@@ -291,6 +292,29 @@ def _code_words(raw, B1: gl.constexpr):
 
 
 @gluon.jit
+def _load_k(n0, kc_h, kr_h, skc_n, skr_n, koff, kroff, kok, kblk, K_B1: gl.constexpr,
+            K_B2: gl.constexpr, K_B3: gl.constexpr, K_B4: gl.constexpr, RAW: gl.constexpr,
+            KPAIR: gl.constexpr, kpair):
+    """The K loads of the full step at key ``n0`` (``_load_step``)."""
+    n64 = n0.to(gl.int64)
+    if KPAIR:
+        return _load_codes_kpairs((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff,
+                                  kok, False, K_B1, K_B2, K_B3, K_B4, kblk, kpair, RAW)
+    else:
+        return _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok,
+                           False, K_B1, K_B2, K_B3, K_B4, kblk, RAW)
+
+
+@gluon.jit
+def _load_v(n0, vc_h, vr_h, svc_n, svr_n, voff, vroff, vok, vblk, V_B1: gl.constexpr,
+            V_B2: gl.constexpr, V_B3: gl.constexpr, V_B4: gl.constexpr, RAW: gl.constexpr):
+    """The V loads of the full step at key ``n0`` (``_load_step``)."""
+    n64 = n0.to(gl.int64)
+    return _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok, False,
+                       V_B1, V_B2, V_B3, V_B4, vblk, RAW)
+
+
+@gluon.jit
 def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kroff, voff,
                vroff, kok, vok, kblk, vblk, K_B1: gl.constexpr, K_B2: gl.constexpr,
                K_B3: gl.constexpr, K_B4: gl.constexpr, V_B1: gl.constexpr,
@@ -299,15 +323,10 @@ def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kro
     """The K and V loads (``_load_codes``; KPAIR: K's by ``_load_codes_kpairs``, ``koff``
     and ``kpair`` in its pair layout) of the full step at key ``n0``: the per-head bases
     moved by n0 (64-bit scalars) plus the loop-invariant 32-bit offsets."""
-    n64 = n0.to(gl.int64)
-    if KPAIR:
-        kraw = _load_codes_kpairs((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff,
-                                  kok, False, K_B1, K_B2, K_B3, K_B4, kblk, kpair, RAW)
-    else:
-        kraw = _load_codes((kc_h + n64 * skc_n) + koff, (kr_h + n64 * skr_n) + kroff, kok,
-                           False, K_B1, K_B2, K_B3, K_B4, kblk, RAW)
-    vraw = _load_codes((vc_h + n64 * svc_n) + voff, (vr_h + n64 * svr_n) + vroff, vok, False,
-                       V_B1, V_B2, V_B3, V_B4, vblk, RAW)
+    kraw = _load_k(n0, kc_h, kr_h, skc_n, skr_n, koff, kroff, kok, kblk, K_B1, K_B2, K_B3,
+                   K_B4, RAW, KPAIR, kpair)
+    vraw = _load_v(n0, vc_h, vr_h, svc_n, svr_n, voff, vroff, vok, vblk, V_B1, V_B2, V_B3,
+                   V_B4, RAW)
     return kraw, vraw
 
 
@@ -394,6 +413,23 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     32 accumulator registers instead of 64. K and V as A operands hold the same coordinates
     per thread as they do as B operands, so the decode is the same; P^T reaches its B
     operand by two ``movmatrix`` transposes."""
+    m_i, l_i, acc, p = _attn_scores(TRANS, q, m_i, l_i, acc, kraw, sok, ktab_ptr, scale_log2,
+                                    MASKED, BN, a_op, b_op, mma, K_KT, K_B1, K_B2, K_B3, K_B4,
+                                    RAW, KPAIR, LSHIFT)
+    acc = _attn_values(TRANS, p, acc, vraw, vtab_ptr, BN, a_op, b_op, V_KT, V_B1, V_B2, V_B3,
+                       V_B4, RAW, LSHIFT)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _attn_scores(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, sok, ktab_ptr, scale_log2,
+                 MASKED: gl.constexpr, BN: gl.constexpr, a_op: gl.constexpr,
+                 b_op: gl.constexpr, mma: gl.constexpr, K_KT: gl.constexpr,
+                 K_B1: gl.constexpr, K_B2: gl.constexpr, K_B3: gl.constexpr,
+                 K_B4: gl.constexpr, RAW: gl.constexpr, KPAIR: gl.constexpr,
+                 LSHIFT: gl.constexpr):
+    """``_attn_step``'s first half: the step's K decoded, the scores and the online softmax
+    (the accumulator rescaled where the maximum moved); returns p for ``_attn_values``."""
     kt = _operand_tile(kraw, ktab_ptr, _K_ORDER, BN, K_KT, K_B1, K_B2, K_B3, K_B4, RAW, KPAIR,
                        LSHIFT)
     if TRANS:
@@ -428,7 +464,15 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
         l_i = l_i + p
     else:
         l_i = l_i + gl.sum(p, KEYS)
+    return m_i, l_i, acc, p
 
+
+@gluon.jit
+def _attn_values(TRANS: gl.constexpr, p, acc, vraw, vtab_ptr, BN: gl.constexpr,
+                 a_op: gl.constexpr, b_op: gl.constexpr, V_KT: gl.constexpr,
+                 V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
+                 V_B4: gl.constexpr, RAW: gl.constexpr, LSHIFT: gl.constexpr):
+    """``_attn_step``'s second half: the step's V decoded and P V added to the accumulator."""
     vt = _operand_tile(vraw, vtab_ptr, _V_ORDER, BN, V_KT, V_B1, V_B2, V_B3, V_B4, RAW,
                        LSHIFT=LSHIFT)
     if TRANS:
@@ -439,7 +483,7 @@ def _attn_step(TRANS: gl.constexpr, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
     else:
         vt = gl.convert_layout(vt, b_op, assert_trivial=True)
         acc = mma_v2(gl.convert_layout(p.to(gl.bfloat16), a_op), vt, acc)
-    return m_i, l_i, acc
+    return acc
 
 
 @gluon.jit
@@ -456,6 +500,7 @@ def polar_decode_attn_gluon_fwd_kernel(
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
     V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
     PAIRS: gl.constexpr = False, KPAIR: gl.constexpr = False, LSHIFT: gl.constexpr = False,
+    STAGGER: gl.constexpr = False,
 ):
     # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
     M: gl.constexpr = 8 if TRANS else 16
@@ -538,7 +583,22 @@ def polar_decode_attn_gluon_fwd_kernel(
                                K_B1, K_B2, K_B3, K_B4, kblk, PAIRS)
         vraw = _load_codes(vc_h + v1st * svc_n, vr_h + v1st * svr_n + vblk, vok, False,
                            V_B1, V_B2, V_B3, V_B4, vblk, PAIRS)
-        if PAIRS:
+        if STAGGER:
+            # half a step ahead: a step's V loads go out before its K is decoded, the next
+            # step's K loads once its K registers are free, so that one step's K and V are
+            # held at a time, not two steps' (the last full step loads its K again)
+            for n0 in range(start, full_end, BN):
+                vraw = _load_v(n0, vc_h, vr_h, svc_n, svr_n, voff, vroff, vok, vblk, V_B1,
+                               V_B2, V_B3, V_B4, False)
+                m_i, l_i, acc, p = _attn_scores(TRANS, q, m_i, l_i, acc, kraw, sok, ktab_ptr,
+                                                scale_log2, False, BN, a_op, b_op, mma, K_KT,
+                                                K_B1, K_B2, K_B3, K_B4, False, KPAIR, LSHIFT)
+                kraw = _load_k(gl.minimum(n0 + BN, full_end - BN), kc_h, kr_h, skc_n, skr_n,
+                               koff, kroff, kok, kblk, K_B1, K_B2, K_B3, K_B4, False, KPAIR,
+                               kpair)
+                acc = _attn_values(TRANS, p, acc, vraw, vtab_ptr, BN, a_op, b_op, V_KT, V_B1,
+                                   V_B2, V_B3, V_B4, False, LSHIFT)
+        elif PAIRS:
             # two steps an iteration, the loads as loaded (RAW): the second step's loads go
             # where the first's registers were, so nothing is copied across the back edge
             # (one step an iteration with RAW loads took ~27 register moves a step)
@@ -707,6 +767,17 @@ def gluon_lshift_setting() -> bool:
                     "pairs", "each code shifted to bit 0")
 
 
+def gluon_stagger_setting() -> bool:
+    """POLARTENSOR_GLUON_STAGGER=1 (read per call; opt-in, not yet run on a GPU): the
+    prefetch half a step ahead instead of a whole step (a step's V loads issued before its K
+    is decoded, the next step's K loads after): one step's codes held at a time instead of
+    two, for fewer registers (Nsight Compute: the registers cap the Gluon decode at 8
+    programs per SM, two warps per scheduler, and it waits on latency: results/bench/
+    ncu_gluon_2026-12-06_h100.md). Replaces two steps an iteration where both are asked."""
+    return env_flag("POLARTENSOR_GLUON_STAGGER", False, "the prefetch half a step ahead",
+                    "a whole step ahead")
+
+
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
     """Whether ``launch_attention_gluon`` serves this call (see the module docstring)."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 128
@@ -785,8 +856,14 @@ PROGRAMS_PER_SM = 8
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
 
 
-def programs_per_sm(transposed: bool, prefetch: bool) -> int:
-    """The one-round split rule's programs per SM for a launch variant (measured above)."""
+def programs_per_sm(transposed: bool, prefetch: bool, stagger: bool = False) -> int:
+    """The one-round split rule's programs per SM for a launch variant (measured above).
+    Registers decide it: an SM's four schedulers hold 16,384 each, so 8 one-warp programs
+    fit at up to 256 a thread and 12 at up to 168 (Nsight Compute's block limit at 222:
+    8). The transposed step with the prefetch half a step ahead builds at 168 offline, like
+    the transposed step alone."""
+    if transposed and prefetch and stagger:
+        return PROGRAMS_PER_SM_TRANSPOSED[False]
     return PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed else PROGRAMS_PER_SM
 
 BLOCK_N = 16
@@ -830,14 +907,15 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
                            maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
-                           pairs=None, kpairs=None, lshift=None):
+                           pairs=None, kpairs=None, lshift=None, stagger=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
     None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
     ``gluon_pairs_setting`` (with the prefetch only; unset: when not transposed); ``kpairs`` None:
-    ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``. Needs at least one
-    key."""
+    ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``; ``stagger`` None:
+    ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``). Needs at least
+    one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -865,9 +943,11 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         kpairs = gluon_kpairs_setting()
     if lshift is None:
         lshift = gluon_lshift_setting()
+    if stagger is None:
+        stagger = gluon_stagger_setting()
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
-                                       programs_per_sm(transposed, prefetch))
+                                       programs_per_sm(transposed, prefetch, stagger))
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
@@ -888,8 +968,9 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay, kp_lay=kp_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
-        PREFETCH=bool(prefetch), TRANS=bool(transposed), PAIRS=bool(prefetch and pairs),
-        KPAIR=bool(kpairs), LSHIFT=bool(lshift),
+        PREFETCH=bool(prefetch), TRANS=bool(transposed),
+        PAIRS=bool(prefetch and pairs and not stagger), KPAIR=bool(kpairs),
+        LSHIFT=bool(lshift), STAGGER=bool(prefetch and stagger),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )

@@ -75,14 +75,16 @@ def test_supported_scope():
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 7, 16]),
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
        prefetch=st.booleans(), transposed=st.booleans(), pairs=st.booleans(),
-       kpairs=st.booleans(), lshift=st.booleans(), seed=st.integers(0, 2**16))
+       kpairs=st.booleans(), lshift=st.booleans(), stagger=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
-                                        transposed, pairs, kpairs, lshift, seed):
+                                        transposed, pairs, kpairs, lshift, stagger, seed):
     """Every launch variant against the reference; the transposed step where it serves
     (groups of at most 8); two steps an iteration (with the prefetch), which with up to 9
     splits of up to 3000 keys meets an even and an odd number of full steps. K's loads by
-    block pairs and the shifted tables decode the same words from the same tables, so they
-    give the same output bit for bit as the launch without them."""
+    block pairs and the shifted tables decode the same words from the same tables, and the
+    prefetch half a step ahead (stagger) only moves loads, so each gives the same output bit
+    for bit as the launch without them."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -94,14 +96,15 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
                                  prefetch=prefetch, transposed=transposed and group <= 8,
-                                 pairs=pairs, kpairs=kpairs, lshift=lshift)
+                                 pairs=pairs, kpairs=kpairs, lshift=lshift, stagger=stagger)
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    if kpairs or lshift:
+    if kpairs or lshift or (stagger and prefetch):
         plain = launch_attention_gluon(
             q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
             1 / math.sqrt(d), splits, block_n=block_n, prefetch=prefetch,
-            transposed=transposed and group <= 8, pairs=pairs, kpairs=False, lshift=False)
+            transposed=transposed and group <= 8, pairs=pairs, kpairs=False, lshift=False,
+            stagger=False)
         assert torch.equal(out, plain)
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
@@ -162,6 +165,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_PAIRS", "gluon_pairs_setting", None),
     ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", True),
     ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
+    ("POLARTENSOR_GLUON_STAGGER", "gluon_stagger_setting", False),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -320,6 +324,10 @@ def test_split_count_fills_one_round():
     # each launch variant's rule: transposed 12 alone, 8 with the prefetch; else 8
     assert [programs_per_sm(tr, pf) for tr in (False, True) for pf in (False, True)] == [
         8, 8, 12, 8]
+    # the prefetch half a step ahead: transposed 12 (168 registers), else 8; nothing
+    # without the prefetch
+    assert [programs_per_sm(tr, pf, True) for tr in (False, True) for pf in (False, True)] == [
+        8, 8, 12, 12]
     # short caches: no split shorter than four 16-key steps; never fewer than one split
     assert gluon_split_count(1, 200, 132) == 4
     assert gluon_split_count(4096, 32768, 132) == 1
@@ -330,7 +338,8 @@ def test_split_count_fills_one_round():
 _TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr", "32:0:tr",
                    "32:0:pf:tr", "16:0:pf:pr", "16:0:pf:tr:pr", "32:0:pf:tr:pr", "16:0:kp",
                    "16:0:pf:tr:kp", "16:0:pf:tr:pr:kp", "32:0:pf:kp", "16:0:tr:ls",
-                   "16:0:pf:tr:pr:kp:ls", "32:0:pf:kp:ls"]
+                   "16:0:pf:tr:pr:kp:ls", "32:0:pf:kp:ls", "16:0:pf:tr:kp:ls:sg",
+                   "16:0:pf:sg", "32:0:pf:tr:sg"]
 _TRACE_GROUPS = [1, 4, 7, 8, 16]
 _TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
            if not ("tr" in v.split(":") and g > 8)]
