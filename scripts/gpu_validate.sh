@@ -26,6 +26,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
+#       with the faster of the default and POLARTENSOR_GLUON_STAGGER=1 (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_forced  # attention and integration tests
 #       with Gluon forced on: its transposed step off, then two steps an iteration on (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
@@ -34,7 +36,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_detail|compile|ab|gluon|gluon_forced|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_detail|compile|ab|gluon|gluon_bench|gluon_forced|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -207,6 +209,27 @@ gluon)
     step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
         --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 --per-sm 8,12 \
         --variants 16:0:pf:tr:kp:ls,16:0:pf:tr:kp:ls:sg,16:0:pf:pr:kp:ls,16:0:pf:kp:ls:sg
+    ;;
+gluon_bench)
+    # the gluon stage, then the full benchmark with the launch the A/B found faster at the
+    # target (batch 8 / 32K): the prefetch half a step ahead at 12 per SM
+    # (POLARTENSOR_GLUON_STAGGER=1) or the default; one device call for both
+    OUT="$OUT" bash "$0" gluon
+    if "$PY" - "$OUT/gluon/ab_gluon_decode.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"]
+        if (r["batch"], r["context"]) == (8, 32768)]
+ms = rows[0]["ms"] if rows else {}
+sg, base = ms.get("gluon_bn16_cap0_ps12_pf_tr_kp_ls_sg"), ms.get("gluon_bn16_cap0_ps8_pf_tr_kp_ls")
+print(f"stagger at 12 per SM {sg}, default {base}")
+sys.exit(0 if sg and base and sg < base else 1)
+PY
+    then
+        export POLARTENSOR_GLUON_STAGGER=1
+    fi
+    echo "POLARTENSOR_GLUON_STAGGER=${POLARTENSOR_GLUON_STAGGER:-unset}" | tee -a "$OUT/summary.txt"
+    step bench 300 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 140 \
+        --presets paper,polar-3,polar-4,polar-4/polar-3
     ;;
 gluon_forced)
     # the attention and integration tests with Gluon forced on, first with its transposed
