@@ -69,7 +69,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     fns["cudnn"] = cudnn_fn
     checks = {}
     for var in variants:
-        for ps in per_sm:
+        for ps in ([var.per_sm] if var.per_sm else per_sm):
             splits = gluon_split_count(b * hk, n, sms, var.block_n, ps)
             name = var.name.replace(f"_cap{var.maxnreg}", f"_cap{var.maxnreg}_ps{ps}")
 
@@ -144,27 +144,33 @@ class Variant(NamedTuple):
     kpairs: bool = False  # :kp, POLARTENSOR_GLUON_KPAIRS
     lshift: bool = False  # :ls, POLARTENSOR_GLUON_LSHIFT
     stagger: bool = False  # :sg (with :pf), POLARTENSOR_GLUON_STAGGER
+    per_sm: int = 0       # @N: only at N programs per SM (0: each of --per-sm)
 
     @property
     def name(self) -> str:
         return (f"gluon_bn{self.block_n}_cap{self.maxnreg}"
-                + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:]) if on))
+                + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:2 + len(_FLAGS)]) if on))
 
 
 _FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg")
 
 
 def parse_variant(text: str) -> Variant:
-    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg]' -> Variant (pairs: two steps an
-    iteration, and sg: the prefetch half a step ahead, with the prefetch only)."""
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg][@N]' -> Variant (pairs: two steps an
+    iteration, and sg: the prefetch half a step ahead, with the prefetch only; @N: timed at
+    N programs per SM only)."""
+    text, _, at = text.partition("@")
     parts = text.split(":")
     flags = parts[2:]
+    if at and not at.isdigit():
+        raise ValueError(f"variant {text!r}@{at}: @N takes a number of programs per SM")
     if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
             or any(f not in _FLAGS for f in flags)
             or (("pr" in flags or "sg" in flags) and "pf" not in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
                          f":pf, :tr, :pr and :sg (with :pf), :kp and :ls, e.g. 16:0:pf:tr")
-    return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS))
+    return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS),
+                   per_sm=int(at or 0))
 
 
 def main():

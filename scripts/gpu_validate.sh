@@ -214,7 +214,12 @@ gluon_bench)
     # the gluon stage, then the full benchmark with the launch the A/B found faster at the
     # target (batch 8 / 32K): the prefetch half a step ahead at 12 per SM
     # (POLARTENSOR_GLUON_STAGGER=1) or the default; one device call for both
-    OUT="$OUT" bash "$0" gluon
+    POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
+        step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py
+    step ab_gluon 200 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 120 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536 \
+        --variants 16:0:pf:tr:kp:ls@8,16:0:pf:tr:kp:ls:sg@12,16:0:pf:pr:kp:ls@8,16:0:pf:kp:ls:sg@8
     if "$PY" - "$OUT/gluon/ab_gluon_decode.json" <<'PY'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"]

@@ -38,6 +38,10 @@ def test_parse_variant(load_script):
     with pytest.raises(ValueError, match="16:0:pf:tr"):
         mod.parse_variant("16:0:prefetch")
     assert mod.parse_variant("16:0:pf:sg").stagger
+    assert mod.parse_variant("16:0:pf:tr:sg@12").per_sm == 12
+    assert mod.parse_variant("16:0:pf:tr:sg@12").name == "gluon_bn16_cap0_pf_tr_sg"
+    with pytest.raises(ValueError, match="@N"):
+        mod.parse_variant("16:0:pf@x")
     for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr", "16:0:tr:sg"):
         with pytest.raises(ValueError, match="block_n:maxnreg"):
             mod.parse_variant(bad)
