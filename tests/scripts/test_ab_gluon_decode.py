@@ -27,12 +27,12 @@ def test_parse_variant(load_script):
     import pytest
 
     mod = load_script("ab_gluon_decode")
-    assert mod.parse_variant("16:0") == (16, 0, False, False, False, False, False, False)
-    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False, False, False, False)
-    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False, False, False, False)
-    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False, False, False, False)
-    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True, False, False, False)
-    assert mod.parse_variant("16:0:tr:kp") == (16, 0, False, True, False, True, False, False)
+    assert mod.parse_variant("16:0") == (16, 0, False, False, False, False, False, False, 0)
+    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False, False, False, False, 0)
+    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False, False, False, False, 0)
+    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False, False, False, False, 0)
+    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True, False, False, False, 0)
+    assert mod.parse_variant("16:0:tr:kp") == (16, 0, False, True, False, True, False, False, 0)
     assert mod.parse_variant("16:0:ls").lshift
     assert mod.parse_variant("16:0:pf:tr:pr:kp:ls").name == "gluon_bn16_cap0_pf_tr_pr_kp_ls"
     with pytest.raises(ValueError, match="16:0:pf:tr"):
