@@ -768,12 +768,18 @@ def gluon_lshift_setting() -> bool:
 
 
 def gluon_stagger_setting() -> bool:
-    """POLARTENSOR_GLUON_STAGGER=1 (read per call; opt-in, not yet run on a GPU): the
-    prefetch half a step ahead instead of a whole step (a step's V loads issued before its K
-    is decoded, the next step's K loads after): one step's codes held at a time instead of
-    two, for fewer registers (Nsight Compute: the registers cap the Gluon decode at 8
-    programs per SM, two warps per scheduler, and it waits on latency: results/bench/
-    ncu_gluon_2026-12-06_h100.md). Replaces two steps an iteration where both are asked."""
+    """POLARTENSOR_GLUON_STAGGER=1 (read per call; opt-in, measured slower): the prefetch
+    half a step ahead instead of a whole step (a step's V loads issued before its K is
+    decoded, the next step's K loads after): one step's codes held at a time instead of
+    two, for fewer registers (Nsight Compute: the registers cap the default at 8 programs
+    per SM, two warps per scheduler, and it waits on latency: results/bench/
+    ncu_gluon_2026-12-06_h100.md). Transposed it builds at 168 registers (on the GPU too)
+    and 631 loop instructions a step against 230 and 674, so 12 programs per SM fit in one
+    round; yet on an H200 it ran 0.90-0.95x of the default at the five shapes timed, and
+    not transposed (243 registers, 8 per SM) 0.93-0.94x of two steps an iteration
+    (results/bench/ab_gluon_decode_2026-12-06j_h200.md; not profiled: the loads have half a
+    step to land instead of a whole one). Replaces two steps an iteration where both are
+    asked."""
     return env_flag("POLARTENSOR_GLUON_STAGGER", False, "the prefetch half a step ahead",
                     "a whole step ahead")
 
