@@ -34,6 +34,15 @@ For groups of at most 8, by default (``gluon_transposed_setting``), both product
 transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
 coordinates rather than a group padded to 16 (``_attn_step`` with TRANS): K and V as A
 operands hold the coordinates they hold as B operands, so the tree decode is the same.
+
+The loop's other settings, each read per call and each measured (the settings' docstrings):
+the next step's codes prefetched (``gluon_prefetch_setting``), K's code words per block
+pair (``gluon_kpairs_setting``), shifted tables for 2-bit code pairs
+(``gluon_lshift_setting``), two steps an iteration where not transposed
+(``gluon_pairs_setting``); opt-in, measured slower, the prefetch half a step ahead
+(``gluon_stagger_setting``). Nsight Compute at the target shape
+(results/bench/ncu_gluon_2026-12-06_h100.md): latency-bound at the two warps per scheduler
+that its registers allow, no pipe near its limit.
 """
 
 from __future__ import annotations
