@@ -206,9 +206,12 @@ gluon)
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
+    # (candidates with more work in flight per warp: 32 keys a step without the prefetch,
+    # 255 registers offline, 588 loop instructions per 16 keys; 32 keys staggered, 254 and
+    # 616; 16 keys without the prefetch at 12 per SM, 168 and 613; the default 230 and 674)
     step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
-        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 --per-sm 8,12 \
-        --variants 16:0:pf:tr:kp:ls,16:0:pf:tr:kp:ls:sg,16:0:pf:pr:kp:ls,16:0:pf:kp:ls:sg
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
+        --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
     ;;
 gluon_bench)
     # the gluon stage, then the full benchmark with the launch the A/B found faster at the
