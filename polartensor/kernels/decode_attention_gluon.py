@@ -865,9 +865,10 @@ def _permuted_rotation(rot: torch.Tensor) -> torch.Tensor:
 PROGRAMS_PER_SM = 8
 # The transposed step (groups <= 8, the default there), from an H100 A/B run of 8, 9, 10 and
 # 12 programs per SM x register caps (results/bench/ab_gluon_decode_2026-12-06g_h100.md):
-# alone (168 registers) 12 per SM ran fastest; with the prefetch (222 registers offline, which
-# should fit 9) 8 per SM did, and 9 ran 1.45-1.52x slower than 8 at three of four shapes (as
-# a second round would; equal at batch 32 / 8K; not examined further).
+# alone (168 registers) 12 per SM ran fastest; with the prefetch (222 registers) 8 per SM did,
+# and 9 ran 1.45-1.52x slower than 8 at three of four shapes: a second round, since each of
+# an SM's four schedulers holds 16,384 registers, two warps at 222 (Nsight Compute's block
+# limit: 8; results/bench/ncu_gluon_2026-12-06_h100.md).
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
 
 
