@@ -71,7 +71,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
     for var in variants:
         for ps in ([var.per_sm] if var.per_sm else per_sm):
             splits = gluon_split_count(b * hk, n, sms, var.block_n, ps)
-            name = var.name.replace(f"_cap{var.maxnreg}", f"_cap{var.maxnreg}_ps{ps}")
+            name = var.label(ps)
 
             def fn(var=var, splits=splits):
                 return launch_attention_gluon(q, kq[0], kq[1], kq[2], cfg, vq[0], vq[1],
@@ -148,7 +148,12 @@ class Variant(NamedTuple):
 
     @property
     def name(self) -> str:
-        return (f"gluon_bn{self.block_n}_cap{self.maxnreg}"
+        return self.label()
+
+    def label(self, per_sm: int | None = None) -> str:
+        """The variant's name in results, with the programs per SM it ran at if given."""
+        ps = "" if per_sm is None else f"_ps{per_sm}"
+        return (f"gluon_bn{self.block_n}_cap{self.maxnreg}{ps}"
                 + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:2 + len(_FLAGS)]) if on))
 
 
@@ -178,7 +183,7 @@ def main():
     ap.add_argument("--out", default="gluon_ab")
     ap.add_argument("--shapes", default="3:1000,8:32768,1:32768,32:8192,8:4096,8:131072,2:131072")
     ap.add_argument("--presets", default="paper")
-    ap.add_argument("--variants", default="16:0:pf:tr,16:0:pf:tr:pr,16:0:pf,16:0:pf:pr,16:0:tr",
+    ap.add_argument("--variants", default="16:0:pf:tr:kp:ls,16:0:pf:tr,16:0:pf:pr:kp:ls,16:0:pf",
                     help="block_n:maxnreg (0: no cap), :pf for the prefetch of the next "
                     "step's codes (POLARTENSOR_GLUON_PREFETCH), :tr for the transposed step "
                     "(POLARTENSOR_GLUON_TRANS), :pr (with :pf) for two steps an iteration "

@@ -7,9 +7,9 @@ counts that its docstrings and docs/kernel_history.md quote.
     python scripts/gluon_offline_stats.py --variants 16:0:pf:tr,16:200:pf:tr --groups 4,8
     python scripts/gluon_offline_stats.py --trace-only         # trace to Triton GPU IR only
 
-Variants are ``scripts/ab_gluon_decode.py``'s (``block_n:maxnreg[:pf][:tr][:pr]``, maxnreg 0 for
-no cap), each built for every group of ``--groups`` it serves (the transposed step: at most
-8). ``--trace-only`` stops at Triton GPU IR: every shape, layout and
+Variants are ``scripts/ab_gluon_decode.py``'s (``parse_variant``: ``block_n:maxnreg`` then
+flags, maxnreg 0 for no cap), each built for every group of ``--groups`` it serves (the
+transposed step: at most 8). ``--trace-only`` stops at Triton GPU IR: every shape, layout and
 ``convert_layout(..., assert_trivial=True)`` is checked there, in about 0.1 s a variant
 (the tests run it); the full build also assembles with the ptxas bundled with Triton. One
 JSON line per variant and group; the exit status is 1 if any failed.
@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_VARIANTS = "16:0,16:0:pf,16:0:tr,16:0:pf:tr,16:200:pf:tr"
+DEFAULT_VARIANTS = "16:0,16:0:pf,16:0:tr,16:0:pf:tr,16:0:pf:tr:kp:ls,16:0:pf:pr:kp:ls"
 
 
 class _Launched(Exception):

@@ -40,6 +40,8 @@ def test_parse_variant(load_script):
     assert mod.parse_variant("16:0:pf:sg").stagger
     assert mod.parse_variant("16:0:pf:tr:sg@12").per_sm == 12
     assert mod.parse_variant("16:0:pf:tr:sg@12").name == "gluon_bn16_cap0_pf_tr_sg"
+    # the result names gluon_bench reads: programs per SM after the cap
+    assert mod.parse_variant("16:0:pf:tr:sg").label(12) == "gluon_bn16_cap0_ps12_pf_tr_sg"
     with pytest.raises(ValueError, match="@N"):
         mod.parse_variant("16:0:pf@x")
     for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr", "16:0:tr:sg"):
