@@ -18,6 +18,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_gluon   # ncu of the Gluon decode, default and
 #       two steps an iteration (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile_encode  # the encode alone, per SASS
+#       instruction, with the pipes and schedulers (~1.5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh shfl      # tests + decode bench, shuffle tables on/off (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh compile   # compiled vs eager model decode step (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab        # the working tree's decode / encode
@@ -26,6 +28,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh explore   # the gluon A/B without its tests, an
+#       encode sweep at d 128 and profile_encode in one call (~7 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
 #       with the faster of the default and POLARTENSOR_GLUON_STAGGER=1 (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_forced  # attention and integration tests
@@ -36,7 +40,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_detail|compile|ab|gluon|gluon_bench|gluon_forced|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -213,6 +217,19 @@ gluon)
         --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
         --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
     ;;
+explore)
+    # one device call for three measurements: the gluon stage's A/B without its tests (the
+    # tests stage runs them), the encode on this GPU at the launches nearest the target
+    # (two pipeline stages, one program per tile, the one-MMA rotations), and the
+    # profile_encode stage
+    step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
+        --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
+    OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b --presets paper,polar-3,polar-4 \
+        --launches default_persist_s2,default_per_tile,default_permuted_hadamard,default_rotbf16_persist_s1_4per_sm
+    OUT="$OUT/enc" bash "$0" profile_encode
+    ;;
 gluon_bench)
     # the gluon stage, then the full benchmark with the launch the A/B found faster at the
     # target (batch 8 / 32K): the prefetch half a step ahead at 12 per SM
@@ -268,6 +285,20 @@ profile)
         "$PY" scripts/profile_decode.py
     step ncu_encode 200 "${NCU[@]}" -k regex:polar_encode --launch-skip 2 -c 1 \
         "$PY" scripts/profile_decode.py
+    ;;
+profile_encode)
+    # the encode alone (paper, d 128, batch 8 / 32K, its default launch with the record
+    # stores), per SASS instruction: what is left of its time since the stores were fixed
+    # (not profiled since; on the H200 it takes the H100's 0.42 ms, 37% of the copy bandwidth)
+    step ncu_encode_detail 200 ncu --clock-control none --section MemoryWorkloadAnalysis_Tables \
+        --section SourceCounters --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --section InstructionStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --import-source no -o "$OUT/encode" -k regex:polar_encode --launch-skip 2 -c 1 \
+        "$PY" scripts/profile_decode.py
+    step ncu_encode_details 100 ncu -i "$OUT/encode.ncu-rep" --page details --print-details all
+    step ncu_encode_source 100 ncu -i "$OUT/encode.ncu-rep" --page source --csv \
+        --print-source sass
     ;;
 profile_detail)
     # the attention kernel alone, per SASS instruction: which loads make the L1/TEX traffic
