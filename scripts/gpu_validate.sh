@@ -61,6 +61,15 @@ PY
 # pytest-xdist, where installed, spreads the tests over the CPU cores: Triton compiles on them.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
+ab_gluon_candidates() {
+    # the Gluon decode's A/B: the default beside the candidates with more work in flight per
+    # warp: 32 keys a step without the prefetch, 255 registers offline, 588 loop
+    # instructions per 16 keys; 32 keys staggered, 254 and 616; 16 keys without the prefetch
+    # at 12 per SM, 168 and 613; the default 230 and 674
+    step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
+        --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
+}
 case "$stage" in
 tests)
     # the asset tests need the package registry, which a GPU machine may not reach;
@@ -210,21 +219,14 @@ gluon)
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
-    # (candidates with more work in flight per warp: 32 keys a step without the prefetch,
-    # 255 registers offline, 588 loop instructions per 16 keys; 32 keys staggered, 254 and
-    # 616; 16 keys without the prefetch at 12 per SM, 168 and 613; the default 230 and 674)
-    step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
-        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
-        --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
+    ab_gluon_candidates
     ;;
 explore)
     # one device call for three measurements: the gluon stage's A/B without its tests (the
     # tests stage runs them), the encode on this GPU at the launches nearest the target
     # (two pipeline stages, one program per tile, the one-MMA rotations), and the
     # profile_encode stage
-    step ab_gluon 230 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 170 \
-        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
-        --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
+    ab_gluon_candidates
     OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
         --launches default_persist_s2,default_per_tile,default_permuted_hadamard,default_rotbf16_persist_s1_4per_sm
@@ -347,7 +349,7 @@ compile)
     step compile 560 "$PY" scripts/gpu_compile_check.py --fullgraph --dtypes bfloat16
     ;;
 *)
-    echo "unknown stage $stage: use tests, optin, bench, sweep, sweep2, encode, store, joint12, mma, shfl, profile, profile_detail, compile, ab or ab_tests" >&2
+    echo "unknown stage $stage: see the list at the top of this script" >&2
     exit 2
     ;;
 esac
