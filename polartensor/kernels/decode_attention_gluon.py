@@ -869,18 +869,17 @@ PROGRAMS_PER_SM = 8
 # and 9 ran 1.45-1.52x slower than 8 at three of four shapes: a second round, since each of
 # an SM's four schedulers holds 16,384 registers, two warps at 222 (Nsight Compute's block
 # limit: 8; results/bench/ncu_gluon_2026-12-06_h100.md).
-PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by prefetch
+PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by two steps' codes held (prefetch)
 
 
 def programs_per_sm(transposed: bool, prefetch: bool, stagger: bool = False) -> int:
     """The one-round split rule's programs per SM for a launch variant (measured above).
     Registers decide it: an SM's four schedulers hold 16,384 each, so 8 one-warp programs
     fit at up to 256 a thread and 12 at up to 168 (Nsight Compute's block limit at 222:
-    8). The transposed step with the prefetch half a step ahead builds at 168 offline, like
-    the transposed step alone."""
-    if transposed and prefetch and stagger:
-        return PROGRAMS_PER_SM_TRANSPOSED[False]
-    return PROGRAMS_PER_SM_TRANSPOSED[bool(prefetch)] if transposed else PROGRAMS_PER_SM
+    8). The prefetch half a step ahead holds one step's codes, as no prefetch does: the
+    transposed step builds at 168 with it offline, as without the prefetch."""
+    two_steps_held = bool(prefetch and not stagger)
+    return PROGRAMS_PER_SM_TRANSPOSED[two_steps_held] if transposed else PROGRAMS_PER_SM
 
 BLOCK_N = 16
 MAXNREG = None
