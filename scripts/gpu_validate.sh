@@ -224,12 +224,12 @@ gluon)
 explore)
     # one device call for three measurements: the gluon stage's A/B without its tests (the
     # tests stage runs them), the encode on this GPU at the launches nearest the target
-    # (two pipeline stages, one program per tile, the one-MMA rotations), and the
-    # profile_encode stage
+    # (x asked of L2 one or two tiles ahead, one program per tile, the one-MMA rotations,
+    # persistent and with the L2 prefetch), and the profile_encode stage
     ab_gluon_candidates
     OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
-        --launches default_persist_s2,default_per_tile,default_permuted_hadamard,default_rotbf16_persist_s1_4per_sm
+        --launches default_persist_l2pf1,default_persist_l2pf2,default_per_tile,default_permuted_hadamard,default_persist_l2pf0_permuted_hadamard,default_persist_l2pf1_permuted_hadamard,default_rotbf16_persist_s1_4per_sm
     OUT="$OUT/enc" bash "$0" profile_encode
     ;;
 gluon_bench)

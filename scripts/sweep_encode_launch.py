@@ -94,13 +94,21 @@ _HADAMARD = [(None, None, None, {"_rotation": "permuted_hadamard"})]
 # fits two: halving S's reads did not pay for the lost overlap between programs)
 _WIDE16 = [(256, 16, None, {}), (128, 16, None, {}),
            (256, 16, None, {"_rotation": "permuted_hadamard"})]
+# the persistent launch (forced on: at d 128 the default already is, except with
+# permuted_hadamard) asking L2 for x one or two tiles before it loads them
+# (POLARTENSOR_ENCODE_L2PF), and without (l2pf0). Offline (Triton 3.6, sm_90, paper d 128,
+# 128-register cap) 1221 -> 1238 loop SASS instructions, spills 16 -> 60 bytes.
+_L2PF = [(None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_L2PF": n})
+         for n in ("0", "1", "2")] + [
+    (None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_L2PF": n,
+                        "_rotation": "permuted_hadamard"}) for n in ("0", "1")]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _PERSIST128 \
     + _PER_TILE + _BF16_LAUNCHES \
-    + _STORE_LAUNCHES + _HADAMARD + _WIDE16
+    + _STORE_LAUNCHES + _HADAMARD + _WIDE16 + _L2PF
 
 
 def main():
@@ -170,10 +178,15 @@ def main():
                     name += "_store_" + env["POLARTENSOR_ENCODE_STORE"]
                 if env.get("POLARTENSOR_ENCODE_PERSIST") == "0":
                     name += "_per_tile"
+                if (env.get("POLARTENSOR_ENCODE_PERSIST") == "1"
+                        and "POLARTENSOR_ENCODE_STAGES" not in env):
+                    name += "_persist"
                 if "POLARTENSOR_ENCODE_STAGES" in env:
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 if "POLARTENSOR_ENCODE_PER_SM" in env:
                     name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
+                if "POLARTENSOR_ENCODE_L2PF" in env:
+                    name += f"_l2pf{env['POLARTENSOR_ENCODE_L2PF']}"
                 env = dict(env)
                 rotation = env.pop("_rotation", None)
                 if rotation:

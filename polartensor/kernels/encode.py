@@ -132,6 +132,25 @@ def _coord_order(y, BN: tl.constexpr, D: tl.constexpr):
     return tl.reshape(y, (BN, D))
 
 
+@triton.jit
+def _prefetch_rows_l2(x_ptr, sx_l, sx_t, row0, n_rows, T, BN: tl.constexpr, D: tl.constexpr,
+                      IDX32: tl.constexpr):
+    """Ask L2 for the 128-byte lines of bfloat16 rows row0 .. row0 + BN - 1 of x (one
+    ``prefetch.global.L2`` per line, no registers held, nothing waited on), so that the tile's
+    own load later finds them there. Rows past n_rows repeat the last row's lines."""
+    LPR: tl.constexpr = D // 64 if D >= 64 else 1  # (128-byte lines per bfloat16 row)
+    j = tl.arange(0, BN * LPR)
+    if IDX32:
+        rows = tl.minimum(row0 + j // LPR, n_rows - 1)
+        lead = (rows.to(tl.uint32) // T.to(tl.uint32)).to(tl.int32)
+    else:
+        rows = tl.minimum(row0.to(tl.int64) + j // LPR, n_rows - 1)
+        lead = rows // T
+    off = lead * sx_l + (rows - lead * T) * sx_t + (j % LPR) * 64
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [x_ptr + off], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["sx_l", "sx_t", "sc_l", "sc_t", "sr_l", "sr_t", "n_rows", "T"])
 def polar_encode_fwd_kernel(
     x_ptr, sx_l, sx_t,
@@ -149,7 +168,7 @@ def polar_encode_fwd_kernel(
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
     ROT_LO: tl.constexpr = True, STORE_MODE: tl.constexpr = 0, RBP: tl.constexpr = 1,
-    R_SCALE: tl.constexpr = 1.0,
+    R_SCALE: tl.constexpr = 1.0, L2PF: tl.constexpr = 0,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -165,6 +184,10 @@ def polar_encode_fwd_kernel(
         else:
             s_lo = s_hi  # (unused)
         step = tl.num_programs(0)
+        for k in tl.static_range(1, L2PF + 1):
+            if pid + k * step < tl.cdiv(n_rows, BN):
+                _prefetch_rows_l2(x_ptr, sx_l, sx_t, (pid + k * step) * BN, n_rows, T, BN, D,
+                                  IDX32)
     else:
         step = tl.cdiv(n_rows, BN)
     for tile in range(pid, tl.cdiv(n_rows, BN), step):
@@ -261,6 +284,12 @@ def polar_encode_fwd_kernel(
         # F64: radii go to a float64 scratch; torch casts them exactly as the reference does.
         tl.store(radii_ptr + rad_off[:, None] + nb[None, :],
                  r.to(radii_ptr.dtype.element_ty), mask=valid[:, None])
+        if PERSIST and L2PF > 0:
+            # (L2PF tiles between this prefetch and the load: see _l2_prefetch; here, where
+            # the tile's values are dead, it holds no registers across the MMA)
+            ahead = tile + (L2PF + 1) * step
+            if ahead < tl.cdiv(n_rows, BN):
+                _prefetch_rows_l2(x_ptr, sx_l, sx_t, ahead * BN, n_rows, T, BN, D, IDX32)
 
 
 # The float32 encode finds codes without atan2 by default (see common._encode_level, CROSS);
@@ -403,6 +432,20 @@ _PER_SM = ("2", "1", "3", "4")
 
 def _persist_per_sm() -> int:
     return int(env_choice("POLARTENSOR_ENCODE_PER_SM", _PER_SM))
+
+
+# POLARTENSOR_ENCODE_L2PF (read per call): the persistent launch asks L2 for the x rows of
+# a tile this many of its tiles before it loads them (0, the default: none; 1 or 2), one prefetch
+# instruction per 128-byte line and no registers held, so that the tile's load waits on L2
+# rather than DRAM. The Nsight Compute profile of the encode at d 128 (H100,
+# results/bench/ncu_encode_2026-12-06b_h100.md) had it bound by latency, a quarter of each
+# warp's stalls on global loads, with x hitting L2 16% of the time. GPU only: the
+# interpreter runs no inline assembly, and there is no latency to hide. Not timed yet.
+_L2PF = ("0", "1", "2")
+
+
+def _l2_prefetch() -> int:
+    return int(env_choice("POLARTENSOR_ENCODE_L2PF", _L2PF))
 
 
 # POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` lets
@@ -655,7 +698,8 @@ def encode_into_triton(
         mids, cross1 = cross_table(mids_in, config)
         toff = w["L"] * mids.shape[1]
     n_tiles = triton.cdiv(n_rows, block_rows)
-    stages, per_sm = _persist_stages(), _persist_per_sm()  # (read, and checked, per call)
+    # (read, and checked, per call)
+    stages, per_sm, l2pf = _persist_stages(), _persist_per_sm(), _l2_prefetch()
     # (whole records gather along each row's words: Triton 3.6 compiles that only where every
     # warp holds whole rows, >= 16 per warp, as for the register-order columns; with fewer
     # its thread-locality pass aborts, offline at 16 and 32 rows with 4 warps, so such
@@ -686,7 +730,7 @@ def encode_into_triton(
         CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
         TOFF=toff, ROT_BF16X2=rot_bf16x2, ROT_LO=rot_lo, R_SCALE=r_scale,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
-        R_ALIGN=_row_align(r3),
+        R_ALIGN=_row_align(r3), L2PF=l2pf if persist and not interp else 0,
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
         PERM=perm, STORE_MODE=store_mode, RBP=triton.next_power_of_2(max(w["R"], 2)),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of

@@ -777,6 +777,32 @@ def test_persistent_encode_stages(stages, monkeypatch):
         monkeypatch.delenv(name)
 
 
+@pytest.mark.parametrize("ahead", ["1", "2"])
+def test_persistent_encode_l2_prefetch(ahead, monkeypatch):
+    """POLARTENSOR_ENCODE_L2PF: on the GPU the persistent launch asks L2 for x that many tiles
+    ahead, which changes no code or radius (a prefetch moves no data into registers); the
+    interpreter, which runs no inline assembly, launches without it; any other value is
+    refused, naming the choices."""
+    seen = _spy_launches(monkeypatch, "PERSIST", "L2PF")
+    cfg = get_preset("paper", head_dim=64)
+    g = torch.Generator().manual_seed(7)
+    # (on the GPU many more tiles than programs, so that every program prefetches in its loop
+    # and the last tiles' prefetches fall past the end)
+    t = 20011 if ON_GPU else 40
+    x = (torch.randn(2, t, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    without = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
+    assert seen[-1] == (True, 0)
+    with_pf = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_L2PF": ahead}, x, rot, mids, cfg,
+                            block_rows=16, persistent=True)
+    assert seen[-1] == (True, int(ahead) if ON_GPU else 0)
+    assert torch.equal(without[0], with_pf[0]) and torch.equal(without[1], with_pf[1])
+    monkeypatch.setenv("POLARTENSOR_ENCODE_L2PF", "3")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_L2PF='3'"):
+        _encode_under(monkeypatch, {}, x, rot, mids, cfg, persistent=True)
+
+
 @pytest.mark.parametrize("name,read,default", [
     ("POLARTENSOR_ENCODE_PERM", lambda: _enc._column_order(), True)])
 def test_encode_flag_settings_are_checked(name, read, default, monkeypatch):
