@@ -28,8 +28,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh explore   # the gluon A/B without its tests, an
-#       encode sweep at d 128 and profile_encode in one call (~7 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
+#       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
 #       with the faster of the default and POLARTENSOR_GLUON_STAGGER=1 (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_forced  # attention and integration tests
@@ -222,14 +222,14 @@ gluon)
     ab_gluon_candidates
     ;;
 explore)
-    # one device call for three measurements: the gluon stage's A/B without its tests (the
-    # tests stage runs them), the encode on this GPU at the launches nearest the target
-    # (x asked of L2 one or two tiles ahead, one program per tile, the one-MMA rotations,
-    # persistent and with the L2 prefetch), and the profile_encode stage
-    ab_gluon_candidates
-    OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
+    # one device call for three measurements, the encode first: the encode on this GPU at
+    # the launches nearest the target (x asked of L2 one or two tiles ahead, x by TMA at four
+    # launches, one program per tile, the one-MMA rotation), the gluon stage's A/B without
+    # its tests (the tests stage runs them), and the profile_encode stage
+    OUT="$OUT" step encode_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
-        --launches default_persist_l2pf1,default_persist_l2pf2,default_per_tile,default_permuted_hadamard,default_persist_l2pf0_permuted_hadamard,default_persist_l2pf1_permuted_hadamard,default_rotbf16_persist_s1_4per_sm
+        --launches default_persist_l2pf1,default_persist_l2pf2,default_persist_1per_sm_tma,bn128_w8_persist_s3_1per_sm_tma,bn64_w4_persist_s2_2per_sm_tma,bn256_w16_persist_s2_1per_sm_tma,default_per_tile,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
+    ab_gluon_candidates
     OUT="$OUT/enc" bash "$0" profile_encode
     ;;
 gluon_bench)

@@ -23,6 +23,7 @@ import re
 import sys
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
         torch.uint8: "*u8", torch.int32: "*i32", torch.bool: "*i1"}
@@ -58,6 +59,9 @@ def _signature(fn, args, kwargs):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, float):
             sig[p] = "fp32"
+        elif isinstance(a, TensorDescriptor):
+            dt = _PTR[a.base.dtype].lstrip("*")
+            sig[p] = f"tensordesc<{dt}[{', '.join(map(str, a.block_shape))}]>"
         else:
             raise TypeError(f"{p}: {type(a).__name__}")
     defaults = inspect.signature(fn.fn).parameters

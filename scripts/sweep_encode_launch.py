@@ -102,13 +102,27 @@ _L2PF = [(None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENC
          for n in ("0", "1", "2")] + [
     (None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_L2PF": n,
                         "_rotation": "permuted_hadamard"}) for n in ("0", "1")]
+# x's tiles by TMA through a tensor descriptor (POLARTENSOR_ENCODE_TMA=1, persistent): the
+# MMA reads the copy in shared memory, and the pipeliner issues the copy num_stages - 1
+# tiles ahead, at the end of the tile before (so 2 stages overlap it only with other
+# programs, 3 with a whole tile). Offline (Triton 3.6, sm_90, paper d 128, uncapped): default
+# tiles (128 rows, 8 warps) 2 stages 135 KB of shared memory, 139 registers, 1118 loop SASS
+# instructions (1221 for the default under its 128-register cap), 3 stages 168 KB, 176, 1124
+# (one program per SM either way); 64 rows, 4 warps: 2 stages 100 KB (two per SM), 168,
+# 1049; 3 stages 117 KB (one per SM); 256 rows, 16 warps, 2 stages: 205 KB, 128, 1143.
+_TMA = {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_TMA": "1"}
+_TMA_LAUNCHES = [
+    (None, None, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1")),
+    (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3")),
+    (64, 4, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="2", POLARTENSOR_ENCODE_STAGES="2")),
+    (256, 16, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="2"))]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _PERSIST128 \
     + _PER_TILE + _BF16_LAUNCHES \
-    + _STORE_LAUNCHES + _HADAMARD + _WIDE16 + _L2PF
+    + _STORE_LAUNCHES + _HADAMARD + _WIDE16 + _L2PF + _TMA_LAUNCHES
 
 
 def main():
@@ -185,6 +199,8 @@ def main():
                     name += f"_persist_s{env['POLARTENSOR_ENCODE_STAGES']}"
                 if "POLARTENSOR_ENCODE_PER_SM" in env:
                     name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
+                if env.get("POLARTENSOR_ENCODE_TMA") == "1":
+                    name += "_tma"
                 if "POLARTENSOR_ENCODE_L2PF" in env:
                     name += f"_l2pf{env['POLARTENSOR_ENCODE_L2PF']}"
                 env = dict(env)

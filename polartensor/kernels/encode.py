@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (
     _encode_level,
@@ -157,7 +158,7 @@ def polar_encode_fwd_kernel(
     rot_ptr, mids_ptr,
     codes_ptr, sc_l, sc_t,
     radii_ptr, sr_l, sr_t,
-    n_rows, T,
+    n_rows, T, x_desc,
     BN: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr, KT: tl.constexpr,
     L: tl.constexpr, NB: tl.constexpr, TAIL_BYTE: tl.constexpr, TAIL_NB: tl.constexpr,
     LV0: tl.constexpr, LV1: tl.constexpr, LV2: tl.constexpr, LV3: tl.constexpr,
@@ -168,7 +169,7 @@ def polar_encode_fwd_kernel(
     X_ALIGN: tl.constexpr = 1, PERSIST: tl.constexpr = False, PERM: tl.constexpr = False,
     R_ALIGN: tl.constexpr = 1, IDX32: tl.constexpr = False, WRAP1: tl.constexpr = False,
     ROT_LO: tl.constexpr = True, STORE_MODE: tl.constexpr = 0, RBP: tl.constexpr = 1,
-    R_SCALE: tl.constexpr = 1.0, L2PF: tl.constexpr = 0,
+    R_SCALE: tl.constexpr = 1.0, L2PF: tl.constexpr = 0, X_TMA: tl.constexpr = False,
 ):
     """Encode rows into the cache storage, a tile of BN rows per program; ``PERSIST``
     (bfloat16 x and the bf16x2 rotation, d <= 128): a grid of a few programs per SM, each
@@ -225,7 +226,14 @@ def polar_encode_fwd_kernel(
             x_off = tl.multiple_of(x_off, X_ALIGN)
         if PERSIST:
             # S^T's bfloat16 parts, loaded once per program (persistent launch)
-            xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None], other=0.0)
+            if X_TMA:
+                # x's rows as a [n_rows, D] tensor descriptor (rows past n_rows read as zero):
+                # a TMA copy into shared memory that the MMA reads, which the software
+                # pipeliner issues num_stages - 1 tiles ahead (see _x_tma)
+                xb = x_desc.load([tile * BN, 0])
+            else:
+                xb = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=valid[:, None],
+                             other=0.0)
             y = _dot_bf16x2(xb, s_hi, s_lo, tl.zeros((BN, D), dtype=tl.float32), ROT_LO)
         elif ROTATE:
             # y = x @ S^T, chunked over the contraction dim (S^T[k, j] = S[j, k]).
@@ -446,6 +454,26 @@ _L2PF = ("0", "1", "2")
 
 def _l2_prefetch() -> int:
     return int(env_choice("POLARTENSOR_ENCODE_L2PF", _L2PF))
+
+
+# POLARTENSOR_ENCODE_TMA (read per call): 1 loads the persistent launch's x tiles by TMA
+# through a [rows, D] tensor descriptor instead of through registers (0, the default). The
+# MMA then reads the tile where the copy lands, with no register round trip, shared store or
+# barrier of its own, and with POLARTENSOR_ENCODE_STAGES >= 2 (2 where unset) the pipeliner
+# issues the next tiles' copies while this one is encoded. Where it applies: sm_90 and up or
+# the interpreter, x's rows evenly strided (lead stride = T x row stride) and 16-byte
+# aligned; elsewhere the pointer loads. Not timed yet.
+_TMA = ("0", "1")
+
+
+def _x_tma(x3: torch.Tensor, interp: bool) -> bool:
+    if env_choice("POLARTENSOR_ENCODE_TMA", _TMA) != "1":
+        return False
+    if not interp and x3.is_cuda and torch.cuda.get_device_capability(x3.device) < (9, 0):
+        return False
+    es = x3.element_size()
+    return (x3.stride(0) == x3.shape[1] * x3.stride(1) and x3.stride(-1) == 1
+            and (x3.stride(1) * es) % 16 == 0 and x3.data_ptr() % 16 == 0)
 
 
 # POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` lets
@@ -716,12 +744,19 @@ def encode_into_triton(
     grid = (min(n_tiles, 2 if interp else per_sm * _sm_count(x3.device)) if persist
             else n_tiles,)
     caps = {} if not maxnreg or interp else {"maxnreg": maxnreg}
+    x_tma = persist and _x_tma(x3, interp)
+    x_desc = x3
+    if x_tma:
+        # (rows as one [n_rows, D] tensor: evenly strided, checked by _x_tma)
+        x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [block_rows, d])
+        if "POLARTENSOR_ENCODE_STAGES" not in os.environ:
+            stages = 2
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
         rot_arg, mids,
         c3, c3.stride(0), c3.stride(1),
         r3, r3.stride(0), r3.stride(1),
-        n_rows, t,
+        n_rows, t, x_desc,
         BN=block_rows, D=d, KCH=kch, KT=mids.shape[1] - 1,
         L=w["L"], NB=w["NB"], TAIL_BYTE=w["TAIL_BYTE"], TAIL_NB=w["TAIL_NB"],
         LV0=w["LV0"], LV1=w["LV1"], LV2=w["LV2"], LV3=w["LV3"],
@@ -730,7 +765,7 @@ def encode_into_triton(
         CROSS=(2 if _boundary_search() == "binary" else 1) if cross else 0, CROSS1=cross1,
         TOFF=toff, ROT_BF16X2=rot_bf16x2, ROT_LO=rot_lo, R_SCALE=r_scale,
         STORE16=cross and records_aligned16(c3), X_ALIGN=_row_align(x3), PERSIST=persist,
-        R_ALIGN=_row_align(r3), L2PF=l2pf if persist and not interp else 0,
+        R_ALIGN=_row_align(r3), L2PF=l2pf if persist and not interp else 0, X_TMA=x_tma,
         IDX32=idx32, WRAP1=idx32 and (t >= block_rows or t == n_rows),
         PERM=perm, STORE_MODE=store_mode, RBP=triton.next_power_of_2(max(w["R"], 2)),
         # One stage: with Triton's default three, the software pipeliner double-buffers all of

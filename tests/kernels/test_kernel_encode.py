@@ -803,6 +803,40 @@ def test_persistent_encode_l2_prefetch(ahead, monkeypatch):
         _encode_under(monkeypatch, {}, x, rot, mids, cfg, persistent=True)
 
 
+@pytest.mark.parametrize("stages", [None, "1", "3"])
+def test_persistent_encode_tma(stages, monkeypatch):
+    """POLARTENSOR_ENCODE_TMA=1: the persistent launch loads x's tiles through a tensor
+    descriptor (two pipeline stages unless POLARTENSOR_ENCODE_STAGES says otherwise), with the
+    codes and radii of the pointer loads, the last tile's rows past the end read as zero;
+    where x's rows are not evenly strided (a lead's rows followed by a gap) it keeps the
+    pointer loads, with the same result; any other value is refused."""
+    seen = _spy_launches(monkeypatch, "X_TMA", "num_stages")
+    cfg = get_preset("paper", head_dim=64)
+    g = torch.Generator().manual_seed(11)
+    t = 5003 if ON_GPU else 37
+    wide = (torch.randn(3, t + 3, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    x = wide[:, :t].contiguous()
+    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    want = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
+    assert seen[-1] == (False, 1)
+    tma_ok = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
+    env = {"POLARTENSOR_ENCODE_TMA": "1"}
+    if stages:
+        env["POLARTENSOR_ENCODE_STAGES"] = stages
+    got = _encode_under(monkeypatch, env, x, rot, mids, cfg, block_rows=16, persistent=True)
+    assert seen[-1] == (tma_ok, int(stages or (2 if tma_ok else 1)))
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    # a strided view (rows of a lead contiguous, a gap between leads): pointer loads
+    got = _encode_under(monkeypatch, env, wide[:, :t], rot, mids, cfg, block_rows=16,
+                        persistent=True)
+    assert seen[-1][0] is False
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    monkeypatch.setenv("POLARTENSOR_ENCODE_TMA", "2")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_TMA='2'"):
+        _encode_under(monkeypatch, {}, x, rot, mids, cfg, persistent=True)
+
+
 @pytest.mark.parametrize("name,read,default", [
     ("POLARTENSOR_ENCODE_PERM", lambda: _enc._column_order(), True)])
 def test_encode_flag_settings_are_checked(name, read, default, monkeypatch):
