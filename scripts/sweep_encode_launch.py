@@ -103,19 +103,23 @@ _L2PF = [(None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENC
     (None, None, None, {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_L2PF": n,
                         "_rotation": "permuted_hadamard"}) for n in ("0", "1")]
 # x's tiles by TMA through a tensor descriptor (POLARTENSOR_ENCODE_TMA=1, persistent): the
-# MMA reads the copy in shared memory, and the pipeliner issues the copy num_stages - 1
-# tiles ahead, at the end of the tile before (so 2 stages overlap it only with other
-# programs, 3 with a whole tile). Offline (Triton 3.6, sm_90, paper d 128, uncapped): default
-# tiles (128 rows, 8 warps) 2 stages 135 KB of shared memory, 139 registers, 1118 loop SASS
-# instructions (1221 for the default under its 128-register cap), 3 stages 168 KB, 176, 1124
-# (one program per SM either way); 64 rows, 4 warps: 2 stages 100 KB (two per SM), 168,
-# 1049; 3 stages 117 KB (one per SM); 256 rows, 16 warps, 2 stages: 205 KB, 128, 1143.
+# MMA reads the copy in shared memory, with no register round trip, shared store or barrier
+# of its own. The pipeliner issues the copy num_stages - 1 tiles ahead, at the end of the
+# tile before, so 2 stages overlap it only with other programs and 3 with a whole tile; one
+# stage copies and waits in place, which with the L2 prefetch (l2pf1) waits on L2 only.
+# Offline (Triton 3.6, sm_90, paper d 128): the default tiles (128 rows, 8 warps, 128-register
+# cap) with 1 stage 96 KB of shared memory as now (two programs per SM), no spills, 1156
+# loop SASS instructions (1163 with l2pf1) against the default's 1221; 3 stages, uncapped,
+# 168 KB (one per SM), 176 registers, 1124; 64 rows, 4 warps, 2 stages, uncapped: 100 KB (two
+# per SM), 168 registers, 1049 per 64 rows.
 _TMA = {"POLARTENSOR_ENCODE_PERSIST": "1", "POLARTENSOR_ENCODE_TMA": "1"}
 _TMA_LAUNCHES = [
-    (None, None, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1")),
-    (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3")),
+    (None, None, None, dict(_TMA, POLARTENSOR_ENCODE_STAGES="1")),
+    (None, None, None, dict(_TMA, POLARTENSOR_ENCODE_STAGES="1", POLARTENSOR_ENCODE_L2PF="1")),
     (64, 4, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="2", POLARTENSOR_ENCODE_STAGES="2")),
-    (256, 16, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="2"))]
+    (64, 4, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="2", POLARTENSOR_ENCODE_STAGES="2",
+                       POLARTENSOR_ENCODE_L2PF="1")),
+    (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3"))]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
