@@ -459,10 +459,13 @@ def _l2_prefetch() -> int:
 # POLARTENSOR_ENCODE_TMA (read per call): 1 loads the persistent launch's x tiles by TMA
 # through a [rows, D] tensor descriptor instead of through registers (0, the default). The
 # MMA then reads the tile where the copy lands, with no register round trip, shared store or
-# barrier of its own, and with POLARTENSOR_ENCODE_STAGES >= 2 (2 where unset) the pipeliner
-# issues the next tiles' copies while this one is encoded. Where it applies: sm_90 and up or
-# the interpreter, x's rows evenly strided (lead stride = T x row stride) and 16-byte
-# aligned; elsewhere the pointer loads. Not timed yet.
+# barrier of its own. With one stage (POLARTENSOR_ENCODE_STAGES) each tile copies and waits;
+# with n the pipeliner issues the copy n - 1 tiles ahead, at the end of the tile before (so
+# 2 overlap it only with other programs' work, 3 with a whole tile), each stage another
+# tile of shared memory (offline, Triton 3.6, sm_90: see scripts/sweep_encode_launch.py).
+# With POLARTENSOR_ENCODE_L2PF the copy waits on L2 rather than DRAM. Where it applies:
+# sm_90 and up or the interpreter, x's rows evenly strided (lead stride = T x row stride),
+# 16-byte aligned and fewer than 2^31; elsewhere the pointer loads. Not timed yet.
 _TMA = ("0", "1")
 
 
@@ -472,7 +475,9 @@ def _x_tma(x3: torch.Tensor, interp: bool) -> bool:
     if not interp and x3.is_cuda and torch.cuda.get_device_capability(x3.device) < (9, 0):
         return False
     es = x3.element_size()
-    return (x3.stride(0) == x3.shape[1] * x3.stride(1) and x3.stride(-1) == 1
+    # (TMA coordinates are 32-bit: rows past 2^31 keep the pointer loads)
+    return (x3.shape[0] * x3.shape[1] < 2**31 - 256
+            and x3.stride(0) == x3.shape[1] * x3.stride(1) and x3.stride(-1) == 1
             and (x3.stride(1) * es) % 16 == 0 and x3.data_ptr() % 16 == 0)
 
 
@@ -749,8 +754,6 @@ def encode_into_triton(
     if x_tma:
         # (rows as one [n_rows, D] tensor: evenly strided, checked by _x_tma)
         x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [block_rows, d])
-        if "POLARTENSOR_ENCODE_STAGES" not in os.environ:
-            stages = 2
     _encode_kernel[grid](
         x3, x3.stride(0), x3.stride(1),
         rot_arg, mids,

@@ -803,10 +803,10 @@ def test_persistent_encode_l2_prefetch(ahead, monkeypatch):
         _encode_under(monkeypatch, {}, x, rot, mids, cfg, persistent=True)
 
 
-@pytest.mark.parametrize("stages", [None, "1", "3"])
+@pytest.mark.parametrize("stages", [None, "2", "3"])
 def test_persistent_encode_tma(stages, monkeypatch):
     """POLARTENSOR_ENCODE_TMA=1: the persistent launch loads x's tiles through a tensor
-    descriptor (two pipeline stages unless POLARTENSOR_ENCODE_STAGES says otherwise), with the
+    descriptor (pipelined with POLARTENSOR_ENCODE_STAGES 2 or 3), with the
     codes and radii of the pointer loads, the last tile's rows past the end read as zero;
     where x's rows are not evenly strided (a lead's rows followed by a gap) it keeps the
     pointer loads, with the same result; any other value is refused."""
@@ -825,7 +825,7 @@ def test_persistent_encode_tma(stages, monkeypatch):
     if stages:
         env["POLARTENSOR_ENCODE_STAGES"] = stages
     got = _encode_under(monkeypatch, env, x, rot, mids, cfg, block_rows=16, persistent=True)
-    assert seen[-1] == (tma_ok, int(stages or (2 if tma_ok else 1)))
+    assert seen[-1] == (tma_ok, int(stages or 1))
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     # a strided view (rows of a lead contiguous, a gap between leads): pointer loads
     got = _encode_under(monkeypatch, env, wide[:, :t], rot, mids, cfg, block_rows=16,
