@@ -23,6 +23,8 @@ import re
 import sys
 
 import torch
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -59,9 +61,8 @@ def _signature(fn, args, kwargs):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, float):
             sig[p] = "fp32"
-        elif isinstance(a, TensorDescriptor):
-            dt = _PTR[a.base.dtype].lstrip("*")
-            sig[p] = f"tensordesc<{dt}[{', '.join(map(str, a.block_shape))}]>"
+        elif isinstance(a, (TensorDescriptor, GluonTensorDescriptor)):
+            sig[p] = mangle_type(a)  # (the launch's own type string, with a Gluon layout)
         else:
             raise TypeError(f"{p}: {type(a).__name__}")
     defaults = inspect.signature(fn.fn).parameters
