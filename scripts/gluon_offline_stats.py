@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The Gluon decode (polartensor/kernels/decode_attention_gluon.py) built for sm_90 on any
 machine, no GPU needed: registers, spills and static SASS per launch variant, the offline
-counts that its docstrings and docs/kernel_history.md quote.
+counts that its docstrings and docs/kernel_history.md quote. ``--kernel encode``: the Gluon
+encode (kernels/encode_gluon.py), its variants the rows per tile.
 
     python scripts/gluon_offline_stats.py                      # the default variants
     python scripts/gluon_offline_stats.py --variants 16:0:pf:tr,16:200:pf:tr --groups 4,8
@@ -84,13 +85,61 @@ def _launch_args(var, group: int):
     return real, seen["args"], seen["kwargs"]
 
 
+def _encode_launch_args(tile: int):
+    """The Gluon encode's arguments as ``encode_gluon.encode_into_gluon`` passes them for
+    ``tile`` rows per tile (POLARTENSOR_ENCODE_GLUON_TILE), paper at d 128, batch 8 x 8 heads
+    x 4K tokens, on CPU tensors, for 132 SMs."""
+    import torch
+
+    from polartensor import quantize
+    from polartensor.config import get_preset
+    from polartensor.kernels import encode_gluon as EG
+    from polartensor.kernels.common import boundary_table
+    from polartensor.kernels.encode import cross_table, rotation_bf16x2
+    from polartensor.rotation import rotation_matrix
+
+    cfg = get_preset("paper", head_dim=128)
+    x = torch.zeros(64, 4096, 128, dtype=torch.bfloat16)
+    codes = torch.zeros(64, 4096, cfg.record_bytes(128), dtype=torch.uint8)
+    radii = torch.zeros(64, 4096, cfg.num_blocks(128), dtype=cfg.torch_radius_dtype)
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
+    mids = boundary_table(quantize(torch.randn(1, 1, 1, 128), cfg).centroids, cfg)
+    tables, _ = cross_table(mids, cfg)
+    seen = {}
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(args=args, kwargs=kwargs)
+            return launch
+
+    real = EG.polar_encode_gluon_fwd_kernel
+    saved = (real, EG._sm_count, os.environ.get("POLARTENSOR_ENCODE_GLUON_TILE"))
+    EG.polar_encode_gluon_fwd_kernel, EG._sm_count = _Recorder(), (lambda device: 132)
+    os.environ["POLARTENSOR_ENCODE_GLUON_TILE"] = str(tile)
+    try:
+        EG.encode_into_gluon(x, rotation_bf16x2(rot, True, 1.0), tables, codes, radii, cfg,
+                             x.shape[0] * x.shape[1])
+    finally:
+        EG.polar_encode_gluon_fwd_kernel, EG._sm_count = saved[0], saved[1]
+        if saved[2] is None:
+            os.environ.pop("POLARTENSOR_ENCODE_GLUON_TILE", None)
+        else:
+            os.environ["POLARTENSOR_ENCODE_GLUON_TILE"] = saved[2]
+    return real, seen["args"], seen["kwargs"]
+
+
 def _source(var, group: int):
     """The kernel's source with the signature, constexprs and 16-byte specializations that
-    its launch gives (``kernel_ir_stats._signature``), and its warps."""
+    its launch gives (``kernel_ir_stats._signature``), and its warps. ``var`` an int: the
+    Gluon encode with that many rows per tile (``group`` unused)."""
     from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn, args, kwargs = _launch_args(var, group)
+    if isinstance(var, int):
+        fn, args, kwargs = _encode_launch_args(var)
+    else:
+        fn, args, kwargs = _launch_args(var, group)
     sig, consts, attrs = _signature(fn, args, kwargs)
     names = list(sig)
     src = GluonASTSource(fn=fn, signature=sig, attrs=attrs,
@@ -124,7 +173,7 @@ def build(var, group: int) -> dict:
 
     src, opts = _source(var, group)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    return ptxas_counts(compiled.asm["ptx"], var.maxnreg or None)
+    return ptxas_counts(compiled.asm["ptx"], None if isinstance(var, int) else var.maxnreg or None)
 
 
 def main(argv=None) -> int:
@@ -136,21 +185,34 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--groups", default="4", help="query heads per KV head")
     ap.add_argument("--trace-only", action="store_true")
+    ap.add_argument("--kernel", choices=("attention", "encode"), default="attention",
+                    help="encode: the Gluon encode (kernels/encode_gluon.py), --variants "
+                         "its rows per tile (default 128,64)")
     args = ap.parse_args(argv)
     from ab_gluon_decode import parse_variant  # imports triton: after the pop above
 
     failed = False
-    runs = [(text, g) for text in args.variants.split(",")
-            for g in map(int, args.groups.split(","))]
+    if args.kernel == "encode":
+        tiles = "128,64" if args.variants == DEFAULT_VARIANTS else args.variants
+        runs = [(text, 0) for text in tiles.split(",")]
+    else:
+        runs = [(text, g) for text in args.variants.split(",")
+                for g in map(int, args.groups.split(","))]
     for text, group in runs:
-        var = parse_variant(text)
-        if var.transposed and group > 8:
+        var = int(text) if args.kernel == "encode" else parse_variant(text)
+        if not isinstance(var, int) and var.transposed and group > 8:
             continue
         row = dict(variant=text, group=group)
         try:
             if args.trace_only:
                 ir_text = trace(var, group)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
+                if isinstance(var, int):
+                    # the MMAs asynchronous, x by TMA, no shared-memory round trip
+                    row.update(async_mmas=ir_text.count("isAsync = true"),
+                               tma_loads=ir_text.count("async_tma_copy_global_to_local"),
+                               shared_round_trips=ir_text.count("ttg.local_load")
+                               + ir_text.count("ttg.local_store"))
             else:
                 stats = build(var, group)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",

@@ -223,12 +223,13 @@ gluon)
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
-    # the launches nearest the target (x asked of L2 one or two tiles ahead, x by TMA at
-    # five launches, the one-MMA rotation without and with the L2 prefetch), the gluon
-    # stage's A/B without its tests (the tests stage runs them), and the profile_encode stage
+    # the launches nearest the target (the Gluon encode at both tiles, x asked of L2 one or
+    # two tiles ahead, x by TMA at five launches, the one-MMA rotation without and with the
+    # L2 prefetch), the gluon stage's A/B without its tests (the tests stage runs them), and
+    # the profile_encode stage
     OUT="$OUT" step encode_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
-        --launches default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
+        --launches default_gluon,default_gluon64,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
     ab_gluon_candidates
     OUT="$OUT/enc" bash "$0" profile_encode
     ;;

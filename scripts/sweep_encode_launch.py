@@ -120,13 +120,21 @@ _TMA_LAUNCHES = [
     (64, 4, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="2", POLARTENSOR_ENCODE_STAGES="2",
                        POLARTENSOR_ENCODE_L2PF="1")),
     (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3"))]
+# the Gluon encode (kernels/encode_gluon.py, POLARTENSOR_ENCODE_GLUON=1; paper at d 128 on
+# sm_90): the next tile's MMAs in flight while this one is quantized, x by TMA two tiles
+# deep; 128-row tiles (8 warps, one program per SM) and 64-row ones (4 warps, two per SM).
+# Offline (Triton 3.6, sm_90): 186 and 188 registers, 1178 and 1169 loop SASS instructions a
+# tile, no spills, no shared-memory round trip.
+_GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1"}),
+          (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                              "POLARTENSOR_ENCODE_GLUON_TILE": "64"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
             (128, 4, None, {}), (128, 8, None, {}), (64, 4, 168, {}), (64, 4, 128, {}),
             (32, 4, 128, {})] + [(None, None, None, env) for env in _PERSIST] + _PERSIST128 \
     + _PER_TILE + _BF16_LAUNCHES \
-    + _STORE_LAUNCHES + _HADAMARD + _WIDE16 + _L2PF + _TMA_LAUNCHES
+    + _STORE_LAUNCHES + _HADAMARD + _WIDE16 + _L2PF + _TMA_LAUNCHES + _GLUON
 
 
 def main():
@@ -205,6 +213,8 @@ def main():
                     name += f"_{env['POLARTENSOR_ENCODE_PER_SM']}per_sm"
                 if env.get("POLARTENSOR_ENCODE_TMA") == "1":
                     name += "_tma"
+                if env.get("POLARTENSOR_ENCODE_GLUON") == "1":
+                    name += "_gluon" + env.get("POLARTENSOR_ENCODE_GLUON_TILE", "")
                 if "POLARTENSOR_ENCODE_L2PF" in env:
                     name += f"_l2pf{env['POLARTENSOR_ENCODE_L2PF']}"
                 env = dict(env)

@@ -1,0 +1,277 @@
+"""Fused encode whose rotation runs asynchronously beside the polar transform (Gluon, sm_90).
+
+The Triton encode (``encode.polar_encode_fwd_kernel``) runs each tile's phases one after
+another: load x, stage it in shared memory, the two bfloat16 MMAs against S's high and low
+parts, wait, then the polar transform and the stores. ``tl.dot`` waits for its MMA at once,
+so a program's tensor-core time and its transform never overlap, and the encode took the
+same 0.42 ms on the H100 and the H200 (paper, batch 8 x 32K x 8 heads, d 128): latency, not
+bandwidth (docs/kernel_history.md).
+
+Here each program keeps S's parts in shared memory, loads x tiles by TMA into a ring of
+``NBUF`` buffers (the copy of tile i + NBUF issued as soon as tile i's MMAs retire) and issues
+tile i + 1's ``warpgroup_mma`` pair before it transforms tile i, so the tensor cores work on
+the next tile while the warps quantize this one. The transform is the Triton kernel's, in
+the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that a thread holds
+whole 16-coordinate blocks, and the codes and radii are the Triton kernel's bit for bit
+(tested on the GPU; Gluon has no interpreter).
+
+Scope: bfloat16 x, S as two bfloat16 parts (``rotation_mma="bf16x2"``), head_dim 128, four
+levels over 16-coordinate blocks with 2-bit upper levels and a uniform 2- or 4-bit level 1
+(the paper preset), 16-bit radii, records 2-byte aligned, rows and offsets below 2^31, x's
+rows evenly strided and 16-byte aligned; sm_90 only (wgmma). ``encode_into_triton`` takes it
+with POLARTENSOR_ENCODE_GLUON=1 (opt-in until timed) where all of that holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import _sm_count, env_choice
+
+# (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+__all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
+           "gluon_encode_applies"]
+
+
+@gluon.jit
+def _passes(num, den, t):
+    """num > den * t as 0 or 1 (int32): the sign bit of fma(den, t, -num), as
+    ``common._passes``."""
+    return (gl.fma(den, t, num * -1.0).to(gl.uint32, bitcast=True) >> 31).to(gl.int32)
+
+
+@gluon.jit
+def _count_above(num, den, t):
+    """How many of the three ascending thresholds t = (t0, t1, t2) have num > den * t_k
+    (den >= 0)."""
+    return _passes(num, den, t[0]) + _passes(num, den, t[1]) + _passes(num, den, t[2])
+
+
+@gluon.jit
+def _thresholds(t_ptr):
+    return gl.load(t_ptr), gl.load(t_ptr + 1), gl.load(t_ptr + 2)
+
+
+@gluon.jit
+def _coord_order(y, BN: gl.constexpr):
+    """[BN, 128] whose column c holds coordinate mma_order(128)[c] -> coordinate order (a
+    relabelling of the index bits, as ``encode._coord_order``: no data moves)."""
+    y = gl.permute(gl.reshape(y, [BN, 2, 2, 2, 2, 2, 2, 2]), (0, 5, 6, 1, 2, 3, 4, 7))
+    return gl.reshape(y, [BN, 128])
+
+
+@gluon.jit
+def _store_words(code, b: gl.constexpr, n: gl.constexpr, codes_ptr, rec_off, valid,
+                 POS: gl.constexpr, BN: gl.constexpr):
+    """A level's n codes of b bits (b 2 or 4: whole codes per byte) as aligned 16-bit words
+    at byte POS of each row's record, the first code in the low bits: the bytes that
+    ``common._encode_level``'s record stores write."""
+    G2: gl.constexpr = 16 // b          # codes per 16-bit word
+    c3 = gl.reshape(code, [BN, n // G2, G2])
+    L3: gl.constexpr = c3.type.layout
+    sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    word = gl.sum(c3 << sh[None, None, :], axis=2)
+    W: gl.constexpr = word.type.layout
+    ww = gl.arange(0, n // G2, layout=gl.SliceLayout(0, W))
+    ro = gl.convert_layout(rec_off, gl.SliceLayout(1, W))
+    ok = gl.convert_layout(valid, gl.SliceLayout(1, W))
+    p16 = (codes_ptr + ro + POS).to(gl.pointer_type(gl.uint16), bitcast=True)
+    gl.store(p16[:, None] + ww[None, :], word.to(gl.uint16), mask=ok[:, None])
+
+
+@gluon.jit
+def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T,
+                 t1, t2, t3, t4, BN: gl.constexpr, B1: gl.constexpr, WRAP1: gl.constexpr,
+                 acc_l: gl.constexpr):
+    """The polar transform, codes and radii of one tile: y [BN, 128] float32 rotated rows in
+    the accumulator layout (columns in mma_order). Level 1 by the sign bits and tangent
+    comparisons, the upper levels on squared radii, the block radius's one square root, as
+    ``common._encode_level`` with CROSS and a uniform level 1; t1..t4 each level's three
+    thresholds (``cross_table``)."""
+    rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    valid = rows < n_rows
+    if WRAP1:
+        # (T >= BN, or one lead: a tile's rows cross at most one lead boundary)
+        r0 = tile * BN
+        lead0 = (r0.to(gl.uint32) // T.to(gl.uint32)).to(gl.int32)
+        tt = (r0 - lead0 * T) + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+        w = (tt >= T).to(gl.int32)
+        lead = lead0 + w
+        t = tt - w * T
+    else:
+        lead = (rows.to(gl.uint32) // T.to(gl.uint32)).to(gl.int32)
+        t = rows - lead * T
+    rec_off = lead * sc_l + t * sc_t
+    rad_off = lead * sr_l + t * sr_t
+
+    y = _coord_order(y, BN)
+    # level 1: pairs (a, y) -> quadrant from the sign bits, then the cell inside it
+    a, b = gl.split(gl.reshape(y, [BN, 64, 2]))
+    r = gl.fma(a, a, b * b)                                   # squared radii
+    yb = b.to(gl.int32, bitcast=True)
+    sym = yb >> 31
+    swm = (a.to(gl.int32, bitcast=True) ^ yb) >> 31
+    if B1 == 4:
+        cnt = _count_above(gl.abs(b), gl.abs(a), t1)
+        code = (cnt ^ (swm & 7)) | (sym & 8)
+    else:
+        gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
+        code = (swm & 1) | (sym & 2)
+    _store_words(code, B1, 64, codes_ptr, rec_off, valid, 0, BN)
+    # levels 2-4: 2-bit angles of squared radii pairs (y > a tan^2 m, the table signed)
+    POS2: gl.constexpr = 8 * B1
+    a, b = gl.split(gl.reshape(r, [BN, 32, 2]))
+    r = a + b
+    code = _count_above(b, a, t2)
+    _store_words(code, 2, 32, codes_ptr, rec_off, valid, POS2, BN)
+    a, b = gl.split(gl.reshape(r, [BN, 16, 2]))
+    r = a + b
+    code = _count_above(b, a, t3)
+    _store_words(code, 2, 16, codes_ptr, rec_off, valid, POS2 + 8, BN)
+    a, b = gl.split(gl.reshape(r, [BN, 8, 2]))
+    r = gl.sqrt(a + b)                                        # the block radii [BN, 8]
+    code = _count_above(b, a, t4)
+    _store_words(code, 2, 8, codes_ptr, rec_off, valid, POS2 + 12, BN)
+    R: gl.constexpr = r.type.layout
+    nb = gl.arange(0, 8, layout=gl.SliceLayout(0, R))
+    ro = gl.convert_layout(rad_off, gl.SliceLayout(1, R))
+    ok = gl.convert_layout(valid, gl.SliceLayout(1, R))
+    gl.store(radii_ptr + ro[:, None] + nb[None, :], r.to(radii_ptr.dtype.element_ty),
+             mask=ok[:, None])
+
+
+@gluon.jit
+def polar_encode_gluon_fwd_kernel(
+    x_desc, s_desc, tab_ptr,
+    codes_ptr, sc_l, sc_t,
+    radii_ptr, sr_l, sr_t,
+    n_rows, T,
+    BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
+    WRAP1: gl.constexpr,
+):
+    """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows."""
+    D: gl.constexpr = 128
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
+                                                    warps_per_cta=[gl.num_warps(), 1],
+                                                    instr_shape=[16, 128, 16])
+    s_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], s_desc.layout)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BN, D], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NBUF + 1, 1], mbarrier.MBarrierLayout())
+    for k in gl.static_range(NBUF + 1):
+        mbarrier.init(bars.index(k), count=1)
+    fence_async_shared()
+
+    pid = gl.program_id(0)
+    step = gl.num_programs(0)
+    mine = (gl.cdiv(n_rows, BN) - pid + step - 1) // step     # this program's tiles (>= 1)
+    # S's two parts (rows in mma_order, [N, K]: the B operand is their transpose), once
+    mbarrier.expect(bars.index(NBUF), 2 * D * D * 2)
+    _tma_load(s_desc, [0, 0], bars.index(NBUF), s_smem.index(0))
+    _tma_load(s_desc, [D, 0], bars.index(NBUF), s_smem.index(1))
+    # the first NBUF tiles' copies (rows past n_rows read as zero)
+    for k in gl.static_range(NBUF):
+        mbarrier.expect(bars.index(k), BN * D * 2, pred=k < mine)
+        _tma_load(x_desc, [(pid + k * step) * BN, 0], bars.index(k),
+                                        x_smem.index(k), pred=k < mine)
+    # each level's thresholds (cross_table's rows 4..7), held in registers
+    t1 = _thresholds(tab_ptr + 4 * KT1)
+    t2 = _thresholds(tab_ptr + 5 * KT1)
+    t3 = _thresholds(tab_ptr + 6 * KT1)
+    t4 = _thresholds(tab_ptr + 7 * KT1)
+    mbarrier.wait(bars.index(NBUF), 0)
+    s_hi = s_smem.index(0).permute((1, 0))
+    s_lo = s_smem.index(1).permute((1, 0))
+    zero = gl.zeros([BN, D], gl.float32, acc_l)
+    mbarrier.wait(bars.index(0), 0)
+    acc = warpgroup_mma(x_smem.index(0), s_hi, zero, use_acc=False, is_async=True)
+    acc = warpgroup_mma(x_smem.index(0), s_lo, acc, is_async=True)
+    for i in range(mine):
+        # the next tile's MMAs first (past the last tile they rerun a loaded buffer and are
+        # dropped), then wait for this tile's: they retire in order
+        nxt = i + 1
+        nb = nxt % NBUF
+        more = nxt < mine
+        mbarrier.wait(bars.index(nb), (nxt // NBUF) & 1, pred=more)
+        src = x_smem.index(gl.minimum(nxt, mine - 1) % NBUF)
+        acc_next = warpgroup_mma(src, s_hi, zero, use_acc=False, is_async=True)
+        acc_next = warpgroup_mma(src, s_lo, acc_next, is_async=True)
+        y = warpgroup_mma_wait(num_outstanding=2, deps=[acc])
+        # tile i's buffer is free: copy tile i + NBUF into it while tile i is encoded
+        ahead = i + NBUF
+        buf = i % NBUF
+        mbarrier.expect(bars.index(buf), BN * D * 2, pred=ahead < mine)
+        _tma_load(x_desc, [(pid + ahead * step) * BN, 0],
+                                        bars.index(buf), x_smem.index(buf), pred=ahead < mine)
+        _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows,
+                     T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+        acc = acc_next
+    warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    for k in gl.static_range(NBUF + 1):
+        mbarrier.invalidate(bars.index(k))
+
+
+def gluon_encode_setting() -> bool:
+    """POLARTENSOR_ENCODE_GLUON (read per call): 1 takes the Gluon encode where it applies
+    (``gluon_encode_applies``), 0 (the default) the Triton kernel."""
+    return env_choice("POLARTENSOR_ENCODE_GLUON", ("0", "1")) == "1"
+
+
+# POLARTENSOR_ENCODE_GLUON_TILE (read per call): rows per tile, with one warp per 16 rows:
+# 128 (the default: 8 warps, S and two x buffers in 128 KB of shared memory, one program per
+# SM) or 64 (4 warps, 96 KB, two per SM). Not timed yet.
+_TILES = ("128", "64")
+
+
+def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
+                         codes: torch.Tensor, n_rows: int) -> bool:
+    """Whether the Gluon encode serves this call (its module docstring's scope)."""
+    bits = tuple(config.bits)
+    return (x3.is_cuda and torch.cuda.get_device_capability(x3.device) == (9, 0)
+            and x3.dtype == torch.bfloat16 and d == 128 and config.levels == 4
+            and bits[0] in (2, 4) and all(b == 2 for b in bits[1:])
+            and radii.dtype in (torch.float16, torch.bfloat16)
+            and x3.stride(-1) == 1 and x3.stride(0) == x3.shape[1] * x3.stride(1)
+            and (x3.stride(1) * 2) % 16 == 0 and x3.data_ptr() % 16 == 0
+            and codes.stride(-1) == 1 and radii.stride(-1) == 1
+            and codes.data_ptr() % 2 == 0 and all(s % 2 == 0 for s in codes.stride()[:-1])
+            and n_rows + 256 < 2**31
+            and max(codes.stride(0) * codes.shape[0], radii.stride(0) * radii.shape[0])
+            < 2**31)
+
+
+def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.Tensor,
+                      c3: torch.Tensor, r3: torch.Tensor, config, n_rows: int) -> None:
+    """Launch the Gluon encode: x3 [lead, T, 128] bfloat16, rot_bf16x2 [2, 128, 128] (S's
+    bfloat16 parts, rows in mma_order), tables ``encode.cross_table``'s [8, K + 1] (uniform
+    level 1), c3 / r3 the [lead, T, bytes] codes and [lead, T, 8] radii views. The caller
+    checked ``gluon_encode_applies``."""
+    d, t = 128, x3.shape[1]
+    bn = int(env_choice("POLARTENSOR_ENCODE_GLUON_TILE", _TILES))
+    x_layout = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
+    s_layout = gl.NVMMASharedLayout.get_default_for([d, d], gl.bfloat16)
+    x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [bn, d], x_layout)
+    s2 = rot_bf16x2.reshape(2 * d, d)
+    s_desc = TensorDescriptor(s2, [2 * d, d], [d, 1], [d, d], s_layout)
+    per_sm = 1 if bn == 128 else 2
+    grid = (min(triton.cdiv(n_rows, bn), per_sm * _sm_count(x3.device)),)
+    polar_encode_gluon_fwd_kernel[grid](
+        x_desc, s_desc, tables,
+        c3, c3.stride(0), c3.stride(1),
+        r3, r3.stride(0), r3.stride(1),
+        n_rows, t,
+        BN=bn, NBUF=2, B1=config.bits[0], KT1=tables.shape[1],
+        WRAP1=t >= bn or t == n_rows, num_warps=bn // 16,
+    )

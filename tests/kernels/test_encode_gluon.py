@@ -1,0 +1,166 @@
+"""The Gluon encode (kernels/encode_gluon.py) == the Triton encode, byte for byte.
+
+Traced for sm_90 on any machine; run only on an sm_90 GPU (wgmma and TMA; Gluon has no
+interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from polartensor import quantize
+from polartensor.config import get_preset
+from polartensor.kernels import encode_gluon
+from polartensor.kernels.common import boundary_table
+from polartensor.kernels.encode import encode_into_triton
+from polartensor.rotation import rotation_matrix
+
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon encode runs wgmma and TMA: "
+                                "an sm_90 GPU only (Gluon has no interpreter)")
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """scripts/gluon_offline_stats.py --kernel encode --trace-only, in a subprocess (the
+    interpreter, which CI runs under, replaces the functions that Gluon traces)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "gluon_offline_stats.py"),
+                          "--kernel", "encode", "--trace-only", "--variants", "128,64"],
+                         capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    return {r["variant"]: r for r in rows}
+
+
+@pytest.mark.parametrize("tile", ["128", "64"])
+def test_gluon_encode_traces_async(traced, tile):
+    """Both tiles trace for sm_90: four asynchronous MMAs (the first tile's pair and the
+    loop's), five TMA loads (S, the first two x tiles, the loop's), and no value through
+    shared memory between the MMA and the stores."""
+    row = traced[tile]
+    assert row.get("traced") is True, row.get("error")
+    assert row["async_mmas"] == 4
+    assert row["tma_loads"] == 5
+    assert row["shared_round_trips"] == 0
+
+
+def test_gluon_encode_settings(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON: off by default, 1 on, anything else refused by name; the
+    encode refuses a bad value also where the Gluon encode cannot run."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
+    assert encode_gluon.gluon_encode_setting() is False
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "1")
+    assert encode_gluon.gluon_encode_setting() is True
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON='yes'"):
+        encode_gluon.gluon_encode_setting()
+    cfg = get_preset("paper", head_dim=128)
+    x = torch.randn(1, 3, 128).to(torch.bfloat16)
+    codes = torch.zeros(1, 3, cfg.record_bytes(128), dtype=torch.uint8)
+    radii = torch.zeros(1, 3, 8, dtype=cfg.torch_radius_dtype)
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cpu", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON='yes'"):
+        encode_into_triton(x, rot, mids, codes, radii, cfg, exact=False)
+
+
+def test_gluon_encode_scope():
+    """Served: bfloat16 rows of 128 coordinates, evenly strided, the paper preset, on an sm_90
+    GPU; not: other presets, head_dims, dtypes, strides, or any CPU tensor."""
+    dev = "cuda" if ON_SM90 else "cpu"
+    paper = get_preset("paper", head_dim=128)
+
+    def applies(x, cfg=paper):
+        d = x.shape[-1]
+        codes = torch.zeros(*x.shape[:-1], cfg.record_bytes(d), dtype=torch.uint8, device=dev)
+        radii = torch.zeros(*x.shape[:-1], cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
+                            device=dev)
+        return encode_gluon.gluon_encode_applies(x, cfg, d, radii, codes,
+                                                 x.shape[0] * x.shape[1])
+
+    x = torch.zeros(2, 40, 128, dtype=torch.bfloat16, device=dev)
+    assert applies(x) is ON_SM90
+    assert applies(x.half()) is False
+    assert applies(torch.zeros(2, 44, 128, dtype=torch.bfloat16, device=dev)[:, :40]) is False
+    assert applies(x, get_preset("polar-3", head_dim=128)) is False
+    assert applies(torch.zeros(2, 40, 64, dtype=torch.bfloat16, device=dev),
+                   get_preset("paper", head_dim=64)) is False
+
+
+def _encode(x, cfg, rot, mids, env, monkeypatch, off=3):
+    """Codes and radii written at an offset into wider buffers (the bytes around them kept),
+    under the environment ``env``; and whether the Gluon kernel ran."""
+    launched = []
+    real = encode_gluon.polar_encode_gluon_fwd_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", _Spy())
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    lead, t, d = x.shape
+    g = torch.Generator().manual_seed(t)
+    store = torch.randint(0, 256, (lead, t + off + 2, cfg.record_bytes(d)), generator=g,
+                          dtype=torch.uint8).to(x.device)
+    before = store.clone()
+    radii = torch.full((lead, t, cfg.num_blocks(d)), -7.0, dtype=cfg.torch_radius_dtype,
+                       device=x.device)
+    assert encode_into_triton(x, rot, mids, store[:, off:off + t], radii, cfg, exact=False)
+    assert torch.equal(store[:, :off], before[:, :off])
+    assert torch.equal(store[:, off + t:], before[:, off + t:])
+    monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", real)
+    return store, radii, bool(launched)
+
+
+@needs_sm90
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
+       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
+def test_gluon_encode_matches_triton(lead, t, tile, scale, zeros, monkeypatch):
+    """The same code bytes and radii as the Triton encode for any number of rows (tiles past
+    the end, rows crossing lead boundaries, a program with one tile or many), at each tile
+    size; rows of zeros and exact zeros in a row (the sign-bit quadrants) included."""
+    cfg = get_preset("paper", head_dim=128)
+    g = torch.Generator().manual_seed(lead * 7919 + t)
+    x = torch.randn(lead, t, 128, generator=g) * scale
+    if zeros:
+        x[:, ::3] = 0.0
+        x[..., 5::7] = 0.0
+    x = x.to(torch.bfloat16).cuda()
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile}
+    want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
+                                  monkeypatch)
+    assert not ran
+    got_c, got_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="1"),
+                                monkeypatch)
+    assert ran
+    assert torch.equal(got_c, want_c)
+    assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+
+
+@needs_sm90
+def test_gluon_encode_falls_back_outside_its_scope(monkeypatch):
+    """With the setting on, a preset it does not serve (polar-3) takes the Triton kernel,
+    and the result is that kernel's."""
+    cfg = get_preset("polar-3", head_dim=128)
+    x = torch.randn(2, 300, 128).to(torch.bfloat16).cuda()
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    want = _encode(x, cfg, rot, mids, {"POLARTENSOR_ENCODE_GLUON": "0"}, monkeypatch)
+    got = _encode(x, cfg, rot, mids, {"POLARTENSOR_ENCODE_GLUON": "1"}, monkeypatch)
+    assert not got[2]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
