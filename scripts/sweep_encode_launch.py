@@ -127,7 +127,9 @@ _TMA_LAUNCHES = [
 # tile, no spills, no shared-memory round trip.
 _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1"}),
           (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
-                              "POLARTENSOR_ENCODE_GLUON_TILE": "64"})]
+                              "POLARTENSOR_ENCODE_GLUON_TILE": "64"}),
+          (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                              "POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -215,6 +217,8 @@ def main():
                     name += "_tma"
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "1":
                     name += "_gluon" + env.get("POLARTENSOR_ENCODE_GLUON_TILE", "")
+                    if "POLARTENSOR_ENCODE_GLUON_BUFS" in env:
+                        name += f"_b{env['POLARTENSOR_ENCODE_GLUON_BUFS']}"
                 if "POLARTENSOR_ENCODE_L2PF" in env:
                     name += f"_l2pf{env['POLARTENSOR_ENCODE_L2PF']}"
                 env = dict(env)

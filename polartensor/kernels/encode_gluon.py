@@ -231,8 +231,11 @@ def gluon_encode_setting() -> bool:
 
 # POLARTENSOR_ENCODE_GLUON_TILE (read per call): rows per tile, with one warp per 16 rows:
 # 128 (the default: 8 warps, S and two x buffers in 128 KB of shared memory, one program per
-# SM) or 64 (4 warps, 96 KB, two per SM). Not timed yet.
+# SM) or 64 (4 warps, 96 KB, two per SM). POLARTENSOR_ENCODE_GLUON_BUFS: x buffers, 2 (the
+# default: each copy issued a tile before its MMA) or 3 (two tiles before; 128-row tiles
+# 160 KB, 64-row ones 112 KB, one program per SM either way). Not timed yet.
 _TILES = ("128", "64")
+_BUFS = ("2", "3")
 
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
@@ -265,13 +268,14 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
     x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [bn, d], x_layout)
     s2 = rot_bf16x2.reshape(2 * d, d)
     s_desc = TensorDescriptor(s2, [2 * d, d], [d, 1], [d, d], s_layout)
-    per_sm = 1 if bn == 128 else 2
+    bufs = int(env_choice("POLARTENSOR_ENCODE_GLUON_BUFS", _BUFS))
+    per_sm = 2 if bn == 64 and bufs == 2 else 1
     grid = (min(triton.cdiv(n_rows, bn), per_sm * _sm_count(x3.device)),)
     polar_encode_gluon_fwd_kernel[grid](
         x_desc, s_desc, tables,
         c3, c3.stride(0), c3.stride(1),
         r3, r3.stride(0), r3.stride(1),
         n_rows, t,
-        BN=bn, NBUF=2, B1=config.bits[0], KT1=tables.shape[1],
+        BN=bn, NBUF=bufs, B1=config.bits[0], KT1=tables.shape[1],
         WRAP1=t >= bn or t == n_rows, num_warps=bn // 16,
     )

@@ -124,14 +124,16 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3):
 
 
 @needs_sm90
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
-       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, scale, zeros, monkeypatch):
+       bufs=st.sampled_from(["2", "3"]), scale=st.sampled_from([1e-3, 1.0, 40.0]),
+       zeros=st.booleans())
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, scale, zeros, monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
-    size; rows of zeros and exact zeros in a row (the sign-bit quadrants) included."""
+    size and x ring depth; rows of zeros and exact zeros in a row (the sign-bit quadrants)
+    included."""
     cfg = get_preset("paper", head_dim=128)
     g = torch.Generator().manual_seed(lead * 7919 + t)
     x = torch.randn(lead, t, 128, generator=g) * scale
@@ -141,7 +143,7 @@ def test_gluon_encode_matches_triton(lead, t, tile, scale, zeros, monkeypatch):
     x = x.to(torch.bfloat16).cuda()
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
-    env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile}
+    env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
