@@ -217,7 +217,8 @@ def main(argv=None) -> int:
                 stats = build(var, group)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
-                                                  "loop_sass_instructions", "loop_ops")})
+                                                  "loop_sass_instructions", "ptxas_notes",
+                                                  "loop_ops")})
         except Exception as exc:  # noqa: BLE001 - reported per variant, exit status 1
             failed = True
             row.update(error=f"{type(exc).__name__}: {str(exc)[-600:]}")

@@ -199,6 +199,8 @@ def ptxas_counts(ptx: str, maxnreg: int | None = None) -> dict:
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(registers=int(regs[0]) if regs else None,
+                # ptxas's performance notes, such as C7514: wgmma serialized
+                ptxas_notes=sorted(set(re.findall(r"\((C7\d{3})\)", log))),
                 spill_store_bytes=int(spill[0][0]) if spill else None,
                 spill_load_bytes=int(spill[0][1]) if spill else None,
                 sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M)),

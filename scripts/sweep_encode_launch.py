@@ -121,10 +121,10 @@ _TMA_LAUNCHES = [
                        POLARTENSOR_ENCODE_L2PF="1")),
     (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3"))]
 # the Gluon encode (kernels/encode_gluon.py, POLARTENSOR_ENCODE_GLUON=1; paper at d 128 on
-# sm_90): the next tile's MMAs in flight while this one is quantized, x by TMA two tiles
-# deep; 128-row tiles (8 warps, one program per SM) and 64-row ones (4 warps, two per SM).
-# Offline (Triton 3.6, sm_90): 186 and 188 registers, 1178 and 1169 loop SASS instructions a
-# tile, no spills, no shared-memory round trip.
+# sm_90): two tiles an iteration, the second's MMAs in flight while the first is quantized,
+# x by TMA two (b3: three) tiles deep; 128-row tiles (8 warps, one program per SM) and
+# 64-row ones (4 warps, two per SM). Offline (Triton 3.6, sm_90): 255 registers, no spills,
+# 1915 loop SASS instructions per two tiles, no shared-memory round trip.
 _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1"}),
           (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                               "POLARTENSOR_ENCODE_GLUON_TILE": "64"}),

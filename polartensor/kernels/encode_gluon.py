@@ -8,9 +8,13 @@ same 0.42 ms on the H100 and the H200 (paper, batch 8 x 32K x 8 heads, d 128): l
 bandwidth (docs/kernel_history.md).
 
 Here each program keeps S's parts in shared memory, loads x tiles by TMA into a ring of
-``NBUF`` buffers (the copy of tile i + NBUF issued as soon as tile i's MMAs retire) and issues
-tile i + 1's ``warpgroup_mma`` pair before it transforms tile i, so the tensor cores work on
-the next tile while the warps quantize this one. The transform is the Triton kernel's, in
+``NBUF`` buffers (the copy of tile i + NBUF issued as soon as tile i's MMAs retire) and takes
+two tiles an iteration: both tiles' ``warpgroup_mma`` pairs issued, then the first tile
+quantized while the tensor cores work on the second. (With the next tile's MMAs still in
+flight across the loop's back edge ptxas serialized every wgmma, C7514; nothing is in flight
+there now.) Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
+255 registers, no spills, 1915 loop SASS instructions per two tiles, against the Triton
+kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton kernel's, in
 the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that a thread holds
 whole 16-coordinate blocks, and the codes and radii are the Triton kernel's bit for bit
 (tested on the GPU; Gluon has no interpreter).
@@ -154,6 +158,26 @@ def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, 
 
 
 @gluon.jit
+def _issue(j, x_smem, bars, s_hi, s_lo, zero, mine, NBUF: gl.constexpr):
+    """Tile j's two MMAs, asynchronous, once its x copy has landed (past the last tile they
+    rerun a loaded buffer, and their result is dropped)."""
+    mbarrier.wait(bars.index(j % NBUF), (j // NBUF) & 1, pred=j < mine)
+    src = x_smem.index(gl.minimum(j, mine - 1) % NBUF)
+    acc = warpgroup_mma(src, s_hi, zero, use_acc=False, is_async=True)
+    return warpgroup_mma(src, s_lo, acc, is_async=True)
+
+
+@gluon.jit
+def _refill(j, x_desc, x_smem, bars, mine, pid, step, BN: gl.constexpr, NBUF: gl.constexpr):
+    """Tile j's MMAs have retired: copy tile j + NBUF into its buffer."""
+    ahead = j + NBUF
+    buf = j % NBUF
+    mbarrier.expect(bars.index(buf), BN * 128 * 2, pred=ahead < mine)
+    _tma_load(x_desc, [(pid + ahead * step) * BN, 0], bars.index(buf), x_smem.index(buf),
+              pred=ahead < mine)
+
+
+@gluon.jit
 def polar_encode_gluon_fwd_kernel(
     x_desc, s_desc, tab_ptr,
     codes_ptr, sc_l, sc_t,
@@ -195,30 +219,23 @@ def polar_encode_gluon_fwd_kernel(
     s_hi = s_smem.index(0).permute((1, 0))
     s_lo = s_smem.index(1).permute((1, 0))
     zero = gl.zeros([BN, D], gl.float32, acc_l)
-    mbarrier.wait(bars.index(0), 0)
-    acc = warpgroup_mma(x_smem.index(0), s_hi, zero, use_acc=False, is_async=True)
-    acc = warpgroup_mma(x_smem.index(0), s_lo, acc, is_async=True)
-    for i in range(mine):
-        # the next tile's MMAs first (past the last tile they rerun a loaded buffer and are
-        # dropped), then wait for this tile's: they retire in order
-        nxt = i + 1
-        nb = nxt % NBUF
-        more = nxt < mine
-        mbarrier.wait(bars.index(nb), (nxt // NBUF) & 1, pred=more)
-        src = x_smem.index(gl.minimum(nxt, mine - 1) % NBUF)
-        acc_next = warpgroup_mma(src, s_hi, zero, use_acc=False, is_async=True)
-        acc_next = warpgroup_mma(src, s_lo, acc_next, is_async=True)
-        y = warpgroup_mma_wait(num_outstanding=2, deps=[acc])
-        # tile i's buffer is free: copy tile i + NBUF into it while tile i is encoded
-        ahead = i + NBUF
-        buf = i % NBUF
-        mbarrier.expect(bars.index(buf), BN * D * 2, pred=ahead < mine)
-        _tma_load(x_desc, [(pid + ahead * step) * BN, 0],
-                                        bars.index(buf), x_smem.index(buf), pred=ahead < mine)
-        _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows,
-                     T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
-        acc = acc_next
-    warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    # Two tiles an iteration: both tiles' MMAs issued, the first tile quantized while the
+    # second's run, then the second. Nothing is in flight across the back edge: with the
+    # next tile's MMAs in flight there, ptxas serialized every wgmma (C7514, "non wgmma
+    # instructions reading accumulator registers"; a straight-line copy of the same steps
+    # kept them asynchronous). Past an odd count the second tile lies past the end: its
+    # stores are all masked.
+    for i in range(0, mine, 2):
+        acc_a = _issue(i, x_smem, bars, s_hi, s_lo, zero, mine, NBUF)
+        acc_b = _issue(i + 1, x_smem, bars, s_hi, s_lo, zero, mine, NBUF)
+        y = warpgroup_mma_wait(num_outstanding=2, deps=[acc_a])
+        _refill(i, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
+        _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+        y = warpgroup_mma_wait(num_outstanding=0, deps=[acc_b])
+        _refill(i + 1, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
+        _encode_tile(y, pid + (i + 1) * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
     for k in gl.static_range(NBUF + 1):
         mbarrier.invalidate(bars.index(k))
 
