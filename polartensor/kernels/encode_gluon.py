@@ -267,7 +267,7 @@ def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
             and (x3.stride(1) * 2) % 16 == 0 and x3.data_ptr() % 16 == 0
             and codes.stride(-1) == 1 and radii.stride(-1) == 1
             and codes.data_ptr() % 2 == 0 and all(s % 2 == 0 for s in codes.stride()[:-1])
-            and n_rows + 256 < 2**31
+            and n_rows < 2**31 - 2**22  # (the masked tiles past the end stay in int32)
             and max(codes.stride(0) * codes.shape[0], radii.stride(0) * radii.shape[0])
             < 2**31)
 
