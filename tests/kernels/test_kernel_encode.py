@@ -745,6 +745,16 @@ def test_persistent_encode_matches_reference(preset, d, monkeypatch):
     assert seen[-1] is False
 
 
+def _paper64_rows(seed, t):
+    """The paper preset at head_dim 64, bfloat16 rows x [2, t, 64], S and the boundaries."""
+    cfg = get_preset("paper", head_dim=64)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, t, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    return cfg, x, rot, mids
+
+
 @pytest.mark.parametrize("stages", ["2", "3"])
 def test_persistent_encode_stages(stages, monkeypatch):
     """POLARTENSOR_ENCODE_STAGES: the persistent launch gets that many software-pipeline stages
@@ -752,11 +762,7 @@ def test_persistent_encode_stages(stages, monkeypatch):
     one-program-per-tile launch keeps one stage (with S's loads in its loop, more would buffer
     S); any other value is refused, naming the choices."""
     seen = _spy_launches(monkeypatch, "PERSIST", "num_stages")
-    cfg = get_preset("paper", head_dim=64)
-    g = torch.Generator().manual_seed(5)
-    x = (torch.randn(2, 40, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
-    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    cfg, x, rot, mids = _paper64_rows(5, 40)
     one = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
     assert seen[-1] == (True, 1)
     more = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_STAGES": stages}, x, rot, mids, cfg,
@@ -784,14 +790,9 @@ def test_persistent_encode_l2_prefetch(ahead, monkeypatch):
     interpreter, which runs no inline assembly, launches without it; any other value is
     refused, naming the choices."""
     seen = _spy_launches(monkeypatch, "PERSIST", "L2PF")
-    cfg = get_preset("paper", head_dim=64)
-    g = torch.Generator().manual_seed(7)
     # (on the GPU many more tiles than programs, so that every program prefetches in its loop
     # and the last tiles' prefetches fall past the end)
-    t = 20011 if ON_GPU else 40
-    x = (torch.randn(2, t, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
-    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    cfg, x, rot, mids = _paper64_rows(7, 20011 if ON_GPU else 40)
     without = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
     assert seen[-1] == (True, 0)
     with_pf = _encode_under(monkeypatch, {"POLARTENSOR_ENCODE_L2PF": ahead}, x, rot, mids, cfg,
@@ -806,18 +807,14 @@ def test_persistent_encode_l2_prefetch(ahead, monkeypatch):
 @pytest.mark.parametrize("stages", [None, "2", "3"])
 def test_persistent_encode_tma(stages, monkeypatch):
     """POLARTENSOR_ENCODE_TMA=1: the persistent launch loads x's tiles through a tensor
-    descriptor (pipelined with POLARTENSOR_ENCODE_STAGES 2 or 3), with the
-    codes and radii of the pointer loads, the last tile's rows past the end read as zero;
+    descriptor (pipelined with POLARTENSOR_ENCODE_STAGES 2 or 3), with the codes and radii
+    of the pointer loads, the last tile's rows past the end read as zero;
     where x's rows are not evenly strided (a lead's rows followed by a gap) it keeps the
     pointer loads, with the same result; any other value is refused."""
     seen = _spy_launches(monkeypatch, "X_TMA", "num_stages")
-    cfg = get_preset("paper", head_dim=64)
-    g = torch.Generator().manual_seed(11)
     t = 5003 if ON_GPU else 37
-    wide = (torch.randn(3, t + 3, 64, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    cfg, wide, rot, mids = _paper64_rows(11, t + 3)
     x = wide[:, :t].contiguous()
-    rot = rotation_matrix(64, cfg.rotation, cfg.seed, DEVICE, torch.float32)
-    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     want = _encode_under(monkeypatch, {}, x, rot, mids, cfg, block_rows=16, persistent=True)
     assert seen[-1] == (False, 1)
     tma_ok = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
