@@ -400,7 +400,15 @@ def main():
                              ("fused_bn16", dict(fast, block_rows=16)),
                              ("fused_bn32", dict(fast, block_rows=32)),
                              ("torch_matmul_then_kernel", dict(fast, pre_rotate=True))]
+                if d == 128 and torch.cuda.get_device_capability() == (9, 0):
+                    # the opt-in Gluon encode (kernels/encode_gluon.py; sm_90, paper, d 128)
+                    variants += [("fused_gluon", dict(fast, persistent=None,
+                                                      _env={"POLARTENSOR_ENCODE_GLUON": "1"}))]
             for name, kw in variants:
+                kw = dict(kw)
+                env = kw.pop("_env", {})
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
                 try:
                     ms = bench(lambda kw=kw, x=x: encode_into_triton(
                         x, rot, mids, codes, radii, cfg, exact=False, **kw))
@@ -411,6 +419,12 @@ def main():
                     record_error(f"encode {model} {preset} {name}", exc)
                     row = dict(model=model, d=d, preset=preset, variant=name,
                                error=str(exc)[:200])
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
                 result["encode"].append(row)
                 print(row, flush=True)
         del x
@@ -748,7 +762,8 @@ def render_markdown(res) -> str:
                 "fused: the default launch (POLARTENSOR_ENCODE_PERSIST="
                 f"{res['env'].get('encode_persist', 'auto')}: persistent at d 128 where every "
                 "level has <= 4 bits); fused_per_tile: one program per tile; fused_persistent: "
-                "persistent wherever it applies.", "",
+                "persistent wherever it applies; fused_gluon: the opt-in Gluon encode "
+                "(POLARTENSOR_ENCODE_GLUON=1; sm_90, paper, d 128).", "",
                 "| model | preset | variant | ms | GB/s (in + out) | % of copy bandwidth |",
                 "|---|---|---|---|---|---|"]
         for r in res["encode"]:
