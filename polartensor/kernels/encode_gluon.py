@@ -14,10 +14,12 @@ quantized while the tensor cores work on the second. (With the next tile's MMAs 
 flight across the loop's back edge ptxas serialized every wgmma, C7514; nothing is in flight
 there now.) Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
 255 registers, no spills, 1915 loop SASS instructions per two tiles, against the Triton
-kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton kernel's, in
-the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that a thread holds
-whole 16-coordinate blocks, and the codes and radii are the Triton kernel's bit for bit
-(tested on the GPU; Gluon has no interpreter).
+kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton
+kernel's, in the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that
+a thread holds whole 16-coordinate blocks. The same products in the same order and the same
+arithmetic should give the Triton kernel's codes and radii bit for bit; the GPU tests
+(tests/kernels/test_encode_gluon.py) compare them, and have not run yet: no GPU machine came
+in the session that wrote this (Gluon has no interpreter).
 
 Scope: bfloat16 x, S as two bfloat16 parts (``rotation_mma="bf16x2"``), head_dim 128, four
 levels over 16-coordinate blocks with 2-bit upper levels and a uniform 2- or 4-bit level 1
