@@ -474,11 +474,17 @@ def _x_tma(x3: torch.Tensor, interp: bool) -> bool:
         return False
     if not interp and x3.is_cuda and torch.cuda.get_device_capability(x3.device) < (9, 0):
         return False
-    es = x3.element_size()
-    # (TMA coordinates are 32-bit: rows past 2^31 keep the pointer loads)
-    return (x3.shape[0] * x3.shape[1] < 2**31 - 256
+    return rows_tma_ready(x3)
+
+
+def rows_tma_ready(x3: torch.Tensor) -> bool:
+    """x3 [lead, T, D]'s rows as one [lead T, D] TMA tensor: evenly strided (lead stride = T x
+    row stride), unit last stride, 16-byte aligned rows and base, and fewer rows than 2^31
+    less headroom (TMA coordinates and the kernels' row indices are 32-bit; tiles past the
+    end stay in range)."""
+    return (x3.shape[0] * x3.shape[1] < 2**31 - 2**22
             and x3.stride(0) == x3.shape[1] * x3.stride(1) and x3.stride(-1) == 1
-            and (x3.stride(1) * es) % 16 == 0 and x3.data_ptr() % 16 == 0)
+            and (x3.stride(1) * x3.element_size()) % 16 == 0 and x3.data_ptr() % 16 == 0)
 
 
 # POLARTENSOR_ENCODE_STORE (read per call): how the code words are written. ``strided`` lets
@@ -734,7 +740,7 @@ def encode_into_triton(
 
     if (gluon_encode_setting() and cross and cross1 and default_launch and store_mode == 3
             and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
-            and _gluon_encode(x3, config, d, r3, c3, n_rows, w)):
+            and _gluon_encode(x3, config, d, r3, c3, w)):
         encode_into_gluon(x3, rot_arg, mids, c3, r3, config, n_rows)
         return True
     n_tiles = triton.cdiv(n_rows, block_rows)
@@ -789,14 +795,12 @@ def encode_into_triton(
     return True
 
 
-def _gluon_encode(x3, config, d, r3, c3, n_rows, w) -> bool:
+def _gluon_encode(x3, config, d, r3, c3, w) -> bool:
     """The Gluon encode's scope (kernels/encode_gluon.py), with the record layout it writes:
     level 1 at byte 0, levels 2-4 after it, no tail."""
     from .encode_gluon import gluon_encode_applies
 
-    if not records_aligned16(c3):
-        return False
-    if not gluon_encode_applies(x3, config, d, r3, c3, n_rows):
+    if not gluon_encode_applies(x3, config, d, r3, c3):
         return False
     b1 = config.bits[0]
     pos = [w[f"LV{i}"] >> 8 for i in range(4)]

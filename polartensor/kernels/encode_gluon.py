@@ -43,7 +43,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import _sm_count, env_choice
+from .common import _sm_count, env_choice, records_aligned16
+from .encode import rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -258,18 +259,14 @@ _BUFS = ("2", "3")
 
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
-                         codes: torch.Tensor, n_rows: int) -> bool:
+                         codes: torch.Tensor) -> bool:
     """Whether the Gluon encode serves this call (its module docstring's scope)."""
     bits = tuple(config.bits)
     return (x3.is_cuda and torch.cuda.get_device_capability(x3.device) == (9, 0)
             and x3.dtype == torch.bfloat16 and d == 128 and config.levels == 4
             and bits[0] in (2, 4) and all(b == 2 for b in bits[1:])
-            and radii.dtype in (torch.float16, torch.bfloat16)
-            and x3.stride(-1) == 1 and x3.stride(0) == x3.shape[1] * x3.stride(1)
-            and (x3.stride(1) * 2) % 16 == 0 and x3.data_ptr() % 16 == 0
-            and codes.stride(-1) == 1 and radii.stride(-1) == 1
-            and codes.data_ptr() % 2 == 0 and all(s % 2 == 0 for s in codes.stride()[:-1])
-            and n_rows < 2**31 - 2**22  # (the masked tiles past the end stay in int32)
+            and radii.dtype in (torch.float16, torch.bfloat16) and rows_tma_ready(x3)
+            and codes.stride(-1) == 1 and radii.stride(-1) == 1 and records_aligned16(codes)
             and max(codes.stride(0) * codes.shape[0], radii.stride(0) * radii.shape[0])
             < 2**31)
 

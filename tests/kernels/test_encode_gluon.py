@@ -99,8 +99,7 @@ def test_gluon_encode_scope():
         codes = torch.zeros(*x.shape[:-1], cfg.record_bytes(d), dtype=torch.uint8, device=dev)
         radii = torch.zeros(*x.shape[:-1], cfg.num_blocks(d), dtype=cfg.torch_radius_dtype,
                             device=dev)
-        return encode_gluon.gluon_encode_applies(x, cfg, d, radii, codes,
-                                                 x.shape[0] * x.shape[1])
+        return encode_gluon.gluon_encode_applies(x, cfg, d, radii, codes)
 
     x = torch.zeros(2, 40, 128, dtype=torch.bfloat16, device=dev)
     assert applies(x) is ON_SM90
