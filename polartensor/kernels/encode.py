@@ -736,11 +736,11 @@ def encode_into_triton(
     if cross:
         mids, cross1 = cross_table(mids_in, config)
         toff = w["L"] * mids.shape[1]
-    from .encode_gluon import encode_into_gluon, gluon_encode_setting
+    from .encode_gluon import encode_into_gluon, gluon_encode_applies, gluon_encode_setting
 
     if (gluon_encode_setting() and cross and cross1 and default_launch and store_mode == 3
             and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
-            and _gluon_encode(x3, config, d, r3, c3, w)):
+            and gluon_encode_applies(x3, config, d, r3, c3)):
         encode_into_gluon(x3, rot_arg, mids, c3, r3, config, n_rows)
         return True
     n_tiles = triton.cdiv(n_rows, block_rows)
@@ -793,18 +793,6 @@ def encode_into_triton(
     if exact:
         r_dst.copy_(r3)
     return True
-
-
-def _gluon_encode(x3, config, d, r3, c3, w) -> bool:
-    """The Gluon encode's scope (kernels/encode_gluon.py), with the record layout it writes:
-    level 1 at byte 0, levels 2-4 after it, no tail."""
-    from .encode_gluon import gluon_encode_applies
-
-    if not gluon_encode_applies(x3, config, d, r3, c3):
-        return False
-    b1 = config.bits[0]
-    pos = [w[f"LV{i}"] >> 8 for i in range(4)]
-    return pos == [0, 8 * b1, 8 * b1 + 8, 8 * b1 + 12] and w["TAIL_NB"] == 0 and w["NB"] == 8
 
 
 # encode_into_triton launches the kernel through this name, so that a script can capture the

@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import _sm_count, env_choice, records_aligned16
+from .common import _sm_count, env_choice, level_words, records_aligned16
 from .encode import rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
@@ -260,15 +260,20 @@ _BUFS = ("2", "3")
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
                          codes: torch.Tensor) -> bool:
-    """Whether the Gluon encode serves this call (its module docstring's scope)."""
+    """Whether the Gluon encode serves this call (its module docstring's scope), with the
+    record layout it writes: level 1 at byte 0, levels 2-4 after it, no tail."""
     bits = tuple(config.bits)
-    return (x3.is_cuda and torch.cuda.get_device_capability(x3.device) == (9, 0)
+    if not (x3.is_cuda and torch.cuda.get_device_capability(x3.device) == (9, 0)
             and x3.dtype == torch.bfloat16 and d == 128 and config.levels == 4
             and bits[0] in (2, 4) and all(b == 2 for b in bits[1:])
             and radii.dtype in (torch.float16, torch.bfloat16) and rows_tma_ready(x3)
             and codes.stride(-1) == 1 and radii.stride(-1) == 1 and records_aligned16(codes)
             and max(codes.stride(0) * codes.shape[0], radii.stride(0) * radii.shape[0])
-            < 2**31)
+            < 2**31):
+        return False
+    w = level_words(config, d)
+    pos = [w[f"LV{i}"] >> 8 for i in range(4)]
+    return pos == [0, 8 * bits[0], 8 * bits[0] + 8, 8 * bits[0] + 12] and w["TAIL_NB"] == 0
 
 
 def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.Tensor,
