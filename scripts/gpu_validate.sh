@@ -28,6 +28,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the Gluon encode's tests, then the encode
+#       sweep with it, the L2 prefetch and the TMA loads at d 128 (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
 #       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
@@ -40,7 +42,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -220,6 +222,17 @@ gluon)
         step tests_gluon 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py
     ab_gluon_candidates
+    ;;
+gluon_encode)
+    # the Gluon encode (kernels/encode_gluon.py): its tests (code bytes and radii equal to the
+    # Triton encode's), then the encode sweep at d 128 with it at both tiles and the 3-deep
+    # ring beside the default, the L2 prefetch and the TMA loads (~6 min)
+    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
+        step tests_encode_gluon 170 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/kernels/test_encode_gluon.py
+    OUT="$OUT" step encode_sweep 230 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b --presets paper,polar-3 \
+        --launches default_gluon,default_gluon64,default_gluon_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
