@@ -29,7 +29,7 @@
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the Gluon encode's tests, then the encode
-#       sweep with it, the L2 prefetch and the TMA loads at d 128 (~6 min)
+#       sweep with it, the L2 prefetch and the TMA loads at d 128 (~4 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
 #       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
@@ -76,9 +76,10 @@ case "$stage" in
 tests)
     # the asset tests need the package registry, which a GPU machine may not reach;
     # failures and per-test times are written as tests finish (tests/conftest.py), and a test
-    # running past 240 s dumps every thread's stack into the log
+    # running past 240 s dumps every thread's stack into the log; TESTS_LIMIT (seconds,
+    # default 480) shortens the pytest step where it follows another stage in one call
     POLARTENSOR_FAILLOG="$OUT/failures.txt" POLARTENSOR_TESTLOG="$OUT/test_times.txt" \
-        step tests 480 "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
+        step tests "${TESTS_LIMIT:-480}" "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
         -o faulthandler_timeout=240 tests --deselect tests/test_assets.py
     step smoke 60 "$PY" scripts/gpu_smoke.py
     ;;
@@ -225,14 +226,14 @@ gluon)
     ;;
 gluon_encode)
     # the Gluon encode (kernels/encode_gluon.py): its tests (code bytes and radii equal to the
-    # Triton encode's), then the encode sweep at d 128 with it at both tiles and the 3-deep
-    # ring beside the default, the L2 prefetch and the TMA loads (~6 min)
+    # Triton encode's), then the encode sweep at d 128, paper (its scope) with it at both
+    # tiles and the 3-deep ring beside the default, the L2 prefetch and the TMA loads (~4 min)
     POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
-        step tests_encode_gluon 170 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        step tests_encode_gluon 150 "$PY" -m pytest -q -rs -p no:cacheprovider \
         tests/kernels/test_encode_gluon.py
-    OUT="$OUT" step encode_sweep 230 "$PY" scripts/sweep_encode_launch.py \
-        --models llama3.1-8b --presets paper,polar-3 \
-        --launches default_gluon,default_gluon64,default_gluon_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma
+    OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b --presets paper \
+        --launches default_gluon,default_gluon64,default_gluon_b3,default_persist_l2pf1,default_persist_s1_tma,default_persist_s1_tma_l2pf1
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
