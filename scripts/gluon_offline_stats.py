@@ -85,10 +85,10 @@ def _launch_args(var, group: int):
     return real, seen["args"], seen["kwargs"]
 
 
-def _encode_launch_args(tile: int):
+def _encode_launch_args(tile: int, shape=(64, 4096)):
     """The Gluon encode's arguments as ``encode_gluon.encode_into_gluon`` passes them for
-    ``tile`` rows per tile (POLARTENSOR_ENCODE_GLUON_TILE), paper at d 128, batch 8 x 8 heads
-    x 4K tokens, on CPU tensors, for 132 SMs."""
+    ``tile`` rows per tile (POLARTENSOR_ENCODE_GLUON_TILE), paper at d 128, ``shape`` = (leads,
+    tokens a lead; by default batch 8 x 8 heads x 4K tokens), on CPU tensors, for 132 SMs."""
     import torch
 
     from polartensor import quantize
@@ -99,9 +99,9 @@ def _encode_launch_args(tile: int):
     from polartensor.rotation import rotation_matrix
 
     cfg = get_preset("paper", head_dim=128)
-    x = torch.zeros(64, 4096, 128, dtype=torch.bfloat16)
-    codes = torch.zeros(64, 4096, cfg.record_bytes(128), dtype=torch.uint8)
-    radii = torch.zeros(64, 4096, cfg.num_blocks(128), dtype=cfg.torch_radius_dtype)
+    x = torch.zeros(*shape, 128, dtype=torch.bfloat16)
+    codes = torch.zeros(*shape, cfg.record_bytes(128), dtype=torch.uint8)
+    radii = torch.zeros(*shape, cfg.num_blocks(128), dtype=cfg.torch_radius_dtype)
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, torch.device("cpu"), torch.float32)
     mids = boundary_table(quantize(torch.randn(1, 1, 1, 128), cfg).centroids, cfg)
     tables, _ = cross_table(mids, cfg)
@@ -129,15 +129,15 @@ def _encode_launch_args(tile: int):
     return real, seen["args"], seen["kwargs"]
 
 
-def _source(var, group: int):
+def _source(var, group: int, shape=(64, 4096)):
     """The kernel's source with the signature, constexprs and 16-byte specializations that
     its launch gives (``kernel_ir_stats._signature``), and its warps. ``var`` an int: the
-    Gluon encode with that many rows per tile (``group`` unused)."""
+    Gluon encode with that many rows per tile over ``shape`` (``group`` unused)."""
     from kernel_ir_stats import _signature
     from triton.experimental.gluon._runtime import GluonASTSource
 
     if isinstance(var, int):
-        fn, args, kwargs = _encode_launch_args(var)
+        fn, args, kwargs = _encode_launch_args(var, shape)
     else:
         fn, args, kwargs = _launch_args(var, group)
     sig, consts, attrs = _signature(fn, args, kwargs)
@@ -148,7 +148,7 @@ def _source(var, group: int):
     return src, opts
 
 
-def trace(var, group: int) -> str:
+def trace(var, group: int, shape=(64, 4096)) -> str:
     """The kernel traced to Triton GPU IR for sm_90 (text)."""
     import triton
     from triton._C.libtriton import ir
@@ -156,7 +156,7 @@ def trace(var, group: int) -> str:
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    src, opts = _source(var, group)
+    src, opts = _source(var, group, shape)
     opts = backend.parse_options(opts)
     ctx = ir.context()
     ir.load_dialects(ctx)
@@ -165,13 +165,13 @@ def trace(var, group: int) -> str:
                            backend.get_module_map(), ctx))
 
 
-def build(var, group: int) -> dict:
+def build(var, group: int, shape=(64, 4096)) -> dict:
     """Registers, spills and static SASS (whole kernel and its main loop) for sm_90."""
     import triton
     from kernel_ir_stats import ptxas_counts
     from triton.backends.compiler import GPUTarget
 
-    src, opts = _source(var, group)
+    src, opts = _source(var, group, shape)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return ptxas_counts(compiled.asm["ptx"], None if isinstance(var, int) else var.maxnreg or None)
 
@@ -188,9 +188,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", choices=("attention", "encode"), default="attention",
                     help="encode: the Gluon encode (kernels/encode_gluon.py), --variants "
                          "its rows per tile (default 128,64)")
+    ap.add_argument("--encode-shape", default="64x4096",
+                    help="encode: LEADSxTOKENS, the rows encoded (tokens a lead: 1 is a "
+                         "decode step's append)")
     args = ap.parse_args(argv)
     from ab_gluon_decode import parse_variant  # imports triton: after the pop above
 
+    shape = tuple(int(v) for v in args.encode_shape.split("x"))
     failed = False
     if args.kernel == "encode":
         tiles = "128,64" if args.variants == DEFAULT_VARIANTS else args.variants
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
         row = dict(variant=text, group=group)
         try:
             if args.trace_only:
-                ir_text = trace(var, group)
+                ir_text = trace(var, group, shape)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
                 if isinstance(var, int):
                     # the MMAs asynchronous, x by TMA, no shared-memory round trip
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
                                shared_round_trips=ir_text.count("ttg.local_load")
                                + ir_text.count("ttg.local_store"))
             else:
-                stats = build(var, group)
+                stats = build(var, group, shape)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "ptxas_notes",

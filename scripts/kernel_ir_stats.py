@@ -43,8 +43,8 @@ PACKED_DECODES = ("packed", "joint12", "shfl", "joint12_shfl")
 
 def _signature(fn, args, kwargs):
     """Signature, constexprs and the specialization attributes a launch would give: 16-byte
-    divisibility of pointers and of integers (except ``do_not_specialize`` ones), which is
-    what lets Triton emit vector loads."""
+    divisibility of pointers and of integers, which is what lets Triton emit vector loads,
+    and integers equal to 1 made constants (neither for ``do_not_specialize`` ones)."""
     params = list(inspect.signature(fn.fn).parameters)
     dns = {p if isinstance(p, str) else params[p] for p in (fn.do_not_specialize or [])}
     sig, consts, attrs = {}, {}, {}
@@ -55,6 +55,8 @@ def _signature(fn, args, kwargs):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, bool):
             sig[p] = "i1"
+        elif isinstance(a, int) and a == 1 and p not in dns:
+            sig[p], consts[p] = "constexpr", 1  # (as the launch does: a constant 1)
         elif isinstance(a, int):
             sig[p] = "i64" if abs(a) >= 2**31 else "i32"
             if a % 16 == 0 and p not in dns:

@@ -110,16 +110,19 @@ def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, 
     thresholds (``cross_table``)."""
     rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
     valid = rows < n_rows
+    # (T a tensor also where the launch made it the constant 1, one token a lead: a decode
+    # step's append, which failed to compile on the H100 when T.to met a Python int)
+    tu = gl.to_tensor(T).to(gl.uint32)
     if WRAP1:
         # (T >= BN, or one lead: a tile's rows cross at most one lead boundary)
         r0 = tile * BN
-        lead0 = (r0.to(gl.uint32) // T.to(gl.uint32)).to(gl.int32)
+        lead0 = (r0.to(gl.uint32) // tu).to(gl.int32)
         tt = (r0 - lead0 * T) + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
         w = (tt >= T).to(gl.int32)
         lead = lead0 + w
         t = tt - w * T
     else:
-        lead = (rows.to(gl.uint32) // T.to(gl.uint32)).to(gl.int32)
+        lead = (rows.to(gl.uint32) // tu).to(gl.int32)
         t = rows - lead * T
     rec_off = lead * sc_l + t * sc_t
     rad_off = lead * sr_l + t * sr_t

@@ -27,17 +27,24 @@ needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon encode runs wgmma
                                 "an sm_90 GPU only (Gluon has no interpreter)")
 
 
-@pytest.fixture(scope="module")
-def traced():
-    """scripts/gluon_offline_stats.py --kernel encode --trace-only, in a subprocess (the
-    interpreter, which CI runs under, replaces the functions that Gluon traces)."""
+def _offline_stats(*args: str) -> dict:
+    """scripts/gluon_offline_stats.py --kernel encode ``args``, in a subprocess (the
+    interpreter, which CI runs under, replaces the functions that Gluon traces): its rows
+    by variant."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, os.path.join(root, "scripts", "gluon_offline_stats.py"),
-                          "--kernel", "encode", "--trace-only", "--variants", "128,64"],
+                          "--kernel", "encode", *args],
                          capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert rows, res.stdout[-2000:] + res.stderr[-2000:]
     return {r["variant"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def traced():
+    rows = _offline_stats("--trace-only", "--variants", "128,64")
+    assert len(rows) == 2, rows
+    return rows
 
 
 @pytest.mark.parametrize("tile", ["128", "64"])
@@ -59,13 +66,18 @@ def test_gluon_encode_wgmma_stays_asynchronous(tile):
     (ptxas notes C7514-C7516; an accumulator in flight across the loop's back edge caused
     C7514). (Registers and spills depend on the Triton version: with 3.6, the GPU stack's,
     255 and none; with 3.9 44 bytes of spills, so they are not asserted here.)"""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "gluon_offline_stats.py"),
-                          "--kernel", "encode", "--variants", tile],
-                         capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 1 and "error" not in rows[0], res.stdout[-2000:] + res.stderr[-2000:]
-    assert not [n for n in rows[0]["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
+    row = _offline_stats("--variants", tile)[tile]
+    assert "error" not in row, row["error"]
+    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
+
+
+@pytest.mark.parametrize("shape", ["1x1", "3x1"])
+def test_gluon_encode_traces_one_token_a_lead(shape):
+    """One token a lead (a decode step's append; one lead, one row): Triton makes an integer
+    argument equal to 1 a constant, and the kernel once called ``.to`` on T there, which
+    failed to compile on the H100 (2026-12-07). Traced with the launch's specialization."""
+    rows = _offline_stats("--trace-only", "--variants", "128,64", "--encode-shape", shape)
+    assert all(r.get("traced") is True for r in rows.values()), rows
 
 
 def test_gluon_encode_settings(monkeypatch):
