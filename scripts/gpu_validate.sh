@@ -233,7 +233,7 @@ gluon_encode)
         tests/kernels/test_encode_gluon.py
     OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper \
-        --launches default_gluon,default_gluon64,default_gluon_b3,default_persist_l2pf1,default_persist_s1_tma,default_persist_s1_tma_l2pf1
+        --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon128_b3,default_persist_l2pf1,default_persist_s1_tma,default_persist_s1_tma_l2pf1
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
@@ -243,7 +243,7 @@ explore)
     # the profile_encode stage
     OUT="$OUT" step encode_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
-        --launches default_gluon,default_gluon64,default_gluon_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
+        --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon128_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
     ab_gluon_candidates
     OUT="$OUT/enc" bash "$0" profile_encode
     ;;

@@ -122,14 +122,15 @@ _TMA_LAUNCHES = [
     (128, 8, None, dict(_TMA, POLARTENSOR_ENCODE_PER_SM="1", POLARTENSOR_ENCODE_STAGES="3"))]
 # the Gluon encode (kernels/encode_gluon.py, POLARTENSOR_ENCODE_GLUON=1; paper at d 128 on
 # sm_90): two tiles an iteration, the second's MMAs in flight while the first is quantized,
-# x by TMA two (b3: three) tiles deep; 128-row tiles (8 warps, one program per SM) and
-# 64-row ones (4 warps, two per SM). Offline (Triton 3.6, sm_90): 255 registers, no spills,
-# 1915 loop SASS instructions per two tiles, no shared-memory round trip.
-_GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1"}),
-          (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
-                              "POLARTENSOR_ENCODE_GLUON_TILE": "64"}),
-          (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
-                              "POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
+# x by TMA two (b3: three) tiles deep; 64-row tiles (its default since 2026-12-07: 4 warps,
+# two programs per SM) and 128-row ones (8 warps, one per SM), each named by its tile (until
+# 2026-12-07 "default_gluon" and "default_gluon_b3" were 128 rows). Offline (Triton 3.6,
+# sm_90): 255 registers, no spills, 1915 loop SASS instructions per two tiles, no
+# shared-memory round trip. H100, paper (encode_launch_sweep_2026-12-07a_h100.md): 64 rows
+# 1.18x the Triton default, 128 rows 1.06x, 128 rows with 3 buffers 1.03x.
+_GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                              "POLARTENSOR_ENCODE_GLUON_TILE": tile, **bufs})
+          for tile in ("64", "128") for bufs in ({}, {"POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
