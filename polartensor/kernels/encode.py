@@ -448,7 +448,9 @@ def _persist_per_sm() -> int:
 # rather than DRAM. The Nsight Compute profile of the encode at d 128 (H100,
 # results/bench/ncu_encode_2026-12-06b_h100.md) had it bound by latency, a quarter of each
 # warp's stalls on global loads, with x hitting L2 16% of the time. GPU only: the
-# interpreter runs no inline assembly, and there is no latency to hide. Not timed yet.
+# interpreter runs no inline assembly, and there is no latency to hide. H100 at 7bd0692
+# (paper, results/bench/encode_launch_sweep_2026-12-07a_h100.md): 1 tile ahead 1.02x the
+# default, the same bytes; with the TMA loads below it took 0.99x of their time.
 _L2PF = ("0", "1", "2")
 
 
@@ -465,7 +467,9 @@ def _l2_prefetch() -> int:
 # tile of shared memory (offline, Triton 3.6, sm_90: see scripts/sweep_encode_launch.py).
 # With POLARTENSOR_ENCODE_L2PF the copy waits on L2 rather than DRAM. Where it applies:
 # sm_90 and up or the interpreter, x's rows evenly strided (lead stride = T x row stride),
-# 16-byte aligned and fewer than 2^31; elsewhere the pointer loads. Not timed yet.
+# 16-byte aligned and fewer than 2^31; elsewhere the pointer loads. H100 at 7bd0692 (paper,
+# one stage, results/bench/encode_launch_sweep_2026-12-07a_h100.md): 1.12x the default, the
+# same bytes; its GPU hypothesis tests have not run, so it stays opt-in.
 _TMA = ("0", "1")
 
 

@@ -17,15 +17,19 @@ there now.) Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kerne
 kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton
 kernel's, in the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that
 a thread holds whole 16-coordinate blocks. The same products in the same order and the same
-arithmetic should give the Triton kernel's codes and radii bit for bit; the GPU tests
-(tests/kernels/test_encode_gluon.py) compare them, and have not run yet: no GPU machine came
-in the session that wrote this (Gluon has no interpreter).
+arithmetic give the Triton kernel's codes and radii bit for bit: on the H100 at 7bd0692
+(results/bench/encode_launch_sweep_2026-12-07a_h100.md, paper, batch 8 x 32K x 8 heads) every
+tile and ring depth wrote the Triton default's bytes, and the 64-row tile took 0.358 ms
+against its 0.422 (1.18x; 128 rows 1.06x). The hypothesis test of the same run
+(tests/kernels/test_encode_gluon.py) found one token a lead failing to compile (T made a
+constant by the launch), fixed since and caught on the CPU now; it has not run on a GPU since
+the fix (Gluon has no interpreter), so the kernel stays opt-in.
 
 Scope: bfloat16 x, S as two bfloat16 parts (``rotation_mma="bf16x2"``), head_dim 128, four
 levels over 16-coordinate blocks with 2-bit upper levels and a uniform 2- or 4-bit level 1
 (the paper preset), 16-bit radii, records 2-byte aligned, rows and offsets below 2^31, x's
 rows evenly strided and 16-byte aligned; sm_90 only (wgmma). ``encode_into_triton`` takes it
-with POLARTENSOR_ENCODE_GLUON=1 (opt-in until timed) where all of that holds.
+with POLARTENSOR_ENCODE_GLUON=1 (opt-in until its GPU tests pass) where all of that holds.
 """
 
 from __future__ import annotations
