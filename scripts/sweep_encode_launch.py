@@ -131,6 +131,13 @@ _TMA_LAUNCHES = [
 _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                               "POLARTENSOR_ENCODE_GLUON_TILE": tile, **bufs})
           for tile in ("64", "128") for bufs in ({}, {"POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
+# 64-row tiles with 3 buffers at two programs per SM (2 x 112 KB of shared memory), and the
+# Triton kernel where the Gluon encode is the default ("default_triton")
+_GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                               "POLARTENSOR_ENCODE_GLUON_TILE": "64",
+                               "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
+                               "POLARTENSOR_ENCODE_GLUON_PER_SM": "2"}),
+           (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "0"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -220,9 +227,17 @@ def main():
                     name += "_gluon" + env.get("POLARTENSOR_ENCODE_GLUON_TILE", "")
                     if "POLARTENSOR_ENCODE_GLUON_BUFS" in env:
                         name += f"_b{env['POLARTENSOR_ENCODE_GLUON_BUFS']}"
+                    if "POLARTENSOR_ENCODE_GLUON_PER_SM" in env:
+                        name += f"_{env['POLARTENSOR_ENCODE_GLUON_PER_SM']}per_sm"
+                if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
+                    name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:
                     name += f"_l2pf{env['POLARTENSOR_ENCODE_L2PF']}"
                 env = dict(env)
+                if name != "default":
+                    # (every launch but the default and the Gluon ones times the Triton
+                    # kernel, which the Gluon encode replaces by default where it applies)
+                    env.setdefault("POLARTENSOR_ENCODE_GLUON", "0")
                 rotation = env.pop("_rotation", None)
                 if rotation:
                     name += "_" + rotation

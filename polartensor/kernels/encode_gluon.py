@@ -54,7 +54,7 @@ from .encode import rows_tma_ready
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
-           "gluon_encode_applies"]
+           "gluon_encode_applies", "gluon_encode_launch"]
 
 
 @gluon.jit
@@ -251,9 +251,9 @@ def polar_encode_gluon_fwd_kernel(
 
 
 def gluon_encode_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON (read per call): 1 takes the Gluon encode where it applies
-    (``gluon_encode_applies``), 0 (the default) the Triton kernel."""
-    return env_choice("POLARTENSOR_ENCODE_GLUON", ("0", "1")) == "1"
+    """POLARTENSOR_ENCODE_GLUON (read per call): 1 (the default) takes the Gluon encode where
+    it applies (``gluon_encode_applies``), 0 the Triton kernel everywhere."""
+    return env_choice("POLARTENSOR_ENCODE_GLUON", ("1", "0")) == "1"
 
 
 # POLARTENSOR_ENCODE_GLUON_TILE (read per call): rows per tile, with one warp per 16 rows:
@@ -266,6 +266,10 @@ def gluon_encode_setting() -> bool:
 # 1.18x, 128 rows 1.06x, 128 rows with 3 buffers 1.03x.
 _TILES = ("64", "128")
 _BUFS = ("2", "3")
+# POLARTENSOR_ENCODE_GLUON_PER_SM: programs per SM, "auto" (the rule above) or 1 or 2. Two
+# 64-row programs with 3 buffers ask 2 x 112 KB of shared memory and 2 x 128 threads x 255
+# registers, just inside an sm_90 SM; 128-row tiles take one (8 warps at 255 registers).
+_PER_SM = ("auto", "1", "2")
 
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
@@ -286,6 +290,20 @@ def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
     return pos == [0, 8 * bits[0], 8 * bits[0] + 8, 8 * bits[0] + 12] and w["TAIL_NB"] == 0
 
 
+def gluon_encode_launch() -> tuple[int, int, int]:
+    """(rows per tile, x buffers, programs per SM) from POLARTENSOR_ENCODE_GLUON_TILE, _BUFS
+    and _PER_SM (read per call, each checked)."""
+    bn = int(env_choice("POLARTENSOR_ENCODE_GLUON_TILE", _TILES))
+    bufs = int(env_choice("POLARTENSOR_ENCODE_GLUON_BUFS", _BUFS))
+    per_sm = env_choice("POLARTENSOR_ENCODE_GLUON_PER_SM", _PER_SM)
+    per_sm = (2 if bn == 64 and bufs == 2 else 1) if per_sm == "auto" else int(per_sm)
+    if per_sm == 2 and bn == 128:
+        raise ValueError("POLARTENSOR_ENCODE_GLUON_PER_SM=2 with 128-row tiles: two 8-warp "
+                         "programs at 255 registers do not fit an SM; use 64-row tiles "
+                         "(POLARTENSOR_ENCODE_GLUON_TILE=64) or one per SM")
+    return bn, bufs, per_sm
+
+
 def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.Tensor,
                       c3: torch.Tensor, r3: torch.Tensor, config, n_rows: int) -> None:
     """Launch the Gluon encode: x3 [lead, T, 128] bfloat16, rot_bf16x2 [2, 128, 128] (S's
@@ -293,14 +311,12 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
     level 1), c3 / r3 the [lead, T, bytes] codes and [lead, T, 8] radii views. The caller
     checked ``gluon_encode_applies``."""
     d, t = 128, x3.shape[1]
-    bn = int(env_choice("POLARTENSOR_ENCODE_GLUON_TILE", _TILES))
+    bn, bufs, per_sm = gluon_encode_launch()
     x_layout = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
     s_layout = gl.NVMMASharedLayout.get_default_for([d, d], gl.bfloat16)
     x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [bn, d], x_layout)
     s2 = rot_bf16x2.reshape(2 * d, d)
     s_desc = TensorDescriptor(s2, [2 * d, d], [d, 1], [d, d], s_layout)
-    bufs = int(env_choice("POLARTENSOR_ENCODE_GLUON_BUFS", _BUFS))
-    per_sm = 2 if bn == 64 and bufs == 2 else 1
     grid = (min(triton.cdiv(n_rows, bn), per_sm * _sm_count(x3.device)),)
     polar_encode_gluon_fwd_kernel[grid](
         x_desc, s_desc, tables,

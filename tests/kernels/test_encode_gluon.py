@@ -81,12 +81,12 @@ def test_gluon_encode_traces_one_token_a_lead(shape):
 
 
 def test_gluon_encode_settings(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON: off by default, 1 on, anything else refused by name; the
+    """POLARTENSOR_ENCODE_GLUON: on by default, 0 off, anything else refused by name; the
     encode refuses a bad value also where the Gluon encode cannot run."""
     monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
-    assert encode_gluon.gluon_encode_setting() is False
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "1")
     assert encode_gluon.gluon_encode_setting() is True
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "0")
+    assert encode_gluon.gluon_encode_setting() is False
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "yes")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON='yes'"):
         encode_gluon.gluon_encode_setting()
@@ -122,9 +122,10 @@ def test_gluon_encode_scope():
                    get_preset("paper", head_dim=64)) is False
 
 
-def _encode(x, cfg, rot, mids, env, monkeypatch, off=3):
+def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
     """Codes and radii written at an offset into wider buffers (the bytes around them kept),
-    under the environment ``env``; and whether the Gluon kernel ran."""
+    under the environment ``env`` and ``encode_into_triton``'s ``launch`` arguments; and
+    whether the Gluon kernel ran."""
     launched = []
     real = encode_gluon.polar_encode_gluon_fwd_kernel
 
@@ -143,7 +144,8 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3):
     before = store.clone()
     radii = torch.full((lead, t, cfg.num_blocks(d)), -7.0, dtype=cfg.torch_radius_dtype,
                        device=x.device)
-    assert encode_into_triton(x, rot, mids, store[:, off:off + t], radii, cfg, exact=False)
+    assert encode_into_triton(x, rot, mids, store[:, off:off + t], radii, cfg, exact=False,
+                              **launch)
     assert torch.equal(store[:, :off], before[:, :off])
     assert torch.equal(store[:, off + t:], before[:, off + t:])
     monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", real)
@@ -154,13 +156,14 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3):
 @settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
-       bufs=st.sampled_from(["2", "3"]), scale=st.sampled_from([1e-3, 1.0, 40.0]),
-       zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, scale, zeros, monkeypatch):
+       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zeros,
+                                     monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
-    size and x ring depth; rows of zeros and exact zeros in a row (the sign-bit quadrants)
-    included."""
+    size, x ring depth and (64-row tiles) programs per SM; rows of zeros and exact zeros in a
+    row (the sign-bit quadrants) included."""
     cfg = get_preset("paper", head_dim=128)
     g = torch.Generator().manual_seed(lead * 7919 + t)
     x = torch.randn(lead, t, 128, generator=g) * scale
@@ -170,7 +173,8 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, scale, zeros, monkeypa
     x = x.to(torch.bfloat16).cuda()
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
-    env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs}
+    env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
+           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto"}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
@@ -179,6 +183,41 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, scale, zeros, monkeypa
     assert ran
     assert torch.equal(got_c, want_c)
     assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+
+
+@needs_sm90
+def test_gluon_encode_is_the_default(monkeypatch):
+    """With no setting, paper at d 128 in bfloat16 takes the Gluon encode, and an explicit
+    launch (persistent=, block rows) the Triton kernel; the bytes are the same."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
+    cfg = get_preset("paper", head_dim=128)
+    x = torch.randn(3, 700, 128).to(torch.bfloat16).cuda()
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    got_c, got_r, ran = _encode(x, cfg, rot, mids, {}, monkeypatch)
+    assert ran
+    for kw in (dict(persistent=True), dict(block_rows=64)):
+        want_c, want_r, ran = _encode(x, cfg, rot, mids, {}, monkeypatch, **kw)
+        assert not ran, kw
+        assert torch.equal(got_c, want_c) and torch.equal(got_r, want_r), kw
+
+
+def test_gluon_encode_launch_settings(monkeypatch):
+    """Tile, ring depth and programs per SM: the defaults (64 rows, two buffers, two programs
+    per SM), one per SM with three buffers, and two 128-row programs refused by name."""
+    for key in ("TILE", "BUFS", "PER_SM"):
+        monkeypatch.delenv(f"POLARTENSOR_ENCODE_GLUON_{key}", raising=False)
+    assert encode_gluon.gluon_encode_launch() == (64, 2, 2)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_BUFS", "3")
+    assert encode_gluon.gluon_encode_launch() == (64, 3, 1)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "2")
+    assert encode_gluon.gluon_encode_launch() == (64, 3, 2)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_TILE", "128")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_PER_SM=2 with 128-row"):
+        encode_gluon.gluon_encode_launch()
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "3")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_PER_SM='3'"):
+        encode_gluon.gluon_encode_launch()
 
 
 @needs_sm90
