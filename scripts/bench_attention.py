@@ -401,10 +401,11 @@ def main():
                              ("fused_bn32", dict(fast, block_rows=32)),
                              ("torch_matmul_then_kernel", dict(fast, pre_rotate=True))]
                 if d == 128 and torch.cuda.get_device_capability() == (9, 0):
-                    # the Triton encode where the Gluon one (kernels/encode_gluon.py; sm_90,
-                    # paper, d 128) is the default
-                    variants += [("fused_triton", dict(fast, persistent=None,
-                                                       _env={"POLARTENSOR_ENCODE_GLUON": "0"}))]
+                    # the Gluon encode (kernels/encode_gluon.py; sm_90, paper, d 128) and
+                    # the Triton kernel, each named, whichever the default is
+                    variants += [(f"fused_{k}", dict(fast, persistent=None,
+                                                     _env={"POLARTENSOR_ENCODE_GLUON": v}))
+                                 for k, v in (("gluon", "1"), ("triton", "0"))]
             for name, kw in variants:
                 kw = dict(kw)
                 env = kw.pop("_env", {})
@@ -763,9 +764,9 @@ def render_markdown(res) -> str:
                 "fused: the default launch (POLARTENSOR_ENCODE_PERSIST="
                 f"{res['env'].get('encode_persist', 'auto')}: persistent at d 128 where every "
                 "level has <= 4 bits); fused_per_tile: one program per tile; fused_persistent: "
-                "persistent wherever it applies (both the Triton kernel); fused_triton: the "
-                "Triton kernel where the default is the Gluon encode (sm_90, paper, d 128; "
-                "POLARTENSOR_ENCODE_GLUON=0).", "",
+                "persistent wherever it applies (both the Triton kernel); fused_gluon and "
+                "fused_triton: the Gluon encode (sm_90, paper, d 128) and the Triton kernel "
+                "at the default launch (POLARTENSOR_ENCODE_GLUON=1 and =0).", "",
                 "| model | preset | variant | ms | GB/s (in + out) | % of copy bandwidth |",
                 "|---|---|---|---|---|---|"]
         for r in res["encode"]:

@@ -227,14 +227,14 @@ gluon)
 gluon_encode)
     # the Gluon encode (kernels/encode_gluon.py): its tests (code bytes and radii equal to the
     # Triton encode's), then the encode sweep at d 128, paper (its scope): the default (the
-    # Gluon encode, 64-row tiles) beside the Triton kernel, its TMA loads, and the Gluon
-    # encode's other tiles and ring depths (~4 min)
+    # Triton kernel) beside its TMA loads and the Gluon encode at each tile, ring depth and
+    # 64-row tiles with 3 buffers at two programs per SM (~4 min)
     POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
         step tests_encode_gluon 150 "$PY" -m pytest -q -rs -p no:cacheprovider \
         tests/kernels/test_encode_gluon.py
     OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper \
-        --launches default_triton,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+        --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at

@@ -131,8 +131,9 @@ _TMA_LAUNCHES = [
 _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                               "POLARTENSOR_ENCODE_GLUON_TILE": tile, **bufs})
           for tile in ("64", "128") for bufs in ({}, {"POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
-# 64-row tiles with 3 buffers at two programs per SM (2 x 112 KB of shared memory), and the
-# Triton kernel where the Gluon encode is the default ("default_triton")
+# 64-row tiles with 3 buffers at two programs per SM (2 x 112 KB of shared memory;
+# unmeasured), and the Triton kernel named ("default_triton": the default's launch while the
+# Gluon encode is opt-in, its baseline once that is the default)
 _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_TILE": "64",
                                "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
@@ -236,7 +237,7 @@ def main():
                 env = dict(env)
                 if name != "default":
                     # (every launch but the default and the Gluon ones times the Triton
-                    # kernel, which the Gluon encode replaces by default where it applies)
+                    # kernel, whichever encode is the default)
                     env.setdefault("POLARTENSOR_ENCODE_GLUON", "0")
                 rotation = env.pop("_rotation", None)
                 if rotation:

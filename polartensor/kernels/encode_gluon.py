@@ -251,9 +251,10 @@ def polar_encode_gluon_fwd_kernel(
 
 
 def gluon_encode_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON (read per call): 1 (the default) takes the Gluon encode where
-    it applies (``gluon_encode_applies``), 0 the Triton kernel everywhere."""
-    return env_choice("POLARTENSOR_ENCODE_GLUON", ("1", "0")) == "1"
+    """POLARTENSOR_ENCODE_GLUON (read per call): 1 takes the Gluon encode where it applies
+    (``gluon_encode_applies``) and the caller asked for no particular launch; 0 (the default
+    until its GPU tests pass after the one-token fix) the Triton kernel everywhere."""
+    return env_choice("POLARTENSOR_ENCODE_GLUON", ("0", "1")) == "1"
 
 
 # POLARTENSOR_ENCODE_GLUON_TILE (read per call): rows per tile, with one warp per 16 rows:
