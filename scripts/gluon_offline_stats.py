@@ -173,7 +173,9 @@ def build(var, group: int, shape=(64, 4096)) -> dict:
 
     src, opts = _source(var, group, shape)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    return ptxas_counts(compiled.asm["ptx"], None if isinstance(var, int) else var.maxnreg or None)
+    stats = ptxas_counts(compiled.asm["ptx"], None if isinstance(var, int) else var.maxnreg or None)
+    # (static shared memory, as the launch asks for it: how many programs fit an SM)
+    return dict(stats, shared_bytes=compiled.metadata.shared)
 
 
 def main(argv=None) -> int:
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
                                                   "spill_load_bytes", "sass_instructions",
                                                   "loop_sass_instructions", "ptxas_notes",
-                                                  "loop_ops")})
+                                                  "shared_bytes", "loop_ops")})
         except Exception as exc:  # noqa: BLE001 - reported per variant, exit status 1
             failed = True
             row.update(error=f"{type(exc).__name__}: {str(exc)[-600:]}")

@@ -30,6 +30,8 @@
 #       at most ~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the Gluon encode's tests, then the encode
 #       sweep with it, the L2 prefetch and the TMA loads at d 128 (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh resume    # the Gluon encode's tests, the encode
+#       at three launches, then the whole suite, in one call of CALL_S (560) seconds
 #   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
 #       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
@@ -42,7 +44,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -235,6 +237,20 @@ gluon_encode)
     OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper \
         --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+    ;;
+resume)
+    # one call for what the 2026-12-07 sessions could not run (no machine came): the Gluon
+    # encode's tests after the one-token fix, the encode at the three launches nearest the
+    # target (Gluon 64-row tiles, with a third buffer at two programs per SM, the Triton
+    # kernel with TMA loads) beside the default, then the whole suite in what is left of
+    # CALL_S (default 560) seconds since the stage began
+    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
+        step tests_encode_gluon 130 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/kernels/test_encode_gluon.py
+    OUT="$OUT" step encode_sweep 100 "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b --presets paper \
+        --launches default_gluon64,default_gluon64_b3_2per_sm,default_persist_s1_tma
+    OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at

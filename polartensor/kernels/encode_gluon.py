@@ -268,8 +268,10 @@ def gluon_encode_setting() -> bool:
 _TILES = ("64", "128")
 _BUFS = ("2", "3")
 # POLARTENSOR_ENCODE_GLUON_PER_SM: programs per SM, "auto" (the rule above) or 1 or 2. Two
-# 64-row programs with 3 buffers ask 2 x 112 KB of shared memory and 2 x 128 threads x 255
-# registers, just inside an sm_90 SM; 128-row tiles take one (8 warps at 255 registers).
+# 64-row programs with 3 buffers fit an sm_90 SM, just: offline (Triton 3.6,
+# scripts/gluon_offline_stats.py) each asks 114,720 bytes of shared memory (2 x 114,720 plus
+# 1 KB reserved a program <= 228 KB) and 128 threads x 255 registers (2 x 4 warps x 8192
+# = the 65,536-register file). Unmeasured on a GPU. 128-row tiles take one (8 warps).
 _PER_SM = ("auto", "1", "2")
 
 
