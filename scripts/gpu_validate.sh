@@ -74,6 +74,15 @@ ab_gluon_candidates() {
         --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
         --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
 }
+gluon_encode_steps() {  # <tests limit s> <sweep limit s> <launches>: the Gluon encode's
+    # tests (kernels/encode_gluon.py: code bytes and radii equal to the Triton encode's), then
+    # the encode sweep at d 128, paper (its scope), the given launches beside the default
+    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
+        step tests_encode_gluon "$1" "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/kernels/test_encode_gluon.py
+    OUT="$OUT" step encode_sweep "$2" "$PY" scripts/sweep_encode_launch.py \
+        --models llama3.1-8b --presets paper --launches "$3"
+}
 case "$stage" in
 tests)
     # the asset tests need the package registry, which a GPU machine may not reach;
@@ -227,16 +236,10 @@ gluon)
     ab_gluon_candidates
     ;;
 gluon_encode)
-    # the Gluon encode (kernels/encode_gluon.py): its tests (code bytes and radii equal to the
-    # Triton encode's), then the encode sweep at d 128, paper (its scope): the default (the
-    # Triton kernel) beside its TMA loads and the Gluon encode at each tile, ring depth and
-    # 64-row tiles with 3 buffers at two programs per SM (~4 min)
-    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
-        step tests_encode_gluon 150 "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/kernels/test_encode_gluon.py
-    OUT="$OUT" step encode_sweep 150 "$PY" scripts/sweep_encode_launch.py \
-        --models llama3.1-8b --presets paper \
-        --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+    # the Gluon encode's tests, then the encode: the default (the Triton kernel) beside its
+    # TMA loads and the Gluon encode at each tile, ring depth and 64-row tiles with 3 buffers
+    # at two programs per SM (~4 min)
+    gluon_encode_steps 150 150 default_gluon64,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
     # one call for what the 2026-12-07 sessions could not run (no machine came): the Gluon
@@ -244,12 +247,7 @@ resume)
     # target (Gluon 64-row tiles, with a third buffer at two programs per SM, the Triton
     # kernel with TMA loads) beside the default, then the whole suite in what is left of
     # CALL_S (default 560) seconds since the stage began
-    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
-        step tests_encode_gluon 130 "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/kernels/test_encode_gluon.py
-    OUT="$OUT" step encode_sweep 100 "$PY" scripts/sweep_encode_launch.py \
-        --models llama3.1-8b --presets paper \
-        --launches default_gluon64,default_gluon64_b3_2per_sm,default_persist_s1_tma
+    gluon_encode_steps 130 100 default_gluon64,default_gluon64_b3_2per_sm,default_persist_s1_tma
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)
