@@ -744,9 +744,8 @@ def encode_into_triton(
 
     # (the Gluon encode takes the default launch only: a launch asked for by argument, block
     # rows, warps, a register cap or persistent=, stays the Triton kernel's)
-    if (gluon_encode_setting() and persistent is None and cross and cross1 and default_launch
-            and store_mode == 3
-            and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
+    if (gluon_encode_setting() and persistent is None and default_launch and cross and cross1
+            and store_mode == 3 and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
             and gluon_encode_applies(x3, config, d, r3, c3)):
         encode_into_gluon(x3, rot_arg, mids, c3, r3, config, n_rows)
         return True
