@@ -687,7 +687,10 @@ def encode_into_triton(
     # the timed d-128 launches below: the bfloat16 rotation with the record(16) stores
     record_d128 = not interp and rot_bf16x2 and 64 < d <= 128 and store_mode in (1, 3)
     widest = max(config.bits)
-    default_launch = block_rows is None and num_warps is None and maxnreg is None
+    # (no launch asked for by argument; persistent= only overrides the persistent choice
+    # below, where the auto rule's value is then unused)
+    default_launch = (block_rows is None and num_warps is None and maxnreg is None
+                      and persistent is None)
     persist = _persistent(persistent, record_d128 and rot_mma != "bf16" and not sign_c
                           and widest <= 4 and default_launch) and rot_bf16x2 and d <= 128
     if block_rows is None:
@@ -744,8 +747,8 @@ def encode_into_triton(
 
     # (the Gluon encode takes the default launch only: a launch asked for by argument, block
     # rows, warps, a register cap or persistent=, stays the Triton kernel's)
-    if (gluon_encode_setting() and persistent is None and default_launch and cross and cross1
-            and store_mode == 3 and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
+    if (gluon_encode_setting() and default_launch and cross and cross1 and store_mode == 3
+            and rot_bf16x2 and rot_lo and perm and not sign_c and not interp
             and gluon_encode_applies(x3, config, d, r3, c3)):
         encode_into_gluon(x3, rot_arg, mids, c3, r3, config, n_rows)
         return True

@@ -261,8 +261,9 @@ def gluon_encode_setting() -> bool:
 # 64 (the default: 4 warps, S and two x buffers in 96 KB of shared memory, two programs per
 # SM) or 128 (8 warps, 128 KB, one per SM). POLARTENSOR_ENCODE_GLUON_BUFS: x buffers, 2 (the
 # default: each copy issued a tile before its MMA) or 3 (two tiles before; 128-row tiles
-# 160 KB, 64-row ones 112 KB, one program per SM either way). Timed on the H100 at 7bd0692
-# (paper, batch 8 x 32K x 8 heads; results/bench/encode_launch_sweep_2026-12-07a_h100.md,
+# 160 KB, 64-row ones 112 KB, one program per SM either way unless _PER_SM below says 2).
+# Timed on the H100 at 7bd0692 (paper, batch 8 x 32K x 8 heads;
+# results/bench/encode_launch_sweep_2026-12-07a_h100.md,
 # against the Triton default in the same run, codes and radii equal byte for byte): 64 rows
 # 1.18x, 128 rows 1.06x, 128 rows with 3 buffers 1.03x.
 _TILES = ("64", "128")
