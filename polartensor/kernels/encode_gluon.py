@@ -29,7 +29,7 @@ Scope: bfloat16 x, S as two bfloat16 parts (``rotation_mma="bf16x2"``), head_dim
 levels over 16-coordinate blocks with 2-bit upper levels and a uniform 2- or 4-bit level 1
 (the paper preset), 16-bit radii, records 2-byte aligned, rows and offsets below 2^31, x's
 rows evenly strided and 16-byte aligned; sm_90 only (wgmma). ``encode_into_triton`` takes it
-with POLARTENSOR_ENCODE_GLUON=1 (opt-in until its GPU tests pass) where all of that holds.
+by default where all of that holds (POLARTENSOR_ENCODE_GLUON=0: the Triton kernel).
 """
 
 from __future__ import annotations
@@ -251,10 +251,10 @@ def polar_encode_gluon_fwd_kernel(
 
 
 def gluon_encode_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON (read per call): 1 takes the Gluon encode where it applies
-    (``gluon_encode_applies``) and the caller asked for no particular launch; 0 (the default
-    until its GPU tests pass after the one-token fix) the Triton kernel everywhere."""
-    return env_choice("POLARTENSOR_ENCODE_GLUON", ("0", "1")) == "1"
+    """POLARTENSOR_ENCODE_GLUON (read per call): 1 (the default) takes the Gluon encode where
+    it applies (``gluon_encode_applies``) and the caller asked for no particular launch; 0 the
+    Triton kernel everywhere."""
+    return env_choice("POLARTENSOR_ENCODE_GLUON", ("1", "0")) == "1"
 
 
 # POLARTENSOR_ENCODE_GLUON_TILE (read per call): rows per tile, with one warp per 16 rows:
