@@ -206,6 +206,39 @@ def test_gluon_encode_takes_the_default_launch_only(monkeypatch):
         assert torch.equal(got_c, want_c) and torch.equal(got_r, want_r), kw
 
 
+@needs_sm90
+@pytest.mark.parametrize("pad", [0, 1, 2, 4])
+def test_gluon_encode_radii_views_at_any_alignment(pad, monkeypatch):
+    """Radii rows that start 0, 1, 2 or 4 elements into a wider buffer (a view): the Gluon
+    encode writes the Triton kernel's radii there and nothing beside them."""
+    cfg = get_preset("paper", head_dim=128)
+    g = torch.Generator().manual_seed(pad + 5)
+    x = (torch.randn(2, 77, 128, generator=g) * 3).to(torch.bfloat16).cuda()
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    launched, real = [], encode_gluon.polar_encode_gluon_fwd_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", _Spy())
+    out = []
+    for gluon in ("0", "1"):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", gluon)
+        wide = torch.full((2, 77, 8 + pad + 1), -3.0, dtype=cfg.torch_radius_dtype,
+                          device="cuda")
+        codes = torch.zeros(2, 77, cfg.record_bytes(128), dtype=torch.uint8, device="cuda")
+        assert encode_into_triton(x, rot, mids, codes, wide[..., pad:pad + 8], cfg,
+                                  exact=False)
+        out.append((codes, wide))
+        assert len(launched) == int(gluon)      # the Gluon encode ran only when asked
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1].view(torch.uint16), out[1][1].view(torch.uint16))
+    assert (out[1][1][..., :pad] == -3.0).all() and (out[1][1][..., pad + 8:] == -3.0).all()
+
+
 def test_gluon_encode_launch_settings(monkeypatch):
     """Tile, ring depth and programs per SM: the defaults (64 rows, two buffers, two programs
     per SM), one per SM with three buffers, and two 128-row programs refused by name."""
