@@ -236,29 +236,30 @@ gluon)
     ab_gluon_candidates
     ;;
 gluon_encode)
-    # the Gluon encode's tests, then the encode: the default (the Triton kernel) beside its
-    # TMA loads and the Gluon encode at each tile, ring depth and 64-row tiles with 3 buffers
-    # at two programs per SM (~4 min)
-    gluon_encode_steps 150 150 default_gluon64,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+    # the Gluon encode's tests, then the encode: the default (the Gluon encode, 64-row tiles)
+    # beside the Triton kernel, its TMA loads and the Gluon encode's other tiles and ring
+    # depths (~4 min)
+    gluon_encode_steps 150 150 default_triton,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
-    # one call for what the 2026-12-07 sessions could not run (no machine came): the Gluon
-    # encode's tests after the one-token fix, the encode at the three launches nearest the
-    # target (Gluon 64-row tiles, with a third buffer at two programs per SM, the Triton
-    # kernel with TMA loads) beside the default, then the whole suite in what is left of
-    # CALL_S (default 560) seconds since the stage began
-    gluon_encode_steps 130 100 default_gluon64,default_gluon64_b3_2per_sm,default_persist_s1_tma
+    # one call for the Gluon encode on a GPU it has not met (the H200): its tests, the
+    # encode at the launches nearest the target (the default, the Gluon encode at 64-row
+    # tiles, beside a third buffer at two programs per SM, the Triton kernel and its TMA
+    # loads), then the whole suite in what is left of CALL_S (default 560) seconds since the
+    # stage began
+    gluon_encode_steps 130 100 default_triton,default_gluon64_b3_2per_sm,default_persist_s1_tma
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
-    # the launches nearest the target (the Gluon encode at both tiles, x asked of L2 one or
+    # the launches nearest the target (the default, the Gluon encode, beside the Triton
+    # kernel and the Gluon encode's other tiles and ring depths, x asked of L2 one or
     # two tiles ahead, x by TMA at five launches, the one-MMA rotation without and with the
     # L2 prefetch), the gluon stage's A/B without its tests (the tests stage runs them), and
     # the profile_encode stage
     OUT="$OUT" step encode_sweep 200 "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper,polar-3,polar-4 \
-        --launches default_gluon64,default_gluon128,default_gluon64_b3,default_gluon128_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
+        --launches default_triton,default_gluon128,default_gluon64_b3,default_gluon128_b3,default_persist_l2pf1,default_persist_l2pf2,default_persist_s1_tma,default_persist_s1_tma_l2pf1,bn64_w4_persist_s2_2per_sm_tma,bn64_w4_persist_s2_2per_sm_tma_l2pf1,bn128_w8_persist_s3_1per_sm_tma,default_permuted_hadamard,default_persist_l2pf1_permuted_hadamard
     ab_gluon_candidates
     OUT="$OUT/enc" bash "$0" profile_encode
     ;;

@@ -132,8 +132,9 @@ _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                               "POLARTENSOR_ENCODE_GLUON_TILE": tile, **bufs})
           for tile in ("64", "128") for bufs in ({}, {"POLARTENSOR_ENCODE_GLUON_BUFS": "3"})]
 # 64-row tiles with 3 buffers at two programs per SM (2 x 114,720 bytes of shared memory
-# offline; unmeasured), and the Triton kernel named ("default_triton": the default's launch
-# while the Gluon encode is opt-in, its baseline once that is the default)
+# offline; H100 1.17x, encode_launch_sweep_2026-12-07b_h100.md), and the Triton kernel named
+# ("default_triton": the Gluon encode's baseline, which it replaces by default since
+# 2026-12-07 where it applies)
 _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_TILE": "64",
                                "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
