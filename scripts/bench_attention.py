@@ -761,7 +761,8 @@ def render_markdown(res) -> str:
                        f"{r['tbps']:.2f} |")
     if res["encode"]:
         out += ["", "## Encode / append (bf16 input, batch 8 x 32K tokens x KV heads)", "",
-                "fused: the default launch (POLARTENSOR_ENCODE_PERSIST="
+                "fused: the default launch (the Gluon encode on sm_90 for paper at d 128, "
+                "else the Triton kernel with POLARTENSOR_ENCODE_PERSIST="
                 f"{res['env'].get('encode_persist', 'auto')}: persistent at d 128 where every "
                 "level has <= 4 bits); fused_per_tile: one program per tile; fused_persistent: "
                 "persistent wherever it applies (both the Triton kernel); fused_gluon and "
