@@ -122,12 +122,10 @@ def test_gluon_encode_scope():
                    get_preset("paper", head_dim=64)) is False
 
 
-def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
-    """Codes and radii written at an offset into wider buffers (the bytes around them kept),
-    under the environment ``env`` and ``encode_into_triton``'s ``launch`` arguments; and
-    whether the Gluon kernel ran."""
-    launched = []
-    real = encode_gluon.polar_encode_gluon_fwd_kernel
+def _spy_gluon(monkeypatch):
+    """Record the Gluon encode's launches (the kernel still runs): the list of grids, and the
+    kernel itself."""
+    launched, real = [], encode_gluon.polar_encode_gluon_fwd_kernel
 
     class _Spy:
         def __getitem__(self, grid):
@@ -135,6 +133,14 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
             return real[grid]
 
     monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", _Spy())
+    return launched, real
+
+
+def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
+    """Codes and radii written at an offset into wider buffers (the bytes around them kept),
+    under the environment ``env`` and ``encode_into_triton``'s ``launch`` arguments; and
+    whether the Gluon kernel ran."""
+    launched, real = _spy_gluon(monkeypatch)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     lead, t, d = x.shape
@@ -192,16 +198,15 @@ def test_gluon_encode_takes_the_default_launch_only(monkeypatch):
     (Both launches persistent: the Triton kernel per tile contracts the rotation in two
     chunks of 64 and may differ from the persistent one in a radius's last bit,
     ``test_encode_launch_settings_equal_default``; on the H100 it did, 2026-12-07.)"""
-    on = {}
     monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
     cfg = get_preset("paper", head_dim=128)
     x = torch.randn(3, 700, 128).to(torch.bfloat16).cuda()
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
-    got_c, got_r, ran = _encode(x, cfg, rot, mids, on, monkeypatch)
+    got_c, got_r, ran = _encode(x, cfg, rot, mids, {}, monkeypatch)
     assert ran
     for kw in (dict(persistent=True), dict(block_rows=64, persistent=True)):
-        want_c, want_r, ran = _encode(x, cfg, rot, mids, on, monkeypatch, **kw)
+        want_c, want_r, ran = _encode(x, cfg, rot, mids, {}, monkeypatch, **kw)
         assert not ran, kw
         assert torch.equal(got_c, want_c) and torch.equal(got_r, want_r), kw
 
@@ -216,14 +221,7 @@ def test_gluon_encode_radii_views_at_any_alignment(pad, monkeypatch):
     x = (torch.randn(2, 77, 128, generator=g) * 3).to(torch.bfloat16).cuda()
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
-    launched, real = [], encode_gluon.polar_encode_gluon_fwd_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(encode_gluon, "polar_encode_gluon_fwd_kernel", _Spy())
+    launched, _ = _spy_gluon(monkeypatch)
     out = []
     for gluon in ("0", "1"):
         monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", gluon)
