@@ -237,8 +237,15 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
     lo, hi = max(loops, key=lambda span: span[1] - span[0])
     ops = histogram(lo, hi)
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    # where the loop first waits for all its wgmma groups: how many global stores come
+    # before that wait (the Gluon encode means the first tile's to come first)
+    body = [text for addr, text in ins if lo <= addr <= hi]
+    full = [i for i, text in enumerate(body)
+            if re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0\b", text)]
+    stores = None if not full else sum(
+        1 for text in body[:full[0]] if re.sub(r"^@!?U?P\w+\s+", "", text).startswith("STG"))
     return dict(loop_sass_instructions=sum(ops.values()), loop_ops=dict(ranked),
-                kernel_ops=kernel_ops)
+                kernel_ops=kernel_ops, stores_before_full_wait=stores)
 
 
 def _dump_ir(texts: dict, suffix: str = "") -> None:

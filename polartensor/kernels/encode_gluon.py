@@ -50,14 +50,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import _sm_count, env_choice, level_words, records_aligned16
+from .common import _sm_count, env_choice, env_flag, level_words, records_aligned16
 from .encode import rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# (a CTA barrier: thread_barrier in Triton 3.6, barrier in later versions)
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
-           "gluon_encode_applies", "gluon_encode_launch"]
+           "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_hold_setting"]
 
 
 @gluon.jit
@@ -197,7 +199,7 @@ def polar_encode_gluon_fwd_kernel(
     radii_ptr, sr_l, sr_t,
     n_rows, T,
     BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
-    WRAP1: gl.constexpr,
+    WRAP1: gl.constexpr, HOLD: gl.constexpr,
 ):
     """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows."""
     D: gl.constexpr = 128
@@ -245,6 +247,10 @@ def polar_encode_gluon_fwd_kernel(
         _refill(i, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
         _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
                      n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+        if HOLD:
+            # (ptxas otherwise hoists the wait below above most of the first tile's
+            # transform, up to the refill's barrier: ``gluon_encode_hold_setting``)
+            _cta_barrier()
         y = warpgroup_mma_wait(num_outstanding=0, deps=[acc_b])
         _refill(i + 1, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
         _encode_tile(y, pid + (i + 1) * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
@@ -278,6 +284,19 @@ _BUFS = ("2", "3")
 # = the 65,536-register file); on the H100 1.17x the Triton kernel, as two buffers' 1.18x
 # (results/bench/encode_launch_sweep_2026-12-07b_h100.md). 128-row tiles take one (8 warps).
 _PER_SM = ("auto", "1", "2")
+
+
+def gluon_encode_hold_setting() -> bool:
+    """POLARTENSOR_ENCODE_GLUON_HOLD=1 (read per call; opt-in, unmeasured): a CTA barrier
+    after the first tile's stores, before the wait for the second tile's MMAs. Without it
+    ptxas (Triton 3.6, sm_90, offline) moves that wait up to the refill's barrier, ~200
+    instructions into the first tile's transform and before all 18 of its stores, so the
+    warps stop there for the second tile's MMAs, which the rest of the transform was to
+    cover; with it the wait lands after the stores, at both tiles, with the same registers
+    and loop length (``scripts/gluon_offline_stats.py --kernel encode``, ``stores_before_wait``).
+    The same arithmetic: the same bytes."""
+    return env_flag("POLARTENSOR_ENCODE_GLUON_HOLD", False, "a barrier holds the second "
+                    "tile's wait after the first tile's stores", "no barrier")
 
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
@@ -332,5 +351,5 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
         r3, r3.stride(0), r3.stride(1),
         n_rows, t,
         BN=bn, NBUF=bufs, B1=config.bits[0], KT1=tables.shape[1],
-        WRAP1=t >= bn or t == n_rows, num_warps=bn // 16,
+        WRAP1=t >= bn or t == n_rows, HOLD=gluon_encode_hold_setting(), num_warps=bn // 16,
     )

@@ -71,6 +71,30 @@ def test_gluon_encode_wgmma_stays_asynchronous(tile):
     assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
 
 
+def test_gluon_encode_hold_traces_a_barrier_before_the_second_wait(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_HOLD=1 puts a CTA barrier between the first tile's transform
+    and the wait for the second tile's MMAs (off by default: none there), at both tiles.
+    (That it keeps ptxas from hoisting the wait above the first tile's stores is a fact of
+    Triton 3.6's ptxas, measured offline with ``stores_before_full_wait``; other versions
+    schedule otherwise, so it is not asserted here.)"""
+    for hold, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", hold)
+        rows = _offline_stats("--trace-only", "--variants", "128,64")
+        assert all(r.get("traced") is True for r in rows.values()), rows
+        assert [r["barrier_before_full_wait"] for r in rows.values()] == [want, want], hold
+
+
+def test_gluon_encode_hold_setting(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_HOLD: off by default, 1 on, anything else refused by name."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_HOLD", raising=False)
+    assert encode_gluon.gluon_encode_hold_setting() is False
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", "1")
+    assert encode_gluon.gluon_encode_hold_setting() is True
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", "on")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_HOLD='on'"):
+        encode_gluon.gluon_encode_hold_setting()
+
+
 @pytest.mark.parametrize("shape", ["1x1", "3x1"])
 def test_gluon_encode_traces_one_token_a_lead(shape):
     """One token a lead (a decode step's append; one lead, one row): Triton makes an integer
@@ -162,9 +186,9 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
 @settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
-       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(),
+       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(), hold=st.booleans(),
        scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zeros,
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, scale, zeros,
                                      monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
@@ -180,7 +204,8 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zer
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
-           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto"}
+           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto",
+           "POLARTENSOR_ENCODE_GLUON_HOLD": "1" if hold else "0"}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
