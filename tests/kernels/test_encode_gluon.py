@@ -84,6 +84,31 @@ def test_gluon_encode_hold_traces_a_barrier_before_the_second_wait(monkeypatch):
         assert [r["barrier_before_full_wait"] for r in rows.values()] == [want, want], hold
 
 
+@pytest.mark.parametrize("chain", ["4", "8"])
+def test_gluon_encode_chains_build_asynchronous(chain, monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_CHAIN=4 and 8 (tiles an iteration, two accumulators live)
+    trace at both tiles and, built for sm_90 at 64-row tiles, keep every wgmma asynchronous
+    (no C7514-C7516)."""
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", chain)
+    rows = _offline_stats("--trace-only", "--variants", "128,64")
+    assert all(r.get("traced") is True for r in rows.values()), rows
+    row = _offline_stats("--variants", "64")["64"]
+    assert "error" not in row, row["error"]
+    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
+
+
+def test_gluon_encode_chain_setting(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_CHAIN: 2 tiles an iteration by default, 4 or 8 asked for,
+    anything else refused naming the choices."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_CHAIN", raising=False)
+    assert encode_gluon.gluon_encode_chain_setting() == 2
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", "8")
+    assert encode_gluon.gluon_encode_chain_setting() == 8
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", "3")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_CHAIN='3'.*'4' or '8'"):
+        encode_gluon.gluon_encode_chain_setting()
+
+
 def test_gluon_encode_hold_setting(monkeypatch):
     """POLARTENSOR_ENCODE_GLUON_HOLD: off by default, 1 on, anything else refused by name."""
     monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_HOLD", raising=False)
@@ -187,9 +212,10 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
        bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(), hold=st.booleans(),
-       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, scale, zeros,
-                                     monkeypatch):
+       chain=st.sampled_from(["2", "4", "8"]), scale=st.sampled_from([1e-3, 1.0, 40.0]),
+       zeros=st.booleans())
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, chain, scale,
+                                     zeros, monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
     size, x ring depth and (64-row tiles) programs per SM; rows of zeros and exact zeros in a
@@ -205,7 +231,8 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, scal
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
            "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto",
-           "POLARTENSOR_ENCODE_GLUON_HOLD": "1" if hold else "0"}
+           "POLARTENSOR_ENCODE_GLUON_HOLD": "1" if hold else "0",
+           "POLARTENSOR_ENCODE_GLUON_CHAIN": chain}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
