@@ -12,7 +12,12 @@ Here each program keeps S's parts in shared memory, loads x tiles by TMA into a 
 two tiles an iteration: both tiles' ``warpgroup_mma`` pairs issued, then the first tile
 quantized while the tensor cores work on the second. (With the next tile's MMAs still in
 flight across the loop's back edge ptxas serialized every wgmma, C7514; nothing is in flight
-there now.) Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
+there now.) Opt-in and not yet timed: 4 or 8 tiles an iteration, each next-but-one
+tile's MMAs issued as a tile's transform ends (``gluon_encode_chain_setting``), and a
+barrier that keeps ptxas from hoisting the wait for the second tile's MMAs above the first
+tile's transform (``gluon_encode_hold_setting``: offline it does hoist it, so by default
+most of that transform does not run beside those MMAs).
+Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
 255 registers, no spills, 1915 loop SASS instructions per two tiles, against the Triton
 kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton
 kernel's, in the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that
