@@ -109,15 +109,19 @@ def test_gluon_encode_chain_setting(monkeypatch):
         encode_gluon.gluon_encode_chain_setting()
 
 
-def test_gluon_encode_hold_setting(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_HOLD: off by default, 1 on, anything else refused by name."""
-    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_HOLD", raising=False)
-    assert encode_gluon.gluon_encode_hold_setting() is False
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", "1")
-    assert encode_gluon.gluon_encode_hold_setting() is True
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", "on")
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_HOLD='on'"):
-        encode_gluon.gluon_encode_hold_setting()
+@pytest.mark.parametrize("name,read,default", [
+    ("POLARTENSOR_ENCODE_GLUON", encode_gluon.gluon_encode_setting, True),
+    ("POLARTENSOR_ENCODE_GLUON_HOLD", encode_gluon.gluon_encode_hold_setting, False)])
+def test_gluon_encode_flags(name, read, default, monkeypatch):
+    """The Gluon encode's 0/1 settings: the Gluon encode itself on by default, the hold
+    barrier off; the other value flips each, anything else is refused by name."""
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    monkeypatch.setenv(name, "0" if default else "1")
+    assert read() is (not default)
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}='yes'"):
+        read()
 
 
 @pytest.mark.parametrize("shape", ["1x1", "3x1"])
@@ -129,16 +133,10 @@ def test_gluon_encode_traces_one_token_a_lead(shape):
     assert all(r.get("traced") is True for r in rows.values()), rows
 
 
-def test_gluon_encode_settings(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON: on by default, 0 off, anything else refused by name; the
-    encode refuses a bad value also where the Gluon encode cannot run."""
-    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
-    assert encode_gluon.gluon_encode_setting() is True
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "0")
-    assert encode_gluon.gluon_encode_setting() is False
+def test_encode_refuses_a_bad_gluon_setting(monkeypatch):
+    """The encode refuses a bad POLARTENSOR_ENCODE_GLUON also where the Gluon encode cannot
+    run (the setting itself: ``test_gluon_encode_flags``)."""
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "yes")
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON='yes'"):
-        encode_gluon.gluon_encode_setting()
     cfg = get_preset("paper", head_dim=128)
     x = torch.randn(1, 3, 128).to(torch.bfloat16)
     codes = torch.zeros(1, 3, cfg.record_bytes(128), dtype=torch.uint8)
