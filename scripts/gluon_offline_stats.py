@@ -224,7 +224,7 @@ def main(argv=None) -> int:
                                + ir_text.count("ttg.local_store"),
                                # POLARTENSOR_ENCODE_GLUON_HOLD's barrier just before the
                                # wait for the second tile's MMAs (gpu.barrier in Triton
-                               # 3.6's IR, ttg.barrier in later versions')
+                               # 3.6's IR, ttg.barrier in later versions)
                                barrier_before_full_wait=bool(full) and any(
                                    op in lines[full[0] - 1]
                                    for op in ("gpu.barrier", "ttg.barrier")))

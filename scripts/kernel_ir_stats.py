@@ -216,11 +216,14 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
     ins = [(int(a, 16), t.strip()) for a, t in
            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
 
+    def unpredicated(text):
+        return re.sub(r"^@!?U?P\w+\s+", "", text)
+
     def histogram(lo, hi):
         ops: dict = {}
         for addr, text in ins:
             if lo <= addr <= hi:
-                name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                name = unpredicated(text).split()[0].split(".")[0]
                 ops[name] = ops.get(name, 0) + 1
         return ops
 
@@ -243,7 +246,7 @@ def sass_loop_ops(sass: str, top: int = 16) -> dict:
     full = [i for i, text in enumerate(body)
             if re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0\b", text)]
     stores = None if not full else sum(
-        1 for text in body[:full[0]] if re.sub(r"^@!?U?P\w+\s+", "", text).startswith("STG"))
+        1 for text in body[:full[0]] if unpredicated(text).startswith("STG"))
     return dict(loop_sass_instructions=sum(ops.values()), loop_ops=dict(ranked),
                 kernel_ops=kernel_ops, stores_before_full_wait=stores)
 

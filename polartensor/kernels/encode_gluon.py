@@ -314,8 +314,8 @@ def gluon_encode_hold_setting() -> bool:
     instructions into the first tile's transform and before all 18 of its stores, so the
     warps stop there for the second tile's MMAs, which the rest of the transform was to
     cover; with it the wait lands after the stores, at both tiles, with the same registers
-    and loop length (``scripts/gluon_offline_stats.py --kernel encode``, ``stores_before_wait``).
-    The same arithmetic: the same bytes."""
+    and loop length (``scripts/gluon_offline_stats.py --kernel encode``:
+    ``stores_before_full_wait``). The same arithmetic: the same bytes."""
     return env_flag("POLARTENSOR_ENCODE_GLUON_HOLD", False, "a barrier holds the second "
                     "tile's wait after the first tile's stores", "no barrier")
 
