@@ -215,19 +215,10 @@ def main(argv=None) -> int:
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
                 if isinstance(var, int):
                     # the MMAs asynchronous, x by TMA, no shared-memory round trip
-                    lines = ir_text.splitlines()
-                    full = [i for i, text in enumerate(lines)
-                            if "warp_group_dot_wait" in text and "pendings = 0" in text]
                     row.update(async_mmas=ir_text.count("isAsync = true"),
                                tma_loads=ir_text.count("async_tma_copy_global_to_local"),
                                shared_round_trips=ir_text.count("ttg.local_load")
-                               + ir_text.count("ttg.local_store"),
-                               # POLARTENSOR_ENCODE_GLUON_HOLD's barrier just before the
-                               # wait for the second tile's MMAs (gpu.barrier in Triton
-                               # 3.6's IR, ttg.barrier in later versions)
-                               barrier_before_full_wait=bool(full) and any(
-                                   op in lines[full[0] - 1]
-                                   for op in ("gpu.barrier", "ttg.barrier")))
+                               + ir_text.count("ttg.local_store"))
             else:
                 stats = build(var, group, shape)
                 row.update({k: stats[k] for k in ("registers", "spill_store_bytes",
@@ -235,8 +226,8 @@ def main(argv=None) -> int:
                                                   "loop_sass_instructions", "ptxas_notes",
                                                   "shared_bytes", "loop_ops")})
                 if isinstance(var, int):
-                    # (the loop's wait for the second tile's MMAs: after the first tile's
-                    # stores with POLARTENSOR_ENCODE_GLUON_HOLD=1)
+                    # (the loop's wait for the second tile's MMAs: in the PTX after the
+                    # first tile's stores; Triton 3.6's ptxas hoists it above all of them)
                     row["stores_before_full_wait"] = stats["stores_before_full_wait"]
         except Exception as exc:  # noqa: BLE001 - reported per variant, exit status 1
             failed = True

@@ -239,16 +239,15 @@ gluon_encode)
     # the Gluon encode's tests, then the encode: the default (the Gluon encode, 64-row tiles)
     # beside the Triton kernel, its TMA loads and the Gluon encode's other tiles and ring
     # depths (~4 min)
-    gluon_encode_steps 150 180 default_triton,default_gluon64_hold,default_gluon64_hold_chain4,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon64_b3_2per_sm_hold,default_gluon64_b3_2per_sm_hold_chain4,default_gluon128_b3,default_persist_s1_tma
+    gluon_encode_steps 150 150 default_triton,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
     # one call for the Gluon encode on a GPU it has not met (the H200): its tests, the
     # encode at the launches nearest the target (the default, the Gluon encode at 64-row
-    # tiles, beside the barrier that holds the second tile's wait after the first tile's
-    # stores, with and without four tiles an iteration, a third buffer at two programs per
-    # SM with the same, the Triton kernel and its TMA loads), then the whole suite in what
-    # is left of CALL_S (default 560) seconds since the stage began
-    gluon_encode_steps 130 150 default_triton,default_gluon64_hold,default_gluon64_hold_chain4,default_gluon64_b3_2per_sm,default_gluon64_b3_2per_sm_hold,default_gluon64_b3_2per_sm_hold_chain4,default_persist_s1_tma
+    # tiles, beside a third buffer at two programs per SM, the Triton kernel and its TMA
+    # loads), then the whole suite in what is left of CALL_S (default 560) seconds since the
+    # stage began
+    gluon_encode_steps 130 100 default_triton,default_gluon64_b3_2per_sm,default_persist_s1_tma
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)

@@ -140,16 +140,6 @@ _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
                                "POLARTENSOR_ENCODE_GLUON_PER_SM": "2"}),
            (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "0"})]
-# the barrier that keeps the wait for the second tile's MMAs after the first tile's stores
-# (POLARTENSOR_ENCODE_GLUON_HOLD=1; offline, Triton 3.6's ptxas otherwise hoists it above
-# them), at 64-row tiles with two and three buffers, each also with four tiles an iteration
-# (POLARTENSOR_ENCODE_GLUON_CHAIN=4: one MMA pair in four with nothing beside it)
-_GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
-                               "POLARTENSOR_ENCODE_GLUON_TILE": "64",
-                               "POLARTENSOR_ENCODE_GLUON_HOLD": "1", **more, **chain})
-           for more in ({}, {"POLARTENSOR_ENCODE_GLUON_BUFS": "3",
-                             "POLARTENSOR_ENCODE_GLUON_PER_SM": "2"})
-           for chain in ({}, {"POLARTENSOR_ENCODE_GLUON_CHAIN": "4"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -241,10 +231,6 @@ def main():
                         name += f"_b{env['POLARTENSOR_ENCODE_GLUON_BUFS']}"
                     if "POLARTENSOR_ENCODE_GLUON_PER_SM" in env:
                         name += f"_{env['POLARTENSOR_ENCODE_GLUON_PER_SM']}per_sm"
-                    if env.get("POLARTENSOR_ENCODE_GLUON_HOLD") == "1":
-                        name += "_hold"
-                    if "POLARTENSOR_ENCODE_GLUON_CHAIN" in env:
-                        name += f"_chain{env['POLARTENSOR_ENCODE_GLUON_CHAIN']}"
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
                     name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:

@@ -12,11 +12,11 @@ Here each program keeps S's parts in shared memory, loads x tiles by TMA into a 
 two tiles an iteration: both tiles' ``warpgroup_mma`` pairs issued, then the first tile
 quantized while the tensor cores work on the second. (With the next tile's MMAs still in
 flight across the loop's back edge ptxas serialized every wgmma, C7514; nothing is in flight
-there now.) Opt-in and not yet timed: 4 or 8 tiles an iteration, each next-but-one
-tile's MMAs issued as a tile's transform ends (``gluon_encode_chain_setting``), and a
-barrier that keeps ptxas from hoisting the wait for the second tile's MMAs above the first
-tile's transform (``gluon_encode_hold_setting``: offline it does hoist it, so by default
-most of that transform does not run beside those MMAs).
+there now.) Offline, ptxas hoists the wait for the second tile's MMAs ~200 instructions
+into the first tile's transform, before its stores. On the H100 (b202bba,
+results/bench/encode_launch_sweep_2026-12-07c_h100.md) a CTA barrier that kept the wait
+after them took the same time (1.00x), and with it 4 tiles an iteration (one MMA pair in 4
+with no transform beside it, not one in 2) 0.96x, so neither was kept (docs/kernel_history.md).
 Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
 255 registers, no spills, 1915 loop SASS instructions per two tiles, against the Triton
 kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton
@@ -55,17 +55,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import _sm_count, env_choice, env_flag, level_words, records_aligned16
+from .common import _sm_count, env_choice, level_words, records_aligned16
 from .encode import rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# (a CTA barrier: thread_barrier in Triton 3.6, barrier in later versions)
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
-           "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_hold_setting",
-           "gluon_encode_chain_setting"]
+           "gluon_encode_applies", "gluon_encode_launch"]
 
 
 @gluon.jit
@@ -205,7 +202,7 @@ def polar_encode_gluon_fwd_kernel(
     radii_ptr, sr_l, sr_t,
     n_rows, T,
     BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
-    WRAP1: gl.constexpr, HOLD: gl.constexpr, CHAIN: gl.constexpr,
+    WRAP1: gl.constexpr,
 ):
     """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows."""
     D: gl.constexpr = 128
@@ -240,31 +237,23 @@ def polar_encode_gluon_fwd_kernel(
     s_hi = s_smem.index(0).permute((1, 0))
     s_lo = s_smem.index(1).permute((1, 0))
     zero = gl.zeros([BN, D], gl.float32, acc_l)
-    # CHAIN tiles an iteration: the first two tiles' MMAs issued, each tile quantized while
-    # the next one's run, and each next-but-one tile's MMAs issued once a tile is done (two
-    # accumulators live at a time), so one MMA pair an iteration runs with nothing beside
-    # it. Nothing is in flight across the back edge: with the next tile's MMAs in flight
-    # there, ptxas serialized every wgmma (C7514, "non wgmma instructions reading
-    # accumulator registers"; a straight-line copy of the same steps kept them
-    # asynchronous). Tiles past the end rerun a loaded buffer and their stores are masked.
-    for i in range(0, mine, CHAIN):
+    # Two tiles an iteration: both tiles' MMAs issued, the first tile quantized while the
+    # second's run, then the second. Nothing is in flight across the back edge: with the
+    # next tile's MMAs in flight there, ptxas serialized every wgmma (C7514, "non wgmma
+    # instructions reading accumulator registers"; a straight-line copy of the same steps
+    # kept them asynchronous). Past an odd count the second tile lies past the end: its
+    # stores are all masked.
+    for i in range(0, mine, 2):
         acc_a = _issue(i, x_smem, bars, s_hi, s_lo, zero, mine, NBUF)
         acc_b = _issue(i + 1, x_smem, bars, s_hi, s_lo, zero, mine, NBUF)
-        for k in gl.static_range(CHAIN):
-            if k > 0 and HOLD:
-                # (ptxas otherwise hoists the wait below above most of the previous tile's
-                # transform, up to the refill's barrier: ``gluon_encode_hold_setting``)
-                _cta_barrier()
-            if k + 1 < CHAIN:
-                y = warpgroup_mma_wait(num_outstanding=2, deps=[acc_a])
-            else:
-                y = warpgroup_mma_wait(num_outstanding=0, deps=[acc_a])
-            _refill(i + k, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
-            _encode_tile(y, pid + (i + k) * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l,
-                         sr_t, n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
-            acc_a = acc_b
-            if k + 2 < CHAIN:
-                acc_b = _issue(i + k + 2, x_smem, bars, s_hi, s_lo, zero, mine, NBUF)
+        y = warpgroup_mma_wait(num_outstanding=2, deps=[acc_a])
+        _refill(i, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
+        _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+        y = warpgroup_mma_wait(num_outstanding=0, deps=[acc_b])
+        _refill(i + 1, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
+        _encode_tile(y, pid + (i + 1) * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
     for k in gl.static_range(NBUF + 1):
         mbarrier.invalidate(bars.index(k))
 
@@ -294,30 +283,6 @@ _BUFS = ("2", "3")
 # = the 65,536-register file); on the H100 1.17x the Triton kernel, as two buffers' 1.18x
 # (results/bench/encode_launch_sweep_2026-12-07b_h100.md). 128-row tiles take one (8 warps).
 _PER_SM = ("auto", "1", "2")
-
-
-def gluon_encode_chain_setting() -> int:
-    """POLARTENSOR_ENCODE_GLUON_CHAIN (read per call; 4 and 8 opt-in, not yet timed): tiles
-    an iteration. 2 (the default) leaves the first tile's MMA pair of every iteration with
-    nothing beside it, one pair in two; 4 one in four, 8 one in eight (two accumulators
-    live either way; offline, Triton 3.6, 64-row tiles: 255 registers, no spills, 3717 and
-    7309 loop instructions against 1915), at up to CHAIN - 1 tiles of masked work past a
-    program's last tile. Best with POLARTENSOR_ENCODE_GLUON_HOLD=1, without which ptxas
-    hoists the iteration's last wait as it does at 2."""
-    return int(env_choice("POLARTENSOR_ENCODE_GLUON_CHAIN", ("2", "4", "8")))
-
-
-def gluon_encode_hold_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON_HOLD=1 (read per call; opt-in, unmeasured): a CTA barrier
-    after the first tile's stores, before the wait for the second tile's MMAs. Without it
-    ptxas (Triton 3.6, sm_90, offline) moves that wait up to the refill's barrier, ~200
-    instructions into the first tile's transform and before all 18 of its stores, so the
-    warps stop there for the second tile's MMAs, which the rest of the transform was to
-    cover; with it the wait lands after the stores, at both tiles, with the same registers
-    and loop length (``scripts/gluon_offline_stats.py --kernel encode``:
-    ``stores_before_full_wait``). The same arithmetic: the same bytes."""
-    return env_flag("POLARTENSOR_ENCODE_GLUON_HOLD", False, "a barrier holds the second "
-                    "tile's wait after the first tile's stores", "no barrier")
 
 
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
@@ -372,6 +337,5 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
         r3, r3.stride(0), r3.stride(1),
         n_rows, t,
         BN=bn, NBUF=bufs, B1=config.bits[0], KT1=tables.shape[1],
-        WRAP1=t >= bn or t == n_rows, HOLD=gluon_encode_hold_setting(),
-        CHAIN=gluon_encode_chain_setting(), num_warps=bn // 16,
+        WRAP1=t >= bn or t == n_rows, num_warps=bn // 16,
     )

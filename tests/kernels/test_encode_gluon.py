@@ -71,59 +71,6 @@ def test_gluon_encode_wgmma_stays_asynchronous(tile):
     assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
 
 
-def test_gluon_encode_hold_traces_a_barrier_before_the_second_wait(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_HOLD=1 puts a CTA barrier between the first tile's transform
-    and the wait for the second tile's MMAs (off by default: none there), at both tiles.
-    (That it keeps ptxas from hoisting the wait above the first tile's stores is a fact of
-    Triton 3.6's ptxas, measured offline with ``stores_before_full_wait``; other versions
-    schedule otherwise, so it is not asserted here.)"""
-    for hold, want in (("0", False), ("1", True)):
-        monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HOLD", hold)
-        rows = _offline_stats("--trace-only", "--variants", "128,64")
-        assert all(r.get("traced") is True for r in rows.values()), rows
-        assert [r["barrier_before_full_wait"] for r in rows.values()] == [want, want], hold
-
-
-@pytest.mark.parametrize("chain", ["4", "8"])
-def test_gluon_encode_chains_build_asynchronous(chain, monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_CHAIN=4 and 8 (tiles an iteration, two accumulators live)
-    trace at both tiles and, built for sm_90 at 64-row tiles, keep every wgmma asynchronous
-    (no C7514-C7516)."""
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", chain)
-    rows = _offline_stats("--trace-only", "--variants", "128,64")
-    assert all(r.get("traced") is True for r in rows.values()), rows
-    row = _offline_stats("--variants", "64")["64"]
-    assert "error" not in row, row["error"]
-    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
-
-
-def test_gluon_encode_chain_setting(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_CHAIN: 2 tiles an iteration by default, 4 or 8 asked for,
-    anything else refused naming the choices."""
-    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_CHAIN", raising=False)
-    assert encode_gluon.gluon_encode_chain_setting() == 2
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", "8")
-    assert encode_gluon.gluon_encode_chain_setting() == 8
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_CHAIN", "3")
-    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_CHAIN='3'.*'4' or '8'"):
-        encode_gluon.gluon_encode_chain_setting()
-
-
-@pytest.mark.parametrize("name,read,default", [
-    ("POLARTENSOR_ENCODE_GLUON", encode_gluon.gluon_encode_setting, True),
-    ("POLARTENSOR_ENCODE_GLUON_HOLD", encode_gluon.gluon_encode_hold_setting, False)])
-def test_gluon_encode_flags(name, read, default, monkeypatch):
-    """The Gluon encode's 0/1 settings: the Gluon encode itself on by default, the hold
-    barrier off; the other value flips each, anything else is refused by name."""
-    monkeypatch.delenv(name, raising=False)
-    assert read() is default
-    monkeypatch.setenv(name, "0" if default else "1")
-    assert read() is (not default)
-    monkeypatch.setenv(name, "yes")
-    with pytest.raises(ValueError, match=f"{name}='yes'"):
-        read()
-
-
 @pytest.mark.parametrize("shape", ["1x1", "3x1"])
 def test_gluon_encode_traces_one_token_a_lead(shape):
     """One token a lead (a decode step's append; one lead, one row): Triton makes an integer
@@ -133,10 +80,16 @@ def test_gluon_encode_traces_one_token_a_lead(shape):
     assert all(r.get("traced") is True for r in rows.values()), rows
 
 
-def test_encode_refuses_a_bad_gluon_setting(monkeypatch):
-    """The encode refuses a bad POLARTENSOR_ENCODE_GLUON also where the Gluon encode cannot
-    run (the setting itself: ``test_gluon_encode_flags``)."""
+def test_gluon_encode_settings(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON: on by default, 0 off, anything else refused by name; the
+    encode refuses a bad value also where the Gluon encode cannot run."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON", raising=False)
+    assert encode_gluon.gluon_encode_setting() is True
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "0")
+    assert encode_gluon.gluon_encode_setting() is False
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON", "yes")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON='yes'"):
+        encode_gluon.gluon_encode_setting()
     cfg = get_preset("paper", head_dim=128)
     x = torch.randn(1, 3, 128).to(torch.bfloat16)
     codes = torch.zeros(1, 3, cfg.record_bytes(128), dtype=torch.uint8)
@@ -209,11 +162,10 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
 @settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
-       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(), hold=st.booleans(),
-       chain=st.sampled_from(["2", "4", "8"]), scale=st.sampled_from([1e-3, 1.0, 40.0]),
-       zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, chain, scale,
-                                     zeros, monkeypatch):
+       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zeros,
+                                     monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
     size, x ring depth and (64-row tiles) programs per SM; rows of zeros and exact zeros in a
@@ -228,9 +180,7 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, hold, chai
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
-           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto",
-           "POLARTENSOR_ENCODE_GLUON_HOLD": "1" if hold else "0",
-           "POLARTENSOR_ENCODE_GLUON_CHAIN": chain}
+           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto"}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran

@@ -67,3 +67,32 @@ def test_three_bit_levels_decode_across_the_lanes(tmp_path):
                    capture_output=True, timeout=600)
     rows = {r["preset"]: r for r in json.loads(out.read_text())}
     assert rows["polar-4"]["ptx_shared_st"] <= 1.25 * rows["paper"]["ptx_shared_st"], rows
+
+
+# SASS as cuobjdump prints it: /*address*/ instruction ; the loop is 0x0010..0x0070
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0020*/                   STG.E.U16 desc[UR4][R6.64], R2 ;
+        /*0030*/               @P0 STG.E desc[UR4][R8.64], R3 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/              @!P1 STG.E desc[UR4][R8.64], R3 ;
+        /*0060*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0070*/               @P2 BRA 0x10 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_loop_ops_counts_the_loop_and_the_stores_before_the_full_wait(load_script):
+    """The longest backward branch's span is the loop; predicates and modifiers are dropped
+    from opcode names; the global stores before the loop's first wait for all wgmma groups
+    are counted (two here, the predicated one included), and None without such a wait."""
+    mod = load_script("kernel_ir_stats")
+    got = mod.sass_loop_ops(_SASS)
+    assert got["loop_sass_instructions"] == 7
+    assert got["loop_ops"]["STG"] == 3 and got["loop_ops"]["LDG"] == 1
+    assert got["kernel_ops"]["MOV"] == 1 and "MOV" not in got["loop_ops"]
+    assert got["stores_before_full_wait"] == 2
+    no_wait = mod.sass_loop_ops(_SASS.replace("WARPGROUP.DEPBAR.LE gsb0, 0x0", "NOP"))
+    assert no_wait["stores_before_full_wait"] is None
+    assert mod.sass_loop_ops(_SASS.replace("@P2 BRA 0x10", "NOP"))["loop_sass_instructions"] == 0
