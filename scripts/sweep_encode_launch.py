@@ -140,6 +140,11 @@ _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
                                "POLARTENSOR_ENCODE_GLUON_PER_SM": "2"}),
            (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "0"})]
+# codes and radii staged in shared memory and stored by row (POLARTENSOR_ENCODE_GLUON_STAGE=1:
+# on the H100 the default's stores wrote 6.2 bytes of each 32-byte sector), at both tiles
+_GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                               "POLARTENSOR_ENCODE_GLUON_TILE": tile,
+                               "POLARTENSOR_ENCODE_GLUON_STAGE": "1"}) for tile in ("64", "128")]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -231,6 +236,8 @@ def main():
                         name += f"_b{env['POLARTENSOR_ENCODE_GLUON_BUFS']}"
                     if "POLARTENSOR_ENCODE_GLUON_PER_SM" in env:
                         name += f"_{env['POLARTENSOR_ENCODE_GLUON_PER_SM']}per_sm"
+                    if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "1":
+                        name += "_stage"
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
                     name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:

@@ -55,14 +55,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import _sm_count, env_choice, level_words, records_aligned16
+from .common import _sm_count, env_choice, env_flag, level_words, records_aligned16
 from .encode import rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# (a CTA barrier: thread_barrier in Triton 3.6, barrier in later versions)
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
-           "gluon_encode_applies", "gluon_encode_launch"]
+           "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_stage_setting"]
 
 
 @gluon.jit
@@ -94,15 +96,19 @@ def _coord_order(y, BN: gl.constexpr):
 
 @gluon.jit
 def _store_words(code, b: gl.constexpr, n: gl.constexpr, codes_ptr, rec_off, valid,
-                 POS: gl.constexpr, BN: gl.constexpr):
+                 POS: gl.constexpr, BN: gl.constexpr, w_smem, STAGE: gl.constexpr):
     """A level's n codes of b bits (b 2 or 4: whole codes per byte) as aligned 16-bit words
     at byte POS of each row's record, the first code in the low bits: the bytes that
-    ``common._encode_level``'s record stores write."""
+    ``common._encode_level``'s record stores write. With STAGE, into the tile's staging
+    words w_smem [BN, 32] at word POS / 2 instead (``_store_staged`` writes them out)."""
     G2: gl.constexpr = 16 // b          # codes per 16-bit word
     c3 = gl.reshape(code, [BN, n // G2, G2])
     L3: gl.constexpr = c3.type.layout
     sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     word = gl.sum(c3 << sh[None, None, :], axis=2)
+    if STAGE:
+        w_smem.slice(POS // 2, n // G2, dim=1).store(word.to(gl.uint16))
+        return
     W: gl.constexpr = word.type.layout
     ww = gl.arange(0, n // G2, layout=gl.SliceLayout(0, W))
     ro = gl.convert_layout(rec_off, gl.SliceLayout(1, W))
@@ -112,15 +118,10 @@ def _store_words(code, b: gl.constexpr, n: gl.constexpr, codes_ptr, rec_off, val
 
 
 @gluon.jit
-def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T,
-                 t1, t2, t3, t4, BN: gl.constexpr, B1: gl.constexpr, WRAP1: gl.constexpr,
-                 acc_l: gl.constexpr):
-    """The polar transform, codes and radii of one tile: y [BN, 128] float32 rotated rows in
-    the accumulator layout (columns in mma_order). Level 1 by the sign bits and tangent
-    comparisons, the upper levels on squared radii, the block radius's one square root, as
-    ``common._encode_level`` with CROSS and a uniform level 1; t1..t4 each level's three
-    thresholds (``cross_table``)."""
-    rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+def _row_offsets(tile, n_rows, T, sc_l, sc_t, sr_l, sr_t, BN: gl.constexpr,
+                 WRAP1: gl.constexpr, row_l: gl.constexpr):
+    """Each of the tile's rows' record and radii offsets and whether it exists, in row_l."""
+    rows = tile * BN + gl.arange(0, BN, layout=row_l)
     valid = rows < n_rows
     # (T a tensor also where the launch made it the constant 1, one token a lead: a decode
     # step's append, which failed to compile on the H100 when T.to met a Python int)
@@ -129,15 +130,50 @@ def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, 
         # (T >= BN, or one lead: a tile's rows cross at most one lead boundary)
         r0 = tile * BN
         lead0 = (r0.to(gl.uint32) // tu).to(gl.int32)
-        tt = (r0 - lead0 * T) + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+        tt = (r0 - lead0 * T) + gl.arange(0, BN, layout=row_l)
         w = (tt >= T).to(gl.int32)
         lead = lead0 + w
         t = tt - w * T
     else:
         lead = (rows.to(gl.uint32) // tu).to(gl.int32)
         t = rows - lead * T
-    rec_off = lead * sc_l + t * sc_t
-    rad_off = lead * sr_l + t * sr_t
+    return lead * sc_l + t * sc_t, lead * sr_l + t * sr_t, valid
+
+
+@gluon.jit
+def _store_staged(w_smem, r_smem, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                  n_rows, T, BN: gl.constexpr, NW: gl.constexpr, WRAP1: gl.constexpr):
+    """Write a staged tile out: each warp store covers one row's NW code words (its whole
+    record, contiguous) or four rows' radii, where the accumulator layout's stores cover
+    eight rows' few words each (on the H100 6.2 bytes of each 32-byte sector they wrote)."""
+    _cta_barrier()      # every warp's staged words written
+    wl: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
+    rl: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [gl.num_warps(), 1], [1, 0])
+    words = w_smem.load(wl)
+    rec_off, _, ok = _row_offsets(tile, n_rows, T, sc_l, sc_t, sr_l, sr_t, BN, WRAP1,
+                                  gl.SliceLayout(1, wl))
+    ww = gl.arange(0, 32, layout=gl.SliceLayout(0, wl))
+    p16 = (codes_ptr + rec_off).to(gl.pointer_type(gl.uint16), bitcast=True)
+    gl.store(p16[:, None] + ww[None, :], words, mask=ok[:, None] & (ww[None, :] < NW))
+    radii = r_smem.load(rl)
+    _, rad_off, ok = _row_offsets(tile, n_rows, T, sc_l, sc_t, sr_l, sr_t, BN, WRAP1,
+                                  gl.SliceLayout(1, rl))
+    nb = gl.arange(0, 8, layout=gl.SliceLayout(0, rl))
+    gl.store(radii_ptr + rad_off[:, None] + nb[None, :], radii, mask=ok[:, None])
+
+
+@gluon.jit
+def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T,
+                 t1, t2, t3, t4, BN: gl.constexpr, B1: gl.constexpr, WRAP1: gl.constexpr,
+                 acc_l: gl.constexpr, w_smem, r_smem, STAGE: gl.constexpr):
+    """The polar transform, codes and radii of one tile: y [BN, 128] float32 rotated rows in
+    the accumulator layout (columns in mma_order). Level 1 by the sign bits and tangent
+    comparisons, the upper levels on squared radii, the block radius's one square root, as
+    ``common._encode_level`` with CROSS and a uniform level 1; t1..t4 each level's three
+    thresholds (``cross_table``). With STAGE the codes and radii go through w_smem / r_smem
+    (``_store_staged``)."""
+    rec_off, rad_off, valid = _row_offsets(tile, n_rows, T, sc_l, sc_t, sr_l, sr_t, BN,
+                                           WRAP1, gl.SliceLayout(1, acc_l))
 
     y = _coord_order(y, BN)
     # level 1: pairs (a, y) -> quadrant from the sign bits, then the cell inside it
@@ -152,21 +188,26 @@ def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, 
     else:
         gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
         code = (swm & 1) | (sym & 2)
-    _store_words(code, B1, 64, codes_ptr, rec_off, valid, 0, BN)
+    _store_words(code, B1, 64, codes_ptr, rec_off, valid, 0, BN, w_smem, STAGE)
     # levels 2-4: 2-bit angles of squared radii pairs (y > a tan^2 m, the table signed)
     POS2: gl.constexpr = 8 * B1
     a, b = gl.split(gl.reshape(r, [BN, 32, 2]))
     r = a + b
     code = _count_above(b, a, t2)
-    _store_words(code, 2, 32, codes_ptr, rec_off, valid, POS2, BN)
+    _store_words(code, 2, 32, codes_ptr, rec_off, valid, POS2, BN, w_smem, STAGE)
     a, b = gl.split(gl.reshape(r, [BN, 16, 2]))
     r = a + b
     code = _count_above(b, a, t3)
-    _store_words(code, 2, 16, codes_ptr, rec_off, valid, POS2 + 8, BN)
+    _store_words(code, 2, 16, codes_ptr, rec_off, valid, POS2 + 8, BN, w_smem, STAGE)
     a, b = gl.split(gl.reshape(r, [BN, 8, 2]))
     r = gl.sqrt(a + b)                                        # the block radii [BN, 8]
     code = _count_above(b, a, t4)
-    _store_words(code, 2, 8, codes_ptr, rec_off, valid, POS2 + 12, BN)
+    _store_words(code, 2, 8, codes_ptr, rec_off, valid, POS2 + 12, BN, w_smem, STAGE)
+    if STAGE:
+        r_smem.store(r.to(radii_ptr.dtype.element_ty))
+        _store_staged(w_smem, r_smem, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                      n_rows, T, BN, 4 * B1 + 7, WRAP1)
+        return
     R: gl.constexpr = r.type.layout
     nb = gl.arange(0, 8, layout=gl.SliceLayout(0, R))
     ro = gl.convert_layout(rad_off, gl.SliceLayout(1, R))
@@ -202,7 +243,7 @@ def polar_encode_gluon_fwd_kernel(
     radii_ptr, sr_l, sr_t,
     n_rows, T,
     BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
-    WRAP1: gl.constexpr,
+    WRAP1: gl.constexpr, STAGE: gl.constexpr,
 ):
     """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows."""
     D: gl.constexpr = 128
@@ -212,6 +253,13 @@ def polar_encode_gluon_fwd_kernel(
     s_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], s_desc.layout)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BN, D], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NBUF + 1, 1], mbarrier.MBarrierLayout())
+    # (with STAGE, each of an iteration's two tiles stages its code words and radii here:
+    # one buffer a tile, so the barrier before one tile's write-out also orders the other
+    # buffer's write-out before its next writes)
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    SR: gl.constexpr = BN if STAGE else 1
+    w_smem = gl.allocate_shared_memory(gl.uint16, [2, SR, 32], plain)
+    r_smem = gl.allocate_shared_memory(radii_ptr.dtype.element_ty, [2, SR, 8], plain)
     for k in gl.static_range(NBUF + 1):
         mbarrier.init(bars.index(k), count=1)
     fence_async_shared()
@@ -249,11 +297,13 @@ def polar_encode_gluon_fwd_kernel(
         y = warpgroup_mma_wait(num_outstanding=2, deps=[acc_a])
         _refill(i, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
         _encode_tile(y, pid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
-                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l, w_smem.index(0),
+                     r_smem.index(0), STAGE)
         y = warpgroup_mma_wait(num_outstanding=0, deps=[acc_b])
         _refill(i + 1, x_desc, x_smem, bars, mine, pid, step, BN, NBUF)
         _encode_tile(y, pid + (i + 1) * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
-                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l)
+                     n_rows, T, t1, t2, t3, t4, BN, B1, WRAP1, acc_l, w_smem.index(1),
+                     r_smem.index(1), STAGE)
     for k in gl.static_range(NBUF + 1):
         mbarrier.invalidate(bars.index(k))
 
@@ -285,6 +335,19 @@ _BUFS = ("2", "3")
 _PER_SM = ("auto", "1", "2")
 
 
+def gluon_encode_stage_setting() -> bool:
+    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (read per call; opt-in, not yet timed): each tile's
+    code words and radii go through shared memory and out by row, one warp store a record
+    (46 contiguous bytes for paper) instead of the accumulator layout's stores, which cover
+    eight rows' few words each: Nsight Compute on the H100 (1939a24,
+    results/bench/ncu_gluon_encode_2026-12-07_h100.md) found 6.2 bytes written of each
+    32-byte sector, and the warps' longest stall waiting for those stores to release their
+    registers. Costs 10 KB of shared memory a program (20 KB at 128-row tiles) and a CTA
+    barrier a tile. The same bytes."""
+    return env_flag("POLARTENSOR_ENCODE_GLUON_STAGE", False, "codes and radii staged in "
+                    "shared memory, stored by row", "stored from the accumulator layout")
+
+
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
                          codes: torch.Tensor) -> bool:
     """Whether the Gluon encode serves this call (its module docstring's scope), with the
@@ -314,6 +377,11 @@ def gluon_encode_launch() -> tuple[int, int, int]:
         raise ValueError("POLARTENSOR_ENCODE_GLUON_PER_SM=2 with 128-row tiles: two 8-warp "
                          "programs at 255 registers do not fit an SM; use 64-row tiles "
                          "(POLARTENSOR_ENCODE_GLUON_TILE=64) or one per SM")
+    if per_sm == 2 and bufs == 3 and gluon_encode_stage_setting():
+        raise ValueError("POLARTENSOR_ENCODE_GLUON_STAGE=1 with 3 buffers at two programs per "
+                         "SM: the staging's 10 KB take a program past half an SM's shared "
+                         "memory; use 2 buffers (POLARTENSOR_ENCODE_GLUON_BUFS=2) or one "
+                         "program per SM (POLARTENSOR_ENCODE_GLUON_PER_SM=1)")
     return bn, bufs, per_sm
 
 
@@ -337,5 +405,6 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
         r3, r3.stride(0), r3.stride(1),
         n_rows, t,
         BN=bn, NBUF=bufs, B1=config.bits[0], KT1=tables.shape[1],
-        WRAP1=t >= bn or t == n_rows, num_warps=bn // 16,
+        WRAP1=t >= bn or t == n_rows, STAGE=gluon_encode_stage_setting(),
+        num_warps=bn // 16,
     )

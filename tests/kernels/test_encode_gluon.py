@@ -71,6 +71,19 @@ def test_gluon_encode_wgmma_stays_asynchronous(tile):
     assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
 
 
+def test_gluon_encode_stage_builds_asynchronous(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (codes and radii through shared memory, stored by
+    row) traces at both tiles with values through shared memory, and built for sm_90 at
+    64-row tiles keeps every wgmma asynchronous (no C7514-C7516)."""
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "1")
+    rows = _offline_stats("--trace-only", "--variants", "128,64")
+    assert all(r.get("traced") is True for r in rows.values()), rows
+    assert all(r["shared_round_trips"] > 0 for r in rows.values()), rows
+    row = _offline_stats("--variants", "64")["64"]
+    assert "error" not in row, row["error"]
+    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
+
+
 @pytest.mark.parametrize("shape", ["1x1", "3x1"])
 def test_gluon_encode_traces_one_token_a_lead(shape):
     """One token a lead (a decode step's append; one lead, one row): Triton makes an integer
@@ -78,6 +91,25 @@ def test_gluon_encode_traces_one_token_a_lead(shape):
     failed to compile on the H100 (2026-12-07). Traced with the launch's specialization."""
     rows = _offline_stats("--trace-only", "--variants", "128,64", "--encode-shape", shape)
     assert all(r.get("traced") is True for r in rows.values()), rows
+
+
+def test_gluon_encode_stage_setting(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_STAGE: off by default, 1 on, anything else refused by name;
+    on, three buffers at two programs per SM are refused (past half an SM's shared memory)
+    with the fixes named."""
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_STAGE", raising=False)
+    assert encode_gluon.gluon_encode_stage_setting() is False
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "1")
+    assert encode_gluon.gluon_encode_stage_setting() is True
+    for key, value in (("TILE", "64"), ("BUFS", "3"), ("PER_SM", "2")):
+        monkeypatch.setenv(f"POLARTENSOR_ENCODE_GLUON_{key}", value)
+    with pytest.raises(ValueError, match="STAGE=1 with 3 buffers.*BUFS=2.*PER_SM=1"):
+        encode_gluon.gluon_encode_launch()
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "1")
+    assert encode_gluon.gluon_encode_launch() == (64, 3, 1)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "on")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_STAGE='on'"):
+        encode_gluon.gluon_encode_stage_setting()
 
 
 def test_gluon_encode_settings(monkeypatch):
@@ -162,14 +194,15 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
 @settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
-       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(),
+       bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(), stage=st.booleans(),
        scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zeros,
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, stage, scale, zeros,
                                      monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
-    size, x ring depth and (64-row tiles) programs per SM; rows of zeros and exact zeros in a
-    row (the sign-bit quadrants) included."""
+    size, x ring depth and (64-row tiles) programs per SM, with the stores staged or not
+    (POLARTENSOR_ENCODE_GLUON_STAGE); rows of zeros and exact zeros in a row (the sign-bit
+    quadrants) included."""
     cfg = get_preset("paper", head_dim=128)
     g = torch.Generator().manual_seed(lead * 7919 + t)
     x = torch.randn(lead, t, 128, generator=g) * scale
@@ -180,7 +213,9 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, scale, zer
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
     env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
-           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64" else "auto"}
+           "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64"
+           and not (stage and bufs == "3") else "auto",
+           "POLARTENSOR_ENCODE_GLUON_STAGE": "1" if stage else "0"}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
@@ -212,10 +247,13 @@ def test_gluon_encode_takes_the_default_launch_only(monkeypatch):
 
 
 @needs_sm90
+@pytest.mark.parametrize("stage", ["0", "1"])
 @pytest.mark.parametrize("pad", [0, 1, 2, 4])
-def test_gluon_encode_radii_views_at_any_alignment(pad, monkeypatch):
+def test_gluon_encode_radii_views_at_any_alignment(pad, stage, monkeypatch):
     """Radii rows that start 0, 1, 2 or 4 elements into a wider buffer (a view): the Gluon
-    encode writes the Triton kernel's radii there and nothing beside them."""
+    encode, its stores staged or not, writes the Triton kernel's radii there and nothing
+    beside them."""
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", stage)
     cfg = get_preset("paper", head_dim=128)
     g = torch.Generator().manual_seed(pad + 5)
     x = (torch.randn(2, 77, 128, generator=g) * 3).to(torch.bfloat16).cuda()
