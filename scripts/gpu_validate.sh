@@ -74,14 +74,15 @@ ab_gluon_candidates() {
         --shapes 8:32768,16:32768,8:131072,32:8192,4:65536,8:16384 \
         --variants 16:0:pf:tr:kp:ls@8,32:0:tr:kp:ls@8,32:0:pf:tr:kp:ls:sg@8,16:0:tr:kp:ls@12
 }
-gluon_encode_steps() {  # <tests limit s> <sweep limit s> <launches>: the Gluon encode's
-    # tests (kernels/encode_gluon.py: code bytes and radii equal to the Triton encode's), then
-    # the encode sweep at d 128, paper (its scope), the given launches beside the default
-    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
-        step tests_encode_gluon "$1" "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/kernels/test_encode_gluon.py
+gluon_encode_steps() {  # <tests limit s> <sweep limit s> <launches>: the encode sweep at
+    # d 128, paper (the Gluon encode's scope), the given launches beside the default, then
+    # the Gluon encode's tests (kernels/encode_gluon.py: code bytes and radii equal to the
+    # Triton encode's; spread over the cores, as its offline builds take ~15-30 s each)
     OUT="$OUT" step encode_sweep "$2" "$PY" scripts/sweep_encode_launch.py \
         --models llama3.1-8b --presets paper --launches "$3"
+    POLARTENSOR_FAILLOG="$OUT/failures_encode_gluon.txt" \
+        step tests_encode_gluon "$1" "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
+        tests/kernels/test_encode_gluon.py
 }
 case "$stage" in
 tests)
@@ -239,15 +240,15 @@ gluon_encode)
     # the Gluon encode's tests, then the encode: the default (the Gluon encode, 64-row tiles)
     # beside the Triton kernel, its TMA loads and the Gluon encode's other tiles and ring
     # depths (~4 min)
-    gluon_encode_steps 150 150 default_triton,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+    gluon_encode_steps 150 170 default_triton,default_gluon64_stage,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
-    # one call for the Gluon encode on a GPU it has not met (the H200): its tests, the
-    # encode at the launches nearest the target (the default, the Gluon encode at 64-row
-    # tiles, beside a third buffer at two programs per SM, the Triton kernel and its TMA
-    # loads), then the whole suite in what is left of CALL_S (default 560) seconds since the
-    # stage began
-    gluon_encode_steps 130 100 default_triton,default_gluon64_b3_2per_sm,default_persist_s1_tma
+    # one call for the Gluon encode on a GPU it has not met (the H200): the encode at the
+    # launches nearest the target (the default, the Gluon encode at 64-row tiles, beside its
+    # staged stores, a third buffer at two programs per SM, the Triton kernel and its TMA
+    # loads), its tests, then the whole suite in what is left of CALL_S (default 560)
+    # seconds since the stage began
+    gluon_encode_steps 150 110 default_triton,default_gluon64_stage,default_gluon64_b3_2per_sm,default_persist_s1_tma
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)

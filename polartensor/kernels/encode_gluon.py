@@ -336,14 +336,17 @@ _PER_SM = ("auto", "1", "2")
 
 
 def gluon_encode_stage_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (read per call; opt-in, not yet timed): each tile's
-    code words and radii go through shared memory and out by row, one warp store a record
-    (46 contiguous bytes for paper) instead of the accumulator layout's stores, which cover
-    eight rows' few words each: Nsight Compute on the H100 (1939a24,
+    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (read per call; opt-in): each tile's code words and
+    radii go through shared memory and out by row, one warp store a record (46 contiguous
+    bytes for paper) instead of the accumulator layout's stores, which cover eight rows' few
+    words each: Nsight Compute on the H100 (1939a24,
     results/bench/ncu_gluon_encode_2026-12-07_h100.md) found 6.2 bytes written of each
     32-byte sector, and the warps' longest stall waiting for those stores to release their
-    registers. Costs 10 KB of shared memory a program (20 KB at 128-row tiles) and a CTA
-    barrier a tile. The same bytes."""
+    registers. Costs 10 KB of shared memory a program (20 KB at 128-row tiles), a CTA
+    barrier a tile and, offline (Triton 3.6), 2252 loop instructions per two tiles against
+    1915. On the H100 (4806af3, encode_launch_sweep_2026-12-07d_h100.md, one run) 1.02x the
+    default at 64-row tiles (0.3492 ms against 0.3574), 0.99x at 128 rows, byte-equal; its
+    hypothesis GPU test has not run yet, so it stays opt-in."""
     return env_flag("POLARTENSOR_ENCODE_GLUON_STAGE", False, "codes and radii staged in "
                     "shared memory, stored by row", "stored from the accumulator layout")
 
