@@ -214,7 +214,8 @@ def main(argv=None) -> int:
                 ir_text = trace(var, group, shape)
                 row.update(traced=True, movmatrix="movmatrix" in ir_text)
                 if isinstance(var, int):
-                    # the MMAs asynchronous, x by TMA, no shared-memory round trip
+                    # the MMAs asynchronous, x by TMA, shared-memory round trips (none
+                    # unless POLARTENSOR_ENCODE_GLUON_STAGE=1)
                     row.update(async_mmas=ir_text.count("isAsync = true"),
                                tma_loads=ir_text.count("async_tma_copy_global_to_local"),
                                shared_round_trips=ir_text.count("ttg.local_load")

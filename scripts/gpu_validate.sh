@@ -237,9 +237,9 @@ gluon)
     ab_gluon_candidates
     ;;
 gluon_encode)
-    # the Gluon encode's tests, then the encode: the default (the Gluon encode, 64-row tiles)
-    # beside the Triton kernel, its TMA loads and the Gluon encode's other tiles and ring
-    # depths (~4 min)
+    # the encode: the default (the Gluon encode, 64-row tiles) beside the Triton kernel, its
+    # TMA loads and the Gluon encode's staged stores, other tiles and ring depths, then the
+    # Gluon encode's tests (~4 min)
     gluon_encode_steps 150 170 default_triton,default_gluon64_stage,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
