@@ -28,10 +28,11 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon     # the Gluon decode's tests, then the A/B
 #       of its variants against the Triton kernel and cuDNN (scripts/ab_gluon_decode.py;
 #       at most ~6 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the Gluon encode's tests, then the encode
-#       sweep with it, the L2 prefetch and the TMA loads at d 128 (~4 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh resume    # the Gluon encode's tests, the encode
-#       at three launches, then the whole suite, in one call of CALL_S (560) seconds
+#   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the encode sweep at d 128 (the Gluon
+#       encode's launches beside the Triton kernel and its TMA loads), then the Gluon encode's
+#       tests (~4 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh resume    # the encode at four launches, the Gluon
+#       encode's tests, then the whole suite, in one call of CALL_S (560) seconds
 #   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
 #       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
