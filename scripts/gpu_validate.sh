@@ -238,18 +238,18 @@ gluon)
     ab_gluon_candidates
     ;;
 gluon_encode)
-    # the encode: the default (the Gluon encode, 64-row tiles) beside the Triton kernel, its
-    # TMA loads and the Gluon encode's staged stores, other tiles and ring depths, then the
-    # Gluon encode's tests (~4 min)
-    gluon_encode_steps 150 170 default_triton,default_gluon64_stage,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm,default_gluon128_b3,default_persist_s1_tma
+    # the encode: the default (the Gluon encode, 64-row tiles, staged stores) beside the
+    # Triton kernel, its TMA loads and the Gluon encode's unstaged stores, other tiles and
+    # ring depths, then the Gluon encode's tests (~4 min)
+    gluon_encode_steps 150 170 default_triton,default_gluon64_unstaged,default_gluon128,default_gluon64_b3,default_gluon64_b3_2per_sm_unstaged,default_gluon128_b3,default_persist_s1_tma
     ;;
 resume)
     # one call for the Gluon encode on a GPU it has not met (the H200): the encode at the
-    # launches nearest the target (the default, the Gluon encode at 64-row tiles, beside its
-    # staged stores, a third buffer at two programs per SM, the Triton kernel and its TMA
-    # loads), its tests, then the whole suite in what is left of CALL_S (default 560)
-    # seconds since the stage began
-    gluon_encode_steps 150 110 default_triton,default_gluon64_stage,default_gluon64_b3_2per_sm,default_persist_s1_tma
+    # launches nearest the target (the default, the Gluon encode at 64-row tiles with staged
+    # stores, beside its unstaged stores, a third buffer at two programs per SM unstaged, the
+    # Triton kernel and its TMA loads), its tests, then the whole suite in what is left of
+    # CALL_S (default 560) seconds since the stage began
+    gluon_encode_steps 150 110 default_triton,default_gluon64_unstaged,default_gluon64_b3_2per_sm_unstaged,default_persist_s1_tma
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
     ;;
 explore)

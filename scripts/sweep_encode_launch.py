@@ -135,16 +135,19 @@ _GLUON = [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
 # offline; H100 1.17x, encode_launch_sweep_2026-12-07b_h100.md), and the Triton kernel named
 # ("default_triton": the Gluon encode's baseline, which it replaces by default since
 # 2026-12-07 where it applies)
+# (unstaged: the staged stores, the default since 2b246fd, do not fit two such programs)
 _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_TILE": "64",
                                "POLARTENSOR_ENCODE_GLUON_BUFS": "3",
-                               "POLARTENSOR_ENCODE_GLUON_PER_SM": "2"}),
+                               "POLARTENSOR_ENCODE_GLUON_PER_SM": "2",
+                               "POLARTENSOR_ENCODE_GLUON_STAGE": "0"}),
            (None, None, None, {"POLARTENSOR_ENCODE_GLUON": "0"})]
-# codes and radii staged in shared memory and stored by row (POLARTENSOR_ENCODE_GLUON_STAGE=1:
-# on the H100 the default's stores wrote 6.2 bytes of each 32-byte sector), at both tiles
+# codes and radii stored from the accumulator layout, not staged in shared memory
+# (POLARTENSOR_ENCODE_GLUON_STAGE=0, "_unstaged"; the default until 2b246fd, whose stores
+# wrote 6.2 bytes of each 32-byte sector on the H100), at both tiles
 _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_TILE": tile,
-                               "POLARTENSOR_ENCODE_GLUON_STAGE": "1"}) for tile in ("64", "128")]
+                               "POLARTENSOR_ENCODE_GLUON_STAGE": "0"}) for tile in ("64", "128")]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -238,6 +241,8 @@ def main():
                         name += f"_{env['POLARTENSOR_ENCODE_GLUON_PER_SM']}per_sm"
                     if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "1":
                         name += "_stage"
+                    if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "0":
+                        name += "_unstaged"
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
                     name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:

@@ -18,8 +18,9 @@ results/bench/encode_launch_sweep_2026-12-07c_h100.md) a CTA barrier that kept t
 after them took the same time (1.00x), and with it 4 tiles an iteration (one MMA pair in 4
 with no transform beside it, not one in 2) 0.96x, so neither was kept (docs/kernel_history.md).
 Offline (Triton 3.6, sm_90, ``scripts/gluon_offline_stats.py --kernel encode``):
-255 registers, no spills, 1915 loop SASS instructions per two tiles, against the Triton
-kernel's 1221 per tile at the same 128 rows and 8 warps. The transform is the Triton
+255 registers, no spills, 1915 loop SASS instructions per two tiles (2252 with the staged
+stores, the default), against the Triton kernel's 1221 per tile at the same 128 rows and 8
+warps. The transform is the Triton
 kernel's, in the MMA accumulator's registers: S's rows come in ``encode.mma_order`` so that
 a thread holds whole 16-coordinate blocks. The same products in the same order and the same
 arithmetic give the Triton kernel's codes and radii bit for bit: on the H100 at 7bd0692
@@ -31,7 +32,8 @@ constant by the launch), fixed since and caught on the CPU now. After the fix, o
 c8d1662 and 4dec221 (results/bench/gpu_tests_2026-12-07_h100_gluon_encode.log), its tests
 passed and the 64-row tile took 0.361 ms against the Triton default's 0.425 (1.18x; with a
 third buffer at two programs per SM 1.17x; encode_launch_sweep_2026-12-07b_h100.md), so it
-is the default where it applies.
+is the default where it applies. Since 2b246fd each tile's code words and radii go out
+through shared memory by row (``gluon_encode_stage_setting``).
 
 Scope: bfloat16 x, S as two bfloat16 parts (``rotation_mma="bf16x2"``), head_dim 128, four
 levels over 16-coordinate blocks with 2-bit upper levels and a uniform 2- or 4-bit level 1
@@ -327,27 +329,31 @@ def gluon_encode_setting() -> bool:
 _TILES = ("64", "128")
 _BUFS = ("2", "3")
 # POLARTENSOR_ENCODE_GLUON_PER_SM: programs per SM, "auto" (the rule above) or 1 or 2. Two
-# 64-row programs with 3 buffers fit an sm_90 SM, just: offline (Triton 3.6,
-# scripts/gluon_offline_stats.py) each asks 114,720 bytes of shared memory (2 x 114,720 plus
-# 1 KB reserved a program <= 228 KB) and 128 threads x 255 registers (2 x 4 warps x 8192
-# = the 65,536-register file); on the H100 1.17x the Triton kernel, as two buffers' 1.18x
+# 64-row programs with 3 buffers fit an sm_90 SM, just, with the unstaged stores
+# (POLARTENSOR_ENCODE_GLUON_STAGE=0; the staging's 10 KB do not fit beside them): offline
+# (Triton 3.6, scripts/gluon_offline_stats.py) each asks 114,720 bytes of shared memory
+# (2 x 114,720 plus 1 KB reserved a program <= 228 KB) and 128 threads x 255 registers
+# (2 x 4 warps x 8192 = the 65,536-register file); on the H100 1.17x the Triton kernel, as
+# two buffers' 1.18x
 # (results/bench/encode_launch_sweep_2026-12-07b_h100.md). 128-row tiles take one (8 warps).
 _PER_SM = ("auto", "1", "2")
 
 
 def gluon_encode_stage_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (read per call; opt-in): each tile's code words and
-    radii go through shared memory and out by row, one warp store a record (46 contiguous
-    bytes for paper) instead of the accumulator layout's stores, which cover eight rows' few
-    words each: Nsight Compute on the H100 (1939a24,
-    results/bench/ncu_gluon_encode_2026-12-07_h100.md) found 6.2 bytes written of each
-    32-byte sector, and the warps' longest stall waiting for those stores to release their
-    registers. Costs 10 KB of shared memory a program (20 KB at 128-row tiles), a CTA
+    """POLARTENSOR_ENCODE_GLUON_STAGE (read per call; 1, the default): each tile's code words
+    and radii go through shared memory and out by row, one warp store a record (46
+    contiguous bytes for paper); 0 stores them from the accumulator layout, each warp store
+    covering eight rows' few words. Nsight Compute on the H100 (1939a24,
+    results/bench/ncu_gluon_encode_2026-12-07_h100.md) found those stores writing 6.2 bytes
+    of each 32-byte sector, and the warps' longest stall waiting for them to release their
+    registers. Staging costs 10 KB of shared memory a program (20 KB at 128-row tiles), a CTA
     barrier a tile and, offline (Triton 3.6), 2252 loop instructions per two tiles against
-    1915. On the H100 (4806af3, encode_launch_sweep_2026-12-07d_h100.md, one run) 1.02x the
-    default at 64-row tiles (0.3492 ms against 0.3574), 0.99x at 128 rows, byte-equal; its
-    hypothesis GPU test has not run yet, so it stays opt-in."""
-    return env_flag("POLARTENSOR_ENCODE_GLUON_STAGE", False, "codes and radii staged in "
+    1915. On the H100, at 64-row tiles, 1.02x the unstaged stores in two sweeps (4806af3,
+    0.3492 ms against 0.3574, encode_launch_sweep_2026-12-07d_h100.md; 2b246fd, 0.3439
+    against 0.3499, 63.7% of the copy bandwidth, encode_launch_sweep_2026-12-07e_h100.md),
+    byte-equal, and its hypothesis GPU test passed (gpu_tests_2026-12-07f_h100_encode_gluon.log);
+    0.99x at 128-row tiles (one sweep)."""
+    return env_flag("POLARTENSOR_ENCODE_GLUON_STAGE", True, "codes and radii staged in "
                     "shared memory, stored by row", "stored from the accumulator layout")
 
 
@@ -381,10 +387,11 @@ def gluon_encode_launch() -> tuple[int, int, int]:
                          "programs at 255 registers do not fit an SM; use 64-row tiles "
                          "(POLARTENSOR_ENCODE_GLUON_TILE=64) or one per SM")
     if per_sm == 2 and bufs == 3 and gluon_encode_stage_setting():
-        raise ValueError("POLARTENSOR_ENCODE_GLUON_STAGE=1 with 3 buffers at two programs per "
-                         "SM: the staging's 10 KB take a program past half an SM's shared "
-                         "memory; use 2 buffers (POLARTENSOR_ENCODE_GLUON_BUFS=2) or one "
-                         "program per SM (POLARTENSOR_ENCODE_GLUON_PER_SM=1)")
+        raise ValueError("POLARTENSOR_ENCODE_GLUON_STAGE=1 (the default) with 3 buffers at "
+                         "two programs per SM: the staging's 10 KB take a program past half "
+                         "an SM's shared memory; use 2 buffers (POLARTENSOR_ENCODE_GLUON_BUFS=2"
+                         "), one program per SM (POLARTENSOR_ENCODE_GLUON_PER_SM=1) or the "
+                         "unstaged stores (POLARTENSOR_ENCODE_GLUON_STAGE=0)")
     return bn, bufs, per_sm
 
 

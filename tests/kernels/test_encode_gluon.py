@@ -27,14 +27,15 @@ needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon encode runs wgmma
                                 "an sm_90 GPU only (Gluon has no interpreter)")
 
 
-def _offline_stats(*args: str) -> dict:
+def _offline_stats(*args: str, stage: str = "1") -> dict:
     """scripts/gluon_offline_stats.py --kernel encode ``args``, in a subprocess (the
-    interpreter, which CI runs under, replaces the functions that Gluon traces): its rows
-    by variant."""
+    interpreter, which CI runs under, replaces the functions that Gluon traces), with
+    POLARTENSOR_ENCODE_GLUON_STAGE=``stage``: its rows by variant."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, os.path.join(root, "scripts", "gluon_offline_stats.py"),
                           "--kernel", "encode", *args],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, POLARTENSOR_ENCODE_GLUON_STAGE=stage))
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert rows, res.stdout[-2000:] + res.stderr[-2000:]
     return {r["variant"]: r for r in rows}
@@ -42,44 +43,35 @@ def _offline_stats(*args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def traced():
-    rows = _offline_stats("--trace-only", "--variants", "128,64")
-    assert len(rows) == 2, rows
+    rows = {stage: _offline_stats("--trace-only", "--variants", "128,64", stage=stage)
+            for stage in ("0", "1")}
+    assert all(len(r) == 2 for r in rows.values()), rows
     return rows
 
 
 @pytest.mark.parametrize("tile", ["128", "64"])
-def test_gluon_encode_traces_async(traced, tile):
-    """Both tiles trace for sm_90: asynchronous MMAs (two in the issuing helper, called for
-    both tiles of an iteration), TMA loads (S's two parts and the first two x tiles in the
-    kernel, one in the refilling helper: the traced IR keeps helpers as functions), and no
-    value through shared memory between the MMA and the stores."""
-    row = traced[tile]
+@pytest.mark.parametrize("stage", ["0", "1"])
+def test_gluon_encode_traces_async(traced, tile, stage):
+    """Both tiles trace for sm_90, stores staged (the default) or not: asynchronous MMAs (two
+    in the issuing helper, called for both tiles of an iteration), TMA loads (S's two parts
+    and the first two x tiles in the kernel, one in the refilling helper: the traced IR
+    keeps helpers as functions); values through shared memory after the MMA only where the
+    stores are staged."""
+    row = traced[stage][tile]
     assert row.get("traced") is True, row.get("error")
     assert row["async_mmas"] == 2
     assert row["tma_loads"] == 5
-    assert row["shared_round_trips"] == 0
+    assert (row["shared_round_trips"] > 0) == (stage == "1"), row
 
 
-@pytest.mark.parametrize("tile", ["128", "64"])
-def test_gluon_encode_wgmma_stays_asynchronous(tile):
-    """Built for sm_90 and assembled by the ptxas bundled with Triton: no wgmma serialized
-    (ptxas notes C7514-C7516; an accumulator in flight across the loop's back edge caused
-    C7514). (Registers and spills depend on the Triton version: with 3.6, the GPU stack's,
-    255 and none; with 3.9 44 bytes of spills, so they are not asserted here.)"""
-    row = _offline_stats("--variants", tile)[tile]
-    assert "error" not in row, row["error"]
-    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
-
-
-def test_gluon_encode_stage_builds_asynchronous(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_STAGE=1 (codes and radii through shared memory, stored by
-    row) traces at both tiles with values through shared memory, and built for sm_90 at
-    64-row tiles keeps every wgmma asynchronous (no C7514-C7516)."""
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "1")
-    rows = _offline_stats("--trace-only", "--variants", "128,64")
-    assert all(r.get("traced") is True for r in rows.values()), rows
-    assert all(r["shared_round_trips"] > 0 for r in rows.values()), rows
-    row = _offline_stats("--variants", "64")["64"]
+@pytest.mark.parametrize("tile,stage", [("128", "1"), ("64", "1"), ("64", "0")])
+def test_gluon_encode_wgmma_stays_asynchronous(tile, stage):
+    """Built for sm_90 and assembled by the ptxas bundled with Triton, at both tiles with the
+    staged stores (the default) and at 64 rows without: no wgmma serialized (ptxas notes
+    C7514-C7516; an accumulator in flight across the loop's back edge caused C7514).
+    (Registers and spills depend on the Triton version: with 3.6, the GPU stack's, 255 and
+    none; with 3.9 44 bytes of spills unstaged, so they are not asserted here.)"""
+    row = _offline_stats("--variants", tile, stage=stage)[tile]
     assert "error" not in row, row["error"]
     assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
 
@@ -94,16 +86,18 @@ def test_gluon_encode_traces_one_token_a_lead(shape):
 
 
 def test_gluon_encode_stage_setting(monkeypatch):
-    """POLARTENSOR_ENCODE_GLUON_STAGE: off by default, 1 on, anything else refused by name;
+    """POLARTENSOR_ENCODE_GLUON_STAGE: on by default, 0 off, anything else refused by name;
     on, three buffers at two programs per SM are refused (past half an SM's shared memory)
-    with the fixes named."""
+    with the fixes named; off, or at one program per SM, they are taken."""
     monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_STAGE", raising=False)
-    assert encode_gluon.gluon_encode_stage_setting() is False
-    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "1")
     assert encode_gluon.gluon_encode_stage_setting() is True
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "0")
+    assert encode_gluon.gluon_encode_stage_setting() is False
     for key, value in (("TILE", "64"), ("BUFS", "3"), ("PER_SM", "2")):
         monkeypatch.setenv(f"POLARTENSOR_ENCODE_GLUON_{key}", value)
-    with pytest.raises(ValueError, match="STAGE=1 with 3 buffers.*BUFS=2.*PER_SM=1"):
+    assert encode_gluon.gluon_encode_launch() == (64, 3, 2)
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_STAGE")
+    with pytest.raises(ValueError, match="STAGE=1 .*3 buffers.*BUFS=2.*PER_SM=1.*STAGE=0"):
         encode_gluon.gluon_encode_launch()
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "1")
     assert encode_gluon.gluon_encode_launch() == (64, 3, 1)
@@ -277,13 +271,15 @@ def test_gluon_encode_radii_views_at_any_alignment(pad, stage, monkeypatch):
 
 def test_gluon_encode_launch_settings(monkeypatch):
     """Tile, ring depth and programs per SM: the defaults (64 rows, two buffers, two programs
-    per SM), one per SM with three buffers, and two 128-row programs refused by name."""
-    for key in ("TILE", "BUFS", "PER_SM"):
+    per SM), one per SM with three buffers, two with the unstaged stores, and two 128-row
+    programs refused by name."""
+    for key in ("TILE", "BUFS", "PER_SM", "STAGE"):
         monkeypatch.delenv(f"POLARTENSOR_ENCODE_GLUON_{key}", raising=False)
     assert encode_gluon.gluon_encode_launch() == (64, 2, 2)
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_BUFS", "3")
     assert encode_gluon.gluon_encode_launch() == (64, 3, 1)
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "2")
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "0")
     assert encode_gluon.gluon_encode_launch() == (64, 3, 2)
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_TILE", "128")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_PER_SM=2 with 128-row"):
