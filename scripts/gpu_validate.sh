@@ -322,9 +322,9 @@ profile)
         "$PY" scripts/profile_decode.py
     ;;
 profile_encode)
-    # the encode alone (paper, d 128, batch 8 / 32K, its default launch with the record
-    # stores), per SASS instruction: what is left of its time since the stores were fixed
-    # (not profiled since; on the H200 it takes the H100's 0.42 ms, 37% of the copy bandwidth)
+    # the encode alone (paper, d 128, batch 8 / 32K, its default launch: on sm_90 the Gluon
+    # encode with staged stores), per SASS instruction, with the pipes and schedulers
+    # (results/bench/ncu_gluon_encode_2026-12-07b_h100.md the last such profile)
     step ncu_encode_detail 200 ncu --clock-control none --section MemoryWorkloadAnalysis_Tables \
         --section SourceCounters --section SpeedOfLight --section WarpStateStats \
         --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
