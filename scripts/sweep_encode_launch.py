@@ -148,6 +148,17 @@ _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
 _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_TILE": tile,
                                "POLARTENSOR_ENCODE_GLUON_STAGE": "0"}) for tile in ("64", "128")]
+# one tile an iteration in two column halves (POLARTENSOR_ENCODE_GLUON_HALVES=1: 168 registers
+# offline, Triton 3.6), at 64-row tiles (two programs an SM: shared memory), at 128 rows, and
+# in three warp-specialized warpgroups of 64-row tiles sharing S (GROUPS=3: 12 warps an SM)
+_GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                               "POLARTENSOR_ENCODE_GLUON_TILE": tile,
+                               "POLARTENSOR_ENCODE_GLUON_HALVES": "1"}) for tile in ("64", "128")]
+_GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
+                               "POLARTENSOR_ENCODE_GLUON_TILE": "64",
+                               "POLARTENSOR_ENCODE_GLUON_HALVES": "1",
+                               "POLARTENSOR_ENCODE_GLUON_GROUPS": "3",
+                               "POLARTENSOR_ENCODE_GLUON_PER_SM": "1"})]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -243,6 +254,10 @@ def main():
                         name += "_stage"
                     if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "0":
                         name += "_unstaged"
+                    if env.get("POLARTENSOR_ENCODE_GLUON_HALVES") == "1":
+                        name += "_halves"
+                    if env.get("POLARTENSOR_ENCODE_GLUON_GROUPS") == "3":
+                        name += "_g3"
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
                     name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:

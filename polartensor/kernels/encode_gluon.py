@@ -58,7 +58,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import _sm_count, env_choice, env_flag, level_words, records_aligned16
-from .encode import rows_tma_ready
+from .dispatch import _cached
+from .encode import mma_order, rows_tma_ready
 
 # (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -66,7 +67,8 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
-           "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_stage_setting"]
+           "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_stage_setting",
+           "gluon_encode_halves_setting", "half_order"]
 
 
 @gluon.jit
@@ -239,15 +241,187 @@ def _refill(j, x_desc, x_smem, bars, mine, pid, step, BN: gl.constexpr, NBUF: gl
 
 
 @gluon.jit
+def _coord_order_half(y, BN: gl.constexpr):
+    """[BN, 64] half tile whose column c holds coordinate mma_order(64)[c] of its four blocks
+    (``half_order``) -> coordinate order (a relabelling, as ``_coord_order``)."""
+    y = gl.permute(gl.reshape(y, [BN, 2, 2, 2, 2, 2, 2]), (0, 4, 5, 1, 2, 3, 6))
+    return gl.reshape(y, [BN, 64])
+
+
+@gluon.jit
+def _pack(code, b: gl.constexpr, n: gl.constexpr, BN: gl.constexpr):
+    """n codes of b bits a row -> [BN, n b / 16] 16-bit words, the first code in the low bits."""
+    G2: gl.constexpr = 16 // b
+    c3 = gl.reshape(code, [BN, n // G2, G2])
+    L3: gl.constexpr = c3.type.layout
+    sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    return gl.sum(c3 << sh[None, None, :], axis=2)
+
+
+@gluon.jit
+def _encode_half(y, H: gl.constexpr, t1, t2, t3, t4, w4, BN: gl.constexpr,
+                 B1: gl.constexpr, w_smem, r_smem, radii_ptr):
+    """Blocks 4 H to 4 H + 3 of each row (y [BN, 64] float32, one column half of the
+    rotation's output in ``half_order``): their codes and radii into the staging words
+    w_smem [BN, 32] and radii r_smem [BN, 8], as ``_encode_tile`` computes them. Level 4
+    gives a half only a byte of its 16-bit word: half 0 returns its byte, which half 1 (w4)
+    completes and stages."""
+    y = _coord_order_half(y, BN)
+    a, b = gl.split(gl.reshape(y, [BN, 32, 2]))
+    r = gl.fma(a, a, b * b)
+    yb = b.to(gl.int32, bitcast=True)
+    sym = yb >> 31
+    swm = (a.to(gl.int32, bitcast=True) ^ yb) >> 31
+    if B1 == 4:
+        cnt = _count_above(gl.abs(b), gl.abs(a), t1)
+        code = (cnt ^ (swm & 7)) | (sym & 8)
+    else:
+        gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
+        code = (swm & 1) | (sym & 2)
+    # the record's 16-bit words: level 1 from 0 (2 B1 a half), level 2 from 4 B1 (2 a half),
+    # level 3 from 4 B1 + 4 (1 a half), level 4 at 4 B1 + 6 (one for both halves)
+    w_smem.slice(2 * B1 * H, 2 * B1, dim=1).store(_pack(code, B1, 32, BN).to(gl.uint16))
+    a, b = gl.split(gl.reshape(r, [BN, 16, 2]))
+    r = a + b
+    code = _count_above(b, a, t2)
+    w_smem.slice(4 * B1 + 2 * H, 2, dim=1).store(_pack(code, 2, 16, BN).to(gl.uint16))
+    a, b = gl.split(gl.reshape(r, [BN, 8, 2]))
+    r = a + b
+    code = _count_above(b, a, t3)
+    w_smem.slice(4 * B1 + 4 + H, 1, dim=1).store(_pack(code, 2, 8, BN).to(gl.uint16))
+    a, b = gl.split(gl.reshape(r, [BN, 4, 2]))
+    r = gl.sqrt(a + b)                                        # the block radii [BN, 4]
+    code = _count_above(b, a, t4)
+    L4: gl.constexpr = code.type.layout
+    byte = gl.sum(code << (2 * gl.arange(0, 4, layout=gl.SliceLayout(0, L4)))[None, :], axis=1)
+    r_smem.slice(4 * H, 4, dim=1).store(r.to(radii_ptr.dtype.element_ty))
+    if H == 1:
+        word = gl.expand_dims(w4 | (byte << 8), 1)
+        w_smem.slice(4 * B1 + 6, 1, dim=1).store(word.to(gl.uint16))
+    return byte
+
+
+@gluon.jit
+def _halves_run(G: gl.constexpr, NG: gl.constexpr, x_desc, s_smem, x_smem, bars, w_smem,
+                r_smem, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T,
+                BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
+                WRAP1: gl.constexpr):
+    """Warpgroup G of NG in a program, with HALVES: tiles v, v + V, v + 2V, ... (v = NG
+    program id + G, V = NG programs) one an iteration, in two column halves, each [BN, 64]
+    accumulator (32 registers a thread, not 64) quantized while the other half's MMAs run,
+    the codes and radii staged and stored by row. Its own x ring (x_smem [NG NBUF, BN, D],
+    barriers G NBUF on, S's barrier last) and staging buffers (w_smem / r_smem [2 NG, ...]);
+    S (s_smem [4, 64, D]: high part's column halves, then the low part's) shared."""
+    D: gl.constexpr = 128
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
+                                                    warps_per_cta=[gl.num_warps(), 1],
+                                                    instr_shape=[16, 64, 16])
+    vid = gl.program_id(0) * NG + G
+    step = gl.num_programs(0) * NG
+    mine = (gl.cdiv(n_rows, BN) - vid + step - 1) // step     # this group's tiles (>= 0)
+    for k in gl.static_range(NBUF):
+        mbarrier.expect(bars.index(G * NBUF + k), BN * D * 2, pred=k < mine)
+        _tma_load(x_desc, [(vid + k * step) * BN, 0], bars.index(G * NBUF + k),
+                  x_smem.index(G * NBUF + k), pred=k < mine)
+    t1 = _thresholds(tab_ptr + 4 * KT1)
+    t2 = _thresholds(tab_ptr + 5 * KT1)
+    t3 = _thresholds(tab_ptr + 6 * KT1)
+    t4 = _thresholds(tab_ptr + 7 * KT1)
+    mbarrier.wait(bars.index(NG * NBUF), 0)
+    zero = gl.zeros([BN, 64], gl.float32, acc_l)
+    NW: gl.constexpr = 4 * B1 + 7
+    for i in range(mine):
+        # (two staging buffers, tile parity: the barrier before one tile's write-out also
+        # orders the other buffer's last write-out before its next writes)
+        w_buf = w_smem.index(2 * G + i % 2)
+        r_buf = r_smem.index(2 * G + i % 2)
+        slot = G * NBUF + i % NBUF
+        mbarrier.wait(bars.index(slot), (i // NBUF) & 1)
+        src = x_smem.index(slot)
+        acc0 = warpgroup_mma(src, s_smem.index(0).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+        acc0 = warpgroup_mma(src, s_smem.index(2).permute((1, 0)), acc0, is_async=True)
+        acc1 = warpgroup_mma(src, s_smem.index(1).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+        acc1 = warpgroup_mma(src, s_smem.index(3).permute((1, 0)), acc1, is_async=True)
+        y = warpgroup_mma_wait(num_outstanding=2, deps=[acc0])
+        w4 = _encode_half(y, 0, t1, t2, t3, t4, 0, BN, B1, w_buf, r_buf, radii_ptr)
+        y = warpgroup_mma_wait(num_outstanding=0, deps=[acc1])
+        # tile i's MMAs have retired: copy tile i + NBUF into its buffer
+        ahead = i + NBUF
+        mbarrier.expect(bars.index(slot), BN * D * 2, pred=ahead < mine)
+        _tma_load(x_desc, [(vid + ahead * step) * BN, 0], bars.index(slot), src,
+                  pred=ahead < mine)
+        _encode_half(y, 1, t1, t2, t3, t4, w4, BN, B1, w_buf, r_buf, radii_ptr)
+        _store_staged(w_buf, r_buf, vid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l,
+                      sr_t, n_rows, T, BN, NW, WRAP1)
+
+
+@gluon.jit
+def _halves_loop(x_desc, s_desc, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                 n_rows, T, BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr,
+                 KT1: gl.constexpr, WRAP1: gl.constexpr, NG: gl.constexpr):
+    """The kernel with HALVES: the shared memory of NG warpgroups (``_halves_run``), S's
+    copy, then the groups: one (the program's warps), or three, each a partition of a
+    warp-specialized region (12 warps an SM sharing one copy of S: two accumulators of 32
+    registers fit 12 warps under 168 registers, where the two-tile loop's 255 hold 8)."""
+    D: gl.constexpr = 128
+    s_smem = gl.allocate_shared_memory(gl.bfloat16, [4, 64, D], s_desc.layout)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [NG * NBUF, BN, D], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NG * NBUF + 1, 1], mbarrier.MBarrierLayout())
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    w_smem = gl.allocate_shared_memory(gl.uint16, [2 * NG, BN, 32], plain)
+    r_smem = gl.allocate_shared_memory(radii_ptr.dtype.element_ty, [2 * NG, BN, 8], plain)
+    for k in gl.static_range(NG * NBUF + 1):
+        mbarrier.init(bars.index(k), count=1)
+    fence_async_shared()
+    mbarrier.expect(bars.index(NG * NBUF), 4 * 64 * D * 2)
+    for k in gl.static_range(4):
+        _tma_load(s_desc, [64 * k, 0], bars.index(NG * NBUF), s_smem.index(k))
+    if NG == 1:
+        _halves_run(0, 1, x_desc, s_smem, x_smem, bars, w_smem, r_smem, tab_ptr, codes_ptr,
+                    sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T, BN, NBUF, B1, KT1, WRAP1)
+    else:
+        gl.static_assert(NG == 3, "the Gluon encode's halves run one or three warpgroups")
+        gl.warp_specialize(
+            [(_halves_run, (0, NG, x_desc, s_smem, x_smem, bars, w_smem, r_smem, tab_ptr,
+                            codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T, BN,
+                            NBUF, B1, KT1, WRAP1)),
+             (_halves_run, (1, NG, x_desc, s_smem, x_smem, bars, w_smem, r_smem, tab_ptr,
+                            codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T, BN,
+                            NBUF, B1, KT1, WRAP1)),
+             (_halves_run, (2, NG, x_desc, s_smem, x_smem, bars, w_smem, r_smem, tab_ptr,
+                            codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T, BN,
+                            NBUF, B1, KT1, WRAP1))],
+            [4, 4], [168, 168])
+
+
+@gluon.jit
 def polar_encode_gluon_fwd_kernel(
     x_desc, s_desc, tab_ptr,
     codes_ptr, sc_l, sc_t,
     radii_ptr, sr_l, sr_t,
     n_rows, T,
     BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr, KT1: gl.constexpr,
-    WRAP1: gl.constexpr, STAGE: gl.constexpr,
+    WRAP1: gl.constexpr, STAGE: gl.constexpr, HALVES: gl.constexpr = False,
+    GROUPS: gl.constexpr = 1,
 ):
-    """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows."""
+    """Persistent: program p encodes tiles p, p + P, p + 2P, ... (P programs) of BN rows:
+    two tiles an iteration (``_tiles_loop``), or with HALVES one tile in two column halves
+    (``_halves_loop``)."""
+    if HALVES:
+        _halves_loop(x_desc, s_desc, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                     n_rows, T, BN, NBUF, B1, KT1, WRAP1, GROUPS)
+    else:
+        _tiles_loop(x_desc, s_desc, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                    n_rows, T, BN, NBUF, B1, KT1, WRAP1, STAGE)
+
+
+@gluon.jit
+def _tiles_loop(x_desc, s_desc, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t,
+                n_rows, T, BN: gl.constexpr, NBUF: gl.constexpr, B1: gl.constexpr,
+                KT1: gl.constexpr, WRAP1: gl.constexpr, STAGE: gl.constexpr):
+    """The kernel without HALVES: two tiles an iteration."""
     D: gl.constexpr = 128
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
                                                     warps_per_cta=[gl.num_warps(), 1],
@@ -357,6 +531,35 @@ def gluon_encode_stage_setting() -> bool:
                     "shared memory, stored by row", "stored from the accumulator layout")
 
 
+def gluon_encode_halves_setting() -> bool:
+    """POLARTENSOR_ENCODE_GLUON_HALVES=1 (read per call; opt-in, not yet timed): one tile an
+    iteration, its rotation in two column halves (S's rows in ``half_order``, four blocks a
+    half), each half's [rows, 64] accumulator quantized while the other half's MMAs run,
+    the codes and radii staged (it needs POLARTENSOR_ENCODE_GLUON_STAGE=1, the default).
+    Two 32-register accumulators in flight instead of two 64-register ones, so that
+    192-row tiles (POLARTENSOR_ENCODE_GLUON_TILE=192: 12 warps sharing one copy of S, one
+    program an SM) fit the register file: the two-tile loop holds 8 warps an SM, and Nsight
+    Compute found it latency-bound at 1.74 warps a scheduler
+    (results/bench/ncu_gluon_encode_2026-12-07b_h100.md)."""
+    return env_flag("POLARTENSOR_ENCODE_GLUON_HALVES", False, "one tile an iteration in two "
+                    "column halves", "two tiles an iteration")
+
+
+def gluon_encode_groups_setting() -> int:
+    """POLARTENSOR_ENCODE_GLUON_GROUPS (read per call; with HALVES only): warpgroups a
+    program, 1 (the default) or 3 (a warp-specialized program of 12 warps, one an SM, each
+    warpgroup its own tiles and x ring, S's copy shared; 64-row tiles, 2 buffers)."""
+    return int(env_choice("POLARTENSOR_ENCODE_GLUON_GROUPS", ("1", "3")))
+
+
+def half_order(d: int = 128) -> torch.Tensor:
+    """[d] int64: the coordinate that output column c computes with HALVES (S's rows in this
+    order): each column half of 64 is ``encode.mma_order(64)`` over four whole blocks, so a
+    [rows, 64] accumulator's thread holds whole 16-coordinate blocks."""
+    half = mma_order(d // 2)
+    return torch.cat([half, half + d // 2])
+
+
 def gluon_encode_applies(x3: torch.Tensor, config, d: int, radii: torch.Tensor,
                          codes: torch.Tensor) -> bool:
     """Whether the Gluon encode serves this call (its module docstring's scope), with the
@@ -381,7 +584,19 @@ def gluon_encode_launch() -> tuple[int, int, int]:
     bn = int(env_choice("POLARTENSOR_ENCODE_GLUON_TILE", _TILES))
     bufs = int(env_choice("POLARTENSOR_ENCODE_GLUON_BUFS", _BUFS))
     per_sm = env_choice("POLARTENSOR_ENCODE_GLUON_PER_SM", _PER_SM)
-    per_sm = (2 if bn == 64 and bufs == 2 else 1) if per_sm == "auto" else int(per_sm)
+    groups = gluon_encode_groups_setting()
+    per_sm = ((2 if bn == 64 and bufs == 2 and groups == 1 else 1) if per_sm == "auto"
+              else int(per_sm))
+    halves = gluon_encode_halves_setting()
+    if halves and not gluon_encode_stage_setting():
+        raise ValueError("POLARTENSOR_ENCODE_GLUON_HALVES=1 with POLARTENSOR_ENCODE_GLUON_STAGE"
+                         "=0: the column halves stage their codes (a record's level-4 word "
+                         "takes a byte from each half); use the staged stores (STAGE=1, the "
+                         "default) or HALVES=0")
+    if groups == 3 and not (halves and bn == 64 and bufs == 2 and per_sm == 1):
+        raise ValueError("POLARTENSOR_ENCODE_GLUON_GROUPS=3 runs three 64-row warpgroups with "
+                         "two x buffers each, one program an SM, with the column halves: set "
+                         "POLARTENSOR_ENCODE_GLUON_HALVES=1, _TILE=64, _BUFS=2 and _PER_SM=1")
     if per_sm == 2 and bn == 128:
         raise ValueError("POLARTENSOR_ENCODE_GLUON_PER_SM=2 with 128-row tiles: two 8-warp "
                          "programs at 255 registers do not fit an SM; use 64-row tiles "
@@ -403,18 +618,28 @@ def encode_into_gluon(x3: torch.Tensor, rot_bf16x2: torch.Tensor, tables: torch.
     checked ``gluon_encode_applies``."""
     d, t = 128, x3.shape[1]
     bn, bufs, per_sm = gluon_encode_launch()
+    halves = gluon_encode_halves_setting()
     x_layout = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
-    s_layout = gl.NVMMASharedLayout.get_default_for([d, d], gl.bfloat16)
     x_desc = TensorDescriptor(x3, [n_rows, d], [x3.stride(1), 1], [bn, d], x_layout)
-    s2 = rot_bf16x2.reshape(2 * d, d)
-    s_desc = TensorDescriptor(s2, [2 * d, d], [d, 1], [d, d], s_layout)
-    grid = (min(triton.cdiv(n_rows, bn), per_sm * _sm_count(x3.device)),)
+    if halves:
+        # S's rows from mma_order to half_order (cached with the split rotation)
+        s2 = _cached("rot_bf16x2_halves", rot_bf16x2, None, lambda: rot_bf16x2[
+            :, torch.argsort(mma_order(d))[half_order(d)].to(rot_bf16x2.device)]
+            .reshape(2 * d, d).contiguous())
+        s_rows = d // 2
+    else:
+        s2, s_rows = rot_bf16x2.reshape(2 * d, d), d
+    s_layout = gl.NVMMASharedLayout.get_default_for([s_rows, d], gl.bfloat16)
+    s_desc = TensorDescriptor(s2, [2 * d, d], [d, 1], [s_rows, d], s_layout)
+    groups = gluon_encode_groups_setting()
+    # (with 3 groups a program runs three tile streams)
+    grid = (min(triton.cdiv(triton.cdiv(n_rows, bn), groups), per_sm * _sm_count(x3.device)),)
     polar_encode_gluon_fwd_kernel[grid](
         x_desc, s_desc, tables,
         c3, c3.stride(0), c3.stride(1),
         r3, r3.stride(0), r3.stride(1),
         n_rows, t,
         BN=bn, NBUF=bufs, B1=config.bits[0], KT1=tables.shape[1],
-        WRAP1=t >= bn or t == n_rows, STAGE=gluon_encode_stage_setting(),
-        num_warps=bn // 16,
+        WRAP1=t >= bn or t == n_rows, STAGE=gluon_encode_stage_setting(), HALVES=halves,
+        GROUPS=groups, num_warps=bn // 16,
     )

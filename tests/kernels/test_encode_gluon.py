@@ -64,6 +64,28 @@ def test_gluon_encode_traces_async(traced, tile, stage):
     assert (row["shared_round_trips"] > 0) == (stage == "1"), row
 
 
+@pytest.mark.parametrize("groups", ["1", "3"])
+def test_gluon_encode_halves_build(groups, monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_HALVES=1 at 64-row tiles, one warpgroup or three
+    (warp-specialized): traced with four asynchronous MMAs a group's tile and S's four
+    column-half loads, and built for sm_90 with every wgmma asynchronous (no C7514-C7516)
+    and, with Triton 3.6 (the GPU stack's), under the 168 registers that three programs'
+    (or three groups') warps need."""
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HALVES", "1")
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_GROUPS", groups)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_PER_SM", "1")
+    row = _offline_stats("--trace-only", "--variants", "64")["64"]
+    assert row.get("traced") is True, row.get("error")
+    assert row["async_mmas"] == 4 * int(groups)
+    assert row["tma_loads"] == 4 + 3 * int(groups)      # S's 4; a group's 2 first x, 1 refill
+    row = _offline_stats("--variants", "64")["64"]
+    assert "error" not in row, row["error"]
+    assert not [n for n in row["ptxas_notes"] if n in ("C7514", "C7515", "C7516")]
+    import triton
+    if triton.__version__.startswith("3.6"):
+        assert row["registers"] <= 168, row
+
+
 @pytest.mark.parametrize("tile,stage", [("128", "1"), ("64", "1"), ("64", "0")])
 def test_gluon_encode_wgmma_stays_asynchronous(tile, stage):
     """Built for sm_90 and assembled by the ptxas bundled with Triton, at both tiles with the
@@ -104,6 +126,46 @@ def test_gluon_encode_stage_setting(monkeypatch):
     monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "on")
     with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_STAGE='on'"):
         encode_gluon.gluon_encode_stage_setting()
+
+
+def test_gluon_encode_halves_and_groups_settings(monkeypatch):
+    """POLARTENSOR_ENCODE_GLUON_HALVES: off by default; GROUPS 1 by default. Refused by name:
+    the halves without the staged stores, three groups without the halves or off their one
+    launch (64-row tiles, 2 buffers, one program an SM), anything but 1 or 3 groups; three
+    groups take one program an SM under auto."""
+    for key in ("TILE", "BUFS", "PER_SM", "STAGE", "HALVES", "GROUPS"):
+        monkeypatch.delenv(f"POLARTENSOR_ENCODE_GLUON_{key}", raising=False)
+    assert encode_gluon.gluon_encode_halves_setting() is False
+    assert encode_gluon.gluon_encode_groups_setting() == 1
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_HALVES", "1")
+    assert encode_gluon.gluon_encode_launch() == (64, 2, 2)
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_STAGE", "0")
+    with pytest.raises(ValueError, match="HALVES=1 with POLARTENSOR_ENCODE_GLUON_STAGE=0"):
+        encode_gluon.gluon_encode_launch()
+    monkeypatch.delenv("POLARTENSOR_ENCODE_GLUON_STAGE")
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_GROUPS", "3")
+    assert encode_gluon.gluon_encode_launch() == (64, 2, 1)
+    for key, value in (("PER_SM", "2"), ("TILE", "128"), ("BUFS", "3"), ("HALVES", "0")):
+        monkeypatch.setenv(f"POLARTENSOR_ENCODE_GLUON_{key}", value)
+        with pytest.raises(ValueError, match="GROUPS=3 runs three 64-row warpgroups"):
+            encode_gluon.gluon_encode_launch()
+        monkeypatch.delenv(f"POLARTENSOR_ENCODE_GLUON_{key}")
+    monkeypatch.setenv("POLARTENSOR_ENCODE_GLUON_GROUPS", "2")
+    with pytest.raises(ValueError, match="POLARTENSOR_ENCODE_GLUON_GROUPS='2'"):
+        encode_gluon.gluon_encode_launch()
+
+
+def test_half_order_puts_whole_blocks_in_a_thread():
+    """half_order: a permutation in which each column half holds four whole blocks, and a
+    [rows, 64] wgmma accumulator's thread (columns 8 j + 2 (lane % 4) + e) holds one whole
+    16-coordinate block, block 4 h + lane % 4 of half h."""
+    order = encode_gluon.half_order(128)
+    assert sorted(order.tolist()) == list(range(128))
+    for h in range(2):
+        for lane4 in range(4):
+            cols = [64 * h + 8 * j + 2 * lane4 + e for j in range(8) for e in range(2)]
+            assert sorted(order[cols].tolist()) == list(range(16 * (4 * h + lane4),
+                                                             16 * (4 * h + lane4) + 16))
 
 
 def test_gluon_encode_settings(monkeypatch):
@@ -189,13 +251,16 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lead=st.integers(1, 12), t=st.integers(1, 3000), tile=st.sampled_from(["128", "64"]),
        bufs=st.sampled_from(["2", "3"]), two_per_sm=st.booleans(), stage=st.booleans(),
+       loop=st.sampled_from(["tiles", "halves", "groups3"]),
        scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.booleans())
-def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, stage, scale, zeros,
+def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, stage, loop, scale, zeros,
                                      monkeypatch):
     """The same code bytes and radii as the Triton encode for any number of rows (tiles past
     the end, rows crossing lead boundaries, a program with one tile or many), at each tile
     size, x ring depth and (64-row tiles) programs per SM, with the stores staged or not
-    (POLARTENSOR_ENCODE_GLUON_STAGE); rows of zeros and exact zeros in a row (the sign-bit
+    (POLARTENSOR_ENCODE_GLUON_STAGE), two tiles an iteration or one in column halves
+    (POLARTENSOR_ENCODE_GLUON_HALVES, staged), in one warpgroup or three
+    (POLARTENSOR_ENCODE_GLUON_GROUPS); rows of zeros and exact zeros in a row (the sign-bit
     quadrants) included."""
     cfg = get_preset("paper", head_dim=128)
     g = torch.Generator().manual_seed(lead * 7919 + t)
@@ -206,10 +271,42 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, stage, sca
     x = x.to(torch.bfloat16).cuda()
     rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
     mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    stage = stage or loop != "tiles"
     env = {"POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": bufs,
            "POLARTENSOR_ENCODE_GLUON_PER_SM": "2" if two_per_sm and tile == "64"
            and not (stage and bufs == "3") else "auto",
-           "POLARTENSOR_ENCODE_GLUON_STAGE": "1" if stage else "0"}
+           "POLARTENSOR_ENCODE_GLUON_STAGE": "1" if stage else "0",
+           "POLARTENSOR_ENCODE_GLUON_HALVES": "0" if loop == "tiles" else "1",
+           "POLARTENSOR_ENCODE_GLUON_GROUPS": "3" if loop == "groups3" else "1"}
+    if loop == "groups3":
+        env.update(POLARTENSOR_ENCODE_GLUON_TILE="64", POLARTENSOR_ENCODE_GLUON_BUFS="2",
+                   POLARTENSOR_ENCODE_GLUON_PER_SM="1")
+    want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
+                                  monkeypatch)
+    assert not ran
+    got_c, got_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="1"),
+                                monkeypatch)
+    assert ran
+    assert torch.equal(got_c, want_c)
+    assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+
+
+@needs_sm90
+@pytest.mark.parametrize("groups,tile", [("1", "64"), ("1", "128"), ("3", "64")])
+@pytest.mark.parametrize("lead,t", [(1, 1), (5, 77), (8, 4096), (3, 1000)])
+def test_gluon_encode_halves_matches_triton(groups, tile, lead, t, monkeypatch):
+    """The column halves (POLARTENSOR_ENCODE_GLUON_HALVES=1), one warpgroup a program or
+    three (GROUPS=3, warp-specialized): the Triton encode's bytes and radii with one row, a
+    few tiles (fewer than the programs' groups), many tiles a group, and rows crossing lead
+    boundaries."""
+    cfg = get_preset("paper", head_dim=128)
+    g = torch.Generator().manual_seed(lead * 31 + t)
+    x = (torch.randn(lead, t, 128, generator=g) * 3.0).to(torch.bfloat16).cuda()
+    rot = rotation_matrix(128, cfg.rotation, cfg.seed, "cuda", torch.float32)
+    mids = boundary_table(quantize(x[..., :1, :].float(), cfg).centroids, cfg, torch.float64)
+    env = {"POLARTENSOR_ENCODE_GLUON_HALVES": "1", "POLARTENSOR_ENCODE_GLUON_GROUPS": groups,
+           "POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": "2",
+           "POLARTENSOR_ENCODE_GLUON_PER_SM": "1" if groups == "3" else "auto"}
     want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
                                   monkeypatch)
     assert not ran
