@@ -31,8 +31,10 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_encode  # the encode sweep at d 128 (the Gluon
 #       encode's launches beside the Triton kernel and its TMA loads), then the Gluon encode's
 #       tests (~4 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh resume    # the encode at four launches, the Gluon
+#   OUT=<dir> bash scripts/gpu_validate.sh resume    # the encode at five launches, the Gluon
 #       encode's tests, then the whole suite, in one call of CALL_S (560) seconds
+#   OUT=<dir> bash scripts/gpu_validate.sh halves    # the encode's column halves and three
+#       warpgroups timed beside the default, then the Gluon encode's tests (~2.5 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh explore   # an encode sweep at d 128, the gluon A/B
 #       without its tests and profile_encode in one call (~8-9 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_bench  # the gluon stage, then bench_attention
@@ -45,7 +47,7 @@
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|halves|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -247,10 +249,16 @@ resume)
     # one call for the Gluon encode on a GPU it has not met (the H200): the encode at the
     # launches nearest the target (the default, the Gluon encode at 64-row tiles with staged
     # stores, beside its unstaged stores, a third buffer at two programs per SM unstaged, the
-    # Triton kernel and its TMA loads), its tests, then the whole suite in what is left of
-    # CALL_S (default 560) seconds since the stage began
-    gluon_encode_steps 150 110 default_triton,default_gluon64_unstaged,default_gluon64_b3_2per_sm_unstaged,default_persist_s1_tma
+    # Triton kernel and its TMA loads, three warpgroups in column halves), its tests, then
+    # the whole suite in what is left of CALL_S (default 560) seconds since the stage began
+    gluon_encode_steps 150 110 default_triton,default_gluon64_unstaged,default_gluon64_b3_2per_sm_unstaged,default_persist_s1_tma,default_gluon64_1per_sm_halves_g3
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
+    ;;
+halves)
+    # the column halves (POLARTENSOR_ENCODE_GLUON_HALVES=1) at 64 and 128 rows and three
+    # warp-specialized warpgroups sharing S (GROUPS=3) beside the default and the Triton
+    # kernel, then the Gluon encode's tests, which draw both (~2.5 min)
+    gluon_encode_steps 150 90 default_triton,default_gluon64_halves,default_gluon128_halves,default_gluon64_1per_sm_halves_g3
     ;;
 explore)
     # one device call for three measurements, the encode first: the encode on this GPU at
