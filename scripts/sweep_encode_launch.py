@@ -159,6 +159,9 @@ _GLUON += [(None, None, None, {"POLARTENSOR_ENCODE_GLUON": "1",
                                "POLARTENSOR_ENCODE_GLUON_HALVES": "1",
                                "POLARTENSOR_ENCODE_GLUON_GROUPS": "3",
                                "POLARTENSOR_ENCODE_GLUON_PER_SM": "1"})]
+# (the Gluon launches' name suffixes, in order, by setting and value)
+_GLUON_SUFFIXES = [("STAGE", "1", "_stage"), ("STAGE", "0", "_unstaged"),
+                   ("HALVES", "1", "_halves"), ("GROUPS", "3", "_g3")]
 LAUNCHES = [(None, None, None, _PERM0), (None, None, 0, _PERM0), (None, None, 0, {}),
             (None, None, None, _BINARY),
             (16, 4, None, {}), (32, 4, None, {}), (32, 8, None, {}), (64, 8, None, {}),
@@ -250,14 +253,9 @@ def main():
                         name += f"_b{env['POLARTENSOR_ENCODE_GLUON_BUFS']}"
                     if "POLARTENSOR_ENCODE_GLUON_PER_SM" in env:
                         name += f"_{env['POLARTENSOR_ENCODE_GLUON_PER_SM']}per_sm"
-                    if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "1":
-                        name += "_stage"
-                    if env.get("POLARTENSOR_ENCODE_GLUON_STAGE") == "0":
-                        name += "_unstaged"
-                    if env.get("POLARTENSOR_ENCODE_GLUON_HALVES") == "1":
-                        name += "_halves"
-                    if env.get("POLARTENSOR_ENCODE_GLUON_GROUPS") == "3":
-                        name += "_g3"
+                    for key, value, suffix in _GLUON_SUFFIXES:
+                        if env.get("POLARTENSOR_ENCODE_GLUON_" + key) == value:
+                            name += suffix
                 if env.get("POLARTENSOR_ENCODE_GLUON") == "0":
                     name += "_triton"
                 if "POLARTENSOR_ENCODE_L2PF" in env:

@@ -167,6 +167,24 @@ def _store_staged(w_smem, r_smem, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, 
 
 
 @gluon.jit
+def _level1(ab, t1, B1: gl.constexpr):
+    """Level 1 of coordinate pairs ab = (a, b): their squared radii and codes, the quadrant
+    from the sign bits, then the cell inside it (B1 4; B1 2 is the quadrant)."""
+    a, b = ab
+    r = gl.fma(a, a, b * b)                                   # squared radii
+    yb = b.to(gl.int32, bitcast=True)
+    sym = yb >> 31
+    swm = (a.to(gl.int32, bitcast=True) ^ yb) >> 31
+    if B1 == 4:
+        cnt = _count_above(gl.abs(b), gl.abs(a), t1)
+        code = (cnt ^ (swm & 7)) | (sym & 8)
+    else:
+        gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
+        code = (swm & 1) | (sym & 2)
+    return r, code
+
+
+@gluon.jit
 def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, T,
                  t1, t2, t3, t4, BN: gl.constexpr, B1: gl.constexpr, WRAP1: gl.constexpr,
                  acc_l: gl.constexpr, w_smem, r_smem, STAGE: gl.constexpr):
@@ -180,18 +198,7 @@ def _encode_tile(y, tile, codes_ptr, sc_l, sc_t, radii_ptr, sr_l, sr_t, n_rows, 
                                            WRAP1, gl.SliceLayout(1, acc_l))
 
     y = _coord_order(y, BN)
-    # level 1: pairs (a, y) -> quadrant from the sign bits, then the cell inside it
-    a, b = gl.split(gl.reshape(y, [BN, 64, 2]))
-    r = gl.fma(a, a, b * b)                                   # squared radii
-    yb = b.to(gl.int32, bitcast=True)
-    sym = yb >> 31
-    swm = (a.to(gl.int32, bitcast=True) ^ yb) >> 31
-    if B1 == 4:
-        cnt = _count_above(gl.abs(b), gl.abs(a), t1)
-        code = (cnt ^ (swm & 7)) | (sym & 8)
-    else:
-        gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
-        code = (swm & 1) | (sym & 2)
+    r, code = _level1(gl.split(gl.reshape(y, [BN, 64, 2])), t1, B1)
     _store_words(code, B1, 64, codes_ptr, rec_off, valid, 0, BN, w_smem, STAGE)
     # levels 2-4: 2-bit angles of squared radii pairs (y > a tan^2 m, the table signed)
     POS2: gl.constexpr = 8 * B1
@@ -267,17 +274,7 @@ def _encode_half(y, H: gl.constexpr, t1, t2, t3, t4, w4, BN: gl.constexpr,
     gives a half only a byte of its 16-bit word: half 0 returns its byte, which half 1 (w4)
     completes and stages."""
     y = _coord_order_half(y, BN)
-    a, b = gl.split(gl.reshape(y, [BN, 32, 2]))
-    r = gl.fma(a, a, b * b)
-    yb = b.to(gl.int32, bitcast=True)
-    sym = yb >> 31
-    swm = (a.to(gl.int32, bitcast=True) ^ yb) >> 31
-    if B1 == 4:
-        cnt = _count_above(gl.abs(b), gl.abs(a), t1)
-        code = (cnt ^ (swm & 7)) | (sym & 8)
-    else:
-        gl.static_assert(B1 == 2, "the Gluon encode serves 2- and 4-bit level-1 codes")
-        code = (swm & 1) | (sym & 2)
+    r, code = _level1(gl.split(gl.reshape(y, [BN, 32, 2])), t1, B1)
     # the record's 16-bit words: level 1 from 0 (2 B1 a half), level 2 from 4 B1 (2 a half),
     # level 3 from 4 B1 + 4 (1 a half), level 4 at 4 B1 + 6 (one for both halves)
     w_smem.slice(2 * B1 * H, 2 * B1, dim=1).store(_pack(code, B1, 32, BN).to(gl.uint16))

@@ -246,6 +246,19 @@ def _encode(x, cfg, rot, mids, env, monkeypatch, off=3, **launch):
     return store, radii, bool(launched)
 
 
+def _assert_gluon_equals_triton(x, cfg, rot, mids, env, monkeypatch):
+    """Under ``env``, the Gluon encode ran and wrote the Triton encode's code bytes and radii
+    bit for bit (``_encode`` with POLARTENSOR_ENCODE_GLUON 0, then 1)."""
+    want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
+                                  monkeypatch)
+    assert not ran
+    got_c, got_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="1"),
+                                monkeypatch)
+    assert ran
+    assert torch.equal(got_c, want_c)
+    assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+
+
 @needs_sm90
 @settings(max_examples=16, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -281,14 +294,7 @@ def test_gluon_encode_matches_triton(lead, t, tile, bufs, two_per_sm, stage, loo
     if loop == "groups3":
         env.update(POLARTENSOR_ENCODE_GLUON_TILE="64", POLARTENSOR_ENCODE_GLUON_BUFS="2",
                    POLARTENSOR_ENCODE_GLUON_PER_SM="1")
-    want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
-                                  monkeypatch)
-    assert not ran
-    got_c, got_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="1"),
-                                monkeypatch)
-    assert ran
-    assert torch.equal(got_c, want_c)
-    assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+    _assert_gluon_equals_triton(x, cfg, rot, mids, env, monkeypatch)
 
 
 @needs_sm90
@@ -307,14 +313,7 @@ def test_gluon_encode_halves_matches_triton(groups, tile, lead, t, monkeypatch):
     env = {"POLARTENSOR_ENCODE_GLUON_HALVES": "1", "POLARTENSOR_ENCODE_GLUON_GROUPS": groups,
            "POLARTENSOR_ENCODE_GLUON_TILE": tile, "POLARTENSOR_ENCODE_GLUON_BUFS": "2",
            "POLARTENSOR_ENCODE_GLUON_PER_SM": "1" if groups == "3" else "auto"}
-    want_c, want_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="0"),
-                                  monkeypatch)
-    assert not ran
-    got_c, got_r, ran = _encode(x, cfg, rot, mids, dict(env, POLARTENSOR_ENCODE_GLUON="1"),
-                                monkeypatch)
-    assert ran
-    assert torch.equal(got_c, want_c)
-    assert torch.equal(got_r.view(torch.uint16), want_r.view(torch.uint16))
+    _assert_gluon_equals_triton(x, cfg, rot, mids, env, monkeypatch)
 
 
 @needs_sm90
