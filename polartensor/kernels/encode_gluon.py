@@ -533,11 +533,12 @@ def gluon_encode_halves_setting() -> bool:
     iteration, its rotation in two column halves (S's rows in ``half_order``, four blocks a
     half), each half's [rows, 64] accumulator quantized while the other half's MMAs run,
     the codes and radii staged (it needs POLARTENSOR_ENCODE_GLUON_STAGE=1, the default).
-    Two 32-register accumulators in flight instead of two 64-register ones, so that
-    192-row tiles (POLARTENSOR_ENCODE_GLUON_TILE=192: 12 warps sharing one copy of S, one
-    program an SM) fit the register file: the two-tile loop holds 8 warps an SM, and Nsight
-    Compute found it latency-bound at 1.74 warps a scheduler
-    (results/bench/ncu_gluon_encode_2026-12-07b_h100.md)."""
+    Two 32-register accumulators in flight instead of two 64-register ones: 168 registers
+    offline (Triton 3.6) against 255, and 1301 loop instructions a tile against 1126. S's
+    64 KB still hold 64-row programs at two an SM, so the registers pay off only with
+    POLARTENSOR_ENCODE_GLUON_GROUPS=3 (three warpgroups sharing S: 12 warps an SM where the
+    two-tile loop holds 8; Nsight Compute found that loop latency-bound at 1.74 warps a
+    scheduler, results/bench/ncu_gluon_encode_2026-12-07b_h100.md)."""
     return env_flag("POLARTENSOR_ENCODE_GLUON_HALVES", False, "one tile an iteration in two "
                     "column halves", "two tiles an iteration")
 
