@@ -91,11 +91,28 @@ def _thresholds(t_ptr):
 
 
 @gluon.jit
+def _level_thresholds(tab_ptr, KT1: gl.constexpr):
+    """Each level's three thresholds (``cross_table``'s rows 4..7), held in registers."""
+    return (_thresholds(tab_ptr + 4 * KT1), _thresholds(tab_ptr + 5 * KT1),
+            _thresholds(tab_ptr + 6 * KT1), _thresholds(tab_ptr + 7 * KT1))
+
+
+@gluon.jit
 def _coord_order(y, BN: gl.constexpr):
     """[BN, 128] whose column c holds coordinate mma_order(128)[c] -> coordinate order (a
     relabelling of the index bits, as ``encode._coord_order``: no data moves)."""
     y = gl.permute(gl.reshape(y, [BN, 2, 2, 2, 2, 2, 2, 2]), (0, 5, 6, 1, 2, 3, 4, 7))
     return gl.reshape(y, [BN, 128])
+
+
+@gluon.jit
+def _pack(code, b: gl.constexpr, n: gl.constexpr, BN: gl.constexpr):
+    """n codes of b bits a row -> [BN, n b / 16] 16-bit words, the first code in the low bits."""
+    G2: gl.constexpr = 16 // b
+    c3 = gl.reshape(code, [BN, n // G2, G2])
+    L3: gl.constexpr = c3.type.layout
+    sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    return gl.sum(c3 << sh[None, None, :], axis=2)
 
 
 @gluon.jit
@@ -106,10 +123,7 @@ def _store_words(code, b: gl.constexpr, n: gl.constexpr, codes_ptr, rec_off, val
     ``common._encode_level``'s record stores write. With STAGE, into the tile's staging
     words w_smem [BN, 32] at word POS / 2 instead (``_store_staged`` writes them out)."""
     G2: gl.constexpr = 16 // b          # codes per 16-bit word
-    c3 = gl.reshape(code, [BN, n // G2, G2])
-    L3: gl.constexpr = c3.type.layout
-    sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    word = gl.sum(c3 << sh[None, None, :], axis=2)
+    word = _pack(code, b, n, BN)
     if STAGE:
         w_smem.slice(POS // 2, n // G2, dim=1).store(word.to(gl.uint16))
         return
@@ -238,10 +252,12 @@ def _issue(j, x_smem, bars, s_hi, s_lo, zero, mine, NBUF: gl.constexpr):
 
 
 @gluon.jit
-def _refill(j, x_desc, x_smem, bars, mine, pid, step, BN: gl.constexpr, NBUF: gl.constexpr):
-    """Tile j's MMAs have retired: copy tile j + NBUF into its buffer."""
+def _refill(j, x_desc, x_smem, bars, mine, pid, step, BN: gl.constexpr, NBUF: gl.constexpr,
+            BASE: gl.constexpr = 0):
+    """Tile j's MMAs have retired: copy tile j + NBUF into its buffer (of the NBUF from
+    BASE)."""
     ahead = j + NBUF
-    buf = j % NBUF
+    buf = BASE + j % NBUF
     mbarrier.expect(bars.index(buf), BN * 128 * 2, pred=ahead < mine)
     _tma_load(x_desc, [(pid + ahead * step) * BN, 0], bars.index(buf), x_smem.index(buf),
               pred=ahead < mine)
@@ -253,16 +269,6 @@ def _coord_order_half(y, BN: gl.constexpr):
     (``half_order``) -> coordinate order (a relabelling, as ``_coord_order``)."""
     y = gl.permute(gl.reshape(y, [BN, 2, 2, 2, 2, 2, 2]), (0, 4, 5, 1, 2, 3, 6))
     return gl.reshape(y, [BN, 64])
-
-
-@gluon.jit
-def _pack(code, b: gl.constexpr, n: gl.constexpr, BN: gl.constexpr):
-    """n codes of b bits a row -> [BN, n b / 16] 16-bit words, the first code in the low bits."""
-    G2: gl.constexpr = 16 // b
-    c3 = gl.reshape(code, [BN, n // G2, G2])
-    L3: gl.constexpr = c3.type.layout
-    sh = b * gl.arange(0, G2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    return gl.sum(c3 << sh[None, None, :], axis=2)
 
 
 @gluon.jit
@@ -320,10 +326,7 @@ def _halves_run(G: gl.constexpr, NG: gl.constexpr, x_desc, s_smem, x_smem, bars,
         mbarrier.expect(bars.index(G * NBUF + k), BN * D * 2, pred=k < mine)
         _tma_load(x_desc, [(vid + k * step) * BN, 0], bars.index(G * NBUF + k),
                   x_smem.index(G * NBUF + k), pred=k < mine)
-    t1 = _thresholds(tab_ptr + 4 * KT1)
-    t2 = _thresholds(tab_ptr + 5 * KT1)
-    t3 = _thresholds(tab_ptr + 6 * KT1)
-    t4 = _thresholds(tab_ptr + 7 * KT1)
+    t1, t2, t3, t4 = _level_thresholds(tab_ptr, KT1)
     mbarrier.wait(bars.index(NG * NBUF), 0)
     zero = gl.zeros([BN, 64], gl.float32, acc_l)
     NW: gl.constexpr = 4 * B1 + 7
@@ -344,11 +347,7 @@ def _halves_run(G: gl.constexpr, NG: gl.constexpr, x_desc, s_smem, x_smem, bars,
         y = warpgroup_mma_wait(num_outstanding=2, deps=[acc0])
         w4 = _encode_half(y, 0, t1, t2, t3, t4, 0, BN, B1, w_buf, r_buf, radii_ptr)
         y = warpgroup_mma_wait(num_outstanding=0, deps=[acc1])
-        # tile i's MMAs have retired: copy tile i + NBUF into its buffer
-        ahead = i + NBUF
-        mbarrier.expect(bars.index(slot), BN * D * 2, pred=ahead < mine)
-        _tma_load(x_desc, [(vid + ahead * step) * BN, 0], bars.index(slot), src,
-                  pred=ahead < mine)
+        _refill(i, x_desc, x_smem, bars, mine, vid, step, BN, NBUF, G * NBUF)
         _encode_half(y, 1, t1, t2, t3, t4, w4, BN, B1, w_buf, r_buf, radii_ptr)
         _store_staged(w_buf, r_buf, vid + i * step, codes_ptr, sc_l, sc_t, radii_ptr, sr_l,
                       sr_t, n_rows, T, BN, NW, WRAP1)
@@ -449,11 +448,7 @@ def _tiles_loop(x_desc, s_desc, tab_ptr, codes_ptr, sc_l, sc_t, radii_ptr, sr_l,
         mbarrier.expect(bars.index(k), BN * D * 2, pred=k < mine)
         _tma_load(x_desc, [(pid + k * step) * BN, 0], bars.index(k),
                                         x_smem.index(k), pred=k < mine)
-    # each level's thresholds (cross_table's rows 4..7), held in registers
-    t1 = _thresholds(tab_ptr + 4 * KT1)
-    t2 = _thresholds(tab_ptr + 5 * KT1)
-    t3 = _thresholds(tab_ptr + 6 * KT1)
-    t4 = _thresholds(tab_ptr + 7 * KT1)
+    t1, t2, t3, t4 = _level_thresholds(tab_ptr, KT1)
     mbarrier.wait(bars.index(NBUF), 0)
     s_hi = s_smem.index(0).permute((1, 0))
     s_lo = s_smem.index(1).permute((1, 0))
