@@ -524,7 +524,7 @@ def gluon_encode_stage_setting() -> bool:
 
 
 def gluon_encode_halves_setting() -> bool:
-    """POLARTENSOR_ENCODE_GLUON_HALVES=1 (read per call; opt-in, not yet timed): one tile an
+    """POLARTENSOR_ENCODE_GLUON_HALVES=1 (read per call; opt-in, measured slower): one tile an
     iteration, its rotation in two column halves (S's rows in ``half_order``, four blocks a
     half), each half's [rows, 64] accumulator quantized while the other half's MMAs run,
     the codes and radii staged (it needs POLARTENSOR_ENCODE_GLUON_STAGE=1, the default).
@@ -533,7 +533,10 @@ def gluon_encode_halves_setting() -> bool:
     64 KB still hold 64-row programs at two an SM, so the registers pay off only with
     POLARTENSOR_ENCODE_GLUON_GROUPS=3 (three warpgroups sharing S: 12 warps an SM where the
     two-tile loop holds 8; Nsight Compute found that loop latency-bound at 1.74 warps a
-    scheduler, results/bench/ncu_gluon_encode_2026-12-07b_h100.md)."""
+    scheduler, results/bench/ncu_gluon_encode_2026-12-07b_h100.md). On an H100, byte-equal
+    to the default: 0.98x it at 64 rows, 0.94x at 128, 0.86x with three groups, which stall
+    on instruction fetch (each partition its own copy of the loop;
+    results/bench/ncu_gluon_encode_2026-12-07c_h100.md)."""
     return env_flag("POLARTENSOR_ENCODE_GLUON_HALVES", False, "one tile an iteration in two "
                     "column halves", "two tiles an iteration")
 
