@@ -786,9 +786,10 @@ def gluon_stagger_setting() -> bool:
     and 631 loop instructions a step against 230 and 674, so 12 programs per SM fit in one
     round; yet on an H200 it ran 0.90-0.95x of the default at the five shapes timed, and
     not transposed (243 registers, 8 per SM) 0.93-0.94x of two steps an iteration
-    (results/bench/ab_gluon_decode_2026-12-06j_h200.md; not profiled: the loads have half a
-    step to land instead of a whole one). Replaces two steps an iteration where both are
-    asked."""
+    (results/bench/ab_gluon_decode_2026-12-06j_h200.md). Nsight Compute on an H100 found
+    why: the code loads, half a step ahead, stall it 2.48 cycles an instruction on the long
+    scoreboard against the default's 0.60 (results/bench/ncu_gluon_2026-12-07_h100.md).
+    Replaces two steps an iteration where both are asked."""
     return env_flag("POLARTENSOR_GLUON_STAGGER", False, "the prefetch half a step ahead",
                     "a whole step ahead")
 
