@@ -530,12 +530,12 @@ def gluon_encode_halves_setting() -> bool:
     the codes and radii staged (it needs POLARTENSOR_ENCODE_GLUON_STAGE=1, the default).
     Two 32-register accumulators in flight instead of two 64-register ones: 168 registers
     offline (Triton 3.6) against 255, and 1301 loop instructions a tile against 1126. S's
-    64 KB still hold 64-row programs at two an SM, so the registers pay off only with
+    64 KB still hold 64-row programs at two an SM, so the registers were meant to pay off with
     POLARTENSOR_ENCODE_GLUON_GROUPS=3 (three warpgroups sharing S: 12 warps an SM where the
     two-tile loop holds 8; Nsight Compute found that loop latency-bound at 1.74 warps a
     scheduler, results/bench/ncu_gluon_encode_2026-12-07b_h100.md). On an H100, byte-equal
     to the default: 0.98x it at 64 rows, 0.94x at 128, 0.86x with three groups, which stall
-    on instruction fetch (each partition its own copy of the loop;
+    on "no instruction" (each partition is its own copy of the loop;
     results/bench/ncu_gluon_encode_2026-12-07c_h100.md)."""
     return env_flag("POLARTENSOR_ENCODE_GLUON_HALVES", False, "one tile an iteration in two "
                     "column halves", "two tiles an iteration")
