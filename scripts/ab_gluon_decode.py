@@ -81,7 +81,7 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
                                               prefetch=var.prefetch,
                                               transposed=var.transposed, pairs=var.pairs,
                                               kpairs=var.kpairs, lshift=var.lshift,
-                                              stagger=var.stagger)
+                                              stagger=var.stagger, staged=var.staged)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -144,6 +144,7 @@ class Variant(NamedTuple):
     kpairs: bool = False  # :kp, POLARTENSOR_GLUON_KPAIRS
     lshift: bool = False  # :ls, POLARTENSOR_GLUON_LSHIFT
     stagger: bool = False  # :sg (with :pf), POLARTENSOR_GLUON_STAGGER
+    staged: bool = False  # :st (without :pf), POLARTENSOR_GLUON_STAGED
     per_sm: int = 0       # @N: only at N programs per SM (0: each of --per-sm)
 
     @property
@@ -157,13 +158,14 @@ class Variant(NamedTuple):
                 + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:2 + len(_FLAGS)]) if on))
 
 
-_FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg")
+_FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg", "st")
 
 
 def parse_variant(text: str) -> Variant:
-    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg][@N]' -> Variant (pairs: two steps an
-    iteration, and sg: the prefetch half a step ahead, with the prefetch only; @N: timed at
-    N programs per SM only)."""
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg][:st][@N]' -> Variant (pairs: two steps
+    an iteration, and sg: the prefetch half a step ahead, with the prefetch only; st: the
+    codes staged in shared memory, in place of the prefetch; @N: timed at N programs per SM
+    only)."""
     text, _, at = text.partition("@")
     parts = text.split(":")
     flags = parts[2:]
@@ -171,9 +173,11 @@ def parse_variant(text: str) -> Variant:
         raise ValueError(f"variant {text!r}@{at}: @N takes a number of programs per SM")
     if (len(parts) < 2 or not all(p.isdigit() for p in parts[:2])
             or any(f not in _FLAGS for f in flags)
-            or (("pr" in flags or "sg" in flags) and "pf" not in flags)):
+            or (("pr" in flags or "sg" in flags) and "pf" not in flags)
+            or ("st" in flags and "pf" in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
-                         f":pf, :tr, :pr and :sg (with :pf), :kp and :ls, e.g. 16:0:pf:tr")
+                         f":pf, :tr, :pr and :sg (with :pf), :kp and :ls, :st (without :pf), "
+                         f"e.g. 16:0:pf:tr")
     return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS),
                    per_sm=int(at or 0))
 
@@ -190,7 +194,8 @@ def main():
                     "(POLARTENSOR_GLUON_PAIRS), :kp for K's code words loaded per block pair "
                     "(POLARTENSOR_GLUON_KPAIRS), :ls for shifted tables of 2-bit code pairs "
                     "(POLARTENSOR_GLUON_LSHIFT), :sg (with :pf) for the prefetch half a step "
-                    "ahead (POLARTENSOR_GLUON_STAGGER)")
+                    "ahead (POLARTENSOR_GLUON_STAGGER), :st (without :pf) for the codes "
+                    "staged in shared memory by cp.async (POLARTENSOR_GLUON_STAGED)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

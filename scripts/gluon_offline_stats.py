@@ -60,7 +60,7 @@ def _launch_args(var, group: int):
     q = torch.zeros(b, hk * group, 1, d, dtype=torch.bfloat16)
     splits = G.gluon_split_count(b * hk, n, 132, var.block_n,
                                  G.programs_per_sm(var.transposed, var.prefetch,
-                                                   var.stagger))
+                                                   var.stagger, var.staged))
     seen = {}
 
     class _Recorder:
@@ -70,6 +70,10 @@ def _launch_args(var, group: int):
                 raise _Launched
             return launch
 
+        def warmup(self, *args, grid, **kwargs):
+            # (the staged launch builds first to check its shared memory)
+            self[grid](*args, **kwargs)
+
     real, G.polar_decode_attn_gluon_fwd_kernel = G.polar_decode_attn_gluon_fwd_kernel, _Recorder()
     try:
         G.launch_attention_gluon(q, codes, radii, trig, cfg, codes, radii, trig, cfg, rot, rot,
@@ -77,7 +81,7 @@ def _launch_args(var, group: int):
                                  maxnreg=var.maxnreg or None, prefetch=var.prefetch,
                                  transposed=var.transposed, pairs=var.pairs,
                                  kpairs=var.kpairs, lshift=var.lshift,
-                                 stagger=var.stagger)
+                                 stagger=var.stagger, staged=var.staged)
     except _Launched:
         pass
     finally:

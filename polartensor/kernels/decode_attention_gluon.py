@@ -55,7 +55,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .common import env_flag
 from .tree_decode import _lane_table_asm
@@ -64,11 +64,16 @@ __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
            "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_lshift_setting",
-           "gluon_stagger_setting",
+           "gluon_stagger_setting", "gluon_staged_setting", "staged_fits",
            "gluon_split_count",
            "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
+# cp.async into shared memory: ``async_copy_global_to_shared`` in Triton 3.6 (the GPU stack),
+# renamed ``async_load`` later (the CPU stack's Triton traces the kernel in the tests)
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# the CTA barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` later
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 # The decoded tile [key, blk2, blk1, blk0, i3, i2, i1, i0] (block bits, then the coordinate's
@@ -158,8 +163,13 @@ def _children(r, w):
 
 
 @gluon.jit
-def _ld16(ptr, ZEXT: gl.constexpr):
-    if ZEXT:
+def _ld16(ptr, ZEXT: gl.constexpr, SMEM: gl.constexpr = False):
+    if SMEM:
+        # ``ptr`` a shared-window byte address (the staged ring): zero-extended by the load.
+        # Not pure, so that the compiler keeps it after the ring's wait and barrier
+        return gl.inline_asm_elementwise("ld.shared.u16 $0, [$1];", "=r,r", [ptr],
+                                         dtype=gl.int32, is_pure=False, pack=1)
+    elif ZEXT:
         # zero-extended into a 32-bit register by the load itself (a gl.load of uint16 and
         # its conversion compile to a load and a LOP3 & 0xffff where the value crosses the
         # prefetch loop's back edge)
@@ -170,9 +180,19 @@ def _ld16(ptr, ZEXT: gl.constexpr):
 
 
 @gluon.jit
+def _ld_radius(radp, SMEM: gl.constexpr):
+    """A float16 radius from global memory, or (SMEM) from a shared-window byte address."""
+    if SMEM:
+        return gl.inline_asm_elementwise("ld.shared.b16 $0, [$1];", "=h,r", [radp],
+                                         dtype=gl.float16, is_pure=False, pack=1)
+    else:
+        return gl.load(radp)
+
+
+@gluon.jit
 def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
                 B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk,
-                RAW: gl.constexpr = False):
+                RAW: gl.constexpr = False, SMEM: gl.constexpr = False):
     """The radii and the code words of every (key, block) of a [BN, 8] tile, for
     ``_code_words``: ``rowp`` [BN, 1] points at each key's record, ``radp`` [BN, 8] at its
     radii (0 where not ``valid`` with ``MASKED``). Record (head_dim 128, four levels): level
@@ -183,7 +203,8 @@ def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
     Default: float32 radii and the words shifted into place here. RAW (the PAIRS loop): the
     float16 radii and 16-bit words as loaded (zero-extended by the load) with each word's
     bit offset, shifted and converted where they are used, so that what crosses the loop's
-    back edge is the loads' own registers."""
+    back edge is the loads' own registers. SMEM (the staged ring): ``rowp`` and ``radp`` are
+    shared-window byte addresses of the same records and radii."""
     OFF2: gl.constexpr = 64 * B1
     OFF3: gl.constexpr = OFF2 + 32 * B2
     OFF4: gl.constexpr = OFF3 + 16 * B3
@@ -191,35 +212,36 @@ def _load_codes(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
     bit3 = OFF3 + blk * (2 * B3)
     bit2 = OFF2 + blk * (4 * B2)
     if RAW:
-        r = gl.load(radp)
+        r = _ld_radius(radp, SMEM)
         if MASKED:
             r = gl.where(valid, r, 0.0)
-        w4 = _ld16(rowp + (bit4 >> 4) * 2, True)
-        w3 = _ld16(rowp + (bit3 >> 4) * 2, True)
-        w2 = _ld16(rowp + (bit2 >> 4) * 2, True)
+        w4 = _ld16(rowp + (bit4 >> 4) * 2, True, SMEM)
+        w3 = _ld16(rowp + (bit3 >> 4) * 2, True, SMEM)
+        w2 = _ld16(rowp + (bit2 >> 4) * 2, True, SMEM)
         # level 1: one 16-bit word per half block (B1 4), else B1 * 8 <= 24 bits inside the
         # two 16-bit words from the first
         bit1 = blk * (8 * B1)
         p1 = rowp + (bit1 >> 4) * 2
-        return (r, w4, bit4 & 15, w3, bit3 & 15, w2, bit2 & 15, _ld16(p1, True),
-                _ld16(p1 + 2, True), bit1 & 15)
+        return (r, w4, bit4 & 15, w3, bit3 & 15, w2, bit2 & 15, _ld16(p1, True, SMEM),
+                _ld16(p1 + 2, True, SMEM), bit1 & 15)
     else:
-        r = gl.load(radp).to(gl.float32)
+        r = _ld_radius(radp, SMEM).to(gl.float32)
         if MASKED:
             r = gl.where(valid, r, 0.0)
-        w4 = _ld16(rowp + (bit4 >> 4) * 2, False) >> (bit4 & 15)
-        w3 = _ld16(rowp + (bit3 >> 4) * 2, False) >> (bit3 & 15)
-        w2 = _ld16(rowp + (bit2 >> 4) * 2, False) >> (bit2 & 15)
+        w4 = _ld16(rowp + (bit4 >> 4) * 2, False, SMEM) >> (bit4 & 15)
+        w3 = _ld16(rowp + (bit3 >> 4) * 2, False, SMEM) >> (bit3 & 15)
+        w2 = _ld16(rowp + (bit2 >> 4) * 2, False, SMEM) >> (bit2 & 15)
         if B1 == 4:
             # one 16-bit word per half block
             p1 = rowp + blk * 4
-            w1a = _ld16(p1, False)
-            w1b = _ld16(p1 + 2, False)
+            w1a = _ld16(p1, False, SMEM)
+            w1b = _ld16(p1 + 2, False, SMEM)
         else:
             # B1 * 8 <= 24 bits inside the two 16-bit words from the first
             bit1 = blk * (8 * B1)
             p1 = rowp + (bit1 >> 4) * 2
-            w1a = (_ld16(p1, False) | (_ld16(p1 + 2, False) << 16)) >> (bit1 & 15)
+            w1a = ((_ld16(p1, False, SMEM) | (_ld16(p1 + 2, False, SMEM) << 16))
+                   >> (bit1 & 15))
             w1b = w1a >> (4 * B1)
         return r, w4, w3, w2, w1a, w1b
 
@@ -237,7 +259,7 @@ def _pair_join(a, b, like):
 @gluon.jit
 def _load_codes_kpairs(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr,
                        B2: gl.constexpr, B3: gl.constexpr, B4: gl.constexpr, blk, pair,
-                       RAW: gl.constexpr = False):
+                       RAW: gl.constexpr = False, SMEM: gl.constexpr = False):
     """``_load_codes`` for the K tile, whose threads hold blocks 2j and 2j + 1 of a key: the
     upper levels' codes of a block pair share one 16-bit word (level 2: 16 bits a pair,
     level 3: 8, level 4: 4) and level 1 fills B1 (3 or 4) consecutive words, so each word
@@ -245,26 +267,26 @@ def _load_codes_kpairs(rowp, radp, valid, MASKED: gl.constexpr, B1: gl.constexpr
     [BN, 4] pair layout), the odd block's codes then one shift on. (The loads themselves
     were already one per word: the compiler merges those of equal addresses.) Returns
     ``_load_codes``' tuple with the upper levels' words as [BN, 4] (``_pair_words`` expands
-    them at use) and level 1 as [BN, 8]."""
+    them at use) and level 1 as [BN, 8]. SMEM as ``_load_codes``'."""
     OFF2: gl.constexpr = 64 * B1
     OFF3: gl.constexpr = OFF2 + 32 * B2
     OFF4: gl.constexpr = OFF3 + 16 * B3
     bit4 = OFF4 + pair * (2 * B4)
     bit3 = OFF3 + pair * (4 * B3)
     bit2 = OFF2 + pair * (8 * B2)
-    r = gl.load(radp)
+    r = _ld_radius(radp, SMEM)
     if MASKED:
         r = gl.where(valid, r, 0.0)
-    w4 = _ld16(rowp + (bit4 >> 4) * 2, RAW)
-    w3 = _ld16(rowp + (bit3 >> 4) * 2, RAW)
-    w2 = _ld16(rowp + (bit2 >> 4) * 2, RAW)
+    w4 = _ld16(rowp + (bit4 >> 4) * 2, RAW, SMEM)
+    w3 = _ld16(rowp + (bit3 >> 4) * 2, RAW, SMEM)
+    w2 = _ld16(rowp + (bit2 >> 4) * 2, RAW, SMEM)
     # level 1: the pair's 16 B1 bits from word 0; the odd block's from bit 8 B1
     p1 = rowp + pair * (2 * B1)
-    x0 = _ld16(p1, RAW)
-    x1 = _ld16(p1 + 2, RAW)
-    x2 = _ld16(p1 + 4, RAW)
+    x0 = _ld16(p1, RAW, SMEM)
+    x1 = _ld16(p1 + 2, RAW, SMEM)
+    x2 = _ld16(p1 + 4, RAW, SMEM)
     if B1 == 4:
-        x3 = _ld16(p1 + 6, RAW)
+        x3 = _ld16(p1 + 6, RAW, SMEM)
         w1a = _pair_join(x0, x2, r)
         w1b = _pair_join(x1, x3, r)
     else:
@@ -298,6 +320,44 @@ def _code_words(raw, B1: gl.constexpr):
         w1a = (w1a | (w1b << 16)) >> s1
         w1b = w1a >> (4 * B1)
     return r.to(gl.float32), w4 >> s4, w3 >> s3, w2 >> s2, w1a, w1b
+
+
+@gluon.jit
+def _smem_base(like):
+    """The shared-window address of the kernel's shared memory (``global_smem``, which Triton's
+    PTX declares) in every element of ``like``'s shape. The staged ring is the kernel's only
+    allocation, so it starts there: ``launch_attention_gluon`` checks the build's shared
+    bytes against the ring's before it trusts that."""
+    return gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [gl.zeros_like(like)],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _stage_step(ring, slot, n0, ok, kc_h, kr_h, vc_h, vr_h, K_REC: gl.constexpr,
+                V_REC: gl.constexpr, BN: gl.constexpr, K_PW: gl.constexpr,
+                V_PW: gl.constexpr, RW: gl.constexpr):
+    """The staged ring (STAGED): ``cp.async`` of the full step at key ``n0`` (nothing where
+    not ``ok``: the copies write zeros) into ring slot ``slot``, laid out as 32-bit words
+    [K records, K radii | V records, V radii] from 0 and from K_PW (each region a power of
+    two, as shared-memory shapes are; the words between the regions zeros). A step's BN
+    records are BN * REC contiguous bytes and its radii BN * 16 (the launch checks the
+    strides and the 16-byte alignment, and BN * REC is a multiple of 16), so the slot is
+    one copy of 16-byte chunks (one copy: two would take a barrier between them)."""
+    KCN: gl.constexpr = BN * K_REC // 4
+    VCN: gl.constexpr = BN * V_REC // 4
+    cl: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
+    i32: gl.constexpr = gl.pointer_type(gl.int32)
+    n64 = n0.to(gl.int64)
+    kcp = (kc_h + n64 * K_REC).to(i32, bitcast=True)
+    krp = (kr_h + n64 * 8).to(i32, bitcast=True)
+    vcp = (vc_h + n64 * V_REC).to(i32, bitcast=True)
+    vrp = (vr_h + n64 * 8).to(i32, bitcast=True)
+    i = gl.arange(0, K_PW + V_PW, layout=cl)
+    j = i - K_PW
+    src = gl.where(i < K_PW, gl.where(i < KCN, kcp + i, krp + (i - KCN)),
+                   gl.where(j < VCN, vcp + j, vrp + (j - VCN)))
+    live = (i < KCN + RW) | ((j >= 0) & (j < VCN + RW))
+    _cp_async(ring.index(slot), src, mask=live & ok)
 
 
 @gluon.jit
@@ -509,7 +569,9 @@ def polar_decode_attn_gluon_fwd_kernel(
     V_KT: gl.constexpr, V_B1: gl.constexpr, V_B2: gl.constexpr, V_B3: gl.constexpr,
     V_B4: gl.constexpr, PREFETCH: gl.constexpr = False, TRANS: gl.constexpr = False,
     PAIRS: gl.constexpr = False, KPAIR: gl.constexpr = False, LSHIFT: gl.constexpr = False,
-    STAGGER: gl.constexpr = False,
+    STAGGER: gl.constexpr = False, STAGED: gl.constexpr = False, NSTAGE: gl.constexpr = 4,
+    K_REC: gl.constexpr = 0, V_REC: gl.constexpr = 0, K_PW: gl.constexpr = 0,
+    V_PW: gl.constexpr = 0, RW: gl.constexpr = 0,
 ):
     # M: the query rows of the partials (TRANS: a group of at most 8 as the MMA's columns)
     M: gl.constexpr = 8 if TRANS else 16
@@ -648,6 +710,49 @@ def polar_decode_attn_gluon_fwd_kernel(
                                            V_B3, V_B4, KPAIR=KPAIR, LSHIFT=LSHIFT)
                 kraw = knext
                 vraw = vnext
+    elif STAGED:
+        # the full steps' codes and radii staged NSTAGE - 1 steps ahead by cp.async into a
+        # ring in shared memory (no registers held for them) and read from there: a step
+        # waits for its own copy group, then the barrier makes every lane's copies visible
+        # and frees the slot the previous step read, which takes the next copy
+        SW: gl.constexpr = K_PW + V_PW
+        ring = gl.allocate_shared_memory(gl.int32, [NSTAGE, SW],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # each thread's byte addresses in slot 0
+        if KPAIR:
+            krec = _smem_base(koff) + kpkey * K_REC
+        else:
+            krec = _smem_base(koff) + kkey * K_REC
+        krad = _smem_base(kroff) + (BN * K_REC + kkey * 16 + kblk * 2)
+        vrec = _smem_base(voff) + (4 * K_PW + vkey * V_REC)
+        vrad = _smem_base(vroff) + (4 * K_PW + BN * V_REC + vkey * 16 + vblk * 2)
+        nsteps = (full_end - start) // BN
+        for s in gl.static_range(NSTAGE - 1):
+            _stage_step(ring, s, start + s * BN, s < nsteps, kc_h, kr_h, vc_h, vr_h, K_REC,
+                        V_REC, BN, K_PW, V_PW, RW)
+            async_copy.commit_group()
+        for j in range(0, nsteps):
+            async_copy.wait_group(NSTAGE - 2)
+            _cta_barrier()
+            jn = j + (NSTAGE - 1)
+            _stage_step(ring, jn % NSTAGE, start + jn * BN, jn < nsteps, kc_h, kr_h, vc_h,
+                        vr_h, K_REC, V_REC, BN, K_PW, V_PW, RW)
+            async_copy.commit_group()
+            so = (j % NSTAGE) * (4 * SW)
+            if KPAIR:
+                kraw = _load_codes_kpairs(krec + so, krad + so, kok, False, K_B1, K_B2, K_B3,
+                                          K_B4, kblk, kpair, SMEM=True)
+            else:
+                kraw = _load_codes(krec + so, krad + so, kok, False, K_B1, K_B2, K_B3, K_B4,
+                                   kblk, SMEM=True)
+            vraw = _load_codes(vrec + so, vrad + so, vok, False, V_B1, V_B2, V_B3, V_B4, vblk,
+                               SMEM=True)
+            m_i, l_i, acc = _attn_step(TRANS, q, m_i, l_i, acc, kraw, vraw, sok, ktab_ptr,
+                                       vtab_ptr, scale_log2, False, BN, a_op, b_op, mma,
+                                       K_KT, K_B1, K_B2, K_B3, K_B4, V_KT, V_B1, V_B2, V_B3,
+                                       V_B4, KPAIR=KPAIR, LSHIFT=LSHIFT)
+        # the copies past the last step (zeros) land before the program ends
+        async_copy.wait_group(0)
     else:
         for n0 in range(start, full_end, BN):
             kraw, vraw = _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n,
@@ -794,6 +899,44 @@ def gluon_stagger_setting() -> bool:
                     "a whole step ahead")
 
 
+def gluon_staged_setting() -> bool:
+    """POLARTENSOR_GLUON_STAGED=1 (read per call; opt-in, not yet measured on a GPU): in
+    place of the register prefetch, each full step's codes and radii are copied by
+    ``cp.async`` into a ring of NSTAGE steps in shared memory, NSTAGE - 1 steps ahead, and
+    read from there (``_stage_step``). The point: load distance without the registers that
+    hold the default at 8 programs per SM (Nsight Compute: latency-bound there; the prefetch
+    half a step ahead freed the registers but stalled on the loads: results/bench/
+    ncu_gluon_2026-12-07_h100.md). Serves caches whose keys' records and radii are
+    contiguous and 16-byte aligned per (batch, head) (a cache's own storage is); elsewhere
+    the call takes the default loop (``staged_fits``)."""
+    return env_flag("POLARTENSOR_GLUON_STAGED", False, "stage the codes in shared memory by "
+                    "cp.async", "the register prefetch")
+
+
+def staged_fits(codes: torch.Tensor, radii: torch.Tensor) -> bool:
+    """Whether the staged ring can copy this storage: each key's record and its 8 float16
+    radii contiguous after the previous key's, and every (batch, head)'s run 16-byte
+    aligned, so that a step of 16 keys is whole 16-byte chunks."""
+    rec = codes.shape[-1]
+    return (codes.dtype == torch.uint8 and radii.dtype == torch.float16
+            and radii.shape[-1] == 8 and codes.stride(-1) == 1 and radii.stride(-1) == 1
+            and codes.stride(2) == rec and radii.stride(2) == 8
+            and codes.data_ptr() % 16 == 0 and radii.data_ptr() % 16 == 0
+            and all(st % 16 == 0 for st in (codes.stride(0), codes.stride(1)))
+            and all((2 * st) % 16 == 0 for st in (radii.stride(0), radii.stride(1))))
+
+
+STAGES = 4
+# builds whose shared memory was checked to be the ring alone (``_smem_base``'s premise)
+_STAGED_CHECKED: set = set()
+
+
+def _ring_words(rec: int, block_n: int) -> int:
+    """32-bit words of a step's records and radii in the ring: a power of two (shared-memory
+    shapes are)."""
+    return triton.next_power_of_2(block_n * rec // 4 + block_n * 4)
+
+
 def gluon_decode_supported(q, k_cfg, v_cfg, rot_k, rot_v, k_tail, mask, group) -> bool:
     """Whether ``launch_attention_gluon`` serves this call (see the module docstring)."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] == 128
@@ -873,13 +1016,14 @@ PROGRAMS_PER_SM = 8
 PROGRAMS_PER_SM_TRANSPOSED = {False: 12, True: 8}     # by two steps' codes held (prefetch)
 
 
-def programs_per_sm(transposed: bool, prefetch: bool, stagger: bool = False) -> int:
+def programs_per_sm(transposed: bool, prefetch: bool, stagger: bool = False,
+                    staged: bool = False) -> int:
     """The one-round split rule's programs per SM for a launch variant (measured above).
     Registers decide it: an SM's four schedulers hold 16,384 each, so 8 one-warp programs
     fit at up to 256 a thread and 12 at up to 168 (Nsight Compute's block limit at 222:
     8). The prefetch half a step ahead holds one step's codes, as no prefetch does: the
     transposed step builds at 168 with it offline, as without the prefetch."""
-    two_steps_held = bool(prefetch and not stagger)
+    two_steps_held = bool(prefetch and not stagger and not staged)
     return PROGRAMS_PER_SM_TRANSPOSED[two_steps_held] if transposed else PROGRAMS_PER_SM
 
 BLOCK_N = 16
@@ -923,15 +1067,17 @@ def gluon_split_count(programs: int, n: int, sms: int, block_n: int = BLOCK_N,
 def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii, v_trig,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
                            maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
-                           pairs=None, kpairs=None, lshift=None, stagger=None):
+                           pairs=None, kpairs=None, lshift=None, stagger=None,
+                           staged=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
     None: ``gluon_transposed_setting`` (groups of at most 8 only); ``pairs`` None:
     ``gluon_pairs_setting`` (with the prefetch only; unset: when not transposed); ``kpairs`` None:
     ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``; ``stagger`` None:
-    ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``). Needs at least
-    one key."""
+    ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``); ``staged``
+    None: ``gluon_staged_setting`` (in place of the prefetch, where ``staged_fits``). Needs
+    at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -961,9 +1107,14 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         lshift = gluon_lshift_setting()
     if stagger is None:
         stagger = gluon_stagger_setting()
+    if staged is None:
+        staged = gluon_staged_setting()
+    staged = bool(staged and staged_fits(k_codes, k_radii) and staged_fits(v_codes, v_radii))
+    if staged:
+        prefetch = False
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
-                                       programs_per_sm(transposed, prefetch, stagger))
+                                       programs_per_sm(transposed, prefetch, stagger, staged))
     sk = _permuted_rotation(rot_k)
     qr = (q[:, :, 0].float() @ sk).contiguous()            # [B, Hq, D] rotated, permuted
     kv_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
@@ -974,25 +1125,48 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     pml = torch.empty(slots * 2 * m_rows, dtype=torch.float32, device=dev)
     kb, vb = k_cfg.bits, v_cfg.bits
     k_lay, v_lay, kp_lay = tile_layouts(block_n)
-    kernel = polar_decode_attn_gluon_fwd_kernel[(bsz * hk, num_splits)](
+    ring = {}
+    if staged:
+        ring = dict(STAGED=True, NSTAGE=STAGES, K_REC=k_codes.shape[-1],
+                    V_REC=v_codes.shape[-1], K_PW=_ring_words(k_codes.shape[-1], block_n),
+                    V_PW=_ring_words(v_codes.shape[-1], block_n), RW=block_n * 4)
+    args = (
         qr, qr.stride(0), qr.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_radii, k_radii.stride(0), k_radii.stride(1), k_radii.stride(2), k_trig,
         v_codes, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_radii, v_radii.stride(0), v_radii.stride(1), v_radii.stride(2), v_trig,
-        pacc, pml, hk, n, kv_per_split, num_splits, scale * _LOG2E,
+        pacc, pml, hk, n, kv_per_split, num_splits, scale * _LOG2E)
+    consts = dict(
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay, kp_lay=kp_lay,
         K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
         V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
         PREFETCH=bool(prefetch), TRANS=bool(transposed),
         PAIRS=bool(prefetch and pairs and not stagger), KPAIR=bool(kpairs),
-        LSHIFT=bool(lshift), STAGGER=bool(prefetch and stagger),
+        LSHIFT=bool(lshift), STAGGER=bool(prefetch and stagger), **ring,
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
+    grid = (bsz * hk, num_splits)
+    if staged:
+        key = (dev.index, group, block_n, tuple(kb), tuple(vb), tuple(sorted(ring.items())),
+               bool(transposed), bool(kpairs), bool(lshift), maxnreg)
+        if key not in _STAGED_CHECKED:
+            # the ring's reads address global_smem directly (_smem_base): only sound if the
+            # build's shared memory is the ring and nothing else
+            built = polar_decode_attn_gluon_fwd_kernel.warmup(*args, grid=grid, **consts)
+            want = STAGES * 4 * (ring["K_PW"] + ring["V_PW"])
+            if built.metadata.shared != want:
+                raise RuntimeError(
+                    f"the staged Gluon decode built with {built.metadata.shared} bytes of "
+                    f"shared memory, not its ring's {want}: its reads assume the ring starts "
+                    f"at the kernel's shared base; unset POLARTENSOR_GLUON_STAGED")
+            _STAGED_CHECKED.add(key)
+    kernel = polar_decode_attn_gluon_fwd_kernel[grid](*args, **consts)
     # what the launch compiled to, for the benchmarks (the split rule assumes a register count)
     LAST_LAUNCH.update(registers=getattr(kernel, "n_regs", None),
-                       spills=getattr(kernel, "n_spills", None), splits=num_splits)
+                       spills=getattr(kernel, "n_spills", None), splits=num_splits,
+                       staged=staged)
     polar_attn_combine_kernel[(bsz * hk, 1)](
         pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),
         hk, tq, num_splits, 1,

@@ -16,6 +16,7 @@ from polartensor import polar_sdpa, quantize
 from polartensor.config import get_preset
 from polartensor.kernels.common import trig_table
 from polartensor.kernels.decode_attention_gluon import (
+    LAST_LAUNCH,
     gluon_decode_supported,
     k_permutation,
     launch_attention_gluon,
@@ -76,15 +77,18 @@ def test_supported_scope():
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
        prefetch=st.booleans(), transposed=st.booleans(), pairs=st.booleans(),
        kpairs=st.booleans(), lshift=st.booleans(), stagger=st.booleans(),
-       seed=st.integers(0, 2**16))
+       staged=st.booleans(), seed=st.integers(0, 2**16))
 def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
-                                        transposed, pairs, kpairs, lshift, stagger, seed):
+                                        transposed, pairs, kpairs, lshift, stagger, staged,
+                                        seed):
     """Every launch variant against the reference; the transposed step where it serves
     (groups of at most 8); two steps an iteration (with the prefetch), which with up to 9
     splits of up to 3000 keys meets an even and an odd number of full steps. K's loads by
     block pairs and the shifted tables decode the same words from the same tables, and the
-    prefetch half a step ahead (stagger) only moves loads, so each gives the same output bit
-    for bit as the launch without them."""
+    prefetch half a step ahead (stagger) and the codes staged in shared memory (staged) only
+    move loads, so each gives the same output bit for bit as the launch without them. The
+    staged launch reads the cache from storage whose capacity is a multiple of 8 keys (as
+    a cache's own is), which it needs, and must have taken the ring."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -93,21 +97,52 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     v = quantize(torch.randn(b, hk, n, d, generator=g).cuda(), cfg)
     rot = rotation_matrix(d, cfg.rotation, cfg.seed, q.device, torch.float32).contiguous()
     trig = trig_table(k.centroids, cfg.bits)
-    out = launch_attention_gluon(q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg,
+    kc, kr, vc, vr = k.codes, k.radii, v.codes, v.radii
+    if staged:
+        kc, kr, vc, vr = (_in_capacity(t, -(-n // 8) * 8) for t in (kc, kr, vc, vr))
+    out = launch_attention_gluon(q, kc, kr, trig, cfg, vc, vr, trig, cfg,
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
                                  prefetch=prefetch, transposed=transposed and group <= 8,
-                                 pairs=pairs, kpairs=kpairs, lshift=lshift, stagger=stagger)
+                                 pairs=pairs, kpairs=kpairs, lshift=lshift, stagger=stagger,
+                                 staged=staged)
+    assert LAST_LAUNCH["staged"] is staged
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    if kpairs or lshift or (stagger and prefetch):
+    if kpairs or lshift or (stagger and prefetch) or staged:
         plain = launch_attention_gluon(
             q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
             1 / math.sqrt(d), splits, block_n=block_n, prefetch=prefetch,
             transposed=transposed and group <= 8, pairs=pairs, kpairs=False, lshift=False,
-            stagger=False)
+            stagger=False, staged=False)
         assert torch.equal(out, plain)
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+def _in_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
+    """``t`` [B, H, N, X] as the first N keys of storage holding ``cap`` keys a head."""
+    buf = torch.zeros(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device)
+    buf[:, :, :t.shape[2]] = t
+    return buf[:, :, :t.shape[2]]
+
+
+def test_staged_fits_needs_whole_aligned_runs():
+    """The staged ring copies a step's records and radii as 16-byte chunks: storage whose
+    keys follow each other and whose (batch, head) runs start 16-byte aligned fits; a
+    capacity not a multiple of 8 keys, a strided key axis or a misaligned start does not
+    (such a call takes the default loop)."""
+    from polartensor.kernels.decode_attention_gluon import staged_fits
+
+    k = quantize(torch.randn(2, 3, 40, 128), "paper")
+    assert k.codes.shape[-1] == 46 and k.radii.shape[-1] == 8
+    assert staged_fits(k.codes, k.radii)
+    assert staged_fits(_in_capacity(k.codes[:, :, :37], 40), _in_capacity(k.radii[:, :, :37], 40))
+    odd = quantize(torch.randn(2, 3, 37, 128), "paper")
+    assert not staged_fits(odd.codes, odd.radii)                 # 37 x 46 bytes a head
+    assert not staged_fits(k.codes[:, :, ::2], k.radii[:, :, ::2])
+    flat = torch.zeros(2 * 3 * 40 * 46 + 2, dtype=torch.uint8)
+    shifted = flat[2:].view(2, 3, 40, 46)
+    assert not staged_fits(shifted, k.radii)
 
 
 def test_transposed_step_refuses_groups_over_8():
@@ -166,6 +201,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", True),
     ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
     ("POLARTENSOR_GLUON_STAGGER", "gluon_stagger_setting", False),
+    ("POLARTENSOR_GLUON_STAGED", "gluon_staged_setting", False),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -328,6 +364,9 @@ def test_split_count_fills_one_round():
     # without the prefetch
     assert [programs_per_sm(tr, pf, True) for tr in (False, True) for pf in (False, True)] == [
         8, 8, 12, 12]
+    # the codes staged in shared memory hold no step in registers: as without the prefetch
+    assert [programs_per_sm(tr, pf, False, True) for tr in (False, True)
+            for pf in (False, True)] == [8, 8, 12, 12]
     # short caches: no split shorter than four 16-key steps; never fewer than one split
     assert gluon_split_count(1, 200, 132) == 4
     assert gluon_split_count(4096, 32768, 132) == 1
@@ -339,7 +378,8 @@ _TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr"
                    "32:0:pf:tr", "16:0:pf:pr", "16:0:pf:tr:pr", "32:0:pf:tr:pr", "16:0:kp",
                    "16:0:pf:tr:kp", "16:0:pf:tr:pr:kp", "32:0:pf:kp", "16:0:tr:ls",
                    "16:0:pf:tr:pr:kp:ls", "32:0:pf:kp:ls", "16:0:pf:tr:kp:ls:sg",
-                   "16:0:pf:sg", "32:0:pf:tr:sg"]
+                   "16:0:pf:sg", "32:0:pf:tr:sg", "16:0:tr:kp:ls:st", "16:0:kp:ls:st",
+                   "32:0:tr:st", "16:128:tr:kp:ls:st"]
 _TRACE_GROUPS = [1, 4, 7, 8, 16]
 _TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
            if not ("tr" in v.split(":") and g > 8)]

@@ -27,12 +27,13 @@ def test_parse_variant(load_script):
     import pytest
 
     mod = load_script("ab_gluon_decode")
-    assert mod.parse_variant("16:0") == (16, 0, False, False, False, False, False, False, 0)
-    assert mod.parse_variant("16:0:pf") == (16, 0, True, False, False, False, False, False, 0)
-    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True, False, False, False, False, 0)
-    assert mod.parse_variant("32:168:tr") == (32, 168, False, True, False, False, False, False, 0)
-    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True, False, False, False, 0)
-    assert mod.parse_variant("16:0:tr:kp") == (16, 0, False, True, False, True, False, False, 0)
+    off = (False,) * 5          # pr, kp, ls, sg, st
+    assert mod.parse_variant("16:0") == (16, 0, False, False) + off + (0,)
+    assert mod.parse_variant("16:0:pf") == (16, 0, True, False) + off + (0,)
+    assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True) + off + (0,)
+    assert mod.parse_variant("32:168:tr") == (32, 168, False, True) + off + (0,)
+    assert mod.parse_variant("16:0:pf:tr:pr") == (16, 0, True, True, True) + off[1:] + (0,)
+    assert mod.parse_variant("16:0:tr:kp") == (16, 0, False, True, False, True) + off[2:] + (0,)
     assert mod.parse_variant("16:0:ls").lshift
     assert mod.parse_variant("16:0:pf:tr:pr:kp:ls").name == "gluon_bn16_cap0_pf_tr_pr_kp_ls"
     with pytest.raises(ValueError, match="16:0:pf:tr"):
@@ -44,6 +45,10 @@ def test_parse_variant(load_script):
     assert mod.parse_variant("16:0:pf:tr:sg").label(12) == "gluon_bn16_cap0_ps12_pf_tr_sg"
     with pytest.raises(ValueError, match="@N"):
         mod.parse_variant("16:0:pf@x")
-    for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr", "16:0:tr:sg"):
+    # the codes staged in shared memory, in place of the prefetch
+    assert mod.parse_variant("16:0:tr:kp:ls:st").staged
+    assert mod.parse_variant("16:0:tr:st").label(12) == "gluon_bn16_cap0_ps12_tr_st"
+    for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr", "16:0:tr:sg",
+                "16:0:pf:tr:st"):
         with pytest.raises(ValueError, match="block_n:maxnreg"):
             mod.parse_variant(bad)
