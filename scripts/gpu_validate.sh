@@ -41,13 +41,16 @@
 #       with the faster of the default and POLARTENSOR_GLUON_STAGGER=1 (~8 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh gluon_forced  # attention and integration tests
 #       with Gluon forced on: its transposed step off, then two steps an iteration on (~8 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh staged    # the Gluon decode's tests, then the A/B
+#       of its codes staged in shared memory (POLARTENSOR_GLUON_STAGED) beside the default
+#       and the loop without the prefetch (~6 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|halves|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|halves|staged|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -253,6 +256,18 @@ resume)
     # the whole suite in what is left of CALL_S (default 560) seconds since the stage began
     gluon_encode_steps 150 110 default_triton,default_gluon64_unstaged,default_gluon64_b3_2per_sm_unstaged,default_persist_s1_tma,default_gluon64_1per_sm_halves_g3
     OUT="$OUT/suite" TESTS_LIMIT=$(( ${CALL_S:-560} - SECONDS - 60 )) bash "$0" tests
+    ;;
+staged)
+    # the codes staged in shared memory by cp.async (168 registers offline, 579 loop
+    # instructions a step, 8 KB of ring: 12 programs per SM; 128 under a cap, 629, 16 per SM)
+    # beside the default (230, 674, 8 per SM) and the same loop loading its own codes (168,
+    # 613, 12 per SM), after the Gluon decode's tests (the hypothesis test draws it)
+    POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
+        step tests_gluon 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py
+    step ab_gluon 260 "$PY" scripts/ab_gluon_decode.py --out "$OUT/gluon" --budget-s 200 \
+        --shapes 8:32768,16:32768,8:131072,32:8192,4:65536 \
+        --variants 16:0:pf:tr:kp:ls@8,16:0:tr:kp:ls@12,16:0:tr:kp:ls:st@12,16:128:tr:kp:ls:st@16
     ;;
 halves)
     # the column halves (POLARTENSOR_ENCODE_GLUON_HALVES=1) at 64 and 128 rows and three
