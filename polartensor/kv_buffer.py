@@ -2,9 +2,11 @@
 
 Storage is preallocated with capacity along the sequence dim; an append encodes only the new
 tokens and writes them at the current length. When capacity runs out it grows geometrically,
-so each token is copied O(1) times amortized. ``static=True`` never reallocates (what
-torch.compile and CUDA graphs want) and raises when full. ``view()`` is a PolarQuantTensor of
-the filled part that shares the storage (no copy).
+so each token is copied O(1) times amortized, to a capacity that is a multiple of 8 tokens
+(each head's run of records then starts 16-byte aligned, which the Gluon decode's staged
+ring needs to copy them). ``static=True`` never reallocates (what torch.compile and CUDA
+graphs want), keeps the capacity asked for, and raises when full. ``view()`` is a
+PolarQuantTensor of the filled part that shares the storage (no copy).
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from .kernels import dispatch
 from .polar_quant_tensor import PolarQuantTensor, codebook_for, fit_codebook
 
 __all__ = ["PolarKVBuffer"]
+
+# a growable buffer's capacity is a multiple of this many tokens (the module docstring)
+CAPACITY_MULTIPLE = 8
+
+
+def _round_capacity(n: int) -> int:
+    return -(-n // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
 
 class PolarKVBuffer:
@@ -69,7 +78,7 @@ class PolarKVBuffer:
                 f"static PolarKVBuffer is full: capacity {self.capacity}, need {needed}; "
                 "create it with a larger capacity (the maximum sequence length)"
             )
-        new_cap = max(needed, math.ceil(self.capacity * self.growth), 16)
+        new_cap = _round_capacity(max(needed, math.ceil(self.capacity * self.growth), 16))
         old_codes, old_radii = self.codes, self.radii
         self._allocate(self._lead, self._head_dim, new_cap, old_codes.device)
         n = self.length
@@ -94,7 +103,8 @@ class PolarKVBuffer:
             self.centroids = self.centroids.to(x.device)
             self._lead, self._head_dim = lead, d
             self.dtype = self.dtype or x.dtype
-            self._allocate(lead, d, max(self.capacity, t), x.device)
+            cap = max(self.capacity, t)
+            self._allocate(lead, d, cap if self.static else _round_capacity(cap), x.device)
         elif lead != self._lead or d != self._head_dim:
             raise ValueError(
                 f"append shape {tuple(x.shape)} does not match the buffer's "

@@ -3,7 +3,7 @@ exactly reproducible; tests/kernels checks that the fused encoder writes the sam
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polartensor.config import PolarQuantConfig
@@ -50,6 +50,26 @@ def test_growth_is_geometric_and_old_tokens_not_rewritten():
     assert reallocs <= 8  # 16 -> 32 -> ... -> 1024: amortized O(1) copies per token
     assert buf.capacity >= 1000 and buf.length == 1000
     assert torch.equal(buf.codes[..., 0, :], first_token_codes)
+
+
+@settings(max_examples=15, deadline=None)
+@given(prompt=st.integers(1, 70), steps=st.integers(0, 40))
+def test_growable_capacity_keeps_heads_16_byte_aligned(prompt, steps):
+    """A growable buffer's capacity is a multiple of 8 tokens after the first append and
+    after every growth, so each head's records start 16-byte aligned and the Gluon decode's
+    staged ring serves its view; a static buffer keeps the capacity asked for."""
+    from polartensor.kernels.decode_attention_gluon import staged_fits
+
+    buf = PolarKVBuffer("paper")
+    buf.append(torch.randn(2, 3, prompt, 128))
+    caps = {buf.capacity}
+    for _ in range(steps):
+        buf.append(torch.randn(2, 3, 1, 128))
+        caps.add(buf.capacity)
+    assert all(c % 8 == 0 for c in caps) and buf.capacity >= prompt + steps
+    view = buf.view()
+    assert staged_fits(view.codes, view.radii)
+    assert PolarKVBuffer("paper", capacity=13, static=True).capacity == 13
 
 
 def test_static_buffer_never_reallocates_and_raises_when_full():

@@ -36,13 +36,16 @@ coordinates rather than a group padded to 16 (``_attn_step`` with TRANS): K and 
 operands hold the coordinates they hold as B operands, so the tree decode is the same.
 
 The loop's other settings, each read per call and each measured (the settings' docstrings):
-the next step's codes prefetched (``gluon_prefetch_setting``), K's code words per block
-pair (``gluon_kpairs_setting``), shifted tables for 2-bit code pairs
-(``gluon_lshift_setting``), two steps an iteration where not transposed
-(``gluon_pairs_setting``); opt-in, measured slower, the prefetch half a step ahead
-(``gluon_stagger_setting``). Nsight Compute at the target shape
-(results/bench/ncu_gluon_2026-12-06_h100.md): latency-bound at the two warps per scheduler
-that its registers allow, no pipe near its limit.
+where transposed, each step's codes and radii staged in shared memory by ``cp.async``
+three steps ahead (``gluon_staged_setting``: no registers hold them, so 12 programs fit an
+SM; the only shared memory the kernel has), elsewhere the next step's codes prefetched in
+registers (``gluon_prefetch_setting``); K's code words per block pair
+(``gluon_kpairs_setting``), shifted tables for 2-bit code pairs (``gluon_lshift_setting``),
+two steps an iteration where not transposed (``gluon_pairs_setting``); opt-in, measured
+slower, the prefetch half a step ahead (``gluon_stagger_setting``). Nsight Compute at the
+target shape with the register prefetch (results/bench/ncu_gluon_2026-12-06_h100.md):
+latency-bound at the two warps per scheduler that its registers allow, no pipe near its
+limit; the staged ring, 1.06-1.17x faster on an H100, has not been profiled.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .common import env_flag
+from .gluon_compat import cp_async as _cp_async
+from .gluon_compat import cta_barrier as _cta_barrier
 from .tree_decode import _lane_table_asm
 
 __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
@@ -69,11 +74,6 @@ __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
 _LOG2E = 1.4426950408889634
-# cp.async into shared memory: ``async_copy_global_to_shared`` in Triton 3.6 (the GPU stack),
-# renamed ``async_load`` later (the CPU stack's Triton traces the kernel in the tests)
-_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-# the CTA barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` later
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 # The decoded tile [key, blk2, blk1, blk0, i3, i2, i1, i0] (block bits, then the coordinate's
@@ -899,18 +899,28 @@ def gluon_stagger_setting() -> bool:
                     "a whole step ahead")
 
 
-def gluon_staged_setting() -> bool:
-    """POLARTENSOR_GLUON_STAGED=1 (read per call; opt-in, not yet measured on a GPU): in
-    place of the register prefetch, each full step's codes and radii are copied by
-    ``cp.async`` into a ring of NSTAGE steps in shared memory, NSTAGE - 1 steps ahead, and
-    read from there (``_stage_step``). The point: load distance without the registers that
-    hold the default at 8 programs per SM (Nsight Compute: latency-bound there; the prefetch
-    half a step ahead freed the registers but stalled on the loads: results/bench/
-    ncu_gluon_2026-12-07_h100.md). Serves caches whose keys' records and radii are
-    contiguous and 16-byte aligned per (batch, head) (a cache's own storage is); elsewhere
-    the call takes the default loop (``staged_fits``)."""
+def gluon_staged_setting() -> bool | None:
+    """POLARTENSOR_GLUON_STAGED (read per call): in place of the register prefetch, each full
+    step's codes and radii are copied by ``cp.async`` into a ring of ``STAGES`` steps in
+    shared memory, ``STAGES - 1`` steps ahead, and read from there (``_stage_step``); 1
+    wherever it fits, 0 never, unset (None) where measured faster: the transposed step
+    (groups of at most 8). The point: load distance without the registers that held the
+    prefetch at 8 programs per SM (Nsight Compute: latency-bound there; the prefetch half a
+    step ahead freed the registers but stalled on its loads: results/bench/
+    ncu_gluon_2026-12-07_h100.md). Offline (Triton 3.6, sm_90, transposed, 16 keys a step):
+    168 registers and an 8 KB ring (12 programs per SM), 579 loop instructions a step
+    against the prefetch's 230 and 674. On an H100 (results/bench/
+    ab_gluon_decode_2026-12-07_h100_staged.md, 12 per SM against the prefetch's 8):
+    1.06-1.17x the prefetch at the five shapes timed (batch 8 / 32K 0.1829 ms against
+    0.1998, 2.05x cuDNN), where the same loop loading its own codes ran 0.93-0.98x. Not
+    measured where not transposed (225 registers there, 8 per SM), so off there unless
+    asked. Serves caches whose keys' records and radii are contiguous and 16-byte aligned
+    per (batch, head) (``staged_fits``: a cache whose capacity is a multiple of 8 keys);
+    elsewhere the call takes the prefetch."""
+    if os.environ.get("POLARTENSOR_GLUON_STAGED") is None:
+        return None
     return env_flag("POLARTENSOR_GLUON_STAGED", False, "stage the codes in shared memory by "
-                    "cp.async", "the register prefetch")
+                    "cp.async", "the register prefetch; unset: where measured faster")
 
 
 def staged_fits(codes: torch.Tensor, radii: torch.Tensor) -> bool:
@@ -1076,8 +1086,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     ``gluon_pairs_setting`` (with the prefetch only; unset: when not transposed); ``kpairs`` None:
     ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``; ``stagger`` None:
     ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``); ``staged``
-    None: ``gluon_staged_setting`` (in place of the prefetch, where ``staged_fits``). Needs
-    at least one key."""
+    None: ``gluon_staged_setting`` (unset: the transposed step), in place of the prefetch
+    where ``staged_fits``. Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -1109,6 +1119,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         stagger = gluon_stagger_setting()
     if staged is None:
         staged = gluon_staged_setting()
+    if staged is None:
+        staged = transposed
     staged = bool(staged and staged_fits(k_codes, k_radii) and staged_fits(v_codes, v_radii))
     if staged:
         prefetch = False

@@ -51,7 +51,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -60,11 +59,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .common import _sm_count, env_choice, env_flag, level_words, records_aligned16
 from .dispatch import _cached
 from .encode import mma_order, rows_tma_ready
-
-# (Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# (a CTA barrier: thread_barrier in Triton 3.6, barrier in later versions)
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+from .gluon_compat import cta_barrier as _cta_barrier
+from .gluon_compat import tma_load as _tma_load
 
 __all__ = ["polar_encode_gluon_fwd_kernel", "encode_into_gluon", "gluon_encode_setting",
            "gluon_encode_applies", "gluon_encode_launch", "gluon_encode_stage_setting",

@@ -145,6 +145,69 @@ def test_staged_fits_needs_whole_aligned_runs():
     assert not staged_fits(shifted, k.radii)
 
 
+class _Launched(Exception):
+    pass
+
+
+def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None):
+    """The STAGED constexpr that ``launch_attention_gluon`` gives the kernel (CPU tensors,
+    the kernel replaced by a recorder that stops the launch), and the ring's constexprs."""
+    from polartensor.kernels import decode_attention_gluon as dg
+
+    if env is None:
+        monkeypatch.delenv("POLARTENSOR_GLUON_STAGED", raising=False)
+    else:
+        monkeypatch.setenv("POLARTENSOR_GLUON_STAGED", env)
+    monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
+    seen = {}
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(kwargs)
+                raise _Launched
+            return launch
+
+        def warmup(self, *args, grid, **kwargs):
+            seen.update(kwargs, warmed=True)
+            raise _Launched
+
+    monkeypatch.setattr(dg, "polar_decode_attn_gluon_fwd_kernel", _Recorder())
+    monkeypatch.setattr("polartensor.kernels.common._sm_count", lambda device: 132)
+    d = 128
+    cfg = get_preset("paper", head_dim=d)
+    k = quantize(torch.randn(1, 2, n, d), cfg)
+    kc, kr = k.codes, k.radii
+    if cap is not None:
+        kc, kr = _in_capacity(kc, cap), _in_capacity(kr, cap)
+    q = torch.zeros(1, 2 * group, 1, d, dtype=torch.bfloat16)
+    trig = trig_table(k.centroids, cfg.bits)
+    with pytest.raises(_Launched):
+        launch_attention_gluon(q, kc, kr, trig, cfg, kc, kr, trig, cfg, torch.eye(d),
+                               torch.eye(d), 1 / math.sqrt(d), 2, staged=staged)
+    return seen
+
+
+def test_staged_ring_is_the_default_of_the_transposed_step(monkeypatch):
+    """Unset, the codes are staged in shared memory where the transposed step runs (groups of
+    at most 8, where it measured faster) and the storage fits, and the prefetch is off
+    then; groups over 8 keep the prefetch unless POLARTENSOR_GLUON_STAGED=1; 0 turns it
+    off; storage that does not fit (40 keys in storage of 45: 45 x 46 bytes a head) takes
+    the prefetch. The staged build is checked (warmup) before its first launch."""
+    seen = _staged_launch(monkeypatch, 4)
+    assert seen["STAGED"] is True and seen["PREFETCH"] is False and seen["TRANS"] is True
+    assert seen["warmed"] and seen["K_REC"] == 46 and seen["K_PW"] == 256
+    assert seen["RW"] == 64 and seen["NSTAGE"] == 4
+    seen = _staged_launch(monkeypatch, 16)
+    assert seen.get("STAGED", False) is False and seen["PREFETCH"] is True
+    assert _staged_launch(monkeypatch, 16, env="1")["STAGED"] is True
+    assert _staged_launch(monkeypatch, 4, env="0").get("STAGED", False) is False
+    assert _staged_launch(monkeypatch, 4, staged=False).get("STAGED", False) is False
+    misfit = _staged_launch(monkeypatch, 4, cap=45)
+    assert misfit.get("STAGED", False) is False and misfit["PREFETCH"] is True
+    assert _staged_launch(monkeypatch, 4, cap=48)["STAGED"] is True
+
+
 def test_transposed_step_refuses_groups_over_8():
     """Asked for explicitly, the transposed step names the group it cannot serve (checked
     before anything is launched, so on every device)."""
@@ -201,7 +264,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_KPAIRS", "gluon_kpairs_setting", True),
     ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
     ("POLARTENSOR_GLUON_STAGGER", "gluon_stagger_setting", False),
-    ("POLARTENSOR_GLUON_STAGED", "gluon_staged_setting", False),
+    ("POLARTENSOR_GLUON_STAGED", "gluon_staged_setting", None),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -273,11 +336,15 @@ def test_large_decode_takes_gluon_by_default(monkeypatch, gluon_calls):
 
 
 @needs_gpu
-def test_gluon_decode_int64_offsets():
+@pytest.mark.parametrize("staged", [False, True])
+def test_gluon_decode_int64_offsets(staged):
     """A cache whose batch stride puts later batch rows past 2^31 elements (the per-head
-    bases are 64-bit; offsets inside a step are 32-bit)."""
+    bases are 64-bit; offsets inside a step are 32-bit), through the prefetch and (storage
+    of a capacity that is a multiple of 8 keys) through the staged ring's copies."""
     d, cfg = 128, get_preset("paper", head_dim=128)
     cap = (1 << 31) // (2 * cfg.record_bytes(d)) + 1000
+    if staged:
+        cap = -(-cap // 8) * 8
     codes = torch.zeros(3, 1, cap, cfg.record_bytes(d), dtype=torch.uint8, device="cuda")
     radii = torch.zeros(3, 1, cap, cfg.num_blocks(d), dtype=torch.float16, device="cuda")
     assert codes.stride(0) * 2 > 2**31
@@ -290,7 +357,8 @@ def test_gluon_decode_int64_offsets():
     q = torch.randn(3, 4, 1, d, generator=g).to(torch.bfloat16).cuda()
     out = launch_attention_gluon(q, codes[:, :, :300], radii[:, :, :300], trig, cfg,
                                  codes[:, :, :300], radii[:, :, :300], trig, cfg, rot, rot,
-                                 d ** -0.5, 3)
+                                 d ** -0.5, 3, staged=staged)
+    assert LAST_LAUNCH["staged"] is staged
     want = polar_sdpa(q.float(), ref, ref, enable_gqa=True)
     err = (out.double() - want.double()).norm() / want.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
