@@ -223,7 +223,7 @@ def main():
     from polartensor.config import PRESETS, get_preset
     from polartensor.kernels import common, tree_decode
     from polartensor.kernels.decode_attention import launch_attention
-    from polartensor.kernels.decode_attention_gluon import takes_gluon_decode
+    from polartensor.kernels.decode_attention_gluon import LAST_LAUNCH, takes_gluon_decode
     from polartensor.kernels.dequant import dequantize_rotated_triton
     from polartensor.kernels.encode import encode_into_triton
     from polartensor.kernels.ops import cached_rotation, tables_for
@@ -548,6 +548,10 @@ def main():
                 row = dict(base, method="polar_triton", preset=preset, ms=ms, bytes=qbytes,
                            tbps=qbytes / (ms * 1e-3) / 1e12,
                            kernel="gluon" if gluon else "triton")
+                if gluon:
+                    # whether its codes went through the shared-memory ring (the last launch
+                    # was the default's)
+                    row["staged"] = bool(LAST_LAUNCH.get("staged"))
             except Exception as exc:  # noqa: BLE001
                 record_error(f"decode ours {preset} {base}", exc)
                 row = dict(base, method="polar_triton", preset=preset, error=str(exc)[:200])
@@ -579,6 +583,9 @@ def main():
                 # where the default took the Gluon decode, the Triton kernel beside it
                 (row.get("kernel") == "gluon", "POLARTENSOR_DECODE_GLUON",
                  (("polar_triton_kernel", "0"),)),
+                # where its codes went through the ring, the register prefetch beside it
+                (row.get("staged", False), "POLARTENSOR_GLUON_STAGED",
+                 (("polar_gluon_prefetch", "0"),)),
                 (args.joint12, "POLARTENSOR_JOINT12",
                  (("polar_triton_joint12", "1"), ("polar_triton_joint12_off", "0"))),
                 (args.shfl, "POLARTENSOR_DECODE_SHFL",
@@ -730,6 +737,12 @@ def render_markdown(res) -> str:
          "x keys >= 2^20, or >= 2^19 over >= 16 batch x KV heads with groups <= 8) vs "
          "the Triton kernel (`POLARTENSOR_DECODE_GLUON=0`), same run:",
          ["Triton kernel ms", "× ours vs Triton kernel", "× Triton kernel vs cuDNN",
+          "max abs diff vs ours"]),
+        ("polar_gluon_prefetch",
+         "Default (the Gluon decode's codes staged in shared memory by cp.async, where its "
+         "step is transposed: groups <= 8) vs its register prefetch "
+         "(`POLARTENSOR_GLUON_STAGED=0`), same run:",
+         ["prefetch ms", "× ours vs prefetch", "× prefetch vs cuDNN",
           "max abs diff vs ours"]),
         ("polar_triton_per_sm_splits",
          "Split count: default (no nearly empty last wave) vs the previous rule "

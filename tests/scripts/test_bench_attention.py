@@ -24,7 +24,9 @@ def test_render_markdown_ratios(load_script):
                 dict(dec, method="polar_triton_joint12", preset="paper", ms=0.08, tbps=1.25,
                      max_abs_diff_vs_default=0.002),
                 dict(dec, method="polar_triton_kernel", preset="paper", ms=0.13, tbps=0.7,
-                     max_abs_diff_vs_default=0.001)],
+                     max_abs_diff_vs_default=0.001),
+                dict(dec, method="polar_gluon_prefetch", preset="paper", ms=0.11, tbps=0.9,
+                     max_abs_diff_vs_default=0.0)],
         prefill=[dict(model="m", method="sdpa_bf16_cudnn", ms=2.0, tflops=100.0),
                  dict(model="m", method="polar_dequant_sdpa", causal=True, ms=4.0,
                       tflops=20.0),
@@ -41,6 +43,9 @@ def test_render_markdown_ratios(load_script):
     # the Triton kernel beside the default's Gluon decode: 0.13 / 0.1 = 1.30x; 0.4 / 0.13
     assert "| m | 8 | 32K | paper | 0.1000 | 0.1300 | 1.30 | 3.08 | 1.00e-03 |" in md
     assert "vs the Triton kernel (`POLARTENSOR_DECODE_GLUON=0`)" in md
+    # the register prefetch beside the staged default: 0.11 / 0.1 = 1.10x; 0.4 / 0.11 = 3.64x
+    assert "| m | 8 | 32K | paper | 0.1000 | 0.1100 | 1.10 | 3.64 | 0.00e+00 |" in md
+    assert "vs its register prefetch (`POLARTENSOR_GLUON_STAGED=0`)" in md
     # split rule: per-SM rule 0.12 / ours 0.1 = 1.20x
     assert "| m | 8 | 32K | paper | 0.1000 | 0.1200 | 1.20 |" in md
     assert "| m | polar_dequant_sdpa | True | 4.000 | 20.0 | 0.50 |" in md
