@@ -15,8 +15,8 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh joint12   # kernel tests with the joint table everywhere (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile   # ncu of attention, dequant, encode  (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh mma       # kq tests, decode bench of each MMA orientation (~8 min)
-#   OUT=<dir> bash scripts/gpu_validate.sh profile_gluon   # ncu of the Gluon decode, default and
-#       two steps an iteration (~2 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh profile_gluon   # ncu of the Gluon decode, default
+#       (staged codes) and the register prefetch (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_detail  # attention, encode per SASS instruction (~2 min)
 #   OUT=<dir> bash scripts/gpu_validate.sh profile_encode  # the encode alone, per SASS
 #       instruction, with the pipes and schedulers (~1.5 min)
@@ -195,16 +195,17 @@ persist)
     ;;
 profile_gluon)
     # Nsight Compute on the Gluon decode at batch 8 / 32K, paper (the target shape): its
-    # default launch, then two steps an iteration (POLARTENSOR_GLUON_PAIRS=1); the pipes and
-    # the L1 wavefronts say whether the shuffles and the code loads (both on the LSU/MIO
-    # path) or the issue rate cap it, SourceCounters which instructions stall
+    # default launch (the codes staged in shared memory), then the register prefetch
+    # (POLARTENSOR_GLUON_STAGED=0); the pipes and the L1 wavefronts say whether the
+    # shuffles and the code reads (both on the LSU/MIO path) or the issue rate cap it,
+    # SourceCounters which instructions stall
     NCU=(ncu --clock-control none --section SpeedOfLight --section WarpStateStats
          --section InstructionStats --section LaunchStats --section Occupancy
          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
          --section SchedulerStats --section SourceCounters --print-details all)
     GLUON=1 step ncu_gluon 200 "${NCU[@]}" -k regex:polar_decode_attn_gluon --launch-skip 1 \
         -c 1 "$PY" scripts/profile_decode.py
-    GLUON=1 POLARTENSOR_GLUON_PAIRS=1 step ncu_gluon_pairs 200 "${NCU[@]}" \
+    GLUON=1 POLARTENSOR_GLUON_STAGED=0 step ncu_gluon_prefetch 200 "${NCU[@]}" \
         -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
     ;;
 mma)
