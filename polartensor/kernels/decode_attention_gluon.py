@@ -814,8 +814,9 @@ def gluon_decode_setting() -> bool | None:
 
 
 def gluon_prefetch_setting() -> bool:
-    """POLARTENSOR_GLUON_PREFETCH (read per call; default on): the Gluon decode loads step
-    i+1's codes and radii before decoding step i, hiding their latency across steps (the
+    """POLARTENSOR_GLUON_PREFETCH (read per call; default on): where the codes are not staged
+    in shared memory (``gluon_staged_setting``), the Gluon decode loads step i+1's codes and
+    radii before decoding step i, hiding their latency across steps (the
     first version stalled on them: results/bench/ncu_decode_2026-12-06_h100.md). Offline
     (scripts/gluon_offline_stats.py) 236 registers against 231 (still 8 one-warp programs
     per SM), 834 loop instructions against 752, and on an H100 4-6% faster at every shape
