@@ -5,7 +5,8 @@ tokens and writes them at the current length. When capacity runs out it grows ge
 so each token is copied O(1) times amortized, to a capacity that is a multiple of 8 tokens
 (each head's run of records then starts 16-byte aligned, which the Gluon decode's staged
 ring needs to copy them). ``static=True`` never reallocates (what torch.compile and CUDA
-graphs want), keeps the capacity asked for, and raises when full. ``view()`` is a
+graphs want), holds the capacity asked for and raises past it (its storage is rounded up to
+8 tokens all the same, for the ring; the spare rows are never written). ``view()`` is a
 PolarQuantTensor of the filled part that shares the storage (no copy).
 """
 
@@ -65,10 +66,11 @@ class PolarKVBuffer:
         return self.codes is not None
 
     def _allocate(self, lead: tuple[int, ...], head_dim: int, capacity: int, device) -> None:
-        cfg = self.config
-        self.codes = torch.zeros(*lead, capacity, cfg.record_bytes(head_dim), dtype=torch.uint8,
+        # storage rows a multiple of 8 tokens whatever the capacity (the module docstring)
+        cfg, rows = self.config, _round_capacity(capacity)
+        self.codes = torch.zeros(*lead, rows, cfg.record_bytes(head_dim), dtype=torch.uint8,
                                  device=device)
-        self.radii = torch.zeros(*lead, capacity, cfg.num_blocks(head_dim),
+        self.radii = torch.zeros(*lead, rows, cfg.num_blocks(head_dim),
                                  dtype=cfg.torch_radius_dtype, device=device)
         self.capacity = capacity
 

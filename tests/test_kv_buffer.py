@@ -57,7 +57,7 @@ def test_growth_is_geometric_and_old_tokens_not_rewritten():
 def test_growable_capacity_keeps_heads_16_byte_aligned(prompt, steps):
     """A growable buffer's capacity is a multiple of 8 tokens after the first append and
     after every growth, so each head's records start 16-byte aligned and the Gluon decode's
-    staged ring serves its view; a static buffer keeps the capacity asked for."""
+    staged ring serves its view."""
     from polartensor.kernels.decode_attention_gluon import staged_fits
 
     buf = PolarKVBuffer("paper")
@@ -69,7 +69,30 @@ def test_growable_capacity_keeps_heads_16_byte_aligned(prompt, steps):
     assert all(c % 8 == 0 for c in caps) and buf.capacity >= prompt + steps
     view = buf.view()
     assert staged_fits(view.codes, view.radii)
-    assert PolarKVBuffer("paper", capacity=13, static=True).capacity == 13
+
+
+@settings(max_examples=10, deadline=None)
+@given(capacity=st.integers(1, 40), fill=st.integers(0, 40))
+def test_static_capacity_is_exact_and_its_storage_fits_the_ring(capacity, fill):
+    """A static buffer holds exactly the capacity asked for (one token more raises), while
+    its storage rounds up to 8 tokens so the staged ring serves it; the spare rows stay
+    zero and out of the view."""
+    from polartensor.kernels.decode_attention_gluon import staged_fits
+
+    fill = min(fill, capacity)
+    buf = PolarKVBuffer("paper", capacity=capacity, static=True)
+    buf.append(torch.randn(2, 3, max(fill, 1), 128))
+    while buf.length < fill:
+        buf.append(torch.randn(2, 3, 1, 128))
+    assert buf.capacity == capacity and buf.codes.shape[-2] == -(-capacity // 8) * 8
+    view = buf.view()
+    assert view.codes.shape[-2] == buf.length and staged_fits(view.codes, view.radii)
+    assert not buf.codes[..., capacity:, :].any() and not buf.radii[..., capacity:, :].any()
+    if buf.length < capacity:
+        buf.append(torch.randn(2, 3, capacity - buf.length, 128))
+    with pytest.raises(RuntimeError, match="static PolarKVBuffer is full: capacity "
+                       f"{capacity}, need {capacity + 1}"):
+        buf.append(torch.randn(2, 3, 1, 128))
 
 
 def test_static_buffer_never_reallocates_and_raises_when_full():

@@ -709,16 +709,18 @@ class PolarQuantLayer(CacheLayerMixin):
             _note_prefill(self, out_k)
             return out_k, out_v
         pos = torch.arange(t, device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(t)
         for buf, x in ((self._kbuf, key_states), (self._vbuf, value_states)):
             # Encode into small temporaries (the fused kernel where it runs), then scatter them
             # at the tensor position: no Python-int offsets, so a compiled step never recompiles.
             codes = buf.codes.new_empty((*buf.codes.shape[:-2], t, buf.codes.shape[-1]))
             radii = buf.radii.new_empty((*buf.radii.shape[:-2], t, buf.radii.shape[-1]))
             dispatch.encode_into(x, buf.config, buf.centroids, codes, radii, check_finite=False)
+            # into the first max_cache_len rows only: the storage's spare rows (rounded up to
+            # 8 tokens) must not take a token past the end silently
             dim = buf.codes.dim() - 2
-            buf.codes.index_copy_(dim, pos, codes)
-            buf.radii.index_copy_(dim, pos, radii)
+            buf.codes.narrow(dim, 0, buf.capacity).index_copy_(dim, pos, codes)
+            buf.radii.narrow(dim, 0, buf.capacity).index_copy_(dim, pos, radii)
+        self.cumulative_length.add_(t)  # after the writes: a refused token leaves no trace
         kq, vq = self._kbuf.view(self.max_cache_len), self._vbuf.view(self.max_cache_len)
         if not self._use_polar():
             if self.polar_attention is None:

@@ -589,6 +589,29 @@ def test_decode_step_compiles_fullgraph_reference_path(kv):
     assert k.shape == v.shape == (2, 2, ids.shape[1] + n_new, 32)
 
 
+def test_static_cache_refuses_a_token_past_max_cache_len():
+    """max_cache_len 13 is not a multiple of 8, so the buffers' storage has spare rows (for
+    the Gluon decode's staged ring); a token past the 13th must still be refused, not written
+    into a spare row out of the view, and the refused update must leave the length alone."""
+    model = _tiny("llama", 64, 4, 2, layers=1)
+    model.set_attn_implementation("polar")
+    cache = PolarQuantCache(max_cache_len=13, model_config=model.config)
+    k = torch.randn(1, 2, 11, 64)
+    cache.update(k, k.clone(), 0)
+    for _ in range(2):
+        x = torch.randn(1, 2, 1, 64)
+        cache.update(x, x.clone(), 0)
+    layer = cache.layers[0]
+    assert int(cache.get_seq_length()) == 13 and layer._kbuf.codes.shape[-2] == 16
+    before = layer.dequantized()[0].clone()
+    x = torch.randn(1, 2, 1, 64)
+    with pytest.raises(IndexError, match="out of bounds"):
+        cache.update(x, x.clone(), 0)
+    assert int(cache.get_seq_length()) == 13
+    assert torch.equal(layer.dequantized()[0], before)
+    assert not layer._kbuf.codes[..., 13:, :].any()
+
+
 def test_static_cache_decode_step_compiles_fullgraph_reference_path():
     """The static cache on the reference path: fullgraph, one compile for every step."""
     from polartensor.kernels import dispatch
