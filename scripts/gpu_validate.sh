@@ -44,13 +44,15 @@
 #   OUT=<dir> bash scripts/gpu_validate.sh staged    # the Gluon decode's tests, then the A/B
 #       of its codes staged in shared memory (POLARTENSOR_GLUON_STAGED) beside the default
 #       and the loop without the prefetch (~6 min)
+#   OUT=<dir> bash scripts/gpu_validate.sh release   # bench, ncu of the Gluon decode's
+#       default, its tests and the buffers', then the rest of the suite, in CALL_S (570) s
 #   OUT=<dir> bash scripts/gpu_validate.sh ab_tests  # each _ab/ revision's own kernel tests
 #       (up to ~4.5 min a revision: one or two per call; 180 s cut both off on an H100)
 #
 # Every step writes its log under $OUT as it goes, so a step cut off by a time limit still
 # leaves what it did. summary.txt lists each step with its exit status.
 set -u
-stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|halves|staged|ab_tests}
+stage=${1:?usage: OUT=<dir> bash scripts/gpu_validate.sh tests|optin|bench|sweep|sweep2|encode|store|persist|joint12|mma|shfl|profile|profile_gluon|profile_encode|profile_detail|compile|ab|gluon|explore|gluon_bench|gluon_forced|gluon_encode|resume|halves|staged|release|ab_tests}
 OUT=${OUT:-gpu_validate_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: some stages run steps from other folders)
@@ -207,6 +209,27 @@ profile_gluon)
         -c 1 "$PY" scripts/profile_decode.py
     GLUON=1 POLARTENSOR_GLUON_STAGED=0 step ncu_gluon_prefetch 200 "${NCU[@]}" \
         -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
+    ;;
+release)
+    # one call where device time is short: the benchmark (the bench stage), Nsight Compute of
+    # the Gluon decode's default (staged codes) at the target, then the Gluon decode's and the
+    # KV buffers' tests, then the rest of the suite in what is left of CALL_S (default 570)
+    # seconds since the stage began
+    step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
+        --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
+    GLUON=1 step ncu_gluon 150 ncu --clock-control none --section SpeedOfLight \
+        --section WarpStateStats --section InstructionStats --section LaunchStats \
+        --section Occupancy --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section SchedulerStats --section SourceCounters --print-details all \
+        -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
+    POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
+        step tests_gluon 170 "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
+        tests/kernels/test_decode_attention_gluon.py tests/test_kv_buffer.py
+    POLARTENSOR_FAILLOG="$OUT/failures.txt" POLARTENSOR_TESTLOG="$OUT/test_times.txt" \
+        step tests $(( ${CALL_S:-570} - SECONDS > 40 ? ${CALL_S:-570} - SECONDS - 10 : 30 )) \
+        "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider tests \
+        --deselect tests/test_assets.py --ignore tests/kernels/test_decode_attention_gluon.py \
+        --ignore tests/test_kv_buffer.py
     ;;
 mma)
     # the MMA orientations (POLARTENSOR_DECODE_MMA): the kernels' tests with kq forced (the
