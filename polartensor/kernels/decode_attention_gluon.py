@@ -905,15 +905,18 @@ def gluon_staged_setting() -> bool | None:
     step's codes and radii are copied by ``cp.async`` into a ring of ``STAGES`` steps in
     shared memory, ``STAGES - 1`` steps ahead, and read from there (``_stage_step``); 1
     wherever it fits, 0 never, unset (None) where measured faster: the transposed step
-    (groups of at most 8). The point: load distance without the registers that held the
-    prefetch at 8 programs per SM (Nsight Compute: latency-bound there; the prefetch half a
+    (groups of at most 8) over at least ``STAGED_MIN_HEADS`` (batch, KV head) pairs. The
+    point: load distance without the registers that held the prefetch at 8 programs per SM
+    (Nsight Compute: latency-bound there; the prefetch half a
     step ahead freed the registers but stalled on its loads: results/bench/
     ncu_gluon_2026-12-07_h100.md). Offline (Triton 3.6, sm_90, transposed, 16 keys a step):
     168 registers and an 8 KB ring (12 programs per SM), 579 loop instructions a step
     against the prefetch's 230 and 674. On an H100 (results/bench/
     ab_gluon_decode_2026-12-07_h100_staged.md, 12 per SM against the prefetch's 8):
     1.06-1.17x the prefetch at the five shapes timed (batch 8 / 32K 0.1829 ms against
-    0.1998, 2.05x cuDNN), where the same loop loading its own codes ran 0.93-0.98x. Not
+    0.1998, 2.05x cuDNN), where the same loop loading its own codes ran 0.93-0.98x; in the
+    full benchmark (results/bench/bench_attention_2026-12-07c_h100.md) 1.07-1.15x at 64 and
+    256 (batch, KV head) pairs but 0.92x at 8 (batch 1, 128K keys): ``STAGED_MIN_HEADS``. Not
     measured where not transposed (225 registers there, 8 per SM), so off there unless
     asked. Serves caches whose keys' records and radii are contiguous and 16-byte aligned
     per (batch, head) (``staged_fits``: a cache whose capacity is a multiple of 8 keys);
@@ -938,6 +941,11 @@ def staged_fits(codes: torch.Tensor, radii: torch.Tensor) -> bool:
 
 
 STAGES = 4
+# unset, the ring serves calls of at least this many (batch, KV head) pairs: on an H100
+# (results/bench/bench_attention_2026-12-07c_h100.md and the A/B before it) it ran 1.06x the
+# prefetch at 32, 1.07-1.16x at 64 and 256, but 0.92x at 8 (batch 1, 128K keys); between 8
+# and 32 it was not measured
+STAGED_MIN_HEADS = 32
 # builds whose shared memory was checked to be the ring alone (``_smem_base``'s premise)
 _STAGED_CHECKED: set = set()
 
@@ -1087,7 +1095,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     ``gluon_pairs_setting`` (with the prefetch only; unset: when not transposed); ``kpairs`` None:
     ``gluon_kpairs_setting``; ``lshift`` None: ``gluon_lshift_setting``; ``stagger`` None:
     ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``); ``staged``
-    None: ``gluon_staged_setting`` (unset: the transposed step), in place of the prefetch
+    None: ``gluon_staged_setting`` (unset: the transposed step over at least
+    ``STAGED_MIN_HEADS`` (batch, KV head) pairs), in place of the prefetch
     where ``staged_fits``. Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
@@ -1121,7 +1130,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     if staged is None:
         staged = gluon_staged_setting()
     if staged is None:
-        staged = transposed
+        staged = transposed and bsz * hk >= STAGED_MIN_HEADS
     staged = bool(staged and staged_fits(k_codes, k_radii) and staged_fits(v_codes, v_radii))
     if staged:
         prefetch = False

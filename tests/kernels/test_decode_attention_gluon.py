@@ -149,7 +149,7 @@ class _Launched(Exception):
     pass
 
 
-def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None):
+def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None, batch=16):
     """The STAGED constexpr that ``launch_attention_gluon`` gives the kernel (CPU tensors,
     the kernel replaced by a recorder that stops the launch), and the ring's constexprs."""
     from polartensor.kernels import decode_attention_gluon as dg
@@ -176,11 +176,11 @@ def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None):
     monkeypatch.setattr("polartensor.kernels.common._sm_count", lambda device: 132)
     d = 128
     cfg = get_preset("paper", head_dim=d)
-    k = quantize(torch.randn(1, 2, n, d), cfg)
+    k = quantize(torch.randn(batch, 2, n, d), cfg)
     kc, kr = k.codes, k.radii
     if cap is not None:
         kc, kr = _in_capacity(kc, cap), _in_capacity(kr, cap)
-    q = torch.zeros(1, 2 * group, 1, d, dtype=torch.bfloat16)
+    q = torch.zeros(batch, 2 * group, 1, d, dtype=torch.bfloat16)
     trig = trig_table(k.centroids, cfg.bits)
     with pytest.raises(_Launched):
         launch_attention_gluon(q, kc, kr, trig, cfg, kc, kr, trig, cfg, torch.eye(d),
@@ -190,8 +190,9 @@ def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None):
 
 def test_staged_ring_is_the_default_of_the_transposed_step(monkeypatch):
     """Unset, the codes are staged in shared memory where the transposed step runs (groups of
-    at most 8, where it measured faster) and the storage fits, and the prefetch is off
-    then; groups over 8 keep the prefetch unless POLARTENSOR_GLUON_STAGED=1; 0 turns it
+    at most 8) over at least STAGED_MIN_HEADS (batch, KV head) pairs (where it measured
+    faster) and the storage fits, and the prefetch is off then; fewer pairs (batch 1 here:
+    2) and groups over 8 keep the prefetch unless POLARTENSOR_GLUON_STAGED=1; 0 turns it
     off; storage that does not fit (40 keys in storage of 45: 45 x 46 bytes a head) takes
     the prefetch. The staged build is checked (warmup) before its first launch."""
     seen = _staged_launch(monkeypatch, 4)
@@ -200,6 +201,10 @@ def test_staged_ring_is_the_default_of_the_transposed_step(monkeypatch):
     assert seen["RW"] == 64 and seen["NSTAGE"] == 4
     seen = _staged_launch(monkeypatch, 16)
     assert seen.get("STAGED", False) is False and seen["PREFETCH"] is True
+    seen = _staged_launch(monkeypatch, 4, batch=1)
+    assert seen.get("STAGED", False) is False and seen["PREFETCH"] is True
+    assert _staged_launch(monkeypatch, 4, batch=1, env="1")["STAGED"] is True
+    assert _staged_launch(monkeypatch, 4, batch=1, staged=True)["STAGED"] is True
     assert _staged_launch(monkeypatch, 16, env="1")["STAGED"] is True
     assert _staged_launch(monkeypatch, 4, env="0").get("STAGED", False) is False
     assert _staged_launch(monkeypatch, 4, staged=False).get("STAGED", False) is False
