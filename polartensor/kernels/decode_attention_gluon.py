@@ -919,7 +919,7 @@ def gluon_staged_setting() -> bool | None:
     256 (batch, KV head) pairs but 0.92x at 8 (batch 1, 128K keys): ``STAGED_MIN_HEADS``. Not
     measured where not transposed (225 registers there, 8 per SM), so off there unless
     asked. Serves caches whose keys' records and radii are contiguous and 16-byte aligned
-    per (batch, head) (``staged_fits``: a cache whose capacity is a multiple of 8 keys);
+    per (batch, head) (``staged_fits``: storage of a multiple of 8 keys, as buffers allocate);
     elsewhere the call takes the prefetch."""
     if os.environ.get("POLARTENSOR_GLUON_STAGED") is None:
         return None
