@@ -73,6 +73,17 @@ PY
 # pytest-xdist, where installed, spreads the tests over the CPU cores: Triton compiles on them.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
+bench_all() {  # <budget seconds>: bench_attention, every table (the bench and release stages)
+    step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s "$1" \
+        --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
+}
+# Nsight Compute of the Gluon decode at batch 8 / 32K, paper (the target shape), one launch
+# (the profile_gluon and release stages)
+NCU_GLUON=(ncu --clock-control none --section SpeedOfLight --section WarpStateStats
+           --section InstructionStats --section LaunchStats --section Occupancy
+           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+           --section SchedulerStats --section SourceCounters --print-details all
+           -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py)
 ab_gluon_candidates() {
     # the Gluon decode's A/B: the default beside the candidates with more work in flight per
     # warp: 32 keys a step without the prefetch, 255 registers offline, 588 loop
@@ -124,8 +135,7 @@ bench)
     # every table, with the joint table of levels 1 and 2 forced on (POLARTENSOR_JOINT12=1) and
     # off (=0) timed beside the default (on where measured faster), in one run; polar-4/polar-3
     # is the transformers integration's default cache (polar-4 keys, polar-3 values)
-    step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 250 \
-        --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
+    bench_all 250
     ;;
 sweep)
     OUT="$OUT" step sweep 280 "$PY" scripts/sweep_decode_launch.py
@@ -196,32 +206,20 @@ persist)
     done
     ;;
 profile_gluon)
-    # Nsight Compute on the Gluon decode at batch 8 / 32K, paper (the target shape): its
-    # default launch (the codes staged in shared memory), then the register prefetch
-    # (POLARTENSOR_GLUON_STAGED=0); the pipes and the L1 wavefronts say whether the
+    # Nsight Compute on the Gluon decode (NCU_GLUON): its default launch (the codes staged
+    # in shared memory), then the register prefetch (POLARTENSOR_GLUON_STAGED=0); the pipes and the L1 wavefronts say whether the
     # shuffles and the code reads (both on the LSU/MIO path) or the issue rate cap it,
     # SourceCounters which instructions stall
-    NCU=(ncu --clock-control none --section SpeedOfLight --section WarpStateStats
-         --section InstructionStats --section LaunchStats --section Occupancy
-         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
-         --section SchedulerStats --section SourceCounters --print-details all)
-    GLUON=1 step ncu_gluon 200 "${NCU[@]}" -k regex:polar_decode_attn_gluon --launch-skip 1 \
-        -c 1 "$PY" scripts/profile_decode.py
-    GLUON=1 POLARTENSOR_GLUON_STAGED=0 step ncu_gluon_prefetch 200 "${NCU[@]}" \
-        -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
+    GLUON=1 step ncu_gluon 200 "${NCU_GLUON[@]}"
+    GLUON=1 POLARTENSOR_GLUON_STAGED=0 step ncu_gluon_prefetch 200 "${NCU_GLUON[@]}"
     ;;
 release)
     # one call where device time is short: the benchmark (the bench stage), Nsight Compute of
     # the Gluon decode's default (staged codes) at the target, then the Gluon decode's and the
     # KV buffers' tests, then the rest of the suite in what is left of CALL_S (default 570)
     # seconds since the stage began
-    step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s 230 \
-        --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
-    GLUON=1 step ncu_gluon 150 ncu --clock-control none --section SpeedOfLight \
-        --section WarpStateStats --section InstructionStats --section LaunchStats \
-        --section Occupancy --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        --section SchedulerStats --section SourceCounters --print-details all \
-        -k regex:polar_decode_attn_gluon --launch-skip 1 -c 1 "$PY" scripts/profile_decode.py
+    bench_all 230
+    GLUON=1 step ncu_gluon 150 "${NCU_GLUON[@]}"
     POLARTENSOR_FAILLOG="$OUT/failures_gluon.txt" \
         step tests_gluon 170 "$PY" -m pytest "${XDIST[@]}" -q -rs -p no:cacheprovider \
         tests/kernels/test_decode_attention_gluon.py tests/test_kv_buffer.py
