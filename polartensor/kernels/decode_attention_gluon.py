@@ -36,7 +36,8 @@ coordinates rather than a group padded to 16 (``_attn_step`` with TRANS): K and 
 operands hold the coordinates they hold as B operands, so the tree decode is the same.
 
 The loop's other settings, each read per call and each measured (the settings' docstrings):
-where transposed, each step's codes and radii staged in shared memory by ``cp.async``
+where transposed (over at least ``STAGED_MIN_HEADS`` (batch, KV head) pairs), each step's
+codes and radii staged in shared memory by ``cp.async``
 three steps ahead (``gluon_staged_setting``: no registers hold them, so 12 programs fit an
 SM; the only shared memory the kernel has), elsewhere the next step's codes prefetched in
 registers (``gluon_prefetch_setting``); K's code words per block pair
@@ -45,7 +46,9 @@ two steps an iteration where not transposed (``gluon_pairs_setting``); opt-in, m
 slower, the prefetch half a step ahead (``gluon_stagger_setting``). Nsight Compute at the
 target shape with the register prefetch (results/bench/ncu_gluon_2026-12-06_h100.md):
 latency-bound at the two warps per scheduler that its registers allow, no pipe near its
-limit; the staged ring, 1.06-1.17x faster on an H100, has not been profiled.
+limit. The staged ring, 1.06-1.17x faster on an H100, profiled there
+(results/bench/ncu_gluon_2026-12-07b_h100.md): load stalls gone, the LSU pipe (the table
+shuffles and the ring's reads) at 64-68% of its peak is the limit.
 """
 
 from __future__ import annotations
