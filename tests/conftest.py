@@ -38,6 +38,17 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def reference_on_cpu(monkeypatch):
+    """Without a GPU, route attention and encode to the pure-PyTorch reference
+    (POLARTENSOR_REFERENCE=1, read at every call and passed on to subprocesses). For tests of
+    what sits around the kernels (lm-eval, the cache methods): under the interpreter the
+    kernels cost minutes there, and the kernel tests already hold them equal to the
+    reference. On a GPU nothing changes: the same tests run the kernels."""
+    if not ON_GPU:
+        monkeypatch.setenv("POLARTENSOR_REFERENCE", "1")
+
+
 # -- logs written as tests finish (a run cut off by a time limit still says what failed) --------
 # POLARTENSOR_FAILLOG=<file>: each failure's test id and traceback, appended when it happens.
 # POLARTENSOR_TESTLOG=<file>: one line per finished test: outcome, seconds, test id.

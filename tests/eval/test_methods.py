@@ -7,6 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+# On the CPU the reference runs the attention (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("reference_on_cpu")
+
 from polartensor.eval import available_methods, cache_bits, make_method  # noqa: E402
 from polartensor.eval.common import tiny_llama  # noqa: E402
 from polartensor.eval.kivi import KIVICache, KIVILayer, quantize_groups  # noqa: E402

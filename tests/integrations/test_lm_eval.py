@@ -12,6 +12,10 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+# One xdist worker builds the tiny model and the tasks (module fixtures) for all of them; on
+# the CPU the reference runs the attention (see tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group("lm_eval"), pytest.mark.usefixtures("reference_on_cpu")]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

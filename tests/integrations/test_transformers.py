@@ -684,6 +684,7 @@ def smollm2():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model for both
 def test_smollm2_lossless_greedy_reproduces_full_cache(smollm2):
     model, tok = smollm2
     model.set_attn_implementation("polar")
@@ -698,6 +699,7 @@ def test_smollm2_lossless_greedy_reproduces_full_cache(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model for both
 def test_smollm2_needles_default_preset(smollm2):
     """Every needle the full cache retrieves in a small grid of essay haystacks (up to 2K
     tokens), the default PolarQuant cache retrieves too."""

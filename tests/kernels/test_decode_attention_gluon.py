@@ -478,6 +478,8 @@ def traced():
     return {(r["variant"], r["group"]): r for r in rows}
 
 
+# one xdist worker runs the module's trace subprocess (a minute on a CI core) for all of them
+@pytest.mark.xdist_group("gluon_decode_traces")
 @pytest.mark.parametrize("variant,group", _TRACES)
 def test_kernel_traces_with_trivial_operand_layouts(traced, variant, group):
     """Every launch variant traces for sm_90 on any machine: the decoded K and V tiles reach

@@ -49,6 +49,7 @@ def traced():
     return rows
 
 
+@pytest.mark.xdist_group("gluon_encode_traces")  # one worker traces for all four
 @pytest.mark.parametrize("tile", ["128", "64"])
 @pytest.mark.parametrize("stage", ["0", "1"])
 def test_gluon_encode_traces_async(traced, tile, stage):
