@@ -438,7 +438,9 @@ def test_sampling_and_beam_search():
     assert torch.equal(sample, ref_sample)
     assert torch.equal(beam, ref_beam)
     model.set_attn_implementation("sdpa")
-    # (not the polar attention: the cache says it dequantizes every step)
+    # (not the polar attention: the cache says it dequantizes every step; once a process, so
+    # reset here: under xdist an earlier test on this worker may have warned)
+    ptf._WARNED["dequantize"] = False
     with pytest.warns(UserWarning, match="attention is not 'polar'"):
         lossless_beam = _gen(model, ids, mask, PolarQuantCache(LOSSLESS_KV), num_beams=3)
     assert torch.equal(lossless_beam, _gen(model, ids, mask, num_beams=3))
