@@ -71,8 +71,10 @@ print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {trito
       f"Python {platform.python_version()}")
 PY
 # pytest-xdist, where installed, spreads the tests over the CPU cores: Triton compiles on them.
+# --dist loadgroup: the tests marked with one xdist_group (those sharing an expensive module
+# fixture, such as the Gluon traces) run on one worker, which builds the fixture once.
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))" --dist loadgroup)
 bench_all() {  # <budget seconds>: bench_attention, every table (the bench and release stages)
     step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s "$1" \
         --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
