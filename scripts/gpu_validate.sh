@@ -74,7 +74,8 @@ PY
 # --dist loadgroup: the tests marked with one xdist_group (those sharing an expensive module
 # fixture, such as the Gluon traces) run on one worker, which builds the fixture once.
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))" --dist loadgroup)
+"$PY" -c "import xdist" 2>/dev/null \
+    && XDIST=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))" --dist loadgroup)
 bench_all() {  # <budget seconds>: bench_attention, every table (the bench and release stages)
     step bench 330 "$PY" scripts/bench_attention.py --out "$OUT/bench" --budget-s "$1" \
         --presets paper,polar-3,polar-4,polar-4/polar-3 --joint12
@@ -209,9 +210,9 @@ persist)
     ;;
 profile_gluon)
     # Nsight Compute on the Gluon decode (NCU_GLUON): its default launch (the codes staged
-    # in shared memory), then the register prefetch (POLARTENSOR_GLUON_STAGED=0); the pipes and the L1 wavefronts say whether the
-    # shuffles and the code reads (both on the LSU/MIO path) or the issue rate cap it,
-    # SourceCounters which instructions stall
+    # in shared memory), then the register prefetch (POLARTENSOR_GLUON_STAGED=0); the pipes
+    # and the L1 wavefronts say whether the shuffles and the code reads (both on the LSU/MIO
+    # path) or the issue rate cap it, SourceCounters which instructions stall
     GLUON=1 step ncu_gluon 200 "${NCU_GLUON[@]}"
     GLUON=1 POLARTENSOR_GLUON_STAGED=0 step ncu_gluon_prefetch 200 "${NCU_GLUON[@]}"
     ;;
