@@ -78,6 +78,23 @@ def validate_sdpa_args(query, key, value, attn_mask, dropout_p, enable_gqa) -> i
         raise ValueError(
             f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in heads or length"
         )
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        want = torch.Size((*query.shape[:-1], key.shape[-2]))
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, want) == want
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                f"[..., query heads, q_len, kv_len] = {tuple(want)}; pass one of that shape "
+                "or one that broadcasts to it, such as [q_len, kv_len] or "
+                "[batch, 1, q_len, kv_len]"
+            )
     hq, hk = query.shape[-3], key.shape[-3]
     if hq == hk:
         return 1
@@ -138,6 +155,8 @@ def polar_sdpa(
     q_len, kv_len, d = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
+    if kv_len == 0:  # no key to attend to: zeros, as for a fully masked row
+        return query.new_zeros((*query.shape[:-1], value.shape[-1]))
     k_rot, kcfg = _as_rotated(key, work)
     v_rot, vcfg = _as_rotated(value, work)
     q = rotate(query, kcfg.rotation, kcfg.seed) if kcfg is not None else query.to(work)

@@ -117,6 +117,21 @@ def test_sdpa_bad_arguments():
     with pytest.raises(TypeError, match="attn_mask must be bool or floating"):
         F.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(2, 3, dtype=torch.int64),
                                        enable_gqa=True)
+    with pytest.raises(ValueError, match=r"does not broadcast to .* \(1, 4, 2, 3\)"):
+        F.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(2, 4, dtype=torch.bool),
+                                       enable_gqa=True)
+    with pytest.raises(ValueError, match="does not broadcast"):  # would widen the output
+        F.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(5, 1, 4, 2, 3),
+                                       enable_gqa=True)
+
+
+def test_sdpa_with_no_keys_gives_zeros():
+    # F.scaled_dot_product_attention on plain tensors gives zeros for an empty key set too
+    q = torch.randn(2, 4, 3, 64, dtype=torch.bfloat16)
+    k = quantize(torch.randn(2, 2, 5, 64), "paper")[:, :, :0]
+    out = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    assert out.shape == (2, 4, 3, 64) and out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_sdpa_mismatched_devices_raise():
