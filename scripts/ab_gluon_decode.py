@@ -81,7 +81,8 @@ def _shape_row(args, preset, cfg, b, n, variants, per_sm, sms, dev):
                                               prefetch=var.prefetch,
                                               transposed=var.transposed, pairs=var.pairs,
                                               kpairs=var.kpairs, lshift=var.lshift,
-                                              stagger=var.stagger, staged=var.staged)
+                                              stagger=var.stagger, staged=var.staged,
+                                              fold=var.fold)
             try:
                 out = fn().float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -145,6 +146,7 @@ class Variant(NamedTuple):
     lshift: bool = False  # :ls, POLARTENSOR_GLUON_LSHIFT
     stagger: bool = False  # :sg (with :pf), POLARTENSOR_GLUON_STAGGER
     staged: bool = False  # :st (without :pf), POLARTENSOR_GLUON_STAGED
+    fold: bool = False    # :fd, POLARTENSOR_GLUON_FOLD
     per_sm: int = 0       # @N: only at N programs per SM (0: each of --per-sm)
 
     @property
@@ -158,14 +160,14 @@ class Variant(NamedTuple):
                 + "".join(f"_{f}" for f, on in zip(_FLAGS, self[2:2 + len(_FLAGS)]) if on))
 
 
-_FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg", "st")
+_FLAGS = ("pf", "tr", "pr", "kp", "ls", "sg", "st", "fd")
 
 
 def parse_variant(text: str) -> Variant:
-    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg][:st][@N]' -> Variant (pairs: two steps
-    an iteration, and sg: the prefetch half a step ahead, with the prefetch only; st: the
-    codes staged in shared memory, in place of the prefetch; @N: timed at N programs per SM
-    only)."""
+    """'block_n:maxnreg[:pf][:tr][:pr][:kp][:ls][:sg][:st][:fd][@N]' -> Variant (pairs: two
+    steps an iteration, and sg: the prefetch half a step ahead, with the prefetch only; st:
+    the codes staged in shared memory, in place of the prefetch; fd: levels 3 and 2 folded;
+    @N: timed at N programs per SM only)."""
     text, _, at = text.partition("@")
     parts = text.split(":")
     flags = parts[2:]
@@ -177,7 +179,7 @@ def parse_variant(text: str) -> Variant:
             or ("st" in flags and "pf" in flags)):
         raise ValueError(f"variant {text!r}: use block_n:maxnreg (0: no cap), then any of "
                          f":pf, :tr, :pr and :sg (with :pf), :kp and :ls, :st (without :pf), "
-                         f"e.g. 16:0:pf:tr")
+                         f":fd, e.g. 16:0:pf:tr")
     return Variant(int(parts[0]), int(parts[1]), *(f in flags for f in _FLAGS),
                    per_sm=int(at or 0))
 
@@ -195,7 +197,8 @@ def main():
                     "(POLARTENSOR_GLUON_KPAIRS), :ls for shifted tables of 2-bit code pairs "
                     "(POLARTENSOR_GLUON_LSHIFT), :sg (with :pf) for the prefetch half a step "
                     "ahead (POLARTENSOR_GLUON_STAGGER), :st (without :pf) for the codes "
-                    "staged in shared memory by cp.async (POLARTENSOR_GLUON_STAGED)")
+                    "staged in shared memory by cp.async (POLARTENSOR_GLUON_STAGED), :fd for "
+                    "levels 3 and 2 folded into one shuffle (POLARTENSOR_GLUON_FOLD)")
     ap.add_argument("--per-sm", default="8,12", help="programs per SM to try (the splits)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=25)

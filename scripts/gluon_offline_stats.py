@@ -81,7 +81,8 @@ def _launch_args(var, group: int):
                                  maxnreg=var.maxnreg or None, prefetch=var.prefetch,
                                  transposed=var.transposed, pairs=var.pairs,
                                  kpairs=var.kpairs, lshift=var.lshift,
-                                 stagger=var.stagger, staged=var.staged)
+                                 stagger=var.stagger, staged=var.staged,
+                                 fold=var.fold)
     except _Launched:
         pass
     finally:

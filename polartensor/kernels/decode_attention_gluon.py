@@ -72,7 +72,8 @@ __all__ = ["polar_decode_attn_gluon_fwd_kernel", "launch_attention_gluon",
            "gluon_decode_supported", "gluon_decode_auto", "gluon_decode_setting",
            "takes_gluon_decode", "gluon_prefetch_setting", "gluon_transposed_setting",
            "gluon_pairs_setting", "gluon_kpairs_setting", "gluon_lshift_setting",
-           "gluon_stagger_setting", "gluon_staged_setting", "staged_fits",
+           "gluon_stagger_setting", "gluon_staged_setting", "gluon_fold_setting",
+           "fold_table", "staged_fits",
            "gluon_split_count",
            "programs_per_sm", "tile_layouts", "k_permutation", "v_permutation"]
 
@@ -144,6 +145,14 @@ def _tables(base, like, B: gl.constexpr):
 def _shfl(t, i):
     return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;",
                                      "=r,r,r", [t, i], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _bits_0_1_of(a, b):
+    """Bits 0-1 of a, the rest of b: one lop3 (written out: ptxas had split (a & 3) | (b &
+    ~3) into a bit-field extract and the select)."""
+    return gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 3, 0xE4;", "=r,r,r", [a, b],
+                                     dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -405,9 +414,9 @@ def _load_step(n0, kc_h, kr_h, vc_h, vr_h, skc_n, skr_n, svc_n, svr_n, koff, kro
 @gluon.jit
 def _level(n, w, base, B: gl.constexpr, LSHIFT: gl.constexpr):
     """One level of the trees: n's children from the code pairs in w (the first code at bit
-    0, the second at bit B). LSHIFT where 2 B <= 5: the second read unshifted through the
-    table at lane bits B (``_tables``)."""
-    if LSHIFT and 2 * B <= 5:
+    0, the second at bit B). LSHIFT (bit 0, see ``_decode_trees``) where 2 B <= 5: the
+    second read unshifted through the table at lane bits B (``_tables``)."""
+    if LSHIFT % 2 == 1 and 2 * B <= 5:
         c = gl.join(w, w)
         t = _tables(base, c, B)
     else:
@@ -422,12 +431,27 @@ def _decode_trees(r, w4, w3, w2, w1a, w1b, trig_ptr, KT: gl.constexpr, B1: gl.co
                   LSHIFT: gl.constexpr = False):
     """[BN, 8] (key, block) radii and code words (``_code_words``) -> [BN, 8, 2, 2, 2, 2]
     bfloat16 decoded blocks (levels 4 to 1 as the minor dims), each tree inside one
-    thread."""
+    thread. LSHIFT is a bit set: 1, shifted tables (``_level``); 2, levels 3 and 2 folded
+    (``fold_table``: 2-bit levels 3 and 2 only, the table after the trig table's plane 4)."""
     # planes of the trig table: [5, 4, KT], plane 2 the packed bf16x2 (cos, sin) words
     pk = trig_ptr + 2 * 4 * KT
     n = _children_f32(r, _shfl(_lane_word(pk + 3 * KT, w4, 1 << B4), w4))
-    n = _level(n, w3, pk + 2 * KT, B3, LSHIFT)
-    n = _level(n, gl.join(w2, w2 >> (2 * B2)), pk + KT, B2, LSHIFT)
+    if LSHIFT // 2 == 1:
+        # One shuffle per level-2 node (m, s) (level-3 node m, its side s) in place of one
+        # per level-3 node and one per level-2 node: side s's table holds t_s(c3) (cos c2,
+        # sin c2), t_0 = cos and t_1 = sin, read at lane bits 0-3 (bit 4 free): side 0's
+        # with c2 at bits 0-1 and c3 at 2-3, side 1's the other way round, so that each
+        # index is one bit select of words that already hold the codes there.
+        fb = pk + 3 * 4 * KT
+        x = gl.join(w2, w2 >> (2 * B2))     # [.., m]: c2 of (m, 0) at bits 0-1, (m, 1) at 2-3
+        y = gl.join(w3 << 2, w3)            # c3_m at bits 2-3
+        u = gl.join(w3, w3 >> 2)            # c3_m at bits 0-1
+        idx = gl.join(_bits_0_1_of(x, y), _bits_0_1_of(u, x))
+        t = gl.join(_lane_word(fb, x, 16), _lane_word(fb + 16, x, 16))
+        n = _children(gl.join(n, n), _shfl(t, idx))
+    else:
+        n = _level(n, w3, pk + 2 * KT, B3, LSHIFT)
+        n = _level(n, gl.join(w2, w2 >> (2 * B2)), pk + KT, B2, LSHIFT)
     w1 = gl.join(w1a, w1b)
     n = _level(n, gl.join(w1, w1 >> (2 * B1)), pk, B1, LSHIFT)
     return n
@@ -885,6 +909,45 @@ def gluon_lshift_setting() -> bool:
                     "pairs", "each code shifted to bit 0")
 
 
+def gluon_fold_setting() -> bool:
+    """POLARTENSOR_GLUON_FOLD (read per call; default off, not yet measured): levels 3 and 2
+    of each tree in one shuffle per level-2 node (``_decode_trees``, ``fold_table``): 13
+    shuffles and 13 packed multiplies a block instead of 15 of each. The decoded blocks
+    round differently (t_s(c3) cos c2 is rounded to bfloat16 once, where the unfolded
+    decode rounds the level-3 node's value and then its product), so they are not the
+    Triton kernel's bit for bit."""
+    return env_flag("POLARTENSOR_GLUON_FOLD", False, "levels 3 and 2 folded into one "
+                    "shuffle per level-2 node", "one shuffle per node of each level")
+
+
+_FOLD_TABLES: dict = {}   # id(trig) -> (weakref to it, its version, the table)
+
+
+def fold_table(trig: torch.Tensor) -> torch.Tensor:
+    """The Gluon decode's table for ``fold``: planes 0-4 of ``trig`` ([5 (+ J), 4, KT]
+    float32, ``common.trig_table``), then 32 words: at c2 | c3 << 2 and at 16 + (c3 | c2
+    << 2), the bfloat16 pair (t cos c2, t sin c2) packed as plane 2 packs (cos low), t =
+    cos c3 in the first 16 words and sin c3 in the second (c2, c3: 2-bit codes of levels
+    2 and 3), each product rounded once from float32. Cached per table (by identity and
+    version)."""
+    hit = _FOLD_TABLES.get(id(trig))
+    if hit is not None and hit[0]() is trig and hit[1] == trig._version:
+        return hit[2]
+    cos, sin = trig[0].float(), trig[1].float()
+    t3 = torch.stack([cos[2, :4], sin[2, :4]])                   # [s, c3]
+    lo = (t3[:, :, None] * cos[1, None, None, :4]).to(torch.bfloat16)   # [s, c3, c2]
+    hi = (t3[:, :, None] * sin[1, None, None, :4]).to(torch.bfloat16)
+    lo = lo.view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = hi.view(torch.int16).to(torch.int32) << 16
+    words = (lo | hi)                                            # [s, c3, c2]
+    words = torch.cat([words[0].reshape(16), words[1].t().reshape(16)]).view(torch.float32)
+    table = torch.cat([trig[:5].reshape(-1).float(), words]).contiguous()
+    if len(_FOLD_TABLES) > 64:
+        _FOLD_TABLES.clear()
+    _FOLD_TABLES[id(trig)] = (weakref.ref(trig), trig._version, table)
+    return table
+
+
 def gluon_stagger_setting() -> bool:
     """POLARTENSOR_GLUON_STAGGER=1 (read per call; opt-in, measured slower): the prefetch
     half a step ahead instead of a whole step (a step's V loads issued before its K is
@@ -1090,7 +1153,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
                            v_cfg, rot_k, rot_v, scale, num_splits=None, block_n=BLOCK_N,
                            maxnreg=MAXNREG, out=None, prefetch=None, transposed=None,
                            pairs=None, kpairs=None, lshift=None, stagger=None,
-                           staged=None):
+                           staged=None, fold=None):
     """Decode attention (q_len 1) by the Gluon kernel, then the Triton combine kernel.
     Storage as ``launch_attention``'s (16-bit aligned records); ``num_splits`` None:
     ``gluon_split_count``; ``prefetch`` None: ``gluon_prefetch_setting``; ``transposed``
@@ -1100,7 +1163,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``); ``staged``
     None: ``gluon_staged_setting`` (unset: the transposed step over at least
     ``STAGED_MIN_HEADS`` (batch, KV head) pairs), in place of the prefetch
-    where ``staged_fits``. Needs at least one key."""
+    where ``staged_fits``; ``fold`` None: ``gluon_fold_setting`` (2-bit levels 2 and 3
+    only). Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -1132,6 +1196,14 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         stagger = gluon_stagger_setting()
     if staged is None:
         staged = gluon_staged_setting()
+    if fold is None:
+        fold = gluon_fold_setting()
+    k_kt, v_kt = k_trig.shape[-1], v_trig.shape[-1]
+    if fold:
+        if not all(c.bits[1] == 2 and c.bits[2] == 2 for c in (k_cfg, v_cfg)):
+            raise ValueError("the folded levels 3 and 2 (POLARTENSOR_GLUON_FOLD) need 2-bit "
+                             f"levels 2 and 3, not K {k_cfg.bits} / V {v_cfg.bits}: unset it")
+        k_trig, v_trig = fold_table(k_trig), fold_table(v_trig)
     if staged is None:
         staged = transposed and bsz * hk >= STAGED_MIN_HEADS
     staged = bool(staged and staged_fits(k_codes, k_radii) and staged_fits(v_codes, v_radii))
@@ -1164,18 +1236,19 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         pacc, pml, hk, n, kv_per_split, num_splits, scale * _LOG2E)
     consts = dict(
         GROUP=group, BN=block_n, k_lay=k_lay, v_lay=v_lay, kp_lay=kp_lay,
-        K_KT=k_trig.shape[-1], K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
-        V_KT=v_trig.shape[-1], V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
+        K_KT=k_kt, K_B1=kb[0], K_B2=kb[1], K_B3=kb[2], K_B4=kb[3],
+        V_KT=v_kt, V_B1=vb[0], V_B2=vb[1], V_B3=vb[2], V_B4=vb[3],
         PREFETCH=bool(prefetch), TRANS=bool(transposed),
         PAIRS=bool(prefetch and pairs and not stagger), KPAIR=bool(kpairs),
-        LSHIFT=bool(lshift), STAGGER=bool(prefetch and stagger), **ring,
+        LSHIFT=int(bool(lshift)) | 2 * int(bool(fold)), STAGGER=bool(prefetch and stagger),
+        **ring,
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     grid = (bsz * hk, num_splits)
     if staged:
         key = (dev.index, group, block_n, tuple(kb), tuple(vb), tuple(sorted(ring.items())),
-               bool(transposed), bool(kpairs), bool(lshift), maxnreg)
+               bool(transposed), bool(kpairs), bool(lshift), bool(fold), maxnreg)
         if key not in _STAGED_CHECKED:
             # the ring's reads address global_smem directly (_smem_base): only sound if the
             # build's shared memory is the ring and nothing else

@@ -17,6 +17,7 @@ from polartensor.config import get_preset
 from polartensor.kernels.common import trig_table
 from polartensor.kernels.decode_attention_gluon import (
     LAST_LAUNCH,
+    fold_table,
     gluon_decode_supported,
     k_permutation,
     launch_attention_gluon,
@@ -77,10 +78,10 @@ def test_supported_scope():
        n=st.integers(1, 3000), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
        prefetch=st.booleans(), transposed=st.booleans(), pairs=st.booleans(),
        kpairs=st.booleans(), lshift=st.booleans(), stagger=st.booleans(),
-       staged=st.booleans(), seed=st.integers(0, 2**16))
+       staged=st.booleans(), fold=st.booleans(), seed=st.integers(0, 2**16))
 def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefetch,
                                         transposed, pairs, kpairs, lshift, stagger, staged,
-                                        seed):
+                                        fold, seed):
     """Every launch variant against the reference; the transposed step where it serves
     (groups of at most 8); two steps an iteration (with the prefetch), which with up to 9
     splits of up to 3000 keys meets an even and an odd number of full steps. K's loads by
@@ -88,7 +89,9 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
     prefetch half a step ahead (stagger) and the codes staged in shared memory (staged) only
     move loads, so each gives the same output bit for bit as the launch without them. The
     staged launch reads the cache from storage whose capacity is a multiple of 8 keys (as
-    a cache's own is), which it needs, and must have taken the ring."""
+    a cache's own is), which it needs, and must have taken the ring. The folded levels 3
+    and 2 (fold) round the decoded blocks otherwise: close to the launch without them, and
+    the other settings bit for bit with it."""
     d = 128
     cfg = get_preset("paper", head_dim=d)
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +107,7 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
                                  rot, rot, 1 / math.sqrt(d), splits, block_n=block_n,
                                  prefetch=prefetch, transposed=transposed and group <= 8,
                                  pairs=pairs, kpairs=kpairs, lshift=lshift, stagger=stagger,
-                                 staged=staged)
+                                 staged=staged, fold=fold)
     assert LAST_LAUNCH["staged"] is staged
     ref = polar_sdpa(q.float(), k, v, enable_gqa=group > 1)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -113,10 +116,51 @@ def test_gluon_decode_matches_reference(b, hk, group, n, splits, block_n, prefet
             q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
             1 / math.sqrt(d), splits, block_n=block_n, prefetch=prefetch,
             transposed=transposed and group <= 8, pairs=pairs, kpairs=False, lshift=False,
-            stagger=False, staged=False)
+            stagger=False, staged=False, fold=fold)
         assert torch.equal(out, plain)
+    if fold:
+        unfolded = launch_attention_gluon(
+            q, k.codes, k.radii, trig, cfg, v.codes, v.radii, trig, cfg, rot, rot,
+            1 / math.sqrt(d), splits, block_n=block_n, prefetch=prefetch,
+            transposed=transposed and group <= 8, pairs=pairs, fold=False)
+        diff = (out.double() - unfolded.double()).norm() / unfolded.double().norm()
+        assert diff <= 1e-2, f"folded against unfolded: relative difference {diff:.2e}"
     err = (out.double() - ref.double()).norm() / ref.double().norm()
     assert err <= 2e-2, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("preset", ["paper", "polar-3"])
+def test_fold_table_serves_the_kernels_indices(preset):
+    """``fold_table``'s two 16-word tables read as ``_decode_trees`` reads them: for every
+    level-3 code c3 and level-2 codes of both sides, the index the kernel builds (one bit
+    select of words holding the codes, bits from 4 on left as they are: the tables repeat
+    there) finds t_s(c3) (cos c2, sin c2) in bfloat16, each product rounded once."""
+    cfg = get_preset(preset, head_dim=128)
+    k = quantize(torch.randn(1, 1, 4, 128), cfg)
+    trig = trig_table(k.centroids, cfg.bits)
+    table = fold_table(trig)
+    assert table.dtype == torch.float32 and table.numel() == trig[:5].numel() + 32
+    assert torch.equal(table[:trig[:5].numel()], trig[:5].reshape(-1))
+    assert fold_table(trig) is table                    # cached per table
+    words = table[trig[:5].numel():].view(torch.int32)
+    cos, sin = k.centroids.double().cos(), k.centroids.double().sin()
+    for w2 in range(256):                               # one block's four level-2 codes
+        for w3 in range(16):                            # its two level-3 codes
+            hi = (w2 >> 8 | w3 << 8) & ~0xFF            # neighbours' bits above: ignored
+            for m in range(2):
+                c3 = (w3 >> 2 * m) & 3
+                x = (w2 | hi) >> 4 * m                  # the kernel's words for node m
+                y = (w3 | hi) << 2 if m == 0 else w3 | hi
+                u = w3 | hi if m == 0 else (w3 | hi) >> 2
+                for s, idx in ((0, (x & 3) | (y & ~3)), (1, (u & 3) | (x & ~3))):
+                    c2 = (w2 >> (4 * m + 2 * s)) & 3
+                    word = int(words[16 * s + (idx & 15)]) & 0xFFFFFFFF
+                    t = (cos if s == 0 else sin)[2, c3]
+                    want = [t * cos[1, c2], t * sin[1, c2]]
+                    got = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)
+                    got = got.to(torch.int16).view(torch.bfloat16).double()
+                    ref = torch.tensor(want).float().to(torch.bfloat16).double()
+                    assert torch.equal(got, ref), (w2, w3, m, s)
 
 
 def _in_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -270,6 +314,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
     ("POLARTENSOR_GLUON_STAGGER", "gluon_stagger_setting", False),
     ("POLARTENSOR_GLUON_STAGED", "gluon_staged_setting", None),
+    ("POLARTENSOR_GLUON_FOLD", "gluon_fold_setting", False),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
@@ -452,7 +497,7 @@ _TRACE_VARIANTS = ["16:0", "16:0:pf", "32:0", "32:0:pf", "16:0:tr", "16:0:pf:tr"
                    "16:0:pf:tr:kp", "16:0:pf:tr:pr:kp", "32:0:pf:kp", "16:0:tr:ls",
                    "16:0:pf:tr:pr:kp:ls", "32:0:pf:kp:ls", "16:0:pf:tr:kp:ls:sg",
                    "16:0:pf:sg", "32:0:pf:tr:sg", "16:0:tr:kp:ls:st", "16:0:kp:ls:st",
-                   "32:0:tr:st", "16:128:tr:kp:ls:st"]
+                   "32:0:tr:st", "16:128:tr:kp:ls:st", "16:0:tr:kp:ls:st:fd", "16:0:pf:fd"]
 _TRACE_GROUPS = [1, 4, 7, 8, 16]
 _TRACES = [(v, g) for v in _TRACE_VARIANTS for g in _TRACE_GROUPS
            if not ("tr" in v.split(":") and g > 8)]
