@@ -23,12 +23,14 @@ the Triton combine kernel, which un-rotates.
 
 The arithmetic is the Triton kernel's packed decode (``tree_decode``: radius rounded to
 bfloat16, one ``mul.rn.bf16x2`` per level), so the decoded keys and values are the same
-bfloat16 numbers. Scope: decode (one query row per head, group <= 16), bfloat16 queries,
-head_dim 128, four levels over 16-coordinate blocks with 2-bit upper levels and a 2- to
-4-bit level 1 (the paper preset: 8 radii per vector), no mask, no full-precision tail.
-``launch_attention`` takes it by default from 2^20 batch x KV heads x keys, or 2^19 with
-the transposed step over at least 16 batch x KV heads (``gluon_decode_auto``, measured).
-CUDA only: Gluon has no interpreter.
+bfloat16 numbers, except where levels 3 and 2 are folded into one table
+(``gluon_fold_setting``; by default with the staged ring), which rounds them otherwise.
+Scope: decode (one query row per head, group <= 16), bfloat16 queries, head_dim 128, four
+levels over 16-coordinate blocks with 2-bit upper levels and a 2- to 4-bit level 1 (the
+paper preset: 8 radii per vector), no mask, no full-precision tail. ``launch_attention``
+takes it by default from 2^20 batch x KV heads x keys, or 2^19 with the transposed step
+over at least 16 batch x KV heads (``gluon_decode_auto``, measured). CUDA only: Gluon has
+no interpreter.
 
 For groups of at most 8, by default (``gluon_transposed_setting``), both products are
 transposed (S^T = K Q^T, O^T = V^T P^T), so that the MMAs' 16 rows carry keys and
@@ -42,6 +44,7 @@ three steps ahead (``gluon_staged_setting``: no registers hold them, so 12 progr
 SM; the only shared memory the kernel has), elsewhere the next step's codes prefetched in
 registers (``gluon_prefetch_setting``); K's code words per block pair
 (``gluon_kpairs_setting``), shifted tables for 2-bit code pairs (``gluon_lshift_setting``),
+levels 3 and 2 in one shuffle per level-2 node with the ring (``gluon_fold_setting``),
 two steps an iteration where not transposed (``gluon_pairs_setting``); opt-in, measured
 slower, the prefetch half a step ahead (``gluon_stagger_setting``). Nsight Compute at the
 target shape with the register prefetch (results/bench/ncu_gluon_2026-12-06_h100.md):
@@ -909,15 +912,27 @@ def gluon_lshift_setting() -> bool:
                     "pairs", "each code shifted to bit 0")
 
 
-def gluon_fold_setting() -> bool:
-    """POLARTENSOR_GLUON_FOLD (read per call; default off, not yet measured): levels 3 and 2
-    of each tree in one shuffle per level-2 node (``_decode_trees``, ``fold_table``): 13
-    shuffles and 13 packed multiplies a block instead of 15 of each. The decoded blocks
-    round differently (t_s(c3) cos c2 is rounded to bfloat16 once, where the unfolded
-    decode rounds the level-3 node's value and then its product), so they are not the
-    Triton kernel's bit for bit."""
+def gluon_fold_setting() -> bool | None:
+    """POLARTENSOR_GLUON_FOLD (read per call): levels 3 and 2 of each tree in one shuffle
+    per level-2 node (``_decode_trees``, ``fold_table``), 13 shuffles and 13 packed
+    multiplies a block instead of 15 of each; 1 always (2-bit levels 2 and 3), 0 never,
+    unset (None) where measured faster: with the staged ring. Offline (Triton 3.6, sm_90,
+    the staged transposed step, 16 keys): 112 shuffles and 104 multiplies a step against
+    128 and 120, for 592 loop instructions against 579 (the index of each node is one
+    bit select). On an H100 (results/bench/ab_gluon_decode_2026-12-07{a,b}_h100_fold.md,
+    against the same launch unfolded in one process) 1.039-1.058x at eight shapes and
+    runs (batch 8 / 32K 0.1752 and 0.1754 ms against 0.1823 and 0.1822, 2.12x cuDNN).
+    Not timed with the register prefetch, so off there unless asked. The decoded blocks
+    round otherwise (t_s(c3) (cos c2, sin c2) rounded to bfloat16 once from float32,
+    where the unfolded decode rounds t_s(c3), the level-3 node's value and then its
+    product): per coordinate 3.75e-3 RMS relative error against the exact product where
+    the unfolded decode has 4.22e-3 (an emulation on the CPU, the paper codebook), but no
+    longer the Triton kernel's numbers bit for bit."""
+    if os.environ.get("POLARTENSOR_GLUON_FOLD") is None:
+        return None
     return env_flag("POLARTENSOR_GLUON_FOLD", False, "levels 3 and 2 folded into one "
-                    "shuffle per level-2 node", "one shuffle per node of each level")
+                    "shuffle per level-2 node", "one shuffle per node of each level; unset: "
+                    "with the staged ring")
 
 
 _FOLD_TABLES: dict = {}   # id(trig) -> (weakref to it, its version, the table)
@@ -1163,8 +1178,8 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     ``gluon_stagger_setting`` (with the prefetch only, in place of ``pairs``); ``staged``
     None: ``gluon_staged_setting`` (unset: the transposed step over at least
     ``STAGED_MIN_HEADS`` (batch, KV head) pairs), in place of the prefetch
-    where ``staged_fits``; ``fold`` None: ``gluon_fold_setting`` (2-bit levels 2 and 3
-    only). Needs at least one key."""
+    where ``staged_fits``; ``fold`` None: ``gluon_fold_setting`` (unset: with the ring; 2-bit
+    levels 2 and 3 only). Needs at least one key."""
     from .common import _sm_count
     from .decode_attention import polar_attn_combine_kernel
 
@@ -1198,17 +1213,20 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
         staged = gluon_staged_setting()
     if fold is None:
         fold = gluon_fold_setting()
-    k_kt, v_kt = k_trig.shape[-1], v_trig.shape[-1]
-    if fold:
-        if not all(c.bits[1] == 2 and c.bits[2] == 2 for c in (k_cfg, v_cfg)):
-            raise ValueError("the folded levels 3 and 2 (POLARTENSOR_GLUON_FOLD) need 2-bit "
-                             f"levels 2 and 3, not K {k_cfg.bits} / V {v_cfg.bits}: unset it")
-        k_trig, v_trig = fold_table(k_trig), fold_table(v_trig)
     if staged is None:
         staged = transposed and bsz * hk >= STAGED_MIN_HEADS
     staged = bool(staged and staged_fits(k_codes, k_radii) and staged_fits(v_codes, v_radii))
     if staged:
         prefetch = False
+    foldable = all(c.bits[1] == 2 and c.bits[2] == 2 for c in (k_cfg, v_cfg))
+    if fold is None:
+        fold = staged and foldable
+    k_kt, v_kt = k_trig.shape[-1], v_trig.shape[-1]
+    if fold:
+        if not foldable:
+            raise ValueError("the folded levels 3 and 2 (POLARTENSOR_GLUON_FOLD) need 2-bit "
+                             f"levels 2 and 3, not K {k_cfg.bits} / V {v_cfg.bits}: unset it")
+        k_trig, v_trig = fold_table(k_trig), fold_table(v_trig)
     if num_splits is None:
         num_splits = gluon_split_count(bsz * hk, n, _sm_count(dev), block_n,
                                        programs_per_sm(transposed, prefetch, stagger, staged))
@@ -1264,7 +1282,7 @@ def launch_attention_gluon(q, k_codes, k_radii, k_trig, k_cfg, v_codes, v_radii,
     # what the launch compiled to, for the benchmarks (the split rule assumes a register count)
     LAST_LAUNCH.update(registers=getattr(kernel, "n_regs", None),
                        spills=getattr(kernel, "n_spills", None), splits=num_splits,
-                       staged=staged)
+                       staged=staged, fold=bool(fold))
     polar_attn_combine_kernel[(bsz * hk, 1)](
         pacc, pml, rot_v, out, out.stride(0), out.stride(1), out.stride(2),
         hk, tq, num_splits, 1,

@@ -193,27 +193,31 @@ class _Launched(Exception):
     pass
 
 
-def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None, batch=16):
+def _staged_launch(monkeypatch, group, n=40, cap=None, staged=None, env=None, batch=16,
+                   fold_env=None):
     """The STAGED constexpr that ``launch_attention_gluon`` gives the kernel (CPU tensors,
     the kernel replaced by a recorder that stops the launch), and the ring's constexprs."""
     from polartensor.kernels import decode_attention_gluon as dg
 
-    if env is None:
-        monkeypatch.delenv("POLARTENSOR_GLUON_STAGED", raising=False)
-    else:
-        monkeypatch.setenv("POLARTENSOR_GLUON_STAGED", env)
-    monkeypatch.delenv("POLARTENSOR_GLUON_TRANS", raising=False)
+    for name, value in (("POLARTENSOR_GLUON_STAGED", env),
+                        ("POLARTENSOR_GLUON_FOLD", fold_env)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    for name in ("POLARTENSOR_GLUON_TRANS", "POLARTENSOR_GLUON_LSHIFT"):
+        monkeypatch.delenv(name, raising=False)
     seen = {}
 
     class _Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.update(kwargs)
+                seen.update(kwargs, args=args)
                 raise _Launched
             return launch
 
         def warmup(self, *args, grid, **kwargs):
-            seen.update(kwargs, warmed=True)
+            seen.update(kwargs, args=args, warmed=True)
             raise _Launched
 
     monkeypatch.setattr(dg, "polar_decode_attn_gluon_fwd_kernel", _Recorder())
@@ -255,6 +259,22 @@ def test_staged_ring_is_the_default_of_the_transposed_step(monkeypatch):
     misfit = _staged_launch(monkeypatch, 4, cap=45)
     assert misfit.get("STAGED", False) is False and misfit["PREFETCH"] is True
     assert _staged_launch(monkeypatch, 4, cap=48)["STAGED"] is True
+
+
+def test_folded_levels_go_with_the_staged_ring(monkeypatch):
+    """Unset, levels 3 and 2 are folded (LSHIFT's bit 1, beside the shifted tables' bit 0)
+    where the ring runs, where it measured faster, and the kernel gets ``fold_table``'s
+    table; the prefetch keeps the unfolded decode unless POLARTENSOR_GLUON_FOLD=1, and 0
+    turns the fold off with the ring too."""
+    tables = 5 * 4 * 16                                 # planes 0-4 of the paper's trig table
+    staged = _staged_launch(monkeypatch, 4)
+    assert staged["STAGED"] is True and staged["LSHIFT"] == 3
+    assert staged["args"][11].shape == staged["args"][20].shape == (tables + 32,)
+    prefetch = _staged_launch(monkeypatch, 16)
+    assert prefetch["PREFETCH"] is True and prefetch["LSHIFT"] == 1
+    assert prefetch["args"][11].dim() == 3                # the trig table as it came
+    assert _staged_launch(monkeypatch, 16, fold_env="1")["LSHIFT"] == 3
+    assert _staged_launch(monkeypatch, 4, fold_env="0")["LSHIFT"] == 1
 
 
 def test_transposed_step_refuses_groups_over_8():
@@ -314,7 +334,7 @@ def test_sdpa_routes_to_gluon_decode(monkeypatch, gluon_calls, setting):
     ("POLARTENSOR_GLUON_LSHIFT", "gluon_lshift_setting", True),
     ("POLARTENSOR_GLUON_STAGGER", "gluon_stagger_setting", False),
     ("POLARTENSOR_GLUON_STAGED", "gluon_staged_setting", None),
-    ("POLARTENSOR_GLUON_FOLD", "gluon_fold_setting", False),
+    ("POLARTENSOR_GLUON_FOLD", "gluon_fold_setting", None),
 ])
 def test_gluon_switches_read_and_reject(monkeypatch, env, getter, default):
     """Each on/off setting of the Gluon decode: its default unset, 0 and 1 read per call,
