@@ -925,8 +925,9 @@ def gluon_fold_setting() -> bool | None:
     Not timed with the register prefetch, so off there unless asked. The decoded blocks
     round otherwise (t_s(c3) (cos c2, sin c2) rounded to bfloat16 once from float32,
     where the unfolded decode rounds t_s(c3), the level-3 node's value and then its
-    product): per coordinate 3.75e-3 RMS relative error against the exact product where
-    the unfolded decode has 4.22e-3 (an emulation on the CPU, the paper codebook), but no
+    product): per coordinate 3.70e-3 RMS relative error against the exact product where
+    the unfolded decode has 4.20e-3 (emulated on the CPU with the paper tables:
+    tests/kernels/test_decode_attention_gluon.py, ``fold_rounding_errors``), but no
     longer the Triton kernel's numbers bit for bit."""
     if os.environ.get("POLARTENSOR_GLUON_FOLD") is None:
         return None
