@@ -27,7 +27,7 @@ def test_parse_variant(load_script):
     import pytest
 
     mod = load_script("ab_gluon_decode")
-    off = (False,) * 5          # pr, kp, ls, sg, st
+    off = (False,) * 6          # pr, kp, ls, sg, st, fd
     assert mod.parse_variant("16:0") == (16, 0, False, False) + off + (0,)
     assert mod.parse_variant("16:0:pf") == (16, 0, True, False) + off + (0,)
     assert mod.parse_variant("16:200:pf:tr") == (16, 200, True, True) + off + (0,)
@@ -48,6 +48,9 @@ def test_parse_variant(load_script):
     # the codes staged in shared memory, in place of the prefetch
     assert mod.parse_variant("16:0:tr:kp:ls:st").staged
     assert mod.parse_variant("16:0:tr:st").label(12) == "gluon_bn16_cap0_ps12_tr_st"
+    # levels 3 and 2 folded
+    assert mod.parse_variant("16:0:tr:kp:ls:st:fd@12").fold
+    assert mod.parse_variant("16:0:tr:st:fd").label(12) == "gluon_bn16_cap0_ps12_tr_st_fd"
     for bad in ("16", "x:0", "16:cap:pf", "16:0:pr", "16:0:tr:pr", "16:0:tr:sg",
                 "16:0:pf:tr:st"):
         with pytest.raises(ValueError, match="block_n:maxnreg"):
