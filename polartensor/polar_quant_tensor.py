@@ -67,10 +67,7 @@ class PolarQuantTensor(TorchAOBaseTensor):
         check_finite: bool = True,
     ) -> PolarQuantTensor:
         """Quantize a high-precision tensor whose last dim is the head dim."""
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            config = as_config(config, x.shape[-1])  # presets resolve levels for head_dim
-        else:
-            config = as_config(config)
+        config = _config_for(x, config)
         _check_input(x, config, check_finite)
         d = x.shape[-1]
         # Encode in float64: codes then depend on x alone, not on how a matmul was blocked,
@@ -212,8 +209,18 @@ def codebook_for(config: PolarQuantConfig, y_rotated: torch.Tensor | None = None
     return _OFFLINE_CACHE[key]
 
 
-def fit_codebook(x: torch.Tensor, config: PolarQuantConfig) -> torch.Tensor:
-    """Fit an online codebook on sample vectors ``x`` (e.g. a layer's keys at prefill)."""
+def _config_for(x, config: PolarQuantConfig | str | None) -> PolarQuantConfig:
+    """``config`` as a PolarQuantConfig; a preset name resolves its levels for x's head dim."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return as_config(config, x.shape[-1])
+    return as_config(config)
+
+
+def fit_codebook(x: torch.Tensor, config: PolarQuantConfig | str | None = None
+                 ) -> torch.Tensor:
+    """Fit an online codebook on sample vectors ``x`` (e.g. a layer's keys at prefill);
+    ``config`` as for :func:`quantize`."""
+    config = _config_for(x, config)
     _check_input(x, config, check_finite=True)
     y = rotate(x, config.rotation, config.seed)
     return codebook_for(config.replace(codebook="online"), y_rotated=y, device=x.device)

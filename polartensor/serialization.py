@@ -31,6 +31,9 @@ def save_safetensors(
     for name, t in tensors.items():
         if any(name.endswith("." + p) for p in _PARTS):
             raise ValueError(f"tensor name {name!r} collides with PolarQuantTensor part names")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_safetensors stores tensors; {name!r} is of type "
+                            f"{type(t).__name__}: put it in metadata (strings) instead")
         if isinstance(t, PolarQuantTensor):
             for part in _PARTS:
                 flat[f"{name}.{part}"] = getattr(t, part).contiguous()

@@ -158,6 +158,9 @@ def test_safetensors_roundtrip(tmp_path):
     q2 = out["layer0.k"]
     assert isinstance(q2, PolarQuantTensor) and q2.config == q.config and q2.shape == q.shape
     assert torch.equal(q2.dequantize(), q.dequantize())
+    with pytest.raises(TypeError, match="'step' is of type int"):
+        pt.save_safetensors({"layer0.k": q, "step": 3}, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_online_codebook_beats_offline_on_anisotropic_data():
@@ -172,6 +175,17 @@ def test_online_codebook_beats_offline_on_anisotropic_data():
     # the fitted table travels with the tensor and is reused when appending
     more = quantize(x[:10], cfg.replace(codebook="online"), centroids=on.centroids)
     assert torch.equal(torch.cat([on, more], 0).centroids, on.centroids)
+
+
+def test_fit_codebook_takes_what_quantize_takes():
+    """A preset name (its levels resolved for the head dim, as ``quantize`` does) or None
+    (the paper preset) gives the table that the config itself gives."""
+    x = torch.randn(2, 3, 40, 128, generator=torch.Generator().manual_seed(1))
+    cfg = pt.get_preset("polar-3.25", head_dim=128)
+    assert torch.equal(pt.fit_codebook(x, "polar-3.25"), pt.fit_codebook(x, cfg))
+    assert torch.equal(pt.fit_codebook(x), pt.fit_codebook(x, PolarQuantConfig.paper()))
+    with pytest.raises(TypeError, match="preset name"):
+        pt.fit_codebook(x, 3)
 
 
 def test_memory_bytes():
