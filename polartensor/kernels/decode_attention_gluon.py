@@ -936,19 +936,19 @@ def gluon_fold_setting() -> bool | None:
                     "with the staged ring")
 
 
-_FOLD_TABLES: dict = {}   # id(trig) -> (weakref to it, its version, the table)
-
-
 def fold_table(trig: torch.Tensor) -> torch.Tensor:
     """The Gluon decode's table for ``fold``: planes 0-4 of ``trig`` ([5 (+ J), 4, KT]
     float32, ``common.trig_table``), then 32 words: at c2 | c3 << 2 and at 16 + (c3 | c2
     << 2), the bfloat16 pair (t cos c2, t sin c2) packed as plane 2 packs (cos low), t =
     cos c3 in the first 16 words and sin c3 in the second (c2, c3: 2-bit codes of levels
-    2 and 3), each product rounded once from float32. Cached per table (by identity and
-    version)."""
-    hit = _FOLD_TABLES.get(id(trig))
-    if hit is not None and hit[0]() is trig and hit[1] == trig._version:
-        return hit[2]
+    2 and 3), each product rounded once from float32. Cached per table (``dispatch``'s
+    table cache: by identity and version)."""
+    from .dispatch import _cached
+
+    return _cached("fold", trig, None, lambda: _fold_table(trig))
+
+
+def _fold_table(trig: torch.Tensor) -> torch.Tensor:
     cos, sin = trig[0].float(), trig[1].float()
     t3 = torch.stack([cos[2, :4], sin[2, :4]])                   # [s, c3]
     lo = (t3[:, :, None] * cos[1, None, None, :4]).to(torch.bfloat16)   # [s, c3, c2]
@@ -957,11 +957,7 @@ def fold_table(trig: torch.Tensor) -> torch.Tensor:
     hi = hi.view(torch.int16).to(torch.int32) << 16
     words = (lo | hi)                                            # [s, c3, c2]
     words = torch.cat([words[0].reshape(16), words[1].t().reshape(16)]).view(torch.float32)
-    table = torch.cat([trig[:5].reshape(-1).float(), words]).contiguous()
-    if len(_FOLD_TABLES) > 64:
-        _FOLD_TABLES.clear()
-    _FOLD_TABLES[id(trig)] = (weakref.ref(trig), trig._version, table)
-    return table
+    return torch.cat([trig[:5].reshape(-1).float(), words]).contiguous()
 
 
 def gluon_stagger_setting() -> bool:
