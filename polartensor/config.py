@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 
@@ -74,7 +75,11 @@ class PolarQuantConfig(AOBaseConfig):
         if isinstance(bits, int) and not isinstance(bits, bool):
             bits = (bits,) * self.levels
         try:
-            bits = tuple(int(b) for b in bits)  # type: ignore[union-attr]
+            # operator.index: a float (2.5, or even 2.0) is refused rather than truncated
+            bits = tuple(bits)  # type: ignore[arg-type]
+            if any(isinstance(b, bool) for b in bits):
+                raise TypeError
+            bits = tuple(operator.index(b) for b in bits)
         except TypeError as exc:
             raise ValueError(
                 f"bits must be an int or a sequence of ints, got {self.bits!r}"
@@ -95,8 +100,9 @@ class PolarQuantConfig(AOBaseConfig):
             raise ValueError(f"codebook must be one of {_CODEBOOKS}, got {self.codebook!r}")
         if self.rotation not in _ROTATIONS:
             raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self.rotation!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -115,6 +121,11 @@ class PolarQuantConfig(AOBaseConfig):
         """Raise a ValueError naming the fix when ``head_dim`` does not fit this config."""
         if head_dim <= 0:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if head_dim % 2:
+            raise ValueError(
+                f"head_dim {head_dim} is odd; PolarQuant pairs coordinates, so head_dim must be "
+                "even (pad the head vectors with a zero coordinate)"
+            )
         if head_dim % self.block_size:
             raise ValueError(
                 f"head_dim {head_dim} is not divisible by the block size 2**levels = "

@@ -9,6 +9,8 @@ shared by every vector of the tensor). Values are stored in the rotated domain y
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchao.utils import TorchAOBaseTensor
 
@@ -23,6 +25,7 @@ __all__ = ["PolarQuantTensor", "quantize", "fit_codebook", "codebook_for"]
 aten = torch.ops.aten
 _FP16_MAX = torch.finfo(torch.float16).max
 _BF16_MAX = torch.finfo(torch.bfloat16).max
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class PolarQuantTensor(TorchAOBaseTensor):
@@ -69,6 +72,8 @@ class PolarQuantTensor(TorchAOBaseTensor):
         """Quantize a high-precision tensor whose last dim is the head dim."""
         config = _config_for(x, config)
         _check_input(x, config, check_finite)
+        # not differentiable: the codes and radii hold no autograd graph
+        x = x.detach()
         d = x.shape[-1]
         # Encode in float64: codes then depend on x alone, not on how a matmul was blocked,
         # so quantize(cat(a, b)) == cat(quantize(a), quantize(b)) exactly.
@@ -94,6 +99,9 @@ class PolarQuantTensor(TorchAOBaseTensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A plain tensor in the original domain, in ``dtype`` (default: the logical dtype)."""
         dtype = dtype or self.dtype
+        if dtype not in _INPUT_DTYPES:
+            raise TypeError(f"dequantize gives float16/bfloat16/float32/float64, not {dtype}; "
+                            "convert the result instead, e.g. q.dequantize().to(dtype)")
         work = torch.float64 if dtype == torch.float64 else torch.float32
         y = self.dequantize_rotated(work)
         return unrotate(y, self.config.rotation, self.config.seed).to(dtype)
@@ -142,7 +150,7 @@ def _check_input(x: torch.Tensor, config: PolarQuantConfig, check_finite: bool) 
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if isinstance(x, PolarQuantTensor):
         raise TypeError("tensor is already a PolarQuantTensor; dequantize() it first to requantize")
-    if not x.is_floating_point():
+    if not x.is_floating_point() or x.dtype not in _INPUT_DTYPES:
         raise TypeError(
             f"quantize expects a floating-point tensor (float16/bfloat16/float32/float64), got "
             f"{x.dtype}; convert with x.float()"
@@ -283,9 +291,11 @@ def _index_select(func, types, args, kwargs):
 
 
 def _same_codebook(a: PolarQuantTensor, b: PolarQuantTensor) -> bool:
+    # Values, not the config's codebook kind: quantize(centroids=...) takes any table for an
+    # offline config too. Tensors from one table share it, so the usual check is identity.
     if a.config != b.config or a.head_dim != b.head_dim:
         return False
-    if a.centroids is b.centroids or a.config.codebook == "offline":
+    if a.centroids is b.centroids:
         return True
     return bool(torch.equal(a.centroids, b.centroids.to(a.centroids.device)))
 
@@ -309,9 +319,46 @@ def _cat(func, types, args, kwargs):
                 "cat: PolarQuantTensors have different configs or codebooks; quantize both with "
                 "the same config and pass centroids=first.centroids for online codebooks"
             )
-    return first._with(
+    out = first._with(
         torch.cat([t.codes for t in tensors], d), torch.cat([t.radii for t in tensors], d)
     )
+    # the logical dtype promotes as torch.cat's would
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    if dtype == first.dtype:
+        return out
+    return PolarQuantTensor(out.codes, out.radii, out.centroids, out.config, out.shape, dtype)
+
+
+@implements(aten.copy_.default)
+def _copy_(func, types, args, kwargs):
+    self, src = args[0], args[1]
+    if not isinstance(self, PolarQuantTensor):
+        raise TypeError(
+            "copy_ from a PolarQuantTensor into a plain tensor: copy its dequantize() instead, "
+            "dst.copy_(src.dequantize())"
+        )
+    if not isinstance(src, PolarQuantTensor):
+        raise TypeError(
+            "copy_ of a plain tensor into a PolarQuantTensor: quantize it with the destination's "
+            "codebook first, dst.copy_(quantize(src, dst.config, centroids=dst.centroids))"
+        )
+    if src.shape != self.shape:
+        raise ValueError(
+            f"copy_: shapes differ ({tuple(src.shape)} into {tuple(self.shape)}); a "
+            "PolarQuantTensor is copied whole, without broadcasting"
+        )
+    if not _same_codebook(self, src):
+        # The table is shared by every view of the destination (and an offline one by every
+        # tensor of its config), so it is never overwritten: codes of another table would
+        # decode wrongly here, and a new table would change tensors this copy never named.
+        raise ValueError(
+            "copy_: the PolarQuantTensors have different configs or codebooks; requantize the "
+            "source with the destination's, quantize(src.dequantize(), dst.config, "
+            "centroids=dst.centroids)"
+        )
+    self.codes.copy_(src.codes)
+    self.radii.copy_(src.radii)
+    return self
 
 
 @implements(aten._to_copy.default)
@@ -319,8 +366,9 @@ def _to_copy(func, types, args, kwargs):
     self = args[0]
     device = kwargs.get("device", self.device)
     dtype = kwargs.get("dtype", None) or self.dtype
-    if not (dtype.is_floating_point):
-        raise TypeError(f"a PolarQuantTensor's logical dtype must be floating, got {dtype}")
+    if dtype not in _INPUT_DTYPES:
+        raise TypeError(f"a PolarQuantTensor's logical dtype must be float16, bfloat16, float32 "
+                        f"or float64, got {dtype}")
     nb = kwargs.get("non_blocking", False)
     return PolarQuantTensor(
         self.codes.to(device, non_blocking=nb), self.radii.to(device, non_blocking=nb),

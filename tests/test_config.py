@@ -39,6 +39,10 @@ def test_int_bits_broadcast_and_dtype_aliases():
         (dict(rotation="random"), "rotation"),
         (dict(seed=-1), "seed"),
         (dict(levels=2.0), "levels"),
+        # a fractional bit width is refused, not truncated to (2, 2)
+        (dict(levels=2, bits=(2.5, 2)), "sequence of ints"),
+        (dict(levels=2, bits=(True, 2)), "sequence of ints"),
+        (dict(seed=2**70), "seed"),
     ],
 )
 def test_invalid_configs_raise(kwargs, match):
@@ -52,6 +56,10 @@ def test_head_dim_checks():
     for kind in ("hadamard", "permuted_hadamard"):
         with pytest.raises(ValueError, match=f"rotation='{kind}' needs a power-of-two"):
             PolarQuantConfig(levels=1, rotation=kind).check_head_dim(96)
+    # an odd head_dim fits no depth: the message says so rather than naming a depth
+    for levels in (1, 3):
+        with pytest.raises(ValueError, match="head_dim 3 is odd"):
+            PolarQuantConfig(levels=levels).check_head_dim(3)
 
 
 def test_presets_resolve_per_head_dim():

@@ -163,6 +163,97 @@ def test_safetensors_roundtrip(tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+def test_safetensors_shared_storage_and_checked_loads(tmp_path):
+    """Tensors that share storage (two of one offline table, views of one buffer) save; a file
+    whose parts disagree with its recorded config, shape or dtype is refused at load, naming
+    the entry."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    k, v = quantize(torch.randn(1, 2, 4, 64), "paper"), quantize(torch.randn(1, 2, 4, 64), "paper")
+    assert k.centroids is v.centroids
+    plain = torch.randn(3, 4)
+    path = tmp_path / "kv.safetensors"
+    pt.save_safetensors({"k": k, "v": v, "a": plain, "b": plain[1:]}, path)
+    out = pt.load_safetensors(path)
+    assert torch.equal(out["v"].dequantize(), v.dequantize())
+    assert torch.equal(out["b"], plain[1:])
+
+    def load_edited(edit):
+        flat = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        info = json.loads(meta["polartensor"])
+        edit(flat, info)
+        bad = tmp_path / "edited.safetensors"
+        save_file(flat, str(bad), metadata=dict(meta, polartensor=json.dumps(info)))
+        return pt.load_safetensors(bad)
+
+    edits = [
+        (lambda f, i: i["k"].update(shape=[1, 2, 9, 64]), "codes are"),
+        (lambda f, i: i["k"]["config"].update(bits=[3, 3, 3, 3]), "centroids must be"),
+        (lambda f, i: i["k"].update(dtype="int32"), "dtype 'int32'"),
+        (lambda f, i: f.update({"k.codes": f["k.codes"][..., :-1].contiguous()}), "codes are"),
+        (lambda f, i: f.pop("k.radii"), "no k.radii tensor"),
+        (lambda f, i: i["k"]["config"].update(levels=99), "unreadable metadata"),
+    ]
+    for edit, match in edits:
+        with pytest.raises(ValueError, match=match):
+            load_edited(edit)
+
+
+def test_copy_keeps_the_destination_codebook():
+    """copy_ writes codes and radii only: a source of another table is refused (its codes
+    would decode wrongly, and writing its table would change every tensor sharing the
+    destination's), as is a plain tensor either way."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 2, 4, 64, generator=g), torch.randn(1, 2, 4, 64, generator=g)
+    on = pt.get_preset("paper").replace(codebook="online")
+    qa, qb = quantize(x, on), quantize(5 * y + 3, on)
+    before = qa.dequantize()
+    with pytest.raises(ValueError, match="different configs or codebooks"):
+        qa[:, :, :2].copy_(qb[:, :, :2])
+    assert torch.equal(qa.dequantize(), before)
+    # an offline config with a table of its own: the shared offline table stays untouched
+    q1 = quantize(x, "paper")
+    q2 = quantize(y, "paper", centroids=pt.fit_codebook(y, "paper"))
+    before = q1.dequantize()
+    with pytest.raises(ValueError, match="different configs or codebooks"):
+        quantize(torch.zeros(1, 2, 4, 64), "paper").copy_(q2)
+    with pytest.raises(ValueError, match="different configs or codebooks"):
+        torch.cat([q1, q2], 2)
+    assert torch.equal(q1.dequantize(), before)
+    assert torch.equal(quantize(x, "paper").dequantize(), before)
+    # the same values in another tensor are the same codebook
+    q3 = quantize(y, "paper", centroids=q1.centroids.clone())
+    assert torch.equal(torch.cat([q1, q3], 2)[:, :, 4:].dequantize(), q3.dequantize())
+    with pytest.raises(ValueError, match="shapes differ"):
+        quantize(torch.zeros(1, 2, 5, 64), "paper").copy_(q1)
+    with pytest.raises(TypeError, match="quantize it"):
+        q1.copy_(x)
+    with pytest.raises(TypeError, match="quantize it"):
+        q1[0] = x[0]
+    with pytest.raises(TypeError, match="dequantize"):
+        torch.zeros(1, 2, 4, 64).copy_(q1)
+
+
+def test_logical_dtypes():
+    """Inputs and results are float16/bfloat16/float32/float64; cat promotes as torch's does;
+    an input that requires grad leaves no graph in the parts."""
+    q = quantize(torch.randn(2, 64, requires_grad=True), "paper")
+    assert not q.radii.requires_grad and q.radii.grad_fn is None
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        quantize(torch.randn(2, 64).to(torch.float8_e4m3fn), "paper")
+    with pytest.raises(TypeError, match="int32"):
+        q.dequantize(torch.int32)
+    with pytest.raises(TypeError, match="logical dtype"):
+        q.to(torch.float8_e5m2)
+    h = q.to(torch.float16)
+    assert torch.cat([h, q]).dtype == torch.float32 and torch.cat([h, h]).dtype == torch.float16
+
+
 def test_online_codebook_beats_offline_on_anisotropic_data():
     g = torch.Generator().manual_seed(0)
     scale = torch.linspace(0.2, 3.0, 64)
