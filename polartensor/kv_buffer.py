@@ -40,10 +40,10 @@ class PolarKVBuffer:
         centroids: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if growth <= 1.0:
-            raise ValueError(f"growth must be > 1, got {growth}")
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1.0):
+            raise ValueError(f"growth must be a finite number > 1, got {growth!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0 (tokens), got {capacity!r}")
         if static and capacity <= 0:
             raise ValueError("a static buffer needs capacity > 0 (the maximum sequence length)")
         # A preset name resolves its levels for the head dim at the first append.
@@ -105,6 +105,11 @@ class PolarKVBuffer:
             self.centroids = self.centroids.to(x.device)
             self._lead, self._head_dim = lead, d
             self.dtype = self.dtype or x.dtype
+            if self.static and t > self.capacity:
+                raise RuntimeError(
+                    f"static PolarKVBuffer of capacity {self.capacity} cannot take {t} tokens; "
+                    "create it with a larger capacity (the maximum sequence length)"
+                )
             cap = max(self.capacity, t)
             self._allocate(lead, d, cap if self.static else _round_capacity(cap), x.device)
         elif lead != self._lead or d != self._head_dim:
@@ -126,9 +131,16 @@ class PolarKVBuffer:
         return self.view()
 
     def view(self, length: int | None = None) -> PolarQuantTensor:
+        """The first ``length`` tokens (default: those appended) as a PolarQuantTensor that
+        shares the storage."""
         if not self.initialized:
             raise RuntimeError("the buffer is empty: append() tokens first")
         n = self.length if length is None else length
+        # up to the capacity: a static cache writes decode tokens past ``length`` itself (at
+        # tensor positions); rows never written hold zeros (zero vectors)
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"view of {length} tokens: the buffer has {self.length} appended and "
+                             f"a capacity of {self.capacity} (ask for 0 to {self.capacity})")
         codes, radii = self.codes[..., :n, :], self.radii[..., :n, :]
         shape = torch.Size((*codes.shape[:-1], self._head_dim))
         return PolarQuantTensor(codes, radii, self.centroids, self.config, shape, self.dtype)
@@ -142,10 +154,22 @@ class PolarKVBuffer:
         self.length = n
 
     def reorder(self, index: torch.Tensor, dim: int = 0) -> None:
-        """Reorder along a leading dim in place (beam search)."""
+        """Reorder along a leading dim in place (beam search): ``dim`` a dim of the view's
+        [*leading, seq, head_dim] shape (negative from its end), one of the leading dims (the
+        batch and head dims of a [batch, heads, seq, head_dim] cache); ``index`` is 1-D."""
         if not self.initialized:
             return
+        nd = len(self._lead)
+        d = dim + nd + 2 if dim < 0 else dim
+        if not 0 <= d < nd:
+            raise IndexError(
+                f"reorder dim {dim}: the buffer's leading dims are {list(self._lead)} (dims 0 to "
+                f"{nd - 1}); the sequence and head dims cannot be reordered (use crop)"
+            )
+        if index.dim() != 1:
+            raise ValueError(f"reorder index must be 1-D, got shape {tuple(index.shape)}")
         index = index.to(self.codes.device)
+        dim = d
         self.codes = self.codes.index_select(dim, index)
         self.radii = self.radii.index_select(dim, index)
         self._lead = tuple(self.codes.shape[:-2])

@@ -103,6 +103,9 @@ def test_static_buffer_never_reallocates_and_raises_when_full():
     assert buf.codes.data_ptr() == ptr
     with pytest.raises(RuntimeError, match="static PolarKVBuffer is full"):
         buf.append(torch.randn(1, 2, 1, 64))
+    # the first append too: a static buffer holds the capacity asked for
+    with pytest.raises(RuntimeError, match="capacity 4 cannot take 6 tokens"):
+        PolarKVBuffer("paper", capacity=4, static=True).append(torch.randn(1, 1, 6, 64))
 
 
 def test_crop_reorder_reset():
@@ -119,6 +122,19 @@ def test_crop_reorder_reset():
     idx = torch.tensor([2, 2, 0])
     buf.reorder(idx)
     assert torch.equal(buf.view().dequantize(), full[idx, :, :4])
+    # only the leading (batch, head) dims reorder; the index is 1-D
+    for dim in (2, 3, 4, -1, -2, -5):
+        with pytest.raises(IndexError, match="leading dims are \\[3, 2\\]"):
+            buf.reorder(torch.tensor([1, 0]), dim=dim)
+    with pytest.raises(ValueError, match="1-D"):
+        buf.reorder(torch.tensor([[0, 1, 2]]))
+    buf.reorder(torch.tensor([1, 0]), dim=-3)  # the heads of [batch, heads, seq, head_dim]
+    assert torch.equal(buf.view().dequantize(), full[idx][:, [1, 0], :4])
+    # views up to the capacity (a static cache writes past the appended length itself)
+    assert buf.view(0).shape[-2] == 0 and buf.view(buf.capacity).shape[-2] == buf.capacity
+    for bad in (-1, buf.capacity + 1):
+        with pytest.raises(ValueError, match="view of"):
+            buf.view(bad)
     buf.reset()
     assert buf.length == 0
     buf.append(x[:, :, :1])
@@ -134,6 +150,12 @@ def test_append_validation():
         PolarKVBuffer("paper", static=True)
     with pytest.raises(RuntimeError, match="empty"):
         PolarKVBuffer("paper").view()
+    for growth in (1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="growth"):
+            PolarKVBuffer("paper", growth=growth)
+    for cap in (-1, 2.5):
+        with pytest.raises(ValueError, match="capacity"):
+            PolarKVBuffer("paper", capacity=cap)
 
 
 def test_online_codebook_fitted_once_and_reused():

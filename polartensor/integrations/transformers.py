@@ -597,6 +597,9 @@ class PolarQuantLayer(CacheLayerMixin):
         self._vbuf: PolarKVBuffer | None = None
         self._tail = _FpTail()
         self._filled = False  # static layers: has the prompt been written?
+        # static layers: cumulative_length as a host int while every step ran eagerly (None
+        # after a compiled one), so that the capacity check costs no device sync
+        self._len_host: int | None = 0
 
     def __repr__(self) -> str:
         return (f"PolarQuantLayer(layer={self.layer_idx}, tokens={self._seq_len_int()}, "
@@ -632,10 +635,31 @@ class PolarQuantLayer(CacheLayerMixin):
             self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """K and V of one update agree with each other and with what the layer holds (a
+        mismatch would otherwise broadcast into the buffers or split K from V)."""
+        where = f" (layer {self.layer_idx})" if self.layer_idx is not None else ""
+        want_k = (self.batch_size, self.num_heads, key_states.shape[-2], self.k_head_dim)
+        want_v = (self.batch_size, self.num_heads, key_states.shape[-2], self.v_head_dim)
+        for what, t, want in (("key", key_states, want_k), ("value", value_states, want_v)):
+            if not isinstance(t, torch.Tensor) or isinstance(t, PolarQuantTensor):
+                raise TypeError(f"PolarQuantCache.update expects plain {what} tensors{where}")
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"PolarQuantCache.update{where}: {what} states of shape {tuple(t.shape)}, "
+                    f"expected {list(want)} [batch, heads, new tokens, head_dim] (the cache holds "
+                    f"batch {self.batch_size}, {self.num_heads} heads, head_dims "
+                    f"{self.k_head_dim}/{self.v_head_dim}; keys and values of the same tokens)"
+                )
+            if t.device != self.device:
+                raise ValueError(f"PolarQuantCache.update{where}: {what} states on {t.device}, "
+                                 f"the cache on {self.device}")
+
     # -- update ------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
         out_k, out_v = key_states, value_states
         key_states, value_states = key_states.detach(), value_states.detach()  # inference cache
         if self.static:
@@ -696,10 +720,14 @@ class PolarQuantLayer(CacheLayerMixin):
 
     def _update_static(self, key_states, value_states, out_k, out_v):
         t = key_states.shape[-2]
+        compiling = torch.compiler.is_compiling()
         if not self._filled:
+            if t > self.max_cache_len:
+                raise ValueError(self._full_message(0, t))
             self._kbuf.append(key_states)
             self._vbuf.append(value_states)
             self.cumulative_length.fill_(t)
+            self._len_host = None if compiling else t
             self._filled = True
             if not torch.compiler.is_compiling():
                 for buf in (self._kbuf, self._vbuf):
@@ -708,6 +736,13 @@ class PolarQuantLayer(CacheLayerMixin):
                 torch._dynamo.mark_static_address(self.cumulative_length)
             _note_prefill(self, out_k)
             return out_k, out_v
+        if not compiling:
+            # eagerly, past max_cache_len is an error naming it (index_copy_ would fail with a
+            # bare index error on the CPU, a device assert on the GPU); compiled steps cannot
+            # read the length without breaking the graph
+            n = self._len_host if self._len_host is not None else int(self.cumulative_length)
+            if n + t > self.max_cache_len:
+                raise ValueError(self._full_message(n, t))
         pos = torch.arange(t, device=self.device) + self.cumulative_length
         for buf, x in ((self._kbuf, key_states), (self._vbuf, value_states)):
             # Encode into small temporaries (the fused kernel where it runs), then scatter them
@@ -721,12 +756,19 @@ class PolarQuantLayer(CacheLayerMixin):
             buf.codes.narrow(dim, 0, buf.capacity).index_copy_(dim, pos, codes)
             buf.radii.narrow(dim, 0, buf.capacity).index_copy_(dim, pos, radii)
         self.cumulative_length.add_(t)  # after the writes: a refused token leaves no trace
+        self._len_host = None if compiling else n + t
         kq, vq = self._kbuf.view(self.max_cache_len), self._vbuf.view(self.max_cache_len)
         if not self._use_polar():
             if self.polar_attention is None:
                 _warn_dequantize()
             return kq.dequantize(self.dtype), vq.dequantize(self.dtype)
         return kq, vq
+
+    def _full_message(self, held: int, new: int) -> str:
+        where = f" (layer {self.layer_idx})" if self.layer_idx is not None else ""
+        return (f"static PolarQuantCache{where} is full: max_cache_len={self.max_cache_len}, "
+                f"{held} tokens held and {new} new; create the cache with a larger "
+                "max_cache_len (prompt + generated tokens)")
 
     # -- sizes -------------------------------------------------------------------------------
     def _seq_len_int(self) -> int:
@@ -755,6 +797,7 @@ class PolarQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.static and self.is_initialized:
             self.cumulative_length.zero_()
+            self._len_host = 0
             self._kbuf.reset()
             self._vbuf.reset()
             self._filled = False
@@ -773,6 +816,7 @@ class PolarQuantLayer(CacheLayerMixin):
                                                                                 cur)
         if self.static:
             self.cumulative_length.fill_(keep)
+            self._len_host = keep
             if keep == 0:
                 self._filled = False
                 self._kbuf.reset()

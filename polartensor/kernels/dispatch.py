@@ -129,8 +129,10 @@ def scaled_dot_product_attention(
         and isinstance(key, PolarQuantTensor) and isinstance(value, PolarQuantTensor)
         and query.dtype in _KERNEL_DTYPES
         and supported_head_dim(query.shape[-1])
+        # the kernels take one head dim for Q, K and V (SDPA allows V's to differ)
+        and value.shape[-1] == query.shape[-1]
         and key.config.levels <= 8 and value.config.levels <= 8
-        and key.shape[-2] > 0
+        and key.shape[-2] > 0 and query.numel() > 0
         and _kernels_available()
     )
     if ok:
@@ -200,6 +202,7 @@ def scaled_dot_product_attention_with_tail(
             and key_tail.shape[-2] == value_tail.shape[-2]
             and key.shape[-1] == key_tail.shape[-1] == value_tail.shape[-1] == query.shape[-1]
             and key.shape[-2] > 0 and query.shape[:-3] == key.shape[:-3]
+            and value.shape[-1] == query.shape[-1] and query.numel() > 0
             and _kernels_available()):
         return None
     hq, tq, d = query.shape[-3:]
@@ -243,7 +246,8 @@ def encode_into(
     ok = (
         use_triton(x.device)
         and isinstance(x, torch.Tensor) and x.dtype in _KERNEL_DTYPES
-        and x.dim() >= 2 and supported_head_dim(x.shape[-1]) and config.levels <= 8
+        and x.dim() >= 2 and x.numel() > 0
+        and supported_head_dim(x.shape[-1]) and config.levels <= 8
         and codes_out.device == x.device and radii_out.device == x.device
         and _kernels_available()
     )

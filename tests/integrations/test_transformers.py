@@ -610,11 +610,40 @@ def test_static_cache_refuses_a_token_past_max_cache_len():
     assert int(cache.get_seq_length()) == 13 and layer._kbuf.codes.shape[-2] == 16
     before = layer.dequantized()[0].clone()
     x = torch.randn(1, 2, 1, 64)
-    with pytest.raises(IndexError, match="out of bounds"):
+    with pytest.raises(ValueError, match="is full: max_cache_len=13, 13 tokens held and 1 new"):
         cache.update(x, x.clone(), 0)
     assert int(cache.get_seq_length()) == 13
     assert torch.equal(layer.dequantized()[0], before)
     assert not layer._kbuf.codes[..., 13:, :].any()
+    # after a crop the length is known again without reading the device tensor
+    layer.crop(-2)
+    cache.update(x, x.clone(), 0)
+    assert int(cache.get_seq_length()) == 12
+    # a prompt longer than max_cache_len is refused up front, naming it
+    fresh = PolarQuantCache(max_cache_len=13, model_config=model.config)
+    with pytest.raises(ValueError, match="max_cache_len=13, 0 tokens held and 14 new"):
+        fresh.update(torch.randn(1, 2, 14, 64), torch.randn(1, 2, 14, 64), 0)
+
+
+def test_updates_must_match_the_cache_shape():
+    """K and V of an update agree with each other and with the tokens held: a batch-1 decode
+    into a batch-2 cache, wrong head counts or K and V of different lengths are refused, not
+    broadcast into the buffers (dynamic and static)."""
+    model = _tiny("llama", 64, 4, 2, layers=1)
+    for kw in ({}, dict(residual_length=0), dict(max_cache_len=16)):
+        cache = PolarQuantCache(model_config=model.config, **kw)
+        with pytest.raises(ValueError, match="expected \\[1, 2, 5, 64\\]"):
+            cache.update(torch.randn(1, 2, 5, 64), torch.randn(1, 2, 4, 64), 0)
+        cache = PolarQuantCache(model_config=model.config, **kw)
+        k = torch.randn(2, 2, 6, 64)
+        cache.update(k, k.clone(), 0)
+        before = cache.layers[0].dequantized()[0].clone()
+        for kx, vx in ((torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)),
+                       (torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64)),
+                       (torch.randn(2, 2, 1, 64), torch.randn(2, 2, 2, 64))):
+            with pytest.raises(ValueError, match="batch 2, 2 heads"):
+                cache.update(kx, vx, 0)
+        assert torch.equal(cache.layers[0].dequantized()[0], before)
 
 
 def test_static_cache_decode_step_compiles_fullgraph_reference_path():

@@ -164,6 +164,18 @@ def test_unsupported_combinations_fall_back():
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), polar_sdpa(q, k, v))
     q64 = q.double()
     torch.testing.assert_close(F.scaled_dot_product_attention(q64, k, k), polar_sdpa(q64, k, k))
+    # values of another head dim (SDPA allows it; the kernels take one head dim): the output
+    # has V's head dim, as the reference's
+    for preset in ("paper", "polar-4"):
+        kq = quantize(torch.randn(1, 2, 6, d, device=DEVICE), preset)
+        vq = quantize(torch.randn(1, 2, 6, 2 * d, device=DEVICE), preset)
+        out = F.scaled_dot_product_attention(q, kq, vq)
+        assert out.shape == (1, 2, 2, 2 * d)
+        torch.testing.assert_close(out, polar_sdpa(q, kq, vq))
+    # empty queries: no query tokens, no heads
+    for qe, ke in ((q[:, :, :0], k), (q[:, :0], k[:, :0])):
+        out = F.scaled_dot_product_attention(qe, ke, ke)
+        assert out.shape == qe.shape
 
 
 def test_validation_errors_match_reference():
@@ -396,6 +408,9 @@ def test_attention_with_tail_declines_what_kernels_do_not_take():
     assert dispatch.scaled_dot_product_attention_with_tail(q64, k, k, kt, kt) is None
     q = torch.randn(1, 2, 1, d, device=DEVICE)
     assert dispatch.scaled_dot_product_attention_with_tail(q, k, k, kt[:1, :1], kt) is None
+    v2 = quantize(torch.randn(1, 2, 9, 2 * d, device=DEVICE), "paper")
+    assert dispatch.scaled_dot_product_attention_with_tail(q, k, v2, kt, kt) is None
+    assert dispatch.scaled_dot_product_attention_with_tail(q[:, :, :0], k, k, kt, kt) is None
 
 
 def test_dequant_min_q_setting(monkeypatch):

@@ -197,6 +197,9 @@ def test_encode_unsupported_falls_back():
     ref = quantize(x, cfg)
     assert torch.equal(codes, ref.codes)
     assert torch.equal(radii, ref.radii)
+    # no tokens (a first append of none): nothing to write, on any path
+    buf = PolarKVBuffer("paper")
+    assert buf.append(torch.randn(2, 2, 0, 64, device=DEVICE)).shape == (2, 2, 0, 64)
 
 
 def _spy_launches(monkeypatch, *names):
