@@ -215,16 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--residual", type=int, default=0,
                     help="keep the most recent N tokens in full precision")
     args = ap.parse_args(argv)
+    # every argument checked before the model loads: argparse errors, not tracebacks later
     if not 0.0 <= args.depth <= 1.0:
         ap.error("--depth must be in [0, 1]")
+    if args.tokens < 1:
+        ap.error(f"--tokens must be >= 1, got {args.tokens}")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     from . import assets
     from .integrations.transformers import PolarQuantCache, PolarQuantKVConfig
 
-    kv = PolarQuantKVConfig(key_config=args.key, value_config=args.value,
-                            residual_length=args.residual)
+    try:
+        kv = PolarQuantKVConfig(key_config=args.key, value_config=args.value,
+                                residual_length=args.residual)
+    except ValueError as exc:
+        ap.error(f"--key/--value/--residual: {exc}")
     log("polartensor: PolarQuant KV cache (Han et al., arXiv 2502.02617) on a real model")
     log(f"  model: SmolLM2-135M-Instruct on {args.device} ({str(dtype).removeprefix('torch.')})")
     with progress("loading the model (first run: download + one-time conversion)"):

@@ -132,6 +132,12 @@ def _polar_method(name: str) -> Method:
         key, value = polar_tf.KV_PRESETS[spec]
     else:
         key = value = spec
+    for p in (key, value):
+        # checked here, not at the first request after the model has loaded
+        if isinstance(p, str) and p not in PRESETS:
+            raise ValueError(f"unknown preset {p!r} in {name!r}; known presets: "
+                             f"{sorted(PRESETS)}, pairings: "
+                             f"{sorted(['default', *getattr(polar_tf, 'KV_PRESETS', {})])}")
 
     def resolve(p, head_dim):
         from ..config import get_preset

@@ -21,6 +21,7 @@ from .methods import Method
 __all__ = [
     "CACHE_KWARG",
     "cache_from_kv",
+    "end_prompt",
     "forward",
     "kl_and_nll",
     "prefill",
@@ -62,7 +63,15 @@ def cache_from_kv(method: Method, model, kv: list[tuple]) -> Cache:
     cache = method.new_cache(model)
     for i, (k, v) in enumerate(kv):
         cache.update(k.clone(), v.clone(), i)
+    end_prompt(cache)
     return cache
+
+
+def end_prompt(cache: Cache) -> None:
+    """Tell a PolarQuantCache its prompt is complete, so that the multi-token continuations a
+    scorer feeds next count as generated tokens, not as more (chunked) prompt."""
+    if hasattr(cache, "end_prompt"):
+        cache.end_prompt()
 
 
 def kl_and_nll(ref_logits: torch.Tensor, logits: torch.Tensor,

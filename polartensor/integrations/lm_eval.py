@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..config import PRESETS
 from ..eval.methods import Method, make_method
-from ..eval.scoring import CACHE_KWARG
+from ..eval.scoring import CACHE_KWARG, end_prompt
 
 __all__ = ["PolarQuantLM", "TASKS_DIR", "build_method", "main"]
 
@@ -59,6 +61,8 @@ def _parse_bits(bits) -> tuple[int, ...] | int:
     if isinstance(bits, int):
         return bits
     parts = [p for p in str(bits).replace(":", "-").replace(" ", "-").split("-") if p]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"bits={bits!r}: give one int or one per level, e.g. bits=4-2-2-2")
     return tuple(int(p) for p in parts) if len(parts) > 1 else int(parts[0])
 
 
@@ -75,14 +79,22 @@ def build_method(method: str | None = None, preset: str = "default",
     suffix = ("+online" if codebook == "online" else "") + \
         (f"+r{int(residual_window)}" if residual_window else "") + ("+qgen" if qgen else "")
     if levels is None and bits is None:
-        spec = f"{key_preset or preset}/{value_preset or preset}" \
-            if (key_preset or value_preset) else preset
+        spec = preset
+        if key_preset or value_preset:
+            # the side not given comes from ``preset``: a single preset, or a pairing's side
+            from ..integrations import transformers as polar_tf
+
+            dk, dv = (preset, preset) if preset in PRESETS else polar_tf.kv_preset(preset)
+            if not (isinstance(dk, str) and isinstance(dv, str)):
+                raise ValueError(f"preset {preset!r} pairs configs, not preset names: pass "
+                                 "both key_preset= and value_preset=")
+            spec = f"{key_preset or dk}/{value_preset or dv}"
         return make_method(f"polar:{spec}{suffix}")
     # an explicit config for keys and values
     from ..config import PolarQuantConfig
     from ..integrations import transformers as polar_tf
 
-    cfg = PolarQuantConfig(levels=int(levels or 4),
+    cfg = PolarQuantConfig(levels=int(levels) if levels is not None else 4,
                            bits=_parse_bits(bits if bits is not None else 2),
                            codebook=codebook)
     rw = int(residual_window)
@@ -97,9 +109,16 @@ def build_method(method: str | None = None, preset: str = "default",
 
 
 def _as_bool(v) -> bool:
+    """A model-args flag: a bool, 0/1, or true/false (yes/no, on/off) in any case."""
     if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
+        word = v.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+    elif isinstance(v, (bool, int)) and v in (0, 1):
+        return bool(v)
+    raise ValueError(f"expected true or false, got {v!r}")
 
 
 class PolarQuantLM(HFLM):
@@ -131,6 +150,7 @@ class PolarQuantLM(HFLM):
         self.quantize_context = _as_bool(quantize_context)
         self.score_chunk = int(score_chunk)
         self._splits: dict[int, dict[tuple, int]] = {}
+        self._warned_rolling = False
 
     # -- generation --------------------------------------------------------------------------
     def new_cache(self):
@@ -175,6 +195,7 @@ class PolarQuantLM(HFLM):
         cache = self.new_cache()
         kw = {CACHE_KWARG: cache, "use_cache": True}
         outs = [self.model(input_ids=ids[:, :split], **kw).logits]
+        end_prompt(cache)  # the continuation's chunks are scored as generated tokens
         step = self.score_chunk if self.score_chunk > 0 else ids.shape[1]
         for s in range(split, ids.shape[1], step):
             outs.append(self.model(input_ids=ids[:, s:s + step], **kw).logits)
@@ -187,6 +208,21 @@ class PolarQuantLM(HFLM):
         plain = None
         for b in range(inps.shape[0]):
             found = self._find_split(inps[b])
+            if found is not None and found[1] < 1:
+                # no context (loglikelihood_rolling's windows, perplexity): with score_chunk
+                # the window's first chunk is prefilled and each later chunk is scored
+                # against the quantized cache of those before it; without, nothing here
+                # is quantized, which is said once
+                if self.score_chunk > 0:
+                    found = (found[0], min(self.score_chunk, found[0]))
+                elif not self._warned_rolling and self.method.family != "full":
+                    self._warned_rolling = True
+                    warnings.warn(
+                        "polarquant: requests without a context (loglikelihood_rolling, "
+                        "perplexity) are scored in one full-precision pass, so the KV cache's "
+                        "quantization does not enter them; pass score_chunk=N to score them "
+                        "in chunks of N tokens against the quantized cache of earlier chunks",
+                        stacklevel=2)
             if found is None or found[1] < 1:
                 if plain is None:
                     plain = super()._model_call(inps)

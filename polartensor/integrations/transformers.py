@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import operator
 import types
 import warnings
 import weakref
@@ -162,7 +163,8 @@ class PolarQuantKVConfig(AOBaseConfig):
         attended to (bounded memory for long generations, but each token then attends to its
         own quantized key: on SmolLM2 the paper preset's KL rose from 0.025 to 0.229,
         results/eval/ppl). None: True for a static cache (max_cache_len), else False.
-    skip_layers: layer indices that keep a plain full-precision cache.
+    skip_layers: layer indices that keep a plain full-precision cache (dynamic caches only:
+        a static cache refuses them).
     online_codebooks: fit each layer's codebooks on its prompt K/V at prefill (the paper's best
         quality; slower prefill) instead of the analytic offline codebooks.
     max_cache_len: a static capacity (what torch.compile / CUDA graphs want); the cache
@@ -197,13 +199,22 @@ class PolarQuantKVConfig(AOBaseConfig):
             raise ValueError(f"flush_chunk must be an int >= 1, got {self.flush_chunk!r}")
         object.__setattr__(self, "flush_chunk", chunk)
         try:
-            skip = tuple(sorted({int(i) for i in self.skip_layers}))
+            if isinstance(self.skip_layers, (str, bytes)) or any(
+                    isinstance(i, bool) for i in self.skip_layers):
+                raise TypeError
+            # operator.index: 0.7 or "1" are not layer indices (int() would make them some)
+            skip = tuple(sorted({operator.index(i) for i in self.skip_layers}))
         except TypeError as exc:
-            raise ValueError(f"skip_layers must be layer indices, got {self.skip_layers!r}") \
+            raise ValueError(f"skip_layers must be int layer indices, got {self.skip_layers!r}") \
                 from exc
         if any(i < 0 for i in skip):
             raise ValueError(f"skip_layers must be non-negative layer indices, got {skip}")
         object.__setattr__(self, "skip_layers", skip)
+        # a string such as "False" would read as true: only real booleans are taken
+        for name in ("quantize_generated", "online_codebooks"):
+            val = getattr(self, name)
+            if not (val is None and name == "quantize_generated") and not isinstance(val, bool):
+                raise ValueError(f"{name} must be True or False, got {val!r}")
         if self.quantize_generated is None:
             object.__setattr__(self, "quantize_generated", self.max_cache_len is not None)
         if self.max_cache_len is not None:
@@ -214,6 +225,15 @@ class PolarQuantKVConfig(AOBaseConfig):
                 raise ValueError(
                     "a static cache (max_cache_len) quantizes every token: it needs "
                     "residual_length=0 and quantize_generated=True"
+                )
+            if self.skip_layers:
+                # transformers sizes one mask from layer 0 and drops it at decode unless
+                # every layer is static: full-precision layers beside static ones would let
+                # the static layers attend to their unwritten rows, or fail on the mask size
+                raise ValueError(
+                    "a static cache (max_cache_len) cannot skip layers (skip_layers="
+                    f"{self.skip_layers}): use skip_layers with a dynamic cache "
+                    "(max_cache_len=None), or quantize every layer"
                 )
         if self.attention not in _ATTENTION_MODES:
             raise ValueError(f"attention must be one of {_ATTENTION_MODES}, got {self.attention!r}")
@@ -597,6 +617,7 @@ class PolarQuantLayer(CacheLayerMixin):
         self._vbuf: PolarKVBuffer | None = None
         self._tail = _FpTail()
         self._filled = False  # static layers: has the prompt been written?
+        self._prompt = False  # dynamic layers: is the prompt still coming (chunked prefill)?
         # static layers: cumulative_length as a host int while every step ran eagerly (None
         # after a compiled one), so that the capacity check costs no device sync
         self._len_host: int | None = 0
@@ -673,8 +694,18 @@ class PolarQuantLayer(CacheLayerMixin):
                 self._vbuf.append(value_states[..., :nq, :])
             if keep:
                 self._tail.append(key_states[..., nq:, :], value_states[..., nq:, :])
+            self._prompt = True
             _note_prefill(self, out_k)
             return out_k, out_v
+        if self._prompt and t > 1 and not self.quantize_generated:
+            # Until the first one-token step (or a crop, or end_prompt()), multi-token updates
+            # are more of the prompt (a chunked prefill): quantized as the first chunk was.
+            # Each chunk stays in the tail while it is attended to at full precision (the
+            # attention reads the tail in place) and is quantized at the next update.
+            self._flush_prompt()
+            self._tail.append(key_states, value_states)
+            return self._read()
+        self.end_prompt()
         if self.residual_length == 0 and self.quantize_generated:
             self._kbuf.append(key_states, check_finite=False)
             self._vbuf.append(value_states, check_finite=False)
@@ -685,10 +716,23 @@ class PolarQuantLayer(CacheLayerMixin):
                 self._flush(over)
         return self._read()
 
-    def _flush(self, n: int) -> None:
+    def _flush_prompt(self) -> None:
+        over = self._tail.length - self.residual_length
+        if over > 0:
+            self._flush(over, check_finite=True)
+
+    def end_prompt(self) -> None:
+        """The prompt is complete: later multi-token updates are generated (or scored)
+        tokens, kept as generated tokens are (``quantize_generated``), not quantized as more
+        prompt; the last prompt chunk leaves the tail as the residual window allows."""
+        if self._prompt:
+            self._flush_prompt()
+            self._prompt = False
+
+    def _flush(self, n: int, check_finite: bool = False) -> None:
         k, v = self._tail.pop_front(n)
-        self._kbuf.append(k, check_finite=False)
-        self._vbuf.append(v, check_finite=False)
+        self._kbuf.append(k, check_finite=check_finite)
+        self._vbuf.append(v, check_finite=check_finite)
 
     def _quantized_views(self):
         n = self._kbuf.length if (self._kbuf is not None and self._kbuf.initialized) else 0
@@ -809,6 +853,8 @@ class PolarQuantLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: remove that many tokens from the end. Positive (transformers <= 5.17
         legacy): keep that many tokens. Zero: nothing."""
+        if self.is_initialized and not self.static:
+            self.end_prompt()  # a crop (assisted decoding's verification) ends the prompt
         cur = self._seq_len_int()
         if tokens_to_remove == 0 or cur == 0:
             return
@@ -922,12 +968,12 @@ def _warn_dequantize() -> None:
 
 
 def _dense_layer_usage(layer: DynamicLayer) -> dict:
-    n = layer.get_seq_length() if layer.is_initialized else 0
+    n = int(layer.get_seq_length()) if layer.is_initialized else 0
     if not n:
         return {"tokens": 0, "key_bytes": 0, "value_bytes": 0, "residual_bytes": 0,
                 "total_bytes": 0, "dense_bytes": 0}
-    b = layer.keys.numel() * layer.keys.element_size() + \
-        layer.values.numel() * layer.values.element_size()
+    k, v = layer.keys[..., :n, :], layer.values[..., :n, :]
+    b = k.numel() * k.element_size() + v.numel() * v.element_size()
     return {"tokens": n, "key_bytes": 0, "value_bytes": 0, "residual_bytes": b,
             "total_bytes": b, "dense_bytes": b}
 
@@ -965,6 +1011,14 @@ class PolarQuantCache(Cache):
             self.layers.append(self._make_layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def end_prompt(self) -> None:
+        """Mark the prompt complete (``PolarQuantLayer.end_prompt``): for callers that feed
+        the prompt and then multi-token continuations themselves (scoring), which would
+        otherwise count as more prompt until the first one-token step."""
+        for layer in self.layers:
+            if isinstance(layer, PolarQuantLayer) and layer.is_initialized:
+                layer.end_prompt()
+
     @classmethod
     def from_cache(cls, cache: Cache, config=None, **kwargs) -> PolarQuantCache:
         """A PolarQuantCache holding ``cache``'s K/V (e.g. a DynamicCache after a full-precision
@@ -975,6 +1029,15 @@ class PolarQuantCache(Cache):
         """
         new = cls(config, **kwargs)
         for i, layer in enumerate(cache.layers):
+            if getattr(layer, "is_sliding", False):
+                # it holds the last window only: quantized as a prefill, it would stand for
+                # the whole prompt and its length would not match the other layers'
+                raise ValueError(
+                    f"layer {i} of the source cache is a sliding-window layer "
+                    f"({type(layer).__name__}), which keeps only its last window of tokens; "
+                    "PolarQuantCache.from_cache needs every layer's full K/V (prefill with "
+                    "a PolarQuantCache instead)"
+                )
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if keys is None or keys.dim() != 4 or keys.shape[-2] == 0:
                 raise ValueError(f"layer {i} of the source cache holds no K/V to quantize")
@@ -1069,6 +1132,11 @@ def check_model_config(config, kv_config: PolarQuantKVConfig | None = None) -> N
                          "PolarQuant cache does not support")
     kd, vd = _head_dims(text)
     kv_config.check_head_dims(kd, vd)
+    far = [i for i in kv_config.skip_layers if i >= text.num_hidden_layers]
+    if far:
+        raise ValueError(f"skip_layers {far} are past model type {mt!r}'s "
+                         f"{text.num_hidden_layers} layers (indices 0 to "
+                         f"{text.num_hidden_layers - 1})")
 
 
 def check_model(model, kv_config: PolarQuantKVConfig | None = None) -> None:

@@ -135,6 +135,29 @@ def test_loglikelihood_against_quantized_context(lm):
         lm.score_chunk = 0
 
 
+def test_requests_without_context_are_said_or_chunked(lm):
+    """A request with no context (loglikelihood_rolling's windows) has nothing to quantize in
+    one pass: that is warned once; with score_chunk its later chunks are scored against the
+    quantized cache of the earlier ones."""
+    cont = lm.tok_encode(TEXT * 2)
+    reqs = [(("", TEXT * 2), [lm.eot_token_id], cont)]
+
+    def run(method, chunk):
+        lm.method = plm.build_method(method=method)
+        lm.method.prepare(lm.model)
+        lm.quantize_context, lm.score_chunk, lm._warned_rolling = True, chunk, False
+        try:
+            return [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
+        finally:
+            lm.score_chunk = 0
+
+    full = run("full", 0)
+    with pytest.warns(UserWarning, match="score_chunk"):
+        assert run("polar:paper", 0) == pytest.approx(full, abs=1e-3)
+    assert run("full", 8) == pytest.approx(full, abs=1e-3)
+    assert run("polar:paper", 8) != pytest.approx(full, abs=1e-4)
+
+
 def test_tasks_end_to_end_with_quantized_cache(setup, monkeypatch):
     """A multiple-choice and a generation task through simple_evaluate; generation gets a
     fresh PolarQuantCache per batch."""
@@ -175,6 +198,21 @@ def test_model_args_build_methods():
     assert plm.build_method(preset="paper", quantize_generated="True").name == "polar:paper+qgen"
     with pytest.raises(ValueError, match="codebook"):
         plm.build_method(codebook="lloyd")
+    # one side alone: the other from the pairing ("default": polar-4 keys, polar-3 values)
+    assert plm.build_method(key_preset="polar-3").name == "polar:polar-3/polar-3"
+    assert plm.build_method(value_preset="paper").name == "polar:polar-4/paper"
+    assert plm.build_method(preset="kv-3", key_preset="polar-4").name == \
+        "polar:polar-4/polar-2.5"
+    # checked when the method is built, not at the first request
+    for bad in (dict(preset="nope"), dict(key_preset="nope"), dict(method="polar:nope")):
+        with pytest.raises(ValueError, match="unknown"):
+            plm.build_method(**bad)
+    with pytest.raises(ValueError, match="levels"):
+        plm.build_method(levels=0)
+    with pytest.raises(ValueError, match="bits='abc'"):
+        plm.build_method(levels=2, bits="abc")
+    with pytest.raises(ValueError, match="true or false"):
+        plm.build_method(preset="paper", quantize_generated="maybe")
 
 
 def test_cli_entry_point(setup, tmp_path):

@@ -272,6 +272,15 @@ def test_kv_presets_and_defaults():
         PolarQuantCache(key_config="no-such-preset")
     with pytest.raises(ValueError, match="residual_length=0"):
         PolarQuantKVConfig(max_cache_len=64, residual_length=8)
+    # strings are not booleans ("False" would read as true), nor layer indices
+    for field in ("quantize_generated", "online_codebooks"):
+        with pytest.raises(ValueError, match=f"{field} must be True or False"):
+            PolarQuantKVConfig(**{field: "False"})
+    for skip in ("01", (0.7,), (True,)):
+        with pytest.raises(ValueError, match="skip_layers must be int layer indices"):
+            PolarQuantKVConfig(skip_layers=skip)
+    with pytest.raises(ValueError, match=r"skip_layers \[5\] are past"):
+        PolarQuantCache(skip_layers=(5,), model_config=_tiny("llama", 64).config)
 
 
 def test_online_codebooks_fitted_per_layer_at_prefill():
@@ -748,6 +757,64 @@ def test_smollm2_needles_default_preset(smollm2):
         polar_hits.append(ANSWER in polar)
     assert any(full_hits), "the full cache retrieved no needle: the grid is too hard"
     assert all(p for f, p in zip(full_hits, polar_hits) if f), (full_hits, polar_hits)
+
+
+def test_chunked_prefill_quantizes_the_whole_prompt():
+    """A prefill in chunks (generate's prefill_chunk_size) quantizes every prompt token, as one
+    prefill does, each chunk attending to its own tokens at full precision; generated tokens
+    stay in the 16-bit tail."""
+    model = _tiny("llama", 64, 4, 2)
+    model.set_attn_implementation("polar")
+    ids, _ = _batch(batch=1, length=40, pad=())
+    held = []
+    for residual, chunk in ((0, None), (0, 16), (0, 7), (4, None), (4, 16)):
+        cache = PolarQuantCache(attention="polar", residual_length=residual)
+        kw = {} if chunk is None else dict(prefill_chunk_size=chunk)
+        model.generate(ids, max_new_tokens=4, do_sample=False, **generate_kwargs(cache), **kw)
+        rows = cache.memory_usage()
+        assert all(r["tokens"] == 43 for r in rows)
+        layer = cache.layers[0]
+        assert layer._kbuf.length == 40 - residual and layer._tail.length == 3 + residual
+        held.append((residual, layer.dequantized()[0][..., :40, :]))
+    for residual, k in held[1:]:
+        first = next(k0 for r0, k0 in held if r0 == residual)
+        assert torch.equal(k, first)
+    # a caller that feeds the prompt and then multi-token continuations says where the prompt
+    # ends (end_prompt: the scorers do); the continuation then stays 16-bit, as generated
+    # tokens do
+    cache = PolarQuantCache("paper", attention="polar")
+    x = torch.randn(1, 2, 28, 64)
+    cache.update(x[..., :16, :], x[..., :16, :], 0)
+    cache.update(x[..., 16:24, :], x[..., 16:24, :], 0)
+    layer = cache.layers[0]
+    assert layer._kbuf.length == 16 and layer._tail.length == 8  # the chunk being attended
+    cache.end_prompt()
+    assert layer._kbuf.length == 24 and layer._tail.length == 0
+    cache.update(x[..., 24:, :], x[..., 24:, :], 0)
+    assert layer._kbuf.length == 24 and layer._tail.length == 4
+    # quantize_generated: every chunk after the first is quantized as generated tokens are
+    cache = PolarQuantCache("paper", attention="polar", quantize_generated=True)
+    for a, b in ((0, 16), (16, 24)):
+        cache.update(x[..., a:b, :], x[..., a:b, :], 0)
+    assert cache.layers[0]._kbuf.length == 24
+
+
+def test_from_cache_refuses_sliding_window_layers():
+    model = _tiny("gemma3", 16, 4, 2)
+    ids, _ = _batch(batch=1, length=20, pad=())
+    dyn = DynamicCache(config=model.config)
+    _forward(model, ids, dyn)
+    assert any(getattr(layer, "is_sliding", False) for layer in dyn.layers)
+    with pytest.raises(ValueError, match="sliding-window layer"):
+        PolarQuantCache.from_cache(dyn)
+
+
+def test_static_cache_refuses_skip_layers():
+    """A static cache beside full-precision skipped layers got no mask at decode (transformers
+    drops it unless every layer is static), so its static layers attended to unwritten rows:
+    the combination is refused up front."""
+    with pytest.raises(ValueError, match="cannot skip layers"):
+        PolarQuantCache(max_cache_len=40, skip_layers=(1,))
 
 
 def test_from_cache_equals_prefill_with_polar_cache():
