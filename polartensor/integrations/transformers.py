@@ -968,12 +968,12 @@ def _warn_dequantize() -> None:
 
 
 def _dense_layer_usage(layer: DynamicLayer) -> dict:
-    n = int(layer.get_seq_length()) if layer.is_initialized else 0
+    n = layer.get_seq_length() if layer.is_initialized else 0
     if not n:
         return {"tokens": 0, "key_bytes": 0, "value_bytes": 0, "residual_bytes": 0,
                 "total_bytes": 0, "dense_bytes": 0}
-    k, v = layer.keys[..., :n, :], layer.values[..., :n, :]
-    b = k.numel() * k.element_size() + v.numel() * v.element_size()
+    b = layer.keys.numel() * layer.keys.element_size() + \
+        layer.values.numel() * layer.values.element_size()
     return {"tokens": n, "key_bytes": 0, "value_bytes": 0, "residual_bytes": b,
             "total_bytes": b, "dense_bytes": b}
 
