@@ -317,7 +317,8 @@ def _cat(func, types, args, kwargs):
         if not _same_codebook(first, t):
             raise ValueError(
                 "cat: PolarQuantTensors have different configs or codebooks; quantize both with "
-                "the same config and pass centroids=first.centroids for online codebooks"
+                "the same config and pass centroids=first.centroids (any table but the "
+                "config's offline one: fitted, online or given)"
             )
     out = first._with(
         torch.cat([t.codes for t in tensors], d), torch.cat([t.radii for t in tensors], d)
